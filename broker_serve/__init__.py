@@ -1,0 +1,29 @@
+"""broker-serve: Ray Serve's programming model, served through RabbitMQ with Redis as control state.
+
+    from broker_serve import serve
+"""
+
+from . import serve
+from .exceptions import (
+    BrokerServeError,
+    ClusterUnavailable,
+    DeployFailed,
+    DeploymentUnavailable,
+    ProtocolError,
+    RayServeException,
+    UntrustedPayload,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerServeError",
+    "ClusterUnavailable",
+    "DeployFailed",
+    "DeploymentUnavailable",
+    "ProtocolError",
+    "RayServeException",
+    "UntrustedPayload",
+    "__version__",
+    "serve",
+]

@@ -1,0 +1,163 @@
+"""One AMQP connection per process, long-lived channels, and the reply router.
+
+Publishing goes straight to the aiormq channel under aio-pika's robust channel: building
+aio-pika `Message` objects costs more than the publish itself, and nothing on the request path
+opens a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+
+from . import protocol
+from .exceptions import ClusterUnavailable
+
+log = logging.getLogger("broker_serve.broker")
+
+ReturnHandler = Callable[[str, str], None]
+
+
+class Broker:
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self.connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._return_handlers: list[ReturnHandler] = []
+
+    async def connect(self) -> None:
+        """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
+        try:
+            self.connection = await aio_pika.connect_robust(
+                self.url, client_properties={"connection_name": self.name}, timeout=10
+            )
+        except (OSError, aiormq.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+            raise ClusterUnavailable(f"cannot reach RabbitMQ at {_safe(self.url)}: {exc}") from exc
+        self._publisher = await self.channel()
+        self._publisher.return_callbacks.add(self._on_return)
+
+    async def channel(self, prefetch: int = 0) -> AbstractRobustChannel:
+        assert self.connection is not None, "connect() first"
+        channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=False)
+        if prefetch:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    def on_return(self, handler: ReturnHandler) -> None:
+        """Call `handler(correlation_id, routing_key)` for a mandatory message nobody could take."""
+        self._return_handlers.append(handler)
+
+    def _on_return(self, _sender: Any, message: AbstractIncomingMessage) -> None:
+        for handler in self._return_handlers:
+            handler(message.correlation_id or "", message.routing_key or "")
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        type: str,
+        correlation_id: str,
+        reply_to: str | None = None,
+        headers: dict[str, Any] | None = None,
+        expiration: str | None = None,
+        mandatory: bool = False,
+    ) -> None:
+        properties = Basic.Properties(
+            content_type=protocol.CONTENT_TYPE,
+            message_type=type,
+            correlation_id=correlation_id,
+            message_id=correlation_id if reply_to else None,
+            reply_to=reply_to,
+            headers=headers,
+            expiration=expiration,
+            delivery_mode=1,
+        )
+        raw = self._raw
+        if raw is None or raw.is_closed:
+            if self._publisher is None:
+                raise ClusterUnavailable("not connected to RabbitMQ")
+            try:
+                raw = self._raw = await self._publisher.get_underlay_channel()
+            except aiormq.exceptions.AMQPError as exc:
+                raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
+        try:
+            await raw.basic_publish(
+                body, routing_key=routing_key, properties=properties, mandatory=mandatory
+            )
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            self._raw = None
+            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+class ReplyRouter:
+    """Consumes this process's reply queue and hands each event to the request waiting for it."""
+
+    def __init__(self, broker: Broker, queue_name: str) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self._waiting: dict[str, asyncio.Queue[Event]] = {}
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
+
+    async def start(self) -> None:
+        channel = await self.broker.channel()
+        # Held strongly: aio-pika re-declares and re-consumes it after a reconnect.
+        self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
+        await self._queue.consume(self._on_message, no_ack=True)
+        self.broker.on_return(self._on_return)
+
+    def register(self, correlation_id: str) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._waiting[correlation_id] = queue
+        return queue
+
+    def unregister(self, correlation_id: str) -> None:
+        self._waiting.pop(correlation_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        queue = self._waiting.get(message.correlation_id or "")
+        if queue is None:
+            return  # the caller gave up (timeout, disconnect); late events are dropped
+        try:
+            event = protocol.decode_map(message.body)
+        except protocol.ProtocolError as exc:
+            event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
+            queue.put_nowait((protocol.ERROR, event))
+            return
+        queue.put_nowait((message.type or "", event))
+
+    def _on_return(self, correlation_id: str, routing_key: str) -> None:
+        queue = self._waiting.get(correlation_id)
+        if queue is not None:
+            message = f"no queue {routing_key!r}: the deployment does not exist (any more)"
+            queue.put_nowait((protocol.ERROR, {"status": 503, "error": "NoSuchDeployment",
+                                               "message": message}))
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://{rest.split('@', 1)[1]}"

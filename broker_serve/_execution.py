@@ -1,0 +1,212 @@
+"""Running one request inside a replica: the ASGI bridge for `http` and the method call for `call`.
+
+The bridge turns a request message into ASGI `receive`/`send` callables. Response events are
+published as they are sent, so a stream reaches the caller chunk by chunk; nothing is buffered
+until the end. The one exception: `http.response.start` waits for the first body chunk so that a
+unary response is a single message (docs/protocol.md, "Reply events").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+from starlette.requests import Request
+
+from . import protocol
+from ._encoding import to_response
+from ._settings import CHUNK_BYTES
+from ._signing import pack_value, unpack_call
+from .exceptions import ProtocolError
+
+log = logging.getLogger("broker_serve.replica")
+
+Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[..., Awaitable[None]]
+
+
+class ReplyStream:
+    """The events of one request delivery, numbered in order."""
+
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
+        self.seq = 0
+        self.finished = False
+        self.started = False
+
+    async def send(self, event: str, fields: dict[str, Any], *, final: bool = False) -> None:
+        if self.finished:
+            return
+        fields["seq"] = self.seq
+        self.seq += 1
+        self.finished = final
+        await self._publish(event, fields)
+
+    async def error(self, status: int, error: str, message: str) -> None:
+        await self.send(protocol.ERROR, {"status": status, "error": error, "message": message},
+                        final=True)
+
+
+class Servable:
+    """The user's deployment instance (or function) and how to call it."""
+
+    def __init__(self, target: Any, is_function: bool, asgi_app: ASGIApp | None,
+                 executor: Any) -> None:
+        self.target = target
+        self.is_function = is_function
+        self.asgi_app = asgi_app
+        self.executor = executor
+        self._http_entry = None if asgi_app else self._resolve("__call__")
+        self._takes_request = self._http_entry is not None and _takes_argument(self._http_entry)
+
+    def _resolve(self, method: str) -> Callable[..., Any]:
+        if self.is_function:
+            if method != "__call__":
+                raise ProtocolError(f"function deployment has no method {method!r}",
+                                    status=404, error="NoSuchMethod")
+            return self.target  # type: ignore[no-any-return]
+        if method.startswith("_") and method != "__call__":
+            raise ProtocolError(f"method {method!r} is private", status=404, error="NoSuchMethod")
+        fn = getattr(self.target, method, None)
+        if fn is None or not callable(fn):
+            raise ProtocolError(f"deployment has no method {method!r}", status=404,
+                                error="NoSuchMethod")
+        return fn  # type: ignore[no-any-return]
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run user code: coroutines on the loop, plain functions in the thread pool."""
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            result = fn(*args, **kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def handle_http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.asgi_app is not None:
+            await self.asgi_app(scope, receive, send)
+            return
+        assert self._http_entry is not None
+        args = (Request(scope, receive),) if self._takes_request else ()
+        result = await self.call(self._http_entry, *args)
+        await to_response(result)(scope, receive, send)
+
+
+class HttpExchange:
+    """ASGI receive/send for one `http` request message."""
+
+    def __init__(self, stream: ReplyStream, first_body: bytes, more_body: bool,
+                 inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
+                 max_body_bytes: int) -> None:
+        self.stream = stream
+        self._pending_body: bytes | None = first_body
+        self._more_body = more_body
+        self._inbox = inbox
+        self._received = len(first_body)
+        self._max_body = max_body_bytes
+        self._start: dict[str, Any] | None = None
+        self.disconnected = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if self._pending_body is not None:
+            body, self._pending_body = self._pending_body, None
+            return {"type": "http.request", "body": body, "more_body": self._more_body}
+        if self._more_body and self._inbox is not None:
+            kind, fields = await self._inbox.get()
+            if kind == protocol.BODY:
+                body, self._more_body = protocol.body_chunk(fields)
+                self._received += len(body)
+                if self._received > self._max_body:
+                    raise ProtocolError("request body too large", status=413, error="BodyTooLarge")
+                return {"type": "http.request", "body": body, "more_body": self._more_body}
+            self.disconnected.set()
+            return {"type": "http.disconnect"}
+        # The body is complete: like a server, block until the client goes away.
+        await self.disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self._start = {
+                "status": message["status"],
+                "headers": [[bytes(k), bytes(v)] for k, v in message.get("headers", ())],
+            }
+        elif kind == "http.response.body":
+            await self._send_body(bytes(message.get("body", b"")), message.get("more_body", False))
+
+    async def _send_body(self, body: bytes, more_body: bool) -> None:
+        chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
+        for index, chunk in enumerate(chunks):
+            more = more_body or index < len(chunks) - 1
+            if self._start is not None:
+                fields, self._start = self._start, None
+                fields.update(body=chunk, more_body=more)
+                self.stream.started = True
+                await self.stream.send(protocol.START, fields, final=not more)
+            elif self.stream.started:
+                await self.stream.send(protocol.BODY, {"body": chunk, "more_body": more},
+                                       final=not more)
+
+
+async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
+                   inbox_queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
+                   inbox_name: str, max_body_bytes: int) -> None:
+    scope = protocol.http_scope(payload)
+    first_body, more_body = protocol.body_chunk(payload)
+    if len(first_body) > max_body_bytes:
+        raise ProtocolError("request body too large", status=413, error="BodyTooLarge")
+    if more_body:
+        await stream.send(protocol.ACCEPTED, {"inbox": inbox_name})
+    exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes)
+    await servable.handle_http(scope, exchange.receive, exchange.send)
+    if not stream.finished:
+        if stream.started:
+            await stream.send(protocol.BODY, {"body": b"", "more_body": False}, final=True)
+        else:
+            await stream.error(500, "NoResponse", "the application returned without a response")
+
+
+async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
+                   secret: bytes) -> None:
+    method = payload.get("method", "__call__")
+    if not isinstance(method, str):
+        raise ProtocolError("'method' must be a string")
+    fn = servable._resolve(method)
+    try:
+        args, kwargs = unpack_call(payload, secret)
+    except TypeError as exc:
+        raise ProtocolError(str(exc)) from exc
+    result = await servable.call(fn, *args, **kwargs)
+    if inspect.isasyncgen(result):
+        async for item in result:
+            await stream.send(protocol.RESULT, {**pack_value(item, secret), "more": True})
+        await stream.send(protocol.RESULT, {"more": False}, final=True)
+    elif inspect.isgenerator(result):
+        loop = asyncio.get_running_loop()
+        sentinel = object()
+        while (item := await loop.run_in_executor(servable.executor, next, result, sentinel)) \
+                is not sentinel:
+            await stream.send(protocol.RESULT, {**pack_value(item, secret), "more": True})
+        await stream.send(protocol.RESULT, {"more": False}, final=True)
+    else:
+        await stream.send(protocol.RESULT, {**pack_value(result, secret), "more": False},
+                          final=True)
+
+
+def _takes_argument(fn: Callable[..., Any]) -> bool:
+    """True if `fn` (a bound method or function) accepts the request as an argument."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        for p in parameters
+    )

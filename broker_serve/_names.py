@@ -1,0 +1,93 @@
+"""Names of queues, exchanges and Redis keys. The layout is documented in docs/architecture.md."""
+
+from __future__ import annotations
+
+
+class Names:
+    """All names of one cluster. Everything a cluster owns starts with its prefix."""
+
+    def __init__(self, cluster: str) -> None:
+        self.cluster = cluster
+        self.amqp_prefix = f"bs.{cluster}."
+        self.key_prefix = f"bs:{cluster}:"
+
+    # RabbitMQ
+    def request_queue(self, app: str, deployment: str) -> str:
+        return f"bs.{self.cluster}.{app}.{deployment}"
+
+    def reply_queue(self, process_id: str) -> str:
+        return f"bs.{self.cluster}.reply.{process_id}"
+
+    def inbox(self, replica_id: str) -> str:
+        return f"bs.{self.cluster}.inbox.{replica_id}"
+
+    @property
+    def cancel_exchange(self) -> str:
+        return f"bs.{self.cluster}.cancel"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"bs.{self.cluster}.dead"
+
+    # Redis
+    def key(self, *parts: str) -> str:
+        return self.key_prefix + ":".join(parts)
+
+    @property
+    def secret(self) -> str:
+        return self.key("secret")
+
+    @property
+    def apps(self) -> str:
+        """Hash: app name -> JSON application record (desired config and status)."""
+        return self.key("apps")
+
+    def spec(self, app: str, deployment: str, version: str) -> str:
+        """Signed pickle of a deployment's definition and init arguments."""
+        return self.key("spec", app, deployment, version)
+
+    @property
+    def routes(self) -> str:
+        """String: JSON route table with a version number."""
+        return self.key("routes")
+
+    @property
+    def replicas(self) -> str:
+        """Hash: replica id -> JSON replica record."""
+        return self.key("replicas")
+
+    def replica_alive(self, replica_id: str) -> str:
+        return self.key("replica", replica_id, "alive")
+
+    @property
+    def nodes(self) -> str:
+        """Hash: node id -> JSON node record."""
+        return self.key("nodes")
+
+    def node_alive(self, node_id: str) -> str:
+        return self.key("node", node_id, "alive")
+
+    def node_assignments(self, node_id: str) -> str:
+        """Hash: replica id -> JSON assignment, the replicas a node must run."""
+        return self.key("node", node_id, "assign")
+
+    @property
+    def proxies(self) -> str:
+        """Hash: proxy id -> JSON proxy record (address, loaded route version)."""
+        return self.key("proxies")
+
+    def proxy_alive(self, proxy_id: str) -> str:
+        return self.key("proxy", proxy_id, "alive")
+
+    @property
+    def http_options(self) -> str:
+        return self.key("http_options")
+
+    @property
+    def controller_lease(self) -> str:
+        return self.key("controller", "lease")
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel announcing changes: "apps", "routes", "node:<id>"."""
+        return self.key("events")

@@ -1,0 +1,348 @@
+"""The functions behind `serve.run`, `serve.start`, `serve.status`, `serve.delete` and friends.
+
+A driver writes an application's desired state to Redis (a JSON record plus one signed pickle
+per deployment), announces it, and waits for the controller to report it RUNNING and for every
+live proxy to have loaded its route. If no controller answers, the driver first starts a local
+cluster as child processes that stop when the script exits, as Ray does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import hashlib
+import logging
+import os
+import sys
+import sysconfig
+import threading
+import time
+from typing import Any
+
+import cloudpickle
+import orjson
+
+from . import protocol
+from ._local import LocalCluster
+from ._runtime import Runtime, current_runtime, get_runtime, reset_runtime
+from ._signing import dumps_signed
+from ._store import now
+from .config import HTTPOptions
+from .context import _in_replica
+from .deployment import Application, Deployment
+from .exceptions import DeployFailed
+from .handle import DeploymentHandle
+from .schema import ServeStatus
+
+log = logging.getLogger("broker_serve")
+
+DEFAULT_APP_NAME = "default"
+_DEFAULT_PREFIX = object()
+DEPLOY_TIMEOUT_S = float(os.environ.get("BROKER_SERVE_DEPLOY_TIMEOUT_S", "300"))
+
+_local_cluster: LocalCluster | None = None
+_started_apps: set[str] = set()
+_cluster_lock = threading.Lock()
+
+
+# cluster connection ------------------------------------------------------------------------------
+def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = True) -> Runtime:
+    """The runtime of a running cluster, starting a local one if none answers."""
+    runtime = current_runtime() or get_runtime()
+    if _in_replica():
+        return runtime
+    with _cluster_lock:
+        if http_options is not None:
+            runtime.run_sync(runtime.store.redis.set(
+                runtime.names.http_options, http_options.model_dump_json(exclude={"middlewares"})
+            ))
+        leader = runtime.run_sync(runtime.store.redis.exists(runtime.names.controller_lease))
+        if not leader and _local_cluster is None and start_if_missing:
+            _start_local_cluster(runtime, http_options)
+    return runtime
+
+
+def _start_local_cluster(runtime: Runtime, http_options: HTTPOptions | None) -> None:
+    global _local_cluster
+    if http_options is None:
+        stored = runtime.run_sync(runtime.store.redis.get(runtime.names.http_options))
+        http_options = HTTPOptions.model_validate_json(stored) if stored else HTTPOptions()
+    log.info("no broker-serve cluster %r answers; starting a local one", runtime.settings.cluster)
+    cluster = LocalCluster(runtime.settings, http_options.host, http_options.port)
+    cluster.start()
+    _local_cluster = cluster
+    atexit.register(_stop_local_cluster)
+
+
+def _stop_local_cluster() -> None:
+    """At exit of a script that started its own cluster: remove its apps and stop the cluster."""
+    global _local_cluster
+    cluster, _local_cluster = _local_cluster, None
+    if cluster is None:
+        return
+    try:
+        for name in list(_started_apps):
+            delete(name, _blocking=False)
+    except Exception:
+        pass
+    cluster.stop()
+    try:
+        reset_runtime()
+    except Exception:
+        pass
+
+
+# serve.start / run ------------------------------------------------------------------------------
+def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached: bool = True,
+          proxy_location: Any = None, grpc_options: Any = None, **kwargs: Any) -> None:
+    """Connect to (or start) a cluster with these HTTP options."""
+    options = (http_options if isinstance(http_options, HTTPOptions)
+               else HTTPOptions.model_validate(http_options or {}))
+    _connect(options)
+
+
+def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_NAME,
+        route_prefix: Any = _DEFAULT_PREFIX, logging_config: Any = None,
+        _local_testing_mode: bool = False) -> DeploymentHandle:
+    """Deploy an application and return a handle to its ingress deployment."""
+    if isinstance(target, Deployment):
+        target = target.bind()
+    if not isinstance(target, Application):
+        raise TypeError("serve.run expects an Application: call `.bind()` on your deployment")
+    if route_prefix is _DEFAULT_PREFIX:
+        route_prefix = target.deployment.route_prefix or "/"
+    _check_route_prefix(route_prefix)
+    runtime = _connect()
+    record, specs = _build(target, name, route_prefix, runtime)
+    runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
+    _started_apps.add(name)
+    handle = DeploymentHandle(record["ingress"], name)
+    if blocking:
+        _block_forever()
+    return handle
+
+
+def _check_route_prefix(prefix: str | None) -> None:
+    if prefix is None:
+        return
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"route_prefix must start with '/', got {prefix!r}")
+    if prefix != "/" and prefix.endswith("/"):
+        raise ValueError(f"route_prefix must not end with '/', got {prefix!r}")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
+
+
+def _build(app: Application, name: str, route_prefix: str | None,
+           runtime: Runtime) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The application record and the signed definition of each deployment."""
+    nodes = app.walk()
+    dep_names: dict[int, str] = {}
+    taken: set[str] = set()
+    for node in nodes:
+        base = candidate = node.deployment.name
+        suffix = 0
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        taken.add(candidate)
+        dep_names[id(node)] = candidate
+
+    def to_handle(value: Any) -> Any:
+        if isinstance(value, Application):
+            return DeploymentHandle(dep_names[id(value)], name)
+        if isinstance(value, list):
+            return [to_handle(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(to_handle(v) for v in value)
+        if isinstance(value, dict):
+            return {k: to_handle(v) for k, v in value.items()}
+        return value
+
+    sys_path = _driver_paths()
+    deployments: dict[str, Any] = {}
+    specs: dict[str, bytes] = {}
+    for node in nodes:
+        dep_name, dep = dep_names[id(node)], node.deployment
+        _pickle_user_module_by_value(dep.func_or_class)
+        definition = {
+            "func_or_class": dep.func_or_class,
+            "args": to_handle(list(node.args)),
+            "kwargs": to_handle(dict(node.kwargs)),
+            "config": dep.config.model_dump(mode="json"),
+        }
+        pickled, sig = dumps_signed(definition, runtime.secret)
+        version = hashlib.sha256(pickled).hexdigest()[:16]
+        specs[runtime.names.spec(name, dep_name, version)] = protocol.pack(
+            {"pickled": pickled, "sig": sig, "sys_path": sys_path}
+        )
+        deployments[dep_name] = {
+            "version": version,
+            "queue": runtime.names.request_queue(name, dep_name),
+            "num_replicas": dep.config.target_replicas(),
+            "graceful_shutdown_timeout_s": dep.config.graceful_shutdown_timeout_s,
+            "config": dep.config.model_dump(mode="json"),
+        }
+    ingress = dep_names[id(app)]
+    version = hashlib.sha256(orjson.dumps([route_prefix, sorted(
+        (d, v["version"]) for d, v in deployments.items())])).hexdigest()[:16]
+    record = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
+              "version": version, "deployments": deployments, "deployed_at": now()}
+    return record, specs
+
+
+def _driver_paths() -> list[str]:
+    """Where a replica looks for modules the driver imported by reference."""
+    paths = [os.getcwd()]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        paths.insert(0, os.path.dirname(os.path.abspath(main_file)))
+    return paths
+
+
+def _pickle_user_module_by_value(target: Any) -> None:
+    """Ship the user's own module inside the pickle, so a worker on another host needs no copy.
+
+    `__main__` is always pickled by value. Installed packages are left to import by name.
+    """
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or path is None:
+        return
+    if module.__name__.split(".")[0] == "broker_serve":
+        return
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    if any(os.path.abspath(path).startswith(os.path.abspath(p)) for p in installed):
+        return
+    cloudpickle.register_pickle_by_value(module)
+
+
+async def _deploy(runtime: Runtime, record: dict[str, Any], specs: dict[str, bytes]) -> None:
+    store, names = runtime.store, runtime.names
+    name, prefix = record["name"], record["route_prefix"]
+    for other, app in (await store.apps()).items():
+        if other != name and prefix is not None and app.get("route_prefix") == prefix:
+            raise ValueError(f"route_prefix {prefix!r} is already used by application {other!r}")
+    for key, blob in specs.items():
+        await store.redis.set(key, blob)
+    await store.put(names.apps, name, record)
+    await store.announce("apps")
+    await _wait_running(runtime, name, record["version"])
+    if prefix is not None:
+        await _wait_proxies(runtime, name, prefix)
+
+
+async def _wait_running(runtime: Runtime, name: str, version: str) -> None:
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    store = runtime.store
+    while time.monotonic() < deadline:
+        status = await store.get_one(store.names.key("app_status"), name)
+        if status and status.get("version") == version:
+            if status["status"] == "RUNNING":
+                return
+            if status["status"] == "DEPLOY_FAILED":
+                raise DeployFailed(f"application {name!r} failed to deploy: {status['message']}")
+        if not await store.redis.exists(store.names.controller_lease):
+            await asyncio.sleep(1.0)
+            if not await store.redis.exists(store.names.controller_lease):
+                raise DeployFailed("no controller is running for cluster "
+                                   f"{runtime.settings.cluster!r}")
+        await asyncio.sleep(0.05)
+    raise DeployFailed(f"application {name!r} was not running after {DEPLOY_TIMEOUT_S:.0f}s")
+
+
+async def _wait_proxies(runtime: Runtime, name: str, prefix: str) -> None:
+    """Wait until every live proxy routes `prefix` to the app, so the next request finds it."""
+    store, names = runtime.store, runtime.names
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        table = await store.routes()
+        route = table["routes"].get(prefix)
+        if route and route["app"] == name and route["ready"]:
+            proxies = await store.get_all(names.proxies)
+            alive = await store.alive([names.proxy_alive(p) for p in proxies])
+            versions = [p["routes_version"] for p, ok in zip(proxies.values(), alive) if ok]
+            if all(v >= table["version"] for v in versions):
+                return
+        await asyncio.sleep(0.05)
+    log.warning("not every proxy loaded the route %r within 30s", prefix)
+
+
+def _block_forever() -> None:
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
+# the rest of the API ----------------------------------------------------------------------------
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete an application: its replicas stop and its route goes away."""
+    runtime = _connect(start_if_missing=False)
+
+    async def remove() -> None:
+        store = runtime.store
+        await store.delete_field(store.names.apps, name)
+        await store.announce("apps")
+        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+        while _blocking and time.monotonic() < deadline:
+            if await store.get_one(store.names.key("app_status"), name) is None:
+                return
+            await asyncio.sleep(0.05)
+
+    runtime.run_sync(remove())
+    _started_apps.discard(name)
+
+
+def status() -> ServeStatus:
+    runtime = _connect(start_if_missing=False)
+
+    async def read() -> ServeStatus:
+        store = runtime.store
+        statuses = await store.app_statuses()
+        apps = await store.apps()
+        statuses = {name: s for name, s in statuses.items() if name in apps}
+        for name in apps.keys() - statuses.keys():
+            statuses[name] = {"status": "DEPLOYING", "message": "waiting for the controller"}
+        proxies = await store.get_all(store.names.proxies)
+        alive = await store.alive([store.names.proxy_alive(p) for p in proxies])
+        return ServeStatus.from_records(statuses, dict(zip(proxies, alive)))
+
+    return runtime.run_sync(read())
+
+
+def shutdown() -> None:
+    """Delete every application. A local cluster this script started is stopped too."""
+    runtime = current_runtime()
+    if runtime is None:
+        try:
+            runtime = get_runtime()
+        except Exception:
+            return
+    apps = runtime.run_sync(runtime.store.apps())
+    for name in apps:
+        delete(name)
+    _stop_local_cluster()
+
+
+def get_app_handle(name: str) -> DeploymentHandle:
+    runtime = current_runtime() or get_runtime()
+
+    async def ingress() -> str:
+        app = await runtime.store.get_one(runtime.names.apps, name)
+        if app is None:
+            raise ValueError(f"no application named {name!r}")
+        return str(app["ingress"])
+
+    if runtime.in_loop_thread():
+        raise RuntimeError("call get_app_handle outside the event loop, or in a constructor")
+    return DeploymentHandle(runtime.run_sync(ingress()), name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:
+    if app_name is None:
+        from .context import get_replica_context
+
+        app_name = get_replica_context().app_name if _in_replica() else DEFAULT_APP_NAME
+    return DeploymentHandle(deployment_name, app_name)

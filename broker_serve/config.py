@@ -1,0 +1,84 @@
+"""Configuration models users pass to `serve.deployment`, `serve.start` and config files.
+
+Names and defaults follow Ray Serve 2.x so that existing programs and configs port unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+
+
+class ProxyLocation(str, enum.Enum):
+    Disabled = "Disabled"
+    HeadOnly = "HeadOnly"
+    EveryNode = "EveryNode"
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    target_ongoing_requests: float = Field(default=2.0, gt=0)
+    metrics_interval_s: float = Field(default=10.0, gt=0)
+    look_back_period_s: float = Field(default=30.0, gt=0)
+    upscale_delay_s: float = Field(default=30.0, ge=0)
+    downscale_delay_s: float = Field(default=600.0, ge=0)
+    upscaling_factor: float | None = Field(default=None, gt=0)
+    downscaling_factor: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+
+class DeploymentConfig(BaseModel):
+    """The options of one deployment. `num_replicas="auto"` turns autoscaling on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: PositiveInt | None = 1
+    max_ongoing_requests: PositiveInt = 5
+    max_queued_requests: int = -1
+    user_config: Any = None
+    autoscaling_config: AutoscalingConfig | None = None
+    graceful_shutdown_wait_loop_s: NonNegativeFloat = 2.0
+    graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+
+    def target_replicas(self) -> int:
+        if self.autoscaling_config is not None:
+            auto = self.autoscaling_config
+            return auto.initial_replicas if auto.initial_replicas is not None else auto.min_replicas
+        return self.num_replicas or 1
+
+
+class HTTPOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float = 5.0
+    max_body_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    middlewares: list[Any] = Field(default_factory=list)
+    location: ProxyLocation = ProxyLocation.HeadOnly
+
+
+class gRPCOptions(BaseModel):  # noqa: N801 - Ray's name
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = 9000
+    grpc_servicer_functions: list[str] = Field(default_factory=list)

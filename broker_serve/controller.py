@@ -1,0 +1,328 @@
+"""The controller: turns desired applications into replicas on worker nodes, and publishes the
+route table and statuses.
+
+It is a reconcile loop over the state in Redis, run on every change event and once a second, so a
+restarted or standby controller picks up where the last one stopped. Only the holder of the
+Redis lease acts. Nothing here is on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import Counter, defaultdict
+from typing import Any
+
+import orjson
+
+from ._broker import Broker
+from ._settings import Settings
+from ._store import Store, now
+
+log = logging.getLogger("broker_serve.controller")
+
+LEASE_MS = 10_000
+RECONCILE_PERIOD_S = 1.0
+MAX_START_FAILURES = 3
+HEARTBEAT_GRACE_S = 12.0
+REDECLARE_EVERY_S = 10.0
+
+
+class Controller:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.controller_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url, f"controller {self.controller_id}")
+        self.leader = False
+        self._declared: dict[str, float] = {}
+        self._failures: Counter[tuple[str, str, str]] = Counter()
+        self._last_error: dict[tuple[str, str], str] = {}
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.startup()
+        try:
+            await self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)
+        finally:
+            await self.shutdown()
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self.store.secret()
+        await self.broker.connect()
+        channel = await self.broker.channel()
+        await channel.declare_queue(self.names.dead_letters, durable=True)
+        await channel.declare_exchange(self.names.cancel_exchange, "fanout", durable=True)
+        self._channel = channel
+        log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
+
+    async def shutdown(self) -> None:
+        if self.leader:
+            try:
+                if await self.store.redis.get(self.names.controller_lease) == \
+                        self.controller_id.encode():
+                    await self.store.redis.delete(self.names.controller_lease)
+            except Exception:
+                pass
+        await self.broker.close()
+        await self.store.close()
+
+    async def _on_event(self, event: str | None) -> None:
+        async with self._lock:
+            try:
+                if await self._hold_lease():
+                    await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed; retrying on the next tick")
+
+    async def _hold_lease(self) -> bool:
+        redis, key = self.store.redis, self.names.controller_lease
+        if await redis.set(key, self.controller_id, nx=True, px=LEASE_MS):
+            log.info("controller %s is now the leader", self.controller_id)
+            self.leader = True
+        elif await redis.get(key) == self.controller_id.encode():
+            await redis.pexpire(key, LEASE_MS)
+            self.leader = True
+        else:
+            self.leader = False
+        return self.leader
+
+    # reconcile ---------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        apps = await self.store.apps()
+        nodes = await self._live_nodes()
+        replicas = await self._live_replicas(nodes)
+        by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for record in replicas.values():
+            by_deployment[(record["app"], record["deployment"])].append(record)
+
+        statuses: dict[str, dict[str, Any]] = {}
+        for app_name, app in apps.items():
+            statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment, nodes)
+        await self._remove_deleted_apps(apps, by_deployment)
+        await self._write_statuses(statuses)
+        await self._write_routes(apps, statuses)
+
+    async def _live_nodes(self) -> dict[str, dict[str, Any]]:
+        nodes = await self.store.get_all(self.names.nodes)
+        alive = await self.store.alive([self.names.node_alive(n) for n in nodes])
+        live = {}
+        for (node_id, record), is_alive in zip(nodes.items(), alive):
+            if is_alive:
+                live[node_id] = record
+                continue
+            log.warning("worker node %s missed its heartbeats; dropping it and its replicas",
+                        node_id)
+            await self.store.delete_field(self.names.nodes, node_id)
+            await self.store.redis.delete(self.names.node_assignments(node_id))
+        return live
+
+    async def _live_replicas(self, nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Replica records that still count, after removing dead and failed ones."""
+        records = await self.store.get_all(self.names.replicas)
+        assigned: dict[str, str] = {}
+        for node_id in nodes:
+            for replica_id in await self.store.redis.hkeys(self.names.node_assignments(node_id)):
+                assigned[replica_id.decode()] = node_id
+        alive = await self.store.alive([self.names.replica_alive(r) for r in records])
+        live = {}
+        for (replica_id, record), is_alive in zip(records.items(), alive):
+            state = record.get("state")
+            stale = (state == "RUNNING" and not is_alive
+                     and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S)
+            if state in ("FAILED", "DEAD") or replica_id not in assigned or stale:
+                if state == "FAILED":
+                    key = (record["app"], record["deployment"], record.get("version", ""))
+                    self._failures[key] += 1
+                    log.warning("replica %s failed: %s", replica_id, record.get("message"))
+                    self._last_error[key[:2]] = record.get("message", "")
+                elif stale:
+                    log.warning("replica %s stopped heartbeating; replacing it", replica_id)
+                await self._remove_replica(replica_id, record, assigned.get(replica_id))
+                continue
+            live[replica_id] = record
+        return live
+
+    async def _remove_replica(self, replica_id: str, record: dict[str, Any],
+                              node_id: str | None) -> None:
+        node_id = node_id or record.get("node")
+        if node_id:
+            await self.store.delete_field(self.names.node_assignments(node_id), replica_id)
+            await self.store.announce(f"node:{node_id}")
+        await self.store.delete_field(self.names.replicas, replica_id)
+
+    async def _reconcile_app(self, app_name: str, app: dict[str, Any],
+                             by_deployment: dict[tuple[str, str], list[dict[str, Any]]],
+                             nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        deployments: dict[str, Any] = {}
+        for dep_name, dep in app["deployments"].items():
+            await self._declare(dep["queue"])
+            mine = by_deployment.get((app_name, dep_name), [])
+            deployments[dep_name] = await self._reconcile_deployment(
+                app_name, dep_name, dep, mine, nodes
+            )
+        return {
+            "name": app_name,
+            "version": app["version"],
+            "route_prefix": app.get("route_prefix"),
+            "ingress": app["ingress"],
+            "last_deployed_time_s": app.get("deployed_at", 0.0),
+            "deployments": deployments,
+            **_app_status(deployments),
+        }
+
+    async def _reconcile_deployment(self, app: str, name: str, dep: dict[str, Any],
+                                    mine: list[dict[str, Any]],
+                                    nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        version, target = dep["version"], int(dep["num_replicas"])
+        current = [r for r in mine if r.get("version") == version]
+        old = [r for r in mine if r.get("version") != version]
+        failures = self._failures[(app, name, version)]
+        failed = failures >= MAX_START_FAILURES
+        message = ""
+        if failed:
+            error = self._last_error.get((app, name), "")
+            message = (f"The deployment failed to start {failures} times in a row. "
+                       f"Last error: {error}")
+        elif len(current) < target:
+            if not nodes:
+                message = "Waiting for a worker node to place replicas on."
+            for _ in range(target - len(current)):
+                record = await self._start_replica(app, name, version, dep, nodes)
+                if record is None:
+                    break
+                current.append(record)
+                mine.append(record)
+        for extra in sorted(current, key=lambda r: r.get("state") == "RUNNING")[target:]:
+            await self._remove_replica(extra["replica_id"], extra, None)
+            current.remove(extra)
+            mine.remove(extra)
+        running = sum(1 for r in current if r.get("state") == "RUNNING")
+        if running >= target:
+            for record in old:
+                await self._remove_replica(record["replica_id"], record, None)
+                mine.remove(record)
+            old = []
+            self._failures.pop((app, name, version), None)
+        status = "UNHEALTHY" if failed else ("HEALTHY" if running >= target and not old
+                                             else "UPDATING")
+        return {
+            "name": name,
+            "status": status,
+            "message": message,
+            "replica_states": dict(Counter(r.get("state", "PENDING") for r in mine)),
+            "ready": any(r.get("state") == "RUNNING" for r in mine),
+            "target_replicas": target,
+        }
+
+    async def _start_replica(self, app: str, deployment: str, version: str, dep: dict[str, Any],
+                             nodes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        node_id = await self._place(nodes)
+        if node_id is None:
+            return None
+        replica_id = f"{app}#{deployment}#{secrets.token_urlsafe(6)}"
+        assignment = {"app": app, "deployment": deployment, "version": version,
+                      "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0)}
+        record = {"replica_id": replica_id, "app": app, "deployment": deployment,
+                  "version": version, "node": node_id, "state": "PENDING",
+                  "start_time": now(), "updated": now()}
+        await self.store.put(self.names.replicas, replica_id, record)
+        await self.store.put(self.names.node_assignments(node_id), replica_id, assignment)
+        await self.store.announce(f"node:{node_id}")
+        log.info("starting replica %s on node %s", replica_id, node_id)
+        return record
+
+    async def _place(self, nodes: dict[str, dict[str, Any]]) -> str | None:
+        """The live node running the fewest replicas: spreads a deployment across nodes."""
+        if not nodes:
+            return None
+        loads = {n: await self.store.redis.hlen(self.names.node_assignments(n)) for n in nodes}
+        return min(loads, key=lambda n: (loads[n], n))
+
+    async def _declare(self, queue: str) -> None:
+        if time.monotonic() - self._declared.get(queue, -1e9) < REDECLARE_EVERY_S:
+            return
+        await self._channel.declare_queue(queue, durable=True, arguments={
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.names.dead_letters,
+        })
+        self._declared[queue] = time.monotonic()
+
+    async def _remove_deleted_apps(self, apps: dict[str, Any],
+                                   by_deployment: dict[tuple[str, str], list[dict[str, Any]]]
+                                   ) -> None:
+        leftovers = {app for app, _ in by_deployment} - set(apps)
+        for (app, _), records in by_deployment.items():
+            if app not in apps:
+                for record in records:
+                    await self._remove_replica(record["replica_id"], record, None)
+        old_statuses = await self.store.app_statuses()
+        for app_name, status in old_statuses.items():
+            if app_name in apps or app_name in leftovers:
+                continue
+            for dep_name in status.get("deployments", {}):
+                queue = self.names.request_queue(app_name, dep_name)
+                await self._channel.queue_delete(queue)
+                self._declared.pop(queue, None)
+            await self.store.delete_field(self.names.key("app_status"), app_name)
+            async for key in self.store.redis.scan_iter(match=self.names.key("spec", app_name, "*")):
+                await self.store.redis.delete(key)
+            log.info("application %s deleted", app_name)
+
+    async def _write_statuses(self, statuses: dict[str, dict[str, Any]]) -> None:
+        for app_name, status in statuses.items():
+            await self.store.put_app_status(app_name, status)
+
+    async def _write_routes(self, apps: dict[str, Any], statuses: dict[str, Any]) -> None:
+        routes = {}
+        for app_name, app in apps.items():
+            prefix = app.get("route_prefix")
+            if prefix is None:
+                continue
+            status = statuses[app_name]
+            ingress = status["deployments"][app["ingress"]]
+            routes[prefix] = {
+                "app": app_name,
+                "deployment": app["ingress"],
+                "queue": app["deployments"][app["ingress"]]["queue"],
+                "status": status["status"],
+                "message": status["message"],
+                "ready": ingress["ready"],
+            }
+        current = await self.store.routes()
+        if current.get("routes") != routes:
+            table = {"version": int(current.get("version", 0)) + 1, "routes": routes}
+            await self.store.redis.set(self.names.routes, _dumps(table))
+            await self.store.announce("routes")
+
+
+def _app_status(deployments: dict[str, Any]) -> dict[str, str]:
+    states = [d["status"] for d in deployments.values()]
+    if "UNHEALTHY" in states:
+        failed = next(d for d in deployments.values() if d["status"] == "UNHEALTHY")
+        return {"status": "DEPLOY_FAILED",
+                "message": f"Deployment {failed['name']!r} failed: {failed['message']}"}
+    if all(state == "HEALTHY" for state in states):
+        return {"status": "RUNNING", "message": ""}
+    waiting = [d["message"] for d in deployments.values() if d["message"]]
+    return {"status": "DEPLOYING", "message": waiting[0] if waiting else ""}
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def main(settings: Settings | None = None) -> None:
+    asyncio.run(Controller(settings or Settings.from_env()).run())

@@ -1,0 +1,200 @@
+"""Deployment handles: call a deployment's methods from a driver or from another replica.
+
+A call is one `call` message on the deployment's queue (docs/protocol.md); its reply events come
+back on this process's single reply queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from . import protocol
+from ._runtime import Runtime, current_runtime, get_runtime
+from ._signing import pack_call, unpack_value
+from .exceptions import RayServeException
+
+_DONE = object()
+
+
+class DeploymentHandle:
+    """A handle to one deployment. `.remote()` calls it; `.options()` changes how."""
+
+    def __init__(self, deployment_name: str, app_name: str, *, method_name: str = "__call__",
+                 stream: bool = False, multiplexed_model_id: str = "") -> None:
+        self.deployment_name = deployment_name
+        self.app_name = app_name
+        self.method_name = method_name
+        self.stream = stream
+        self.multiplexed_model_id = multiplexed_model_id
+
+    def options(self, *, method_name: str | None = None, stream: bool | None = None,
+                multiplexed_model_id: str | None = None,
+                use_new_handle_api: bool | None = None) -> DeploymentHandle:
+        return DeploymentHandle(
+            self.deployment_name, self.app_name,
+            method_name=method_name if method_name is not None else self.method_name,
+            stream=stream if stream is not None else self.stream,
+            multiplexed_model_id=(multiplexed_model_id if multiplexed_model_id is not None
+                                  else self.multiplexed_model_id),
+        )
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        runtime = current_runtime() or get_runtime()
+        call = _Call(runtime, self, args, kwargs)
+        if self.stream:
+            return DeploymentResponseGenerator(call)
+        return DeploymentResponse(call)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self.deployment_name, self.app_name, self.method_name,
+                                  self.stream, self.multiplexed_model_id))
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r})"
+
+
+def _rebuild_handle(deployment: str, app: str, method: str, stream: bool,
+                    model_id: str) -> DeploymentHandle:
+    return DeploymentHandle(deployment, app, method_name=method, stream=stream,
+                            multiplexed_model_id=model_id)
+
+
+class _Call:
+    """One in-flight call: publishes on first use and yields decoded results."""
+
+    def __init__(self, runtime: Runtime, handle: DeploymentHandle, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.runtime = runtime
+        self.handle = handle
+        self.args = args
+        self.kwargs = kwargs
+        self.request_id = runtime.next_request_id()
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.task: concurrent.futures.Future[None] | asyncio.Task[None] = (
+            asyncio.run_coroutine_threadsafe(self._run(), runtime.loop)
+            if not runtime.in_loop_thread()
+            else asyncio.ensure_future(self._run())
+        )
+
+    async def _run(self) -> None:
+        runtime, handle = self.runtime, self.handle
+        args = [await _resolve(a) for a in self.args]
+        kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
+        payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
+        events = runtime.router.register(self.request_id)
+        try:
+            await runtime.broker.publish(
+                runtime.names.request_queue(handle.app_name, handle.deployment_name),
+                protocol.pack(payload), type=protocol.KIND_CALL, correlation_id=self.request_id,
+                reply_to=runtime.router.queue_name, headers=protocol.request_headers(),
+                mandatory=True,
+            )
+            while True:
+                kind, event = await events.get()
+                if kind == protocol.ERROR:
+                    self.items.put_nowait(self._error(event))
+                    return
+                if kind != protocol.RESULT:
+                    continue
+                if "value" in event or "pickled" in event:
+                    self.items.put_nowait(unpack_value(event, runtime.secret))
+                if not event.get("more", False):
+                    return
+        except BaseException as exc:
+            self.items.put_nowait(exc if isinstance(exc, Exception) else
+                                  RayServeException("call cancelled"))
+            raise
+        finally:
+            runtime.router.unregister(self.request_id)
+            self.items.put_nowait(_DONE)
+
+    def _error(self, event: dict[str, Any]) -> RayServeException:
+        name = f"{self.handle.app_name}/{self.handle.deployment_name}"
+        error_type = str(event.get("error", "Error"))
+        message = f"{error_type} in deployment {name}: {event.get('message', '')}"
+        return RayServeException(message, deployment=name, error_type=error_type)
+
+    async def next_item(self) -> Any:
+        item = await self.items.get()
+        if isinstance(item, BaseException):
+            self.items.put_nowait(_DONE)
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        # A concurrent future from run_coroutine_threadsafe passes the cancel on to its task.
+        self.task.cancel()
+
+
+class DeploymentResponse:
+    """The future result of a unary call. Await it in async code, `.result()` in sync code."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._value: Any = _DONE
+
+    async def _get(self) -> Any:
+        if self._value is _DONE:
+            item = await self._call.next_item()
+            self._value = None if item is _DONE else item
+        return self._value
+
+    def __await__(self) -> Any:
+        if not self._call.runtime.in_loop_thread():
+            raise RuntimeError("await a DeploymentResponse on the event loop of its runtime")
+        return self._get().__await__()
+
+    def result(self, *, timeout_s: float | None = None) -> Any:
+        return self._call.runtime.run_sync(self._get(), timeout_s)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    @property
+    def request_id(self) -> str:
+        return self._call.request_id
+
+
+class DeploymentResponseGenerator:
+    """The results of a streaming call (`handle.options(stream=True)`), as they are produced."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._call.next_item()
+        if item is _DONE:
+            self._call.items.put_nowait(_DONE)
+            raise StopAsyncIteration
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._call.runtime.run_sync(self._call.next_item())
+        if item is _DONE:
+            self._call.items.put_nowait(_DONE)
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+async def _resolve(value: Any) -> Any:
+    """A response passed as an argument is resolved before the call is sent (chaining)."""
+    if isinstance(value, DeploymentResponse):
+        return await value._get()
+    return value

@@ -1,0 +1,117 @@
+"""Wire protocol v1: the request and reply messages of docs/protocol.md.
+
+This module only encodes and validates. It knows nothing of connections, so every caller (proxy,
+handle, tests) and the replica share one definition of the format.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .exceptions import ProtocolError
+
+VERSION = 1
+CONTENT_TYPE = "application/msgpack"
+HEADER_VERSION = "bs-version"
+HEADER_DEADLINE = "bs-deadline"
+
+# Request kinds (the AMQP `type` property of a request message).
+KIND_HTTP = "http"
+KIND_CALL = "call"
+KINDS = frozenset({KIND_HTTP, KIND_CALL})
+
+# Reply events (the AMQP `type` property of a reply message).
+ACCEPTED = "accepted"
+START = "start"
+BODY = "body"
+RESULT = "result"
+ERROR = "error"
+
+# Caller -> replica inbox messages.
+DISCONNECT = "disconnect"
+
+MAX_ID_LENGTH = 128
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"body is not valid msgpack: {exc}") from exc
+
+
+def request_headers(deadline_ms: int | None = None) -> dict[str, Any]:
+    headers: dict[str, Any] = {HEADER_VERSION: VERSION}
+    if deadline_ms is not None:
+        headers[HEADER_DEADLINE] = deadline_ms
+    return headers
+
+
+def check_version(headers: dict[str, Any] | None) -> None:
+    version = (headers or {}).get(HEADER_VERSION)
+    if version != VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {version!r}; this replica speaks {VERSION}",
+            error="UnsupportedProtocolVersion",
+        )
+
+
+def decode_map(body: bytes) -> dict[str, Any]:
+    value = unpack(body)
+    if not isinstance(value, dict):
+        raise ProtocolError(f"body must be a msgpack map, got {type(value).__name__}")
+    return value
+
+
+def http_scope(payload: dict[str, Any]) -> dict[str, Any]:
+    """Build a complete ASGI HTTP scope from a request's `scope` map, with the defaults."""
+    raw = payload.get("scope")
+    if not isinstance(raw, dict):
+        raise ProtocolError("http request needs a 'scope' map")
+    method, path = raw.get("method"), raw.get("path")
+    if not isinstance(method, str) or not isinstance(path, str) or not path.startswith("/"):
+        raise ProtocolError("scope needs a 'method' string and a 'path' starting with '/'")
+    query = raw.get("query_string", b"")
+    if isinstance(query, str):
+        query = query.encode("latin-1")
+    try:
+        headers = [(_as_bytes(k).lower(), _as_bytes(v)) for k, v in raw.get("headers") or ()]
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError("scope 'headers' must be a list of [name, value] pairs") from exc
+    client, server = raw.get("client"), raw.get("server")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": raw.get("http_version", "1.1"),
+        "method": method.upper(),
+        "scheme": raw.get("scheme", "http"),
+        "path": path,
+        "raw_path": _as_bytes(raw.get("raw_path", path.encode("utf-8"))),
+        "query_string": query,
+        "root_path": raw.get("root_path", ""),
+        "headers": headers,
+        "client": tuple(client) if client else None,
+        "server": tuple(server) if server else None,
+        "state": {},
+    }
+
+
+def body_chunk(payload: dict[str, Any]) -> tuple[bytes, bool]:
+    body = payload.get("body", b"")
+    if not isinstance(body, (bytes, bytearray)):
+        raise ProtocolError("'body' must be bytes (msgpack bin)")
+    return bytes(body), bool(payload.get("more_body", False))
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("latin-1")
+    raise TypeError(f"expected bytes or str, got {type(value).__name__}")

@@ -1,0 +1,357 @@
+"""The HTTP proxy: a stateless ASGI app that turns each HTTP request into one message.
+
+Request path: match the longest route prefix, publish one `http` message to the ingress
+deployment's queue, and stream the reply events to the client as they arrive. The route table is
+cached in memory and refreshed from Redis on change events and periodically; nothing on the
+request path calls Redis or opens a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import socket
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import protocol
+from ._broker import Broker, Event, ReplyRouter
+from ._settings import CHUNK_BYTES, Settings
+from ._store import Store, now
+from .config import HTTPOptions
+from .exceptions import ClusterUnavailable
+
+log = logging.getLogger("broker_serve.proxy")
+
+ROUTE_REFRESH_S = 2.0
+
+
+class ReplicaChanged(Exception):
+    """The response had started when another replica took the request over; it cannot be
+    taken back, so the client connection is closed."""
+
+
+class RouteTable:
+    def __init__(self) -> None:
+        self.version = 0
+        self.routes: dict[str, dict[str, Any]] = {}
+        self._by_length: list[tuple[str, dict[str, Any]]] = []
+
+    def load(self, table: dict[str, Any]) -> None:
+        self.version = int(table.get("version", 0))
+        self.routes = dict(table.get("routes", {}))
+        self._by_length = sorted(self.routes.items(), key=lambda item: len(item[0]), reverse=True)
+
+    def match(self, path: str) -> tuple[str, dict[str, Any]] | None:
+        for prefix, entry in self._by_length:
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return prefix, entry
+        return None
+
+
+class Proxy:
+    def __init__(self, settings: Settings, options: HTTPOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.proxy_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url, f"proxy {self.proxy_id}")
+        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"))
+        self.table = RouteTable()
+        self.max_body = min(options.max_body_bytes, settings.max_body_bytes)
+        self._ids = itertools.count()
+        self._stopping = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._internal = Starlette(routes=[
+            Route("/-/healthz", self._healthz),
+            Route("/-/routes", self._routes),
+            Route("/-/routes/detail", self._routes_detail),
+        ])
+
+    # lifecycle -----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self.broker.connect()
+        await self.router.start()
+        await self._refresh(None)
+        self._watcher = asyncio.create_task(
+            self.store.watch_events(self._refresh, ROUTE_REFRESH_S, self._stopping)
+        )
+        log.info("proxy %s serving on %s:%d", self.proxy_id, self.options.host, self.options.port)
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        try:
+            await self.store.delete_field(self.names.proxies, self.proxy_id)
+            await self.store.redis.delete(self.names.proxy_alive(self.proxy_id))
+        except Exception:
+            pass
+        await self.broker.close()
+        await self.store.close()
+
+    async def _refresh(self, event: str | None) -> None:
+        if event not in (None, "routes"):
+            return
+        try:
+            table = await self.store.routes()
+            if table.get("version", 0) != self.table.version:
+                self.table.load(table)
+                log.info("routes v%d: %s", self.table.version, sorted(self.table.routes))
+            await self.store.put(self.names.proxies, self.proxy_id, {
+                "proxy_id": self.proxy_id, "host": self.options.host, "port": self.options.port,
+                "pid": os.getpid(), "routes_version": self.table.version, "updated": now(),
+            })
+            await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
+        except Exception as exc:  # keep serving the cached routes while Redis is away
+            log.warning("could not refresh routes: %s", exc)
+
+    # ASGI ------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1003})
+            return
+        if scope["path"].startswith("/-/"):
+            await self._internal(scope, receive, send)
+            return
+        try:
+            await self._forward(scope, receive, send)
+        except ReplicaChanged:
+            raise
+        except ClusterUnavailable as exc:
+            await _plain(send, 503, f"Service Unavailable: {exc}")
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        root_path = scope.get("root_path", "")
+        path = scope["path"][len(root_path):] if scope["path"].startswith(root_path) else scope["path"]
+        matched = self.table.match(path or "/")
+        if matched is None:
+            await _plain(send, 404, f"Not Found: no application serves {scope['path']!r}.")
+            return
+        prefix, route = matched
+        if not route.get("ready"):
+            reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
+            await _plain(send, 503, f"Service Unavailable: {reason}")
+            return
+        length = _content_length(scope)
+        if length is not None and length > self.max_body:
+            await _plain(send, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
+            return
+        try:
+            first, more_body = await _read_chunk(receive)
+        except ClientGone:
+            return  # nothing was published, so there is nothing to cancel
+        request_id = f"{self.proxy_id}-{next(self._ids)}"
+        events = self.router.register(request_id)
+        try:
+            await self._publish(scope, route, prefix, request_id, first, more_body)
+            await self._relay(events, receive, send, more_body, len(first), request_id)
+        finally:
+            self.router.unregister(request_id)
+
+    async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
+                       request_id: str, body: bytes, more_body: bool) -> None:
+        root_path = scope.get("root_path", "")
+        payload = {
+            "scope": {
+                "method": scope["method"],
+                "path": scope["path"],
+                "raw_path": scope.get("raw_path"),
+                "query_string": scope["query_string"],
+                "headers": scope["headers"],
+                "root_path": root_path + prefix if prefix != "/" else root_path,
+                "http_version": scope["http_version"],
+                "scheme": scope["scheme"],
+                "client": scope.get("client"),
+                "server": scope.get("server"),
+            },
+            "body": body,
+            "more_body": more_body,
+        }
+        await self.broker.publish(
+            route["queue"], protocol.pack(payload), type=protocol.KIND_HTTP,
+            correlation_id=request_id, reply_to=self.router.queue_name,
+            headers=protocol.request_headers(), mandatory=True,
+        )
+
+    async def _relay(self, events: asyncio.Queue[Event], receive: Any, send: Any,
+                     more_body: bool, sent_bytes: int, request_id: str) -> None:
+        """Pass reply events to the client; upload the rest of the body once a replica asks."""
+        replica: str | None = None
+        started = False
+        upload: asyncio.Task[str | None] | None = None
+        try:
+            while True:
+                kind, event = await events.get()
+                if replica is not None and event.get("replica", replica) != replica:
+                    # RabbitMQ redelivered the request after its replica died.
+                    if started:
+                        raise ReplicaChanged(f"replica {replica} died mid-response")
+                    if upload is not None:
+                        await _plain(send, 502, "Bad Gateway: the replica died while "
+                                                "receiving the request body.")
+                        return
+                replica = event.get("replica", replica)
+                if kind == protocol.ACCEPTED and more_body and upload is None:
+                    upload = asyncio.create_task(
+                        self._upload(receive, event["inbox"], request_id, sent_bytes)
+                    )
+                elif kind == protocol.START:
+                    started = True
+                    await send({"type": "http.response.start", "status": event["status"],
+                                "headers": [tuple(h) for h in event.get("headers", ())]})
+                    await send({"type": "http.response.body", "body": event.get("body", b""),
+                                "more_body": event.get("more_body", False)})
+                    if not event.get("more_body", False):
+                        return
+                elif kind == protocol.BODY and started:
+                    await send({"type": "http.response.body", "body": event.get("body", b""),
+                                "more_body": event.get("more_body", False)})
+                    if not event.get("more_body", False):
+                        return
+                elif kind == protocol.ERROR:
+                    if started:
+                        raise ReplicaChanged(f"response cut short: {event.get('message')}")
+                    failed = _upload_error(upload)
+                    if failed is not None:
+                        await _plain(send, 413, failed)
+                    else:
+                        await _error_response(send, event)
+                    return
+        finally:
+            if upload is not None and not upload.done():
+                upload.cancel()
+
+    async def _upload(self, receive: Any, inbox: str, request_id: str, sent: int) -> str | None:
+        """Stream the rest of the request body to the replica's inbox. Returns an error text."""
+        more = True
+        while more:
+            try:
+                chunk, more = await _read_chunk(receive)
+            except ClientGone:
+                await self._send_disconnect(inbox, request_id)
+                return "Client Closed Request"
+            sent += len(chunk)
+            if sent > self.max_body:
+                await self._send_disconnect(inbox, request_id)
+                return f"Payload Too Large: the limit is {self.max_body} bytes."
+            await self.broker.publish(inbox, protocol.pack({"body": chunk, "more_body": more}),
+                                      type=protocol.BODY, correlation_id=request_id)
+        return None
+
+    async def _send_disconnect(self, inbox: str, request_id: str) -> None:
+        await self.broker.publish(inbox, protocol.pack({}), type=protocol.DISCONNECT,
+                                  correlation_id=request_id)
+
+    # internal endpoints --------------------------------------------------------------------
+    async def _healthz(self, request: Request) -> Response:
+        connection = self.broker.connection
+        if connection is None or connection.is_closed:
+            return PlainTextResponse("RabbitMQ connection is down", status_code=503)
+        return PlainTextResponse("success")
+
+    async def _routes(self, request: Request) -> Response:
+        return JSONResponse({prefix: r["app"] for prefix, r in self.table.routes.items()})
+
+    async def _routes_detail(self, request: Request) -> Response:
+        return Response(orjson.dumps({"version": self.table.version, "routes": self.table.routes}),
+                        media_type="application/json")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+async def _read_chunk(receive: Any) -> tuple[bytes, bool]:
+    """Read request body messages until a chunk's worth (or the end) has arrived."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        body = message.get("body", b"")
+        if body:
+            parts.append(body)
+            size += len(body)
+        more = message.get("more_body", False)
+        if not more or size >= CHUNK_BYTES:
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), more
+
+
+def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
+    if upload is None or not upload.done() or upload.cancelled() or upload.exception():
+        return None
+    return upload.result()
+
+
+def _content_length(scope: dict[str, Any]) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _plain(send: Any, status: int, text: str) -> None:
+    body = text.encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error_response(send: Any, event: dict[str, Any]) -> None:
+    status = int(event.get("status", 500))
+    if status >= 500 and event.get("error") not in ("NoSuchDeployment", "NoResponse"):
+        text = "Internal Server Error"
+    else:
+        text = str(event.get("message", ""))
+    await _plain(send, status, text)
+
+
+def resolve_keep_alive(options: HTTPOptions) -> float:
+    """`BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S` wins over the config, as Ray's variable does."""
+    value = os.environ.get("BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
+    return float(value) if value else options.keep_alive_timeout_s
+
+
+async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
+    proxy = Proxy(settings, options)
+    await proxy.startup()
+    config = uvicorn.Config(
+        proxy, host=options.host, port=options.port, loop="none", http="httptools",
+        lifespan="off", access_log=False, log_level="warning",
+        timeout_keep_alive=int(resolve_keep_alive(options)),
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        await proxy.shutdown()

@@ -1,0 +1,284 @@
+"""A replica: one OS process that runs one deployment instance and consumes its queue.
+
+Lifecycle: `startup` loads the signed definition from Redis and constructs the user's object,
+then consumes the deployment's queue with prefetch = max_ongoing_requests. `main_loop` keeps
+the heartbeat. `shutdown` (on SIGTERM) stops consuming, lets in-flight requests finish within
+`graceful_shutdown_timeout_s`, and closes the connection, so RabbitMQ requeues whatever is left.
+
+Message policy: a request is acked once its terminal event is published. A message without
+`reply_to` cannot be answered and is rejected without requeue, which dead-letters it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from . import _ingress, protocol
+from ._broker import Broker
+from ._execution import ReplyStream, Servable, run_call, run_http
+from ._logging import setup_logging
+from ._settings import Settings
+from ._signing import loads_signed
+from ._store import Store, now
+from .config import DeploymentConfig
+from .context import ReplicaContext, _set_replica_context
+from .exceptions import ProtocolError
+
+log = logging.getLogger("broker_serve.replica")
+
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+class Replica:
+    def __init__(self, settings: Settings, app: str, deployment: str, replica_id: str,
+                 version: str) -> None:
+        self.settings = settings
+        self.app = app
+        self.deployment = deployment
+        self.replica_id = replica_id
+        self.version = version
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url, f"replica {replica_id}")
+        self.inbox_name = self.names.inbox(replica_id)
+        self.servable: Servable | None = None
+        self.config = DeploymentConfig()
+        self.secret = b""
+        self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        self._consumer_tag: str | None = None
+        self._queue: Any = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.error("replica %s failed to start:\n%s", self.replica_id, traceback.format_exc())
+            await self._report_failure(exc)
+            return 1
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self._write_record("STARTING")
+        self.secret = await self.store.secret()
+        spec_blob = await self.store.spec(self.app, self.deployment, self.version)
+        if spec_blob is None:
+            raise RuntimeError(f"no definition stored for {self.app}/{self.deployment} "
+                               f"version {self.version}")
+        spec = protocol.unpack(spec_blob)
+        for path in reversed(spec.get("sys_path", [])):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        definition = loads_signed(spec["pickled"], spec["sig"], self.secret)
+        self.config = DeploymentConfig.model_validate(definition["config"])
+        executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
+                                      thread_name_prefix="user")
+        asyncio.get_running_loop().set_default_executor(executor)
+        self.servable = await self._construct(definition, executor)
+
+        await self.broker.connect()
+        inbox_channel = await self.broker.channel()
+        inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
+                                                  auto_delete=True)
+        await inbox.consume(self._on_inbox, no_ack=True)
+        channel = await self.broker.channel(prefetch=self.config.max_ongoing_requests)
+        self._queue = await channel.declare_queue(
+            self.names.request_queue(self.app, self.deployment), passive=True
+        )
+        self._consumer_tag = await self._queue.consume(self._on_request)
+        await self._write_record("RUNNING")
+        await self.store.announce("replicas")
+        log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
+                 self.deployment, os.getpid())
+
+    async def _construct(self, definition: dict[str, Any], executor: Any) -> Servable:
+        target = definition["func_or_class"]
+        is_function = not inspect.isclass(target)
+        asgi_app = _ingress.asgi_app_of(target)
+        if is_function:
+            instance = target
+        else:
+            instance = target(*definition["args"], **definition["kwargs"])
+            if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
+                instance = await instance
+        _ingress.set_servable(instance)
+        _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id, instance))
+        user_config = self.config.user_config
+        if user_config is not None and hasattr(instance, "reconfigure"):
+            result = instance.reconfigure(user_config)
+            if inspect.isawaitable(result):
+                await result
+        return Servable(instance, is_function, asgi_app, executor)
+
+    async def main_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.store.heartbeat(self.names.replica_alive(self.replica_id))
+            except Exception as exc:  # Redis down: keep serving, the data plane does not need it
+                log.warning("heartbeat failed: %s", exc)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def shutdown(self) -> None:
+        log.info("replica %s stopping", self.replica_id)
+        await self._safe_record("STOPPING")
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except Exception as exc:
+                log.warning("could not cancel consumer: %s", exc)
+        deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, self.config.graceful_shutdown_wait_loop_s))
+        stragglers = list(self._tasks)
+        for task in stragglers:
+            task.cancel()
+        if stragglers:
+            log.warning("cancelled %d unfinished request(s); RabbitMQ requeues them",
+                        len(stragglers))
+            await asyncio.gather(*stragglers, return_exceptions=True)
+        await self.broker.close()
+        try:
+            await self.store.redis.delete(self.names.replica_alive(self.replica_id))
+        except Exception:
+            pass
+        await self.store.close()
+
+    # records -----------------------------------------------------------------------------------
+    async def _write_record(self, state: str, message: str = "") -> None:
+        await self.store.update(
+            self.names.replicas, self.replica_id, replica_id=self.replica_id, app=self.app,
+            deployment=self.deployment, version=self.version, state=state, message=message,
+            pid=os.getpid(), updated=now(),
+        )
+
+    async def _safe_record(self, state: str, message: str = "") -> None:
+        try:
+            await self._write_record(state, message)
+        except Exception as exc:
+            log.warning("could not record state %s: %s", state, exc)
+
+    async def _report_failure(self, exc: BaseException) -> None:
+        await self._safe_record("FAILED", f"{type(exc).__name__}: {exc}"[:500])
+        try:
+            await self.store.announce("replicas")
+        except Exception:
+            pass
+        await self.broker.close()
+        await self.store.close()
+
+    # messages ----------------------------------------------------------------------------------
+    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _on_inbox(self, message: AbstractIncomingMessage) -> None:
+        queue = self._inboxes.get(message.correlation_id or "")
+        if queue is None:
+            return
+        try:
+            fields = protocol.decode_map(message.body)
+        except ProtocolError:
+            fields = {}
+        queue.put_nowait((message.type or "", fields))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        reply_to, correlation_id = message.reply_to, message.correlation_id or ""
+        if not reply_to:
+            log.error("request %r has no reply_to; dead-lettering it", message.message_id)
+            await message.reject(requeue=False)
+            return
+
+        async def publish(event: str, fields: dict[str, Any]) -> None:
+            fields["replica"] = self.replica_id
+            await self.broker.publish(reply_to, protocol.pack(fields), type=event,
+                                      correlation_id=correlation_id)
+
+        stream = ReplyStream(publish)
+        try:
+            await self._dispatch(message, stream, correlation_id)
+        except ProtocolError as exc:
+            await stream.error(exc.status, exc.error, str(exc))
+        except asyncio.CancelledError:
+            # Shutdown cancelled it: leave it unacked so RabbitMQ gives it to another replica.
+            raise
+        except Exception as exc:
+            log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
+            detail = str(exc) if message.type == protocol.KIND_CALL else "Internal Server Error"
+            await stream.error(500, type(exc).__name__, detail[:2000])
+        finally:
+            self._inboxes.pop(correlation_id, None)
+        if stream.finished:
+            await message.ack()
+        else:
+            await message.reject(requeue=False)
+
+    async def _dispatch(self, message: AbstractIncomingMessage, stream: ReplyStream,
+                        correlation_id: str) -> None:
+        protocol.check_version(message.headers)  # type: ignore[arg-type]
+        deadline = (message.headers or {}).get(protocol.HEADER_DEADLINE)
+        if isinstance(deadline, int) and deadline < time.time() * 1000:
+            raise ProtocolError("the request's deadline passed before a replica took it",
+                                status=408, error="DeadlineExceeded")
+        payload = protocol.decode_map(message.body)
+        assert self.servable is not None
+        if message.type == protocol.KIND_HTTP:
+            inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+            self._inboxes[correlation_id] = inbox
+            await run_http(self.servable, stream, payload, inbox, self.inbox_name,
+                           self.settings.max_body_bytes)
+        elif message.type == protocol.KIND_CALL:
+            await run_call(self.servable, stream, payload, self.secret)
+        else:
+            raise ProtocolError(f"unknown request kind {message.type!r}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="broker_serve.replica")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--deployment", required=True)
+    parser.add_argument("--replica-id", required=True)
+    parser.add_argument("--version", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    setup_logging(settings.log_level, f"replica {args.replica_id}")
+    _use_uvloop()
+    replica = Replica(settings, args.app, args.deployment, args.replica_id, args.version)
+    sys.exit(asyncio.run(replica.run()))
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`from broker_serve import serve`: the same names as `from ray import serve`."""
+
+from ._ingress import ingress
+from .api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from .config import AutoscalingConfig, HTTPOptions, ProxyLocation, gRPCOptions
+from .context import ReplicaContext, get_replica_context
+from .deployment import Application, Deployment, deployment
+from .handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+__all__ = [
+    "Application",
+    "AutoscalingConfig",
+    "Deployment",
+    "DeploymentHandle",
+    "DeploymentResponse",
+    "DeploymentResponseGenerator",
+    "HTTPOptions",
+    "ProxyLocation",
+    "ReplicaContext",
+    "delete",
+    "deployment",
+    "gRPCOptions",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "ingress",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]
