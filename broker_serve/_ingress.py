@@ -1,0 +1,188 @@
+"""`serve.ingress`: a deployment class that serves an ASGI app.
+
+FastAPI routes written as methods of the decorated class get `self` injected as
+a dependency resolving to the replica's live instance, so one FastAPI app can
+be declared at import time and served by whichever process instantiates the
+class.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import inspect
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+
+from starlette.datastructures import State
+from starlette.types import ASGIApp
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from fastapi.routing import APIRoute, APIWebSocketRoute
+
+__all__ = ["asgi_app_of", "get_servable", "ingress", "set_servable"]
+
+_C = TypeVar("_C", bound=type)
+
+_APP_ATTRIBUTE = "_bs_asgi_app"
+
+# A replica process hosts exactly one deployment instance.
+_servable: object | None = None
+
+
+def ingress(app: ASGIApp) -> Callable[[_C], _C]:
+    """Make the decorated class serve `app` (FastAPI, Starlette or any ASGI callable)."""
+    if not callable(app):
+        raise TypeError(f"serve.ingress expects an ASGI app, got {type(app).__qualname__}")
+
+    def decorator(cls: _C) -> _C:
+        if not isinstance(cls, type):
+            raise TypeError("serve.ingress decorates a class")
+        if _is_fastapi(app):
+            _bind_class_routes(app, cls)
+            _register_fastapi_reducers()
+        # staticmethod: a plain-function ASGI app must not become a bound method
+        # when read from an instance.
+        setattr(cls, _APP_ATTRIBUTE, staticmethod(app))
+        return cls
+
+    return decorator
+
+
+def asgi_app_of(cls_or_instance: object) -> ASGIApp | None:
+    """The app given to `ingress` for this class or instance, if any."""
+    app: ASGIApp | None = getattr(cls_or_instance, _APP_ATTRIBUTE, None)
+    return app
+
+
+def set_servable(instance: object) -> None:
+    """Make `instance` the `self` of class-based routes; None clears it."""
+    global _servable
+    _servable = instance
+
+
+def get_servable() -> object:
+    """The instance set by `set_servable`."""
+    if _servable is None:
+        raise RuntimeError(
+            "No servable instance in this process: set_servable() must be called with "
+            "the deployment instance before its ingress app handles requests"
+        )
+    return _servable
+
+
+async def _servable_dependency() -> object:
+    # async so that FastAPI resolves it on the event loop, not in a worker thread.
+    return get_servable()
+
+
+def _is_fastapi(app: object) -> TypeGuard[FastAPI]:
+    # A FastAPI app implies fastapi is loaded: FastAPI stays an optional dependency.
+    fastapi = sys.modules.get("fastapi")
+    return fastapi is not None and isinstance(app, fastapi.FastAPI)
+
+
+def _bind_class_routes(app: FastAPI, cls: type) -> None:
+    """Rebuild, in place, the routes whose endpoint is a method of `cls`."""
+    from fastapi.routing import APIRoute, APIWebSocketRoute
+
+    routes = app.router.routes
+    for index, route in enumerate(routes):
+        if (
+            isinstance(route, (APIRoute, APIWebSocketRoute))
+            and _is_method_of(route.endpoint, cls)
+            and _bind_self(route.endpoint)
+        ):
+            # FastAPI reads the endpoint's signature once, when the route is built.
+            routes[index] = _rebuilt(route, app)
+    app.openapi_schema = None
+
+
+def _is_method_of(endpoint: Callable[..., Any], cls: type) -> bool:
+    # By qualname, not by class attribute: two methods may share a name (the
+    # second `def root` shadows the first in the class, not in the app).
+    return (
+        inspect.isfunction(endpoint)
+        and endpoint.__module__ == cls.__module__
+        and endpoint.__qualname__.rpartition(".")[0] == cls.__qualname__
+    )
+
+
+def _bind_self(endpoint: Callable[..., Any]) -> bool:
+    """Declare the first parameter a dependency on the servable; False if there is none.
+
+    The other parameters become keyword-only, since they may lack defaults.
+    Idempotent, as one function can be the endpoint of several routes.
+    """
+    from fastapi import Depends, params
+
+    signature = inspect.signature(endpoint)
+    parameters = list(signature.parameters.values())
+    if not parameters or parameters[0].kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return False
+    first, rest = parameters[0], parameters[1:]
+    if isinstance(first.default, params.Depends):
+        return first.default.dependency is _servable_dependency
+    # Any annotation goes: FastAPI has no type to resolve or validate for `self`.
+    bound_self = first.replace(default=Depends(_servable_dependency), annotation=first.empty)
+    endpoint.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[bound_self, *map(_keyword_only, rest)]
+    )
+    return True
+
+
+def _keyword_only(parameter: inspect.Parameter) -> inspect.Parameter:
+    if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+    return parameter
+
+
+def _rebuilt(route: APIRoute | APIWebSocketRoute, app: FastAPI) -> APIRoute | APIWebSocketRoute:
+    """A new route like `route`, built from its endpoint's current signature.
+
+    Arguments are read back from the route's attributes of the same names, which
+    FastAPI keeps already merged with the router's settings (prefix, tags...).
+    """
+    accepted = inspect.signature(type(route)).parameters
+    kwargs: dict[str, Any] = {
+        name: getattr(route, name)
+        for name, parameter in accepted.items()
+        if name not in ("path", "endpoint")
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        and hasattr(route, name)
+    }
+    if "dependency_overrides_provider" in accepted:
+        # A websocket route does not keep it; without it app.dependency_overrides is ignored.
+        kwargs.setdefault("dependency_overrides_provider", app.router.dependency_overrides_provider)
+    if getattr(route, "stream_item_type", None) is not None:
+        # FastAPI infers a streaming endpoint's item type only from a default response_model.
+        del kwargs["response_model"]
+    return type(route)(route.path, route.endpoint, **kwargs)
+
+
+# Replicas receive the class, and so its app, through cloudpickle. Two pieces of
+# Starlette and FastAPI apps do not survive that as they are; these reducers mend them.
+
+
+def _reduce_state(state: State) -> tuple[type[State], tuple[dict[str, Any]]]:
+    # Unpickling looks up __setstate__ before `_state` exists, and State's
+    # __getattr__ then recurses on `self._state` forever.
+    return State, (dict(state._state),)
+
+
+copyreg.pickle(State, _reduce_state)
+
+
+def _register_fastapi_reducers() -> None:
+    from fastapi import routing
+
+    # Recent FastAPI includes routers lazily, through a route holding a lock.
+    included_router = getattr(routing, "_IncludedRouter", None)
+    if included_router is not None:
+        copyreg.pickle(included_router, _reduce_included_router)
+
+
+def _reduce_included_router(route: Any) -> tuple[type, tuple[Any, Any]]:
+    # The lock only guards caches, which rebuild themselves on first use.
+    return type(route), (route.original_router, route.include_context)
