@@ -6,6 +6,7 @@ Names and defaults follow Ray Serve 2.x so that existing programs and configs po
 from __future__ import annotations
 
 import enum
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
@@ -67,8 +68,11 @@ class DeploymentConfig(BaseModel):
 class HTTPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    # The variables let an operator (or a test) move the default proxy without editing code.
+    host: str = Field(default_factory=lambda: os.environ.get("BROKER_SERVE_HTTP_HOST",
+                                                             "127.0.0.1"))
+    port: int = Field(default_factory=lambda: int(os.environ.get("BROKER_SERVE_HTTP_PORT", 8000)),
+                      ge=0, le=65535)
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 5.0

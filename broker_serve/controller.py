@@ -114,6 +114,13 @@ class Controller:
         await self._remove_deleted_apps(apps, by_deployment)
         await self._write_statuses(statuses)
         await self._write_routes(apps, statuses)
+        await self._forget_dead_proxies()
+
+    async def _forget_dead_proxies(self) -> None:
+        proxies = await self.store.get_all(self.names.proxies)
+        alive = await self.store.alive([self.names.proxy_alive(p) for p in proxies])
+        dead = [proxy for proxy, ok in zip(proxies, alive) if not ok]
+        await self.store.delete_field(self.names.proxies, *dead)
 
     async def _live_nodes(self) -> dict[str, dict[str, Any]]:
         nodes = await self.store.get_all(self.names.nodes)

@@ -108,11 +108,11 @@ class Proxy:
             if table.get("version", 0) != self.table.version:
                 self.table.load(table)
                 log.info("routes v%d: %s", self.table.version, sorted(self.table.routes))
+            await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
             await self.store.put(self.names.proxies, self.proxy_id, {
                 "proxy_id": self.proxy_id, "host": self.options.host, "port": self.options.port,
                 "pid": os.getpid(), "routes_version": self.table.version, "updated": now(),
             })
-            await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
         except Exception as exc:  # keep serving the cached routes while Redis is away
             log.warning("could not refresh routes: %s", exc)
 

@@ -1,0 +1,106 @@
+"""Fixtures: every test gets its own cluster namespace on the real RabbitMQ and Redis.
+
+`cluster` gives a namespace (name, free proxy port, environment) and cleans up after the test:
+the applications are deleted, the local cluster stops, and every Redis key and RabbitMQ queue of
+the namespace is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pika
+import pytest
+import redis
+
+AMQP_URL = os.environ.get("BROKER_SERVE_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+REDIS_URL = os.environ.get("BROKER_SERVE_REDIS_URL", "redis://localhost:6379/0")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Cluster:
+    name: str
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run_script(self, source: str, timeout: float = 120, cwd: Path | None = None
+                   ) -> subprocess.CompletedProcess[str]:
+        """Run a driver script as a user would, in this namespace. The seed examples request
+        localhost:8000; only that address is changed, to this cluster's port."""
+        source = source.replace("localhost:8000", f"localhost:{self.port}")
+        return subprocess.run([sys.executable, "-c", source], env=self.env, cwd=cwd or ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+
+def cleanup_namespace(name: str) -> None:
+    """Remove every Redis key and RabbitMQ queue of cluster `name`."""
+    client = redis.Redis.from_url(REDIS_URL)
+    queues = {f"bs.{name}.dead"}
+    for key in (f"bs:{name}:apps", f"bs:{name}:app_status"):
+        for app, record in client.hgetall(key).items():
+            import orjson
+
+            for dep in orjson.loads(record).get("deployments", {}):
+                queues.add(f"bs.{name}.{app.decode()}.{dep}")
+    keys = list(client.scan_iter(match=f"bs:{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel = connection.channel()
+    for queue in queues:
+        channel.queue_delete(queue)
+    channel.exchange_delete(f"bs.{name}.cancel")
+    connection.close()
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Cluster]:
+    name = f"t{secrets.token_hex(5)}"
+    port = free_port()
+    env = {
+        "BROKER_SERVE_CLUSTER": name,
+        "BROKER_SERVE_HTTP_PORT": str(port),
+        "BROKER_SERVE_AMQP_URL": AMQP_URL,
+        "BROKER_SERVE_REDIS_URL": REDIS_URL,
+        "BROKER_SERVE_STATE_DIR": str(tmp_path / "state"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    created = Cluster(name, port, {**os.environ, **env})
+    try:
+        yield created
+    finally:
+        _shutdown_in_process()
+        cleanup_namespace(name)
+
+
+def _shutdown_in_process() -> None:
+    """Stop what a test started through the serve API in this process."""
+    from broker_serve import api
+    from broker_serve._runtime import current_runtime, reset_runtime
+
+    if current_runtime() is not None:
+        try:
+            api.shutdown()
+        finally:
+            reset_runtime()
+    api._started_apps.clear()
