@@ -158,14 +158,23 @@ def run(import_path: str, name: str, route_prefix: str | None, host: str | None,
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Application {name!r} is running. Press Ctrl-C to stop.")
     try:
-        while True:
-            import time
-
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        click.echo("Shutting down.")
+        _wait_for_interrupt()
     finally:
+        click.echo("Shutting down.")
         serve.delete(name)  # a local cluster this command started stops at exit
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM. Both handlers are set explicitly: a process started in
+    the background by a shell inherits SIGINT ignored."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
 
 
 def _import_app(import_path: str) -> Any:
