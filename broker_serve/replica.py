@@ -29,6 +29,7 @@ from . import _ingress, protocol
 from ._broker import Broker
 from ._execution import ReplyStream, Servable, run_call, run_http
 from ._logging import setup_logging
+from ._runtime import install_replica_runtime
 from ._settings import Settings
 from ._signing import loads_signed
 from ._store import Store, now
@@ -96,9 +97,11 @@ class Replica:
         executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
                                       thread_name_prefix="user")
         asyncio.get_running_loop().set_default_executor(executor)
+        await self.broker.connect()
+        # Before the constructor: handles passed to it, or made in it, must work.
+        await install_replica_runtime(self.settings, self.broker)
         self.servable = await self._construct(definition, executor)
 
-        await self.broker.connect()
         inbox_channel = await self.broker.channel()
         inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
                                                   auto_delete=True)

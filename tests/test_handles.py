@@ -1,0 +1,51 @@
+"""The handle `serve.run` returns, and handles bound into another deployment."""
+
+import pytest
+import requests
+import starlette.requests
+
+from broker_serve import RayServeException, serve
+
+
+@serve.deployment
+class Adder:
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    def __call__(self, x: int) -> int:
+        return self.base + x
+
+    async def count(self, n: int):
+        for i in range(n):
+            yield i
+
+    def fail(self) -> None:
+        raise KeyError("nope")
+
+
+@serve.deployment
+class Front:
+    def __init__(self, adder) -> None:
+        self.adder = adder
+
+    async def __call__(self, request: starlette.requests.Request) -> int:
+        return await self.adder.remote(int(request.query_params["x"]))
+
+
+def test_handle_from_serve_run(cluster):
+    handle = serve.run(Adder.bind(10))
+    assert handle.remote(5).result() == 15
+    assert list(handle.options(method_name="count", stream=True).remote(3)) == [0, 1, 2]
+    assert handle.count.options(stream=True).remote(2) is not None
+    with pytest.raises(RayServeException, match="KeyError") as info:
+        handle.fail.remote().result()
+    assert info.value.error_type == "KeyError"
+    assert "Adder" in str(info.value)
+
+
+def test_bound_deployment_arrives_as_a_live_handle(cluster):
+    serve.run(Front.bind(Adder.bind(100)))
+    assert requests.get(f"{cluster.url}?x=1").json() == 101
+    status = serve.status().applications["default"]
+    assert set(status.deployments) == {"Front", "Adder"}
+    assert serve.get_app_handle("default").deployment_name == "Front"

@@ -1,0 +1,59 @@
+"""Unit tests of the wire format helpers (docs/protocol.md)."""
+
+import pytest
+
+from broker_serve import protocol
+from broker_serve._signing import dumps_signed, loads_signed, pack_call, unpack_call
+from broker_serve.exceptions import ProtocolError, UntrustedPayload
+
+
+def test_minimal_scope_gets_asgi_defaults():
+    scope = protocol.http_scope({"scope": {"method": "get", "path": "/x",
+                                           "headers": [["X-A", "1"]]}})
+    assert scope["method"] == "GET"
+    assert scope["headers"] == [(b"x-a", b"1")]
+    assert scope["query_string"] == b"" and scope["root_path"] == ""
+    assert scope["type"] == "http" and scope["http_version"] == "1.1"
+
+
+@pytest.mark.parametrize("payload", [
+    {}, {"scope": []}, {"scope": {"method": "GET"}}, {"scope": {"method": "GET", "path": "x"}},
+    {"scope": {"method": "GET", "path": "/", "headers": [[1, 2]]}},
+])
+def test_bad_scopes_are_protocol_errors(payload):
+    with pytest.raises(ProtocolError):
+        protocol.http_scope(payload)
+
+
+def test_version_header_is_required():
+    protocol.check_version({"bs-version": 1})
+    for headers in (None, {}, {"bs-version": 2}, {"bs-version": "1"}):
+        with pytest.raises(ProtocolError) as info:
+            protocol.check_version(headers)
+        assert info.value.error == "UnsupportedProtocolVersion"
+
+
+def test_non_map_bodies_are_refused():
+    with pytest.raises(ProtocolError):
+        protocol.decode_map(b"\xc1")
+    with pytest.raises(ProtocolError):
+        protocol.decode_map(protocol.pack([1, 2]))
+
+
+def test_plain_arguments_travel_as_msgpack_and_others_signed():
+    secret = b"k" * 32
+    assert pack_call((1, "a"), {"b": [1.5]}, secret) == {"args": [1, "a"], "kwargs": {"b": [1.5]}}
+    signed = pack_call(((1, 2),), {}, secret)  # a tuple would come back a list: pickle it
+    assert set(signed) == {"pickled", "sig"}
+    assert unpack_call(signed, secret) == (((1, 2),), {})
+
+
+def test_tampered_or_unsigned_pickles_are_never_loaded():
+    data, sig = dumps_signed({"x": 1}, b"right")
+    assert loads_signed(data, sig, b"right") == {"x": 1}
+    with pytest.raises(UntrustedPayload):
+        loads_signed(data, sig, b"wrong")
+    with pytest.raises(UntrustedPayload):
+        loads_signed(data + b".", sig, b"right")
+    with pytest.raises(UntrustedPayload):
+        loads_signed(data, None, b"right")
