@@ -122,6 +122,8 @@ class ReplyRouter:
         self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
         await self._queue.consume(self._on_message, no_ack=True)
         self.broker.on_return(self._on_return)
+        assert self.broker.connection is not None
+        self.broker.connection.close_callbacks.add(self._on_connection_lost)
 
     def register(self, correlation_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -146,6 +148,18 @@ class ReplyRouter:
             queue.put_nowait((protocol.ERROR, event))
             return
         queue.put_nowait((message.type or "", event))
+
+    def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
+        """Replies to this queue may be lost with the connection: fail the waiting requests
+        now rather than let them hang. aio-pika reconnects in the background."""
+        if not self._waiting:
+            return
+        log.warning("RabbitMQ connection lost (%s); failing %d waiting request(s)", exc,
+                    len(self._waiting))
+        event = {"status": 503, "error": "BrokerConnectionLost",
+                 "message": "the connection to RabbitMQ was lost; the request may not have run"}
+        for queue in self._waiting.values():
+            queue.put_nowait((protocol.ERROR, dict(event)))
 
     def _on_return(self, correlation_id: str, routing_key: str) -> None:
         queue = self._waiting.get(correlation_id)

@@ -26,6 +26,9 @@ from .exceptions import ProtocolError
 log = logging.getLogger("broker_serve.replica")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+# A caller that stops sending body chunks must not hold a replica slot forever.
+BODY_CHUNK_TIMEOUT_S = 30.0
 ASGIApp = Callable[..., Awaitable[None]]
 
 
@@ -103,8 +106,9 @@ class HttpExchange:
 
     def __init__(self, stream: ReplyStream, first_body: bytes, more_body: bool,
                  inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
-                 max_body_bytes: int) -> None:
+                 max_body_bytes: int, inbox_name: str) -> None:
         self.stream = stream
+        self._inbox_name = inbox_name
         self._pending_body: bytes | None = first_body
         self._more_body = more_body
         self._inbox = inbox
@@ -118,7 +122,13 @@ class HttpExchange:
             body, self._pending_body = self._pending_body, None
             return {"type": "http.request", "body": body, "more_body": self._more_body}
         if self._more_body and self._inbox is not None:
-            kind, fields = await self._inbox.get()
+            try:
+                kind, fields = await asyncio.wait_for(self._inbox.get(), BODY_CHUNK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise ProtocolError(
+                    f"no request body chunk arrived for {BODY_CHUNK_TIMEOUT_S:.0f}s",
+                    status=408, error="BodyIncomplete",
+                ) from None
             if kind == protocol.BODY:
                 body, self._more_body = protocol.body_chunk(fields)
                 self._received += len(body)
@@ -135,6 +145,7 @@ class HttpExchange:
         kind = message["type"]
         if kind == "http.response.start":
             self._start = {
+                "inbox": self._inbox_name,
                 "status": message["status"],
                 "headers": [[bytes(k), bytes(v)] for k, v in message.get("headers", ())],
             }
@@ -164,7 +175,8 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
         raise ProtocolError("request body too large", status=413, error="BodyTooLarge")
     if more_body:
         await stream.send(protocol.ACCEPTED, {"inbox": inbox_name})
-    exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes)
+    exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes,
+                            inbox_name)
     await servable.handle_http(scope, exchange.receive, exchange.send)
     if not stream.finished:
         if stream.started:

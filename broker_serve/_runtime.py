@@ -49,9 +49,13 @@ class Runtime:
         await self.router.start()
 
     async def stop(self) -> None:
-        if self._owns_broker:
-            await self.broker.close()
-        await self.store.close()
+        try:
+            if self._owns_broker:
+                await asyncio.wait_for(self.broker.close(), 5)
+        except Exception:
+            pass  # the broker is away: the process is leaving anyway
+        finally:
+            await self.store.close()
 
     def next_request_id(self) -> str:
         return f"{self.process_id}-{next(self._ids)}"

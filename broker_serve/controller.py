@@ -31,6 +31,8 @@ RECONCILE_PERIOD_S = 1.0
 MAX_START_FAILURES = 3
 HEARTBEAT_GRACE_S = 12.0
 REDECLARE_EVERY_S = 10.0
+AMQP_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 10.0
 
 
 class Controller:
@@ -53,10 +55,14 @@ class Controller:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.startup()
-        try:
-            await self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)
-        finally:
-            await self.shutdown()
+        main = asyncio.create_task(
+            self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)
+        )
+        await self._stopping.wait()
+        # A reconcile may be stuck on an unreachable broker or Redis: cancel it, don't wait.
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
+        await asyncio.wait_for(self.shutdown(), SHUTDOWN_TIMEOUT_S)
 
     async def startup(self) -> None:
         await self.store.ping()
@@ -76,7 +82,10 @@ class Controller:
                     await self.store.redis.delete(self.names.controller_lease)
             except Exception:
                 pass
-        await self.broker.close()
+        try:
+            await asyncio.wait_for(self.broker.close(), AMQP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         await self.store.close()
 
     async def _on_event(self, event: str | None) -> None:
@@ -261,10 +270,10 @@ class Controller:
     async def _declare(self, queue: str) -> None:
         if time.monotonic() - self._declared.get(queue, -1e9) < REDECLARE_EVERY_S:
             return
-        await self._channel.declare_queue(queue, durable=True, arguments={
+        await asyncio.wait_for(self._channel.declare_queue(queue, durable=True, arguments={
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.names.dead_letters,
-        })
+        }), AMQP_TIMEOUT_S)
         self._declared[queue] = time.monotonic()
 
     async def _remove_deleted_apps(self, apps: dict[str, Any],
@@ -281,8 +290,12 @@ class Controller:
                 continue
             for dep_name in status.get("deployments", {}):
                 queue = self.names.request_queue(app_name, dep_name)
-                await self._channel.queue_delete(queue)
                 self._declared.pop(queue, None)
+                try:
+                    await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                except Exception as exc:  # the app is gone either way; say what was left behind
+                    log.warning("could not delete queue %s (%s); delete it by hand", queue,
+                                exc or type(exc).__name__)
             await self.store.delete_field(self.names.key("app_status"), app_name)
             async for key in self.store.redis.scan_iter(match=self.names.key("spec", app_name, "*")):
                 await self.store.redis.delete(key)

@@ -97,7 +97,10 @@ class Proxy:
             await self.store.redis.delete(self.names.proxy_alive(self.proxy_id))
         except Exception:
             pass
-        await self.broker.close()
+        try:
+            await asyncio.wait_for(self.broker.close(), 5)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         await self.store.close()
 
     async def _refresh(self, event: str | None) -> None:
@@ -328,7 +331,7 @@ async def _plain(send: Any, status: int, text: str) -> None:
 
 async def _error_response(send: Any, event: dict[str, Any]) -> None:
     status = int(event.get("status", 500))
-    if status >= 500 and event.get("error") not in ("NoSuchDeployment", "NoResponse"):
+    if status == 500:  # a user exception: its details stay in the replica's log
         text = "Internal Server Error"
     else:
         text = str(event.get("message", ""))

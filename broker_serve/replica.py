@@ -151,9 +151,9 @@ class Replica:
         await self._safe_record("STOPPING")
         if self._queue is not None and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
-            except Exception as exc:
-                log.warning("could not cancel consumer: %s", exc)
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
+            except Exception as exc:  # broker away: closing the connection below stops it too
+                log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
         deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
         while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(min(0.05, self.config.graceful_shutdown_wait_loop_s))
@@ -164,7 +164,10 @@ class Replica:
             log.warning("cancelled %d unfinished request(s); RabbitMQ requeues them",
                         len(stragglers))
             await asyncio.gather(*stragglers, return_exceptions=True)
-        await self.broker.close()
+        try:
+            await asyncio.wait_for(self.broker.close(), 5)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         try:
             await self.store.redis.delete(self.names.replica_alive(self.replica_id))
         except Exception:
@@ -236,10 +239,14 @@ class Replica:
             await stream.error(500, type(exc).__name__, detail[:2000])
         finally:
             self._inboxes.pop(correlation_id, None)
-        if stream.finished:
-            await message.ack()
-        else:
-            await message.reject(requeue=False)
+        try:
+            if stream.finished:
+                await message.ack()
+            else:
+                await message.reject(requeue=False)
+        except Exception as exc:  # the channel died with the connection: RabbitMQ redelivers
+            log.warning("could not settle request %s (%s); it will be redelivered",
+                        correlation_id, exc)
 
     async def _dispatch(self, message: AbstractIncomingMessage, stream: ReplyStream,
                         correlation_id: str) -> None:
@@ -248,6 +255,8 @@ class Replica:
         if isinstance(deadline, int) and deadline < time.time() * 1000:
             raise ProtocolError("the request's deadline passed before a replica took it",
                                 status=408, error="DeadlineExceeded")
+        if len(correlation_id) > protocol.MAX_ID_LENGTH:
+            raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
         payload = protocol.decode_map(message.body)
         assert self.servable is not None
         if message.type == protocol.KIND_HTTP:
