@@ -111,6 +111,7 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
         raise TypeError("serve.run expects an Application: call `.bind()` on your deployment")
     if route_prefix is _DEFAULT_PREFIX:
         route_prefix = target.deployment.route_prefix or "/"
+    _check_app_name(name)
     _check_route_prefix(route_prefix)
     runtime = _connect()
     record, specs = _build(target, name, route_prefix, runtime)
@@ -120,6 +121,12 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
     if blocking:
         _block_forever()
     return handle
+
+
+def _check_app_name(name: str) -> None:
+    # ':' and '*' would blur Redis key patterns; whitespace makes unreadable queue names.
+    if not isinstance(name, str) or not name or any(c in name for c in ":* \t\n"):
+        raise ValueError(f"invalid application name {name!r}: no ':', '*' or whitespace")
 
 
 def _check_route_prefix(prefix: str | None) -> None:
