@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from collections import Counter, defaultdict
@@ -21,6 +20,7 @@ from typing import Any
 import orjson
 
 from ._broker import Broker
+from ._lifecycle import stop_on_signals
 from ._settings import Settings
 from ._store import Store, now
 
@@ -51,9 +51,7 @@ class Controller:
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        stop_on_signals(self._stopping)
         await self.startup()
         main = asyncio.create_task(
             self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)

@@ -16,7 +16,6 @@ import asyncio
 import inspect
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -28,6 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from . import _ingress, protocol
 from ._broker import Broker
 from ._execution import ReplyStream, Servable, run_call, run_http
+from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
 from ._runtime import install_replica_runtime
 from ._settings import Settings
@@ -65,9 +65,7 @@ class Replica:
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        stop_on_signals(self._stopping)
         try:
             await self.startup()
         except Exception as exc:
@@ -136,15 +134,8 @@ class Replica:
         return Servable(instance, is_function, asgi_app, executor)
 
     async def main_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.store.heartbeat(self.names.replica_alive(self.replica_id))
-            except Exception as exc:  # Redis down: keep serving, the data plane does not need it
-                log.warning("heartbeat failed: %s", exc)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_INTERVAL_S)
-            except asyncio.TimeoutError:
-                pass
+        beat = lambda: self.store.heartbeat(self.names.replica_alive(self.replica_id))  # noqa: E731
+        await heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)
 
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._settings import Settings
 from ._store import Store, now
 
@@ -64,14 +65,13 @@ class WorkerNode:
         self._lock = asyncio.Lock()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+        stop_on_signals(self._stopping)
         await self.startup()
+        beat = lambda: self.store.heartbeat(self.names.node_alive(self.node_id))  # noqa: E731
         tasks = [
             asyncio.create_task(self.store.watch_events(self._on_event, SYNC_PERIOD_S,
                                                         self._stopping)),
-            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)),
             asyncio.create_task(self._reap_loop()),
         ]
         await self._stopping.wait()
@@ -109,17 +109,6 @@ class WorkerNode:
         except Exception as exc:
             log.warning("could not deregister: %s", exc)
         await self.store.close()
-
-    async def _heartbeat_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.store.heartbeat(self.names.node_alive(self.node_id))
-            except Exception as exc:
-                log.warning("heartbeat failed: %s", exc)
-            try:
-                await asyncio.wait_for(self._stopping.wait(), HEARTBEAT_INTERVAL_S)
-            except asyncio.TimeoutError:
-                pass
 
     async def _reap_loop(self) -> None:
         while not self._stopping.is_set():
