@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -23,6 +23,7 @@ from .exceptions import ClusterUnavailable
 log = logging.getLogger("broker_serve.broker")
 
 ReturnHandler = Callable[[str, str], None]
+RawCallback = Callable[[aiormq.abc.DeliveredMessage], Awaitable[None]]
 
 
 class Broker:
@@ -104,6 +105,46 @@ class Broker:
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
 
 
+class RawConsumer:
+    """A consumer on the aiormq channel under a robust aio-pika channel.
+
+    The hot consumers skip aio-pika's per-message `IncomingMessage` objects. aio-pika re-declares
+    the channel's queues after a reconnect; this re-registers the consumer right after.
+    """
+
+    def __init__(self, channel: AbstractRobustChannel, queue: str, callback: RawCallback,
+                 no_ack: bool) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.callback = callback
+        self.no_ack = no_ack
+        self.tag: str | None = None
+        self._raw: aiormq.abc.AbstractChannel | None = None
+
+    async def start(self) -> RawConsumer:
+        await self._register()
+        self.channel.reopen_callbacks.add(self._on_reopen)
+        return self
+
+    async def _on_reopen(self, *_: Any) -> None:
+        await self._register()
+
+    async def _register(self) -> None:
+        self._raw = await self.channel.get_underlay_channel()
+        result = await self._raw.basic_consume(self.queue, self.callback, no_ack=self.no_ack)
+        self.tag = result.consumer_tag
+
+    async def cancel(self) -> None:
+        self.channel.reopen_callbacks.discard(self._on_reopen)
+        if self._raw is not None and self.tag is not None and not self._raw.is_closed:
+            await self._raw.basic_cancel(self.tag)
+
+
+async def consume_raw(channel: AbstractRobustChannel, queue: str, callback: RawCallback, *,
+                      no_ack: bool) -> RawConsumer:
+    return await RawConsumer(channel, queue, callback, no_ack).start()
+
+
 Event = tuple[str, dict[str, Any]]
 
 
@@ -120,7 +161,7 @@ class ReplyRouter:
         channel = await self.broker.channel()
         # Held strongly: aio-pika re-declares and re-consumes it after a reconnect.
         self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
-        await self._queue.consume(self._on_message, no_ack=True)
+        await consume_raw(channel, self.queue_name, self._on_message, no_ack=True)
         self.broker.on_return(self._on_return)
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
@@ -137,8 +178,9 @@ class ReplyRouter:
     def in_flight(self) -> int:
         return len(self._waiting)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        queue = self._waiting.get(message.correlation_id or "")
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        properties = message.header.properties
+        queue = self._waiting.get(properties.correlation_id or "")
         if queue is None:
             return  # the caller gave up (timeout, disconnect); late events are dropped
         try:
@@ -147,7 +189,7 @@ class ReplyRouter:
             event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
             queue.put_nowait((protocol.ERROR, event))
             return
-        queue.put_nowait((message.type or "", event))
+        queue.put_nowait((properties.message_type or "", event))
 
     def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
         """Replies to this queue may be lost with the connection: fail the waiting requests

@@ -63,7 +63,8 @@ class Servable:
         self.is_function = is_function
         self.asgi_app = asgi_app
         self.executor = executor
-        self._http_entry = None if asgi_app else self._resolve("__call__")
+        # A deployment called only through handles may have no `__call__`.
+        self._http_entry = None if asgi_app else getattr(target, "__call__", None)
         self._takes_request = self._http_entry is not None and _takes_argument(self._http_entry)
 
     def _resolve(self, method: str) -> Callable[..., Any]:
@@ -95,7 +96,10 @@ class Servable:
         if self.asgi_app is not None:
             await self.asgi_app(scope, receive, send)
             return
-        assert self._http_entry is not None
+        if self._http_entry is None:
+            raise ProtocolError("this deployment has no __call__ method, so it does not serve "
+                                "HTTP; call its methods through a handle", status=404,
+                                error="NoSuchMethod")
         args = (Request(scope, receive),) if self._takes_request else ()
         result = await self.call(self._http_entry, *args)
         await to_response(result)(scope, receive, send)

@@ -22,10 +22,11 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 from . import _ingress, protocol
-from ._broker import Broker
+from ._acks import AckBatcher
+from ._broker import Broker, RawConsumer, consume_raw
 from ._execution import ReplyStream, Servable, run_call, run_http
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
@@ -59,9 +60,10 @@ class Replica:
         self.secret = b""
         self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks = AckBatcher(prefetch=1)
         self._stopping = asyncio.Event()
-        self._consumer_tag: str | None = None
-        self._queue: Any = None
+        self._consumer: RawConsumer | None = None
+        self._inbox: Any = None
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -101,14 +103,15 @@ class Replica:
         self.servable = await self._construct(definition, executor)
 
         inbox_channel = await self.broker.channel()
-        inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
-                                                  auto_delete=True)
-        await inbox.consume(self._on_inbox, no_ack=True)
+        # Held strongly: aio-pika re-declares it after a reconnect.
+        self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
+                                                        auto_delete=True)
+        await consume_raw(inbox_channel, self.inbox_name, self._on_inbox, no_ack=True)
+        self._acks = AckBatcher(prefetch=self.config.max_ongoing_requests)
         channel = await self.broker.channel(prefetch=self.config.max_ongoing_requests)
-        self._queue = await channel.declare_queue(
-            self.names.request_queue(self.app, self.deployment), passive=True
-        )
-        self._consumer_tag = await self._queue.consume(self._on_request)
+        queue = self.names.request_queue(self.app, self.deployment)
+        await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
+        self._consumer = await consume_raw(channel, queue, self._on_request, no_ack=False)
         await self._write_record("RUNNING")
         await self.store.announce("replicas")
         log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
@@ -140,9 +143,9 @@ class Replica:
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)
         await self._safe_record("STOPPING")
-        if self._queue is not None and self._consumer_tag is not None:
+        if self._consumer is not None:
             try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 5)
+                await asyncio.wait_for(self._consumer.cancel(), 5)
             except Exception as exc:  # broker away: closing the connection below stops it too
                 log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
         deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
@@ -156,6 +159,7 @@ class Replica:
                         len(stragglers))
             await asyncio.gather(*stragglers, return_exceptions=True)
         try:
+            await asyncio.wait_for(self._acks.drain(), 5)
             await asyncio.wait_for(self.broker.close(), 5)
         except Exception as exc:
             log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
@@ -189,26 +193,30 @@ class Replica:
         await self.store.close()
 
     # messages ----------------------------------------------------------------------------------
-    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+    async def _on_request(self, message: DeliveredMessage) -> None:
+        self._acks.started(message.channel, message.delivery.delivery_tag)
         task = asyncio.create_task(self._handle(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _on_inbox(self, message: AbstractIncomingMessage) -> None:
-        queue = self._inboxes.get(message.correlation_id or "")
+    async def _on_inbox(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        queue = self._inboxes.get(properties.correlation_id or "")
         if queue is None:
             return
         try:
             fields = protocol.decode_map(message.body)
         except ProtocolError:
             fields = {}
-        queue.put_nowait((message.type or "", fields))
+        queue.put_nowait((properties.message_type or "", fields))
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        reply_to, correlation_id = message.reply_to, message.correlation_id or ""
+    async def _handle(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
+        channel, tag = message.channel, message.delivery.delivery_tag
         if not reply_to:
-            log.error("request %r has no reply_to; dead-lettering it", message.message_id)
-            await message.reject(requeue=False)
+            log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
+            await self._reject(channel, tag, correlation_id)
             return
 
         async def publish(event: str, fields: dict[str, Any]) -> None:
@@ -222,27 +230,37 @@ class Replica:
         except ProtocolError as exc:
             await stream.error(exc.status, exc.error, str(exc))
         except asyncio.CancelledError:
-            # Shutdown cancelled it: leave it unacked so RabbitMQ gives it to another replica.
-            raise
+            if not stream.started:
+                raise  # shutdown: left unacked, RabbitMQ gives it to another replica
+            # A started response cannot move to another replica: end it for the caller.
+            await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
         except Exception as exc:
             log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
-            detail = str(exc) if message.type == protocol.KIND_CALL else "Internal Server Error"
+            kind = properties.message_type
+            detail = str(exc) if kind == protocol.KIND_CALL else "Internal Server Error"
             await stream.error(500, type(exc).__name__, detail[:2000])
         finally:
             self._inboxes.pop(correlation_id, None)
+        if stream.finished:
+            self._acks.finished(channel, tag)
+        else:
+            await self._reject(channel, tag, correlation_id)
+
+    async def _reject(self, channel: Any, tag: int, correlation_id: str) -> None:
+        """Settle without a reply: dead-lettered to `bs.<cluster>.dead`."""
+        self._acks.dropped(channel, tag)
         try:
-            if stream.finished:
-                await message.ack()
-            else:
-                await message.reject(requeue=False)
+            await channel.basic_reject(tag, requeue=False)
         except Exception as exc:  # the channel died with the connection: RabbitMQ redelivers
-            log.warning("could not settle request %s (%s); it will be redelivered",
+            log.warning("could not reject request %s (%s); it will be redelivered",
                         correlation_id, exc)
 
-    async def _dispatch(self, message: AbstractIncomingMessage, stream: ReplyStream,
+    async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
                         correlation_id: str) -> None:
-        protocol.check_version(message.headers)  # type: ignore[arg-type]
-        deadline = (message.headers or {}).get(protocol.HEADER_DEADLINE)
+        properties = message.header.properties
+        headers = properties.headers or {}
+        protocol.check_version(headers)
+        deadline = headers.get(protocol.HEADER_DEADLINE)
         if isinstance(deadline, int) and deadline < time.time() * 1000:
             raise ProtocolError("the request's deadline passed before a replica took it",
                                 status=408, error="DeadlineExceeded")
@@ -250,15 +268,17 @@ class Replica:
             raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
         payload = protocol.decode_map(message.body)
         assert self.servable is not None
-        if message.type == protocol.KIND_HTTP:
-            inbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-            self._inboxes[correlation_id] = inbox
+        kind = properties.message_type
+        if kind == protocol.KIND_HTTP:
+            inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+            if payload.get("more_body"):  # the rest of the body will come to the inbox
+                inbox = self._inboxes[correlation_id] = asyncio.Queue()
             await run_http(self.servable, stream, payload, inbox, self.inbox_name,
                            self.settings.max_body_bytes)
-        elif message.type == protocol.KIND_CALL:
+        elif kind == protocol.KIND_CALL:
             await run_call(self.servable, stream, payload, self.secret)
         else:
-            raise ProtocolError(f"unknown request kind {message.type!r}")
+            raise ProtocolError(f"unknown request kind {kind!r}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,3 +49,17 @@ def test_bound_deployment_arrives_as_a_live_handle(cluster):
     status = serve.status().applications["default"]
     assert set(status.deployments) == {"Front", "Adder"}
     assert serve.get_app_handle("default").deployment_name == "Front"
+
+
+@serve.deployment
+class HandleOnly:
+    def double(self, x: int) -> int:
+        return 2 * x
+
+
+def test_deployment_without_call_serves_handles_and_says_why_not_http(cluster):
+    handle = serve.run(HandleOnly.bind())
+    assert handle.double.remote(21).result() == 42
+    response = requests.get(cluster.url)
+    assert response.status_code == 404
+    assert "no __call__" in response.text
