@@ -1,0 +1,704 @@
+"""The benchmark harness: `python -m bench [--smoke] [--only A,B] [--duration S] [--json PATH]`.
+
+It makes its own cluster namespace (`bench<hex>`) and proxy port, starts a local broker-serve
+cluster through `serve.start()` (controller, proxy and worker as child processes whose logs go
+to a file), deploys each benchmark app under its own name and route prefix, measures, and cleans
+everything up: `serve.shutdown()`, then the namespace's Redis keys and RabbitMQ queues.
+
+Every request goes to 127.0.0.1; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import client
+from .wrk import WrkMissing, WrkResult, run_wrk, wrk_path
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+# Run order. The slow-stream measurement goes last: its streams outlive their clients.
+MEASUREMENTS = [
+    "ceiling",
+    "replica_rss_at_rest",
+    "noop_rps_c32",
+    "noop_latency_c1",
+    "handle_call",
+    "body_1mib",
+    "body_10mib",
+    "stream",
+    "scale_out",
+    "proxy_rss_1000_streams",
+]
+NEEDS_WRK = {"ceiling", "noop_rps_c32", "noop_latency_c1", "scale_out"}
+
+
+class BenchError(Exception):
+    """A measurement could not be taken or its answers were wrong."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of everything to do: the full run, or the brief smoke run."""
+
+    smoke: bool
+    duration_s: float
+    warmup_s: float
+    stream_chunks: int
+    stream_repeats: int
+    handle_calls: int
+    body_requests: int
+    streams: int
+    slow_seconds: int
+
+    @classmethod
+    def make(cls, smoke: bool, duration_s: float) -> Plan:
+        if smoke:
+            return cls(True, 1.0, 0.0, 1000, 2, 200, 3, 50, 3)
+        return cls(False, duration_s, 2.0, 10_000, 5, 2000, 20, 1000, 20)
+
+
+@dataclass
+class Row:
+    name: str
+    value: float
+    unit: str
+    measurement: str
+    ratio_to: str | None = None  # the ceiling row this row is compared with
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Bench:
+    def __init__(self, plan: Plan, cluster: str, port: int, log_path: Path) -> None:
+        self.plan = plan
+        self.cluster = cluster
+        self.port = port
+        self.log_path = log_path
+        self.rows: dict[str, Row] = {}
+        self.errors: dict[str, str] = {}
+        self.warnings: list[str] = []
+        self.handles: dict[str, Any] = {}
+        self.queues: set[str] = set()
+        self._serve: Any = None
+        self._redis: Any = None
+        self._spin_iterations: int | None = None
+
+    # output -----------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+    def add(self, row: Row) -> None:
+        self.rows[row.name] = row
+        self.say(f"{row.name} = {_fmt(row.value)} {row.unit}")
+
+    def problem(self, measurement: str, text: str) -> None:
+        """Record a failure: the harness exits non-zero."""
+        previous = self.errors.get(measurement)
+        self.errors[measurement] = f"{previous}; {text}" if previous else text
+        self.say(f"ERROR in {measurement}: {text}")
+
+    def check_wrk(self, measurement: str, result: WrkResult) -> None:
+        if result.errors == 0:
+            return
+        text = (f"wrk saw {result.non_2xx} non-2xx/3xx responses and socket errors "
+                f"{result.socket_errors}")
+        if self.plan.smoke:
+            self.problem(measurement, text)
+        else:
+            self.warnings.append(f"{measurement}: {text}")
+            self.say(f"WARNING {measurement}: {text}")
+
+    # cluster ----------------------------------------------------------------------------------
+    @property
+    def serve(self) -> Any:
+        if self._serve is None:
+            self._start_cluster()
+        return self._serve
+
+    def _start_cluster(self) -> None:
+        from broker_serve import serve
+
+        self.say(f"starting a local cluster {self.cluster!r} (proxy on 127.0.0.1:{self.port}, "
+                 f"logs in {self.log_path})")
+        # The controller, proxy and worker (and the replicas it starts) inherit stderr: point it
+        # at the log file while they are spawned, so that their logs stay out of the report.
+        log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(log_fd, 2)
+        try:
+            serve.start()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(log_fd)
+        self._serve = serve
+
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(
+                os.environ.get("BROKER_SERVE_REDIS_URL", "redis://localhost:6379/0")
+            )
+        return self._redis
+
+    def records(self, kind: str) -> list[dict[str, Any]]:
+        raw = self.redis.hgetall(f"bs:{self.cluster}:{kind}")
+        return [json.loads(value) for value in raw.values()]
+
+    def deploy(self, name: str, app: Any, route_prefix: str | None) -> Any:
+        started = time.monotonic()
+        handle = self.serve.run(app, name=name, route_prefix=route_prefix)
+        self.handles[name] = handle
+        for dep in self._app_record(name).get("deployments", {}):
+            self.queues.add(f"bs.{self.cluster}.{name}.{dep}")
+        self.say(f"deployed {name!r} at {route_prefix} in {time.monotonic() - started:.1f}s")
+        return handle
+
+    def ensure(self, name: str) -> Any:
+        """Deploy one of the fixed benchmark apps once."""
+        if name in self.handles:
+            return self.handles[name]
+        from . import apps
+
+        builders: dict[str, Callable[[], Any]] = {
+            "noop": lambda: apps.Noop.bind(),
+            "stream": lambda: apps.Stream.bind(),
+            "handle": lambda: apps.Caller.bind(apps.Callee.bind()),
+            "echo": lambda: apps.EchoLength.bind(),
+            "slow": lambda: apps.SlowStream.bind(),
+        }
+        return self.deploy(name, builders[name](), f"/{name}")
+
+    def _app_record(self, name: str) -> dict[str, Any]:
+        raw = self.redis.hget(f"bs:{self.cluster}:apps", name)
+        return json.loads(raw) if raw else {}
+
+    def proxy_pid(self) -> int:
+        proxies = self.records("proxies")
+        if len(proxies) != 1:
+            raise BenchError(f"expected one proxy in bs:{self.cluster}:proxies, found "
+                             f"{len(proxies)}")
+        return int(proxies[0]["pid"])
+
+    def replica_pids(self, app: str) -> list[int]:
+        return [int(r["pid"]) for r in self.records("replicas")
+                if r.get("app") == app and r.get("state") == "RUNNING" and r.get("pid")]
+
+    def wait_replicas_settled(self, app: str, deployment: str, count: int,
+                              timeout_s: float = 90) -> list[int]:
+        """Wait until `app` runs exactly `count` replicas of its current version and nothing
+        else (a redeploy stops the old version's replicas after the new ones run)."""
+        deadline = time.monotonic() + timeout_s
+        seen: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            version = self._app_record(app)["deployments"][deployment]["version"]
+            seen = [r for r in self.records("replicas")
+                    if r.get("app") == app and r.get("state") not in ("DEAD", "FAILED")]
+            current = [r for r in seen if r.get("version") == version
+                       and r.get("state") == "RUNNING" and _alive(int(r.get("pid") or 0))]
+            if len(current) == count and len(seen) == count:
+                return [int(r["pid"]) for r in current]
+            time.sleep(0.2)
+        raise BenchError(f"{app}: expected {count} running replicas of the current version, "
+                         f"saw {[(r.get('version'), r.get('state')) for r in seen]}")
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    # wrk --------------------------------------------------------------------------------------
+    def warm(self, url: str, connections: int) -> None:
+        if self.plan.warmup_s > 0:
+            run_wrk(url, threads=min(2, connections), connections=connections,
+                    duration_s=self.plan.warmup_s)
+
+    def wrk_rps(self, url: str, connections: int) -> WrkResult:
+        self.warm(url, connections)
+        return run_wrk(url, threads=2, connections=connections, duration_s=self.plan.duration_s)
+
+    def wrk_latency(self, url: str) -> WrkResult:
+        return run_wrk(url, threads=1, connections=1, duration_s=self.plan.duration_s,
+                       latency=True)
+
+    # measurements -----------------------------------------------------------------------------
+    def m_ceiling(self) -> None:
+        port = free_port()
+        command = [sys.executable, "-m", "uvicorn", "bench.ceiling:app", "--host", "127.0.0.1",
+                   "--port", str(port), "--loop", "uvloop", "--http", "httptools",
+                   "--no-access-log", "--log-level", "warning"]
+        with open(self.log_path, "ab") as log, subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        ) as process:
+            try:
+                wait_http(port, "/", process, timeout_s=30)
+                url = f"http://127.0.0.1:{port}/"
+                rps = self.wrk_rps(url, 32)
+                self.check_wrk("ceiling", rps)
+                self.add(Row("ceiling_rps_c32", rps.rps, "req/s", "ceiling",
+                             details={**rps.details(), "server": " ".join(command[1:])}))
+                self.add(Row("ceiling_rps_c32_errors", rps.errors, "count", "ceiling"))
+                latency = self.wrk_latency(url)
+                self.check_wrk("ceiling", latency)
+                self.add(Row("ceiling_latency_c1_p50", latency.latency_ms["50"], "ms", "ceiling",
+                             details=latency.details()))
+                self.add(Row("ceiling_latency_c1_p99", latency.latency_ms["99"], "ms",
+                             "ceiling"))
+            finally:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def m_noop_rps_c32(self) -> None:
+        self.ensure("noop")
+        result = self.wrk_rps(self.url("/noop"), 32)
+        self.check_wrk("noop_rps_c32", result)
+        self.add(Row("noop_rps_c32", result.rps, "req/s", "noop_rps_c32",
+                     ratio_to="ceiling_rps_c32", details=result.details()))
+        self.add(Row("noop_rps_c32_errors", result.errors, "count", "noop_rps_c32"))
+
+    def m_noop_latency_c1(self) -> None:
+        self.ensure("noop")
+        if self.plan.warmup_s > 0 and "noop_rps_c32" not in self.rows:
+            self.warm(self.url("/noop"), 1)
+        result = self.wrk_latency(self.url("/noop"))
+        self.check_wrk("noop_latency_c1", result)
+        self.add(Row("noop_latency_c1_p50", result.latency_ms["50"], "ms", "noop_latency_c1",
+                     ratio_to="ceiling_latency_c1_p50", details=result.details()))
+        self.add(Row("noop_latency_c1_p99", result.latency_ms["99"], "ms", "noop_latency_c1",
+                     ratio_to="ceiling_latency_c1_p99"))
+
+    def m_replica_rss_at_rest(self) -> None:
+        self.ensure("noop")
+
+        async def touch() -> None:  # a few requests, so lazily loaded code is in
+            connection = await client.Connection.open(self.port)
+            try:
+                for _ in range(10):
+                    status, body = await client.request(connection, "GET", "/noop")
+                    if status != 200 or body != b"ok":
+                        raise BenchError(f"/noop answered {status} {body[:100]!r}")
+            finally:
+                await connection.close()
+
+        arun(touch())
+        time.sleep(1.0)
+        pids = self.replica_pids("noop")
+        if not pids:
+            raise BenchError("no RUNNING replica of app 'noop' in Redis")
+        self.add(Row("replica_rss_at_rest", rss_mib(pids[0]), "MiB", "replica_rss_at_rest",
+                     details={"pid": pids[0]}))
+
+    def m_handle_call(self) -> None:
+        handle = self.ensure("handle")
+        n = self.plan.handle_calls
+        result = handle.measure.remote(n).result(timeout_s=300)
+        if result.get("n") != n:
+            raise BenchError(f"Caller.measure returned {result!r}")
+        self.add(Row("handle_call_p50", result["p50_ms"], "ms", "handle_call", details=result))
+        self.add(Row("handle_call_p99", result["p99_ms"], "ms", "handle_call"))
+
+    def _body(self, measurement: str, size: int) -> None:
+        self.ensure("echo")
+        body = b"b" * size
+        count = self.plan.body_requests
+
+        async def run() -> list[float]:
+            connection = await client.Connection.open(self.port)
+            times: list[float] = []
+            try:
+                for index in range(count + 1):  # the first one warms up
+                    start = time.perf_counter()
+                    status, answer = await client.request(connection, "POST", "/echo", body)
+                    elapsed = time.perf_counter() - start
+                    if status != 200 or answer.strip() != str(size).encode():
+                        raise BenchError(f"POST {size} bytes: {status} {answer[:200]!r}")
+                    if index:
+                        times.append(elapsed)
+            finally:
+                await connection.close()
+            return times
+
+        times = arun(run())
+        ms = [t * 1000 for t in times]
+        self.add(Row(measurement, statistics.median(ms), "ms", measurement, details={
+            "bytes": size, "requests": len(ms), "min_ms": min(ms), "max_ms": max(ms),
+            "mean_ms": statistics.fmean(ms),
+        }))
+
+    def m_body_1mib(self) -> None:
+        self._body("body_1mib", MIB)
+
+    def m_body_10mib(self) -> None:
+        self._body("body_10mib", 10 * MIB)
+
+    def m_stream(self) -> None:
+        self.ensure("stream")
+        chunks, size = self.plan.stream_chunks, 16
+        runs: list[client.StreamTiming] = []
+        arun(client.time_stream(self.port, "/stream?n=100&size=16", 60))  # warm-up, not counted
+        for _ in range(self.plan.stream_repeats):
+            timing = arun(client.time_stream(self.port, f"/stream?n={chunks}&size={size}", 120))
+            if timing.bytes != chunks * size:
+                raise BenchError(f"stream carried {timing.bytes} bytes, expected "
+                                 f"{chunks * size}")
+            runs.append(timing)
+        frames = [t.frames for t in runs]
+        if any(f != chunks for f in frames):
+            # The bytes are all there, but frames were merged or split on the way.
+            self.warnings.append(f"stream: {chunks} chunks arrived as {frames} HTTP frames")
+        self.add(Row("stream_ttfc", statistics.median(t.ttfc_s * 1000 for t in runs), "ms",
+                     "stream", details={
+                         "chunks": chunks, "chunk_bytes": size, "repeats": len(runs),
+                         "runs": [t.__dict__ for t in runs],
+                     }))
+        self.add(Row("stream_chunks_per_s", statistics.median(t.frames / t.total_s for t in runs),
+                     "chunks/s", "stream", details={
+                         "by_bytes": statistics.median(t.bytes / size / t.total_s for t in runs),
+                         "total_s_median": statistics.median(t.total_s for t in runs),
+                     }))
+
+    def m_scale_out(self) -> None:
+        from . import apps
+
+        if self._spin_iterations is None:
+            self._spin_iterations = calibrate_spin(0.005)
+        iterations = self._spin_iterations
+        rps: dict[int, WrkResult] = {}
+        for replicas in (1, 2):
+            self.deploy("spin", apps.Spin.options(num_replicas=replicas).bind(iterations),
+                        "/spin")
+            pids = self.wait_replicas_settled("spin", "Spin", replicas)
+            rps[replicas] = result = self.wrk_rps(self.url("/spin"), 8)
+            self.check_wrk("scale_out", result)
+            self.add(Row(f"scale_out_rps_{replicas}_replica{'s' if replicas > 1 else ''}",
+                         result.rps, "req/s", "scale_out",
+                         details={**result.details(), "replica_pids": pids,
+                                  "spin_iterations": iterations}))
+        self.add(Row("scale_out_ratio", rps[2].rps / rps[1].rps if rps[1].rps else 0.0, "x",
+                     "scale_out"))
+
+    def m_proxy_rss_1000_streams(self) -> None:
+        self.ensure("slow")
+        proxy = self.proxy_pid()
+        replicas = self.replica_pids("slow")
+        wanted, seconds = self.plan.streams, self.plan.slow_seconds
+        rss_before = rss_mib(proxy)
+        connections: list[client.Connection] = []
+        failures: list[str] = []
+        times: dict[str, Any] = {}
+
+        async def one(gate: asyncio.Semaphore) -> None:
+            async with gate:
+                try:
+                    connections.append(await asyncio.wait_for(
+                        client.open_stream(self.port, f"/slow?seconds={seconds}"), 30))
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        async def run() -> tuple[list[float], list[float]]:
+            gate = asyncio.Semaphore(64)
+            times["start"] = time.monotonic()
+            try:
+                await asyncio.wait_for(asyncio.gather(*(one(gate) for _ in range(wanted))),
+                                       seconds + 30)
+                times["opened"] = time.monotonic()
+                samples, replica_samples = [], []
+                for _ in range(3):  # every stream is open and ticking now
+                    samples.append(rss_mib(proxy))
+                    replica_samples.append(sum(rss_mib(pid) for pid in replicas))
+                    await asyncio.sleep(0.5)
+                return samples, replica_samples
+            finally:
+                times.setdefault("opened", time.monotonic())
+                await asyncio.gather(*(c.close() for c in connections), return_exceptions=True)
+
+        try:
+            samples, replica_samples = arun(run())
+        finally:
+            # A stream outlives its client: the proxy relays it and the replica generates it to
+            # the end (broker-serve does not cancel on disconnect), and deleting the app while
+            # streams run leaves their proxy requests waiting forever, which stalls the proxy's
+            # shutdown for 30 s. So wait (bounded) until the last stream has ended.
+            if "start" in times:
+                until = times["opened"] + seconds + 2
+                time.sleep(max(0.0, min(until - time.monotonic(), seconds + 2)))
+        rss_after = rss_mib(proxy)
+        if len(connections) != wanted:
+            self.problem("proxy_rss_1000_streams",
+                         f"opened {len(connections)} of {wanted} streams; first failures: "
+                         f"{failures[:3]}")
+        self.add(Row("proxy_rss_1000_streams", max(samples), "MiB", "proxy_rss_1000_streams",
+                     details={
+                         "streams": wanted, "opened": len(connections),
+                         "open_s": times["opened"] - times["start"], "stream_seconds": seconds,
+                         "proxy_pid": proxy, "proxy_rss_before_mib": rss_before,
+                         "proxy_rss_samples_mib": samples,
+                         "proxy_rss_after_streams_ended_mib": rss_after,
+                         "replica_rss_during_mib": max(replica_samples),
+                     }))
+
+    # running ----------------------------------------------------------------------------------
+    def run(self, selected: list[str]) -> None:
+        for name in MEASUREMENTS:
+            if name not in selected:
+                continue
+            self.say(f"-- {name}")
+            started = time.monotonic()
+            try:
+                getattr(self, f"m_{name}")()
+            except Exception as exc:  # noqa: BLE001 - recorded, the harness exits non-zero
+                self.problem(name, f"{type(exc).__name__}: {exc}")
+                traceback.print_exc(file=sys.stderr)
+            self.say(f"   {name} took {time.monotonic() - started:.1f}s")
+
+    def close(self) -> None:
+        """serve.shutdown(), then remove the namespace's Redis keys and RabbitMQ queues."""
+        from .cleanup import cleanup_namespace, namespace_queues
+
+        started = time.monotonic()
+        try:
+            if self._serve is not None:
+                self.queues |= namespace_queues(self.cluster)
+                self._serve.shutdown()
+                self.say(f"serve.shutdown() took {time.monotonic() - started:.1f}s")
+        except Exception as exc:  # noqa: BLE001 - clean up the rest regardless
+            self.problem("cleanup", f"serve.shutdown() failed: {exc}")
+        finally:
+            if self._redis is not None:
+                self._redis.close()
+            try:
+                cleanup_namespace(self.cluster, self.queues)
+            except Exception as exc:  # noqa: BLE001
+                self.problem("cleanup", f"cleaning namespace {self.cluster} failed: {exc}")
+
+    # results ----------------------------------------------------------------------------------
+    def ratio(self, row: Row) -> float | None:
+        if row.ratio_to is None or row.ratio_to not in self.rows:
+            return None
+        base = self.rows[row.ratio_to].value
+        return row.value / base if base else None
+
+    def to_json(self, elapsed_s: float) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "smoke": self.plan.smoke,
+            "plan": self.plan.__dict__,
+            "elapsed_s": elapsed_s,
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                        "platform": platform.platform()},
+            "results": {
+                row.name: {"value": row.value, "unit": row.unit, "measurement": row.measurement,
+                           "ratio_to_ceiling": self.ratio(row), "ceiling_row": row.ratio_to,
+                           "details": row.details}
+                for row in self.rows.values()
+            },
+            "errors": self.errors,
+            "warnings": self.warnings,
+        }
+
+    def table(self) -> str:
+        header = ("measurement", "value", "unit", "ratio to ceiling")
+        lines = []
+        for row in self.rows.values():
+            ratio = self.ratio(row)
+            lines.append((row.name, _fmt(row.value), row.unit,
+                          "" if ratio is None else f"{ratio:.3f}x"))
+        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
+
+        def fmt(cells: tuple[str, ...]) -> str:
+            return "  ".join([cells[0].ljust(widths[0]), cells[1].rjust(widths[1]),
+                              cells[2].ljust(widths[2]), cells[3].rjust(widths[3])]).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        note = ("ratio = value / the ceiling's value: throughput below 1x and latency above 1x "
+                "are slower than plain uvicorn + Starlette")
+        return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), rule, note])
+
+
+# helpers ------------------------------------------------------------------------------------------
+def _fmt(value: float) -> str:
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
+        return f"{int(value)}"
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    if abs(value) >= 10:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(port: int, path: str, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait until 127.0.0.1:port answers `path` with 200."""
+    deadline = time.monotonic() + timeout_s
+
+    async def probe() -> int:
+        connection = await client.Connection.open(port)
+        try:
+            status, _ = await client.request(connection, "GET", path, timeout_s=5)
+            return status
+        finally:
+            await connection.close()
+
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"the ceiling server exited with code {process.returncode}")
+        try:
+            if arun(probe()) == 200:
+                return
+        except (OSError, asyncio.TimeoutError, client.HttpError):
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"nothing answered on 127.0.0.1:{port} within {timeout_s:.0f}s")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def _alive(pid: int) -> bool:
+    return pid > 0 and os.path.exists(f"/proc/{pid}")
+
+
+def calibrate_spin(target_cpu_s: float) -> int:
+    """Iterations of apps.spin that take `target_cpu_s` of CPU here (best of a few tries)."""
+    from .apps import spin
+
+    probe = 50_000
+    best = float("inf")
+    for _ in range(5):
+        start = time.thread_time()
+        spin(probe)
+        best = min(best, time.thread_time() - start)
+    return max(1000, int(probe * target_cpu_s / max(best, 1e-6)))
+
+
+def arun(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a client coroutine on a fresh (uvloop, if there is one) event loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit (the cluster's processes inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark broker-serve against a plain uvicorn + Starlette ceiling.",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    parser.add_argument("--smoke", action="store_true",
+                        help="run every measurement very briefly (a correctness pass, < 60 s)")
+    parser.add_argument("--only", metavar="NAME[,NAME]",
+                        help=f"run only these measurements: {', '.join(MEASUREMENTS)}")
+    parser.add_argument("--duration", type=float, default=10.0, metavar="S",
+                        help="seconds of each wrk run (default 10; 1 with --smoke)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.duration > 600:
+        parser.error("--duration must be in (0, 600] seconds")
+    if args.only:
+        args.selected = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in args.selected if n not in MEASUREMENTS]
+        if unknown:
+            parser.error(f"unknown measurement(s) {', '.join(unknown)}; choose from "
+                         f"{', '.join(MEASUREMENTS)}")
+    else:
+        args.selected = list(MEASUREMENTS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if NEEDS_WRK & set(args.selected):
+        try:
+            wrk_path()
+        except WrkMissing as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    plan = Plan.make(args.smoke, args.duration)
+    cluster = f"bench{secrets.token_hex(5)}"
+    port = free_port()
+    # Before anything reads the settings: this run's own namespace and proxy port.
+    os.environ["BROKER_SERVE_CLUSTER"] = cluster
+    os.environ["BROKER_SERVE_HTTP_PORT"] = str(port)
+    os.environ["BROKER_SERVE_HTTP_HOST"] = "127.0.0.1"
+    soft, _ = raise_nofile_limit()
+    log_path = Path(tempfile.gettempdir()) / f"broker-serve-{cluster}.log"
+    bench = Bench(plan, cluster, port, log_path)
+    bench.say(f"cluster {cluster}, {'smoke' if plan.smoke else 'full'} run, wrk "
+              f"{plan.duration_s:g}s, RLIMIT_NOFILE {soft}")
+    started = time.monotonic()
+    try:
+        bench.run(args.selected)
+    except KeyboardInterrupt:
+        bench.problem("interrupted", "interrupted by the user")
+    finally:
+        bench.say("cleaning up")
+        bench.close()
+    elapsed = time.monotonic() - started
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(bench.to_json(elapsed), indent=2, default=str) + "\n")
+    for warning in bench.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for name, error in bench.errors.items():
+        print(f"error: {name}: {error}", file=sys.stderr)
+    print(f"broker-serve benchmark ({'smoke' if plan.smoke else 'full'}, wrk "
+          f"{plan.duration_s:g}s, {elapsed:.0f}s total, cluster logs in {log_path})")
+    print(bench.table())
+    if any(r.ratio_to for r in bench.rows.values()) and "ceiling" not in args.selected:
+        print("(add 'ceiling' to --only to get the ratios)")
+    return 1 if bench.errors else 0
