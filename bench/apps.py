@@ -50,15 +50,21 @@ class Noop:
 # 4: a fast stream -------------------------------------------------------------------------------
 @serve.deployment(max_ongoing_requests=100)
 class Stream:
-    """`GET ?n=10000&size=16`: n chunks of `size` bytes from an async generator, no sleeps."""
+    """`GET ?n=10000&size=16[&paced=1]`: n chunks of `size` bytes from an async generator.
+
+    Without `paced` the generator never awaits, as a fast token loop does; with it, it awaits
+    `asyncio.sleep(0)` after each chunk, so each chunk leaves the replica as its own message."""
 
     async def __call__(self, request: Request) -> StreamingResponse:
         n = min(int(request.query_params.get("n", "10000")), MAX_STREAM_CHUNKS)
         chunk = b"x" * min(int(request.query_params.get("size", "16")), 65536)
+        paced = request.query_params.get("paced") == "1"
 
         async def chunks() -> Any:
             for _ in range(n):
                 yield chunk
+                if paced:
+                    await asyncio.sleep(0)
 
         return StreamingResponse(chunks(), media_type="application/octet-stream")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -29,6 +30,8 @@ Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # A caller that stops sending body chunks must not hold a replica slot forever.
 BODY_CHUNK_TIMEOUT_S = 30.0
+# Response chunks sent back to back wait at most this long to share a message.
+COALESCE_S = 0.001
 ASGIApp = Callable[..., Awaitable[None]]
 
 
@@ -119,6 +122,12 @@ class HttpExchange:
         self._received = len(first_body)
         self._max_body = max_body_bytes
         self._start: dict[str, Any] | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._buffered_since = 0.0
+        self._publishing = asyncio.Lock()
+        self._flush_task: asyncio.Future[None] | None = None
+        self._flush_error: Exception | None = None
         self.disconnected = asyncio.Event()
 
     async def receive(self) -> dict[str, Any]:
@@ -154,9 +163,51 @@ class HttpExchange:
                 "headers": [[bytes(k), bytes(v)] for k, v in message.get("headers", ())],
             }
         elif kind == "http.response.body":
-            await self._send_body(bytes(message.get("body", b"")), message.get("more_body", False))
+            await self._buffer_body(message.get("body", b""), message.get("more_body", False))
 
-    async def _send_body(self, body: bytes, more_body: bool) -> None:
+    async def _buffer_body(self, body: bytes, more_body: bool) -> None:
+        """Response chunks sent back to back share a message; each chunk still leaves promptly.
+
+        The start and first chunk go at once. Later chunks are flushed by a task that runs at the
+        app's next await, so a stream that awaits between chunks sends each as it comes, while
+        a tight loop sends one message per millisecond (or per MiB) instead of one per chunk.
+        """
+        if self._flush_error is not None:
+            raise self._flush_error
+        if body:
+            if not self._buffer:
+                self._buffered_since = time.monotonic()
+            self._buffer.append(bytes(body))
+            self._buffered += len(body)
+        if not more_body:
+            await self._flush(final=True)
+        elif (not self.stream.started or self._buffered >= CHUNK_BYTES
+              or time.monotonic() - self._buffered_since >= COALESCE_S):
+            await self._flush(final=False)
+        else:
+            if self._flush_task is None:
+                self._flush_task = asyncio.ensure_future(self._flush(final=False))
+            return
+        if self._flush_error is not None:
+            raise self._flush_error
+
+    async def finish(self) -> None:
+        """End the response if the app returned without ending it."""
+        if not self.stream.finished and (self.stream.started or self._start is not None):
+            await self._flush(final=True)
+
+    async def _flush(self, final: bool) -> None:
+        async with self._publishing:  # FIFO: buffered chunks leave in the order they came
+            self._flush_task = None
+            data, self._buffer, self._buffered = b"".join(self._buffer), [], 0
+            if not data and not final:
+                return
+            try:
+                await self._publish_body(data, more_body=not final)
+            except Exception as exc:  # seen by the app at its next send
+                self._flush_error = exc
+
+    async def _publish_body(self, body: bytes, more_body: bool) -> None:
         chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
         for index, chunk in enumerate(chunks):
             more = more_body or index < len(chunks) - 1
@@ -182,11 +233,9 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
     exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes,
                             inbox_name)
     await servable.handle_http(scope, exchange.receive, exchange.send)
+    await exchange.finish()
     if not stream.finished:
-        if stream.started:
-            await stream.send(protocol.BODY, {"body": b"", "more_body": False}, final=True)
-        else:
-            await stream.error(500, "NoResponse", "the application returned without a response")
+        await stream.error(500, "NoResponse", "the application returned without a response")
 
 
 async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, Any],

@@ -23,7 +23,7 @@ EXPECTED_ROWS = [
     "ceiling_rps_c32", "ceiling_rps_c32_errors", "ceiling_latency_c1_p50",
     "ceiling_latency_c1_p99",
     "noop_rps_c32", "noop_rps_c32_errors", "noop_latency_c1_p50", "noop_latency_c1_p99",
-    "stream_ttfc", "stream_chunks_per_s",
+    "stream_ttfc", "stream_chunks_per_s", "stream_paced_chunks_per_s",
     "handle_call_p50", "handle_call_p99",
     "body_1mib", "body_10mib",
     "proxy_rss_1000_streams", "replica_rss_at_rest",
