@@ -23,6 +23,11 @@ from .exceptions import ClusterUnavailable
 log = logging.getLogger("broker_serve.broker")
 
 ReturnHandler = Callable[[str, str], None]
+
+# Publishes return once queued to the connection's writer, without waiting for the socket to
+# drain: that wait is a full turn of the event loop per message. After this many bytes one
+# publish waits, so a slow broker still pushes back and unsent data stays bounded.
+UNDRAINED_LIMIT_BYTES = 256 * 1024
 RawCallback = Callable[[aiormq.abc.DeliveredMessage], Awaitable[None]]
 
 
@@ -34,6 +39,7 @@ class Broker:
         self._publisher: AbstractRobustChannel | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._return_handlers: list[ReturnHandler] = []
+        self._undrained = 0
 
     async def connect(self) -> None:
         """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
@@ -96,9 +102,14 @@ class Broker:
                 raw = self._raw = await self._publisher.get_underlay_channel()
             except aiormq.exceptions.AMQPError as exc:
                 raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
+        self._undrained += len(body) + 256
+        wait = self._undrained >= UNDRAINED_LIMIT_BYTES
+        if wait:
+            self._undrained = 0
         try:
             await raw.basic_publish(
-                body, routing_key=routing_key, properties=properties, mandatory=mandatory
+                body, routing_key=routing_key, properties=properties, mandatory=mandatory,
+                wait=wait,
             )
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._raw = None

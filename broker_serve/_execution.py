@@ -67,7 +67,8 @@ class Servable:
         self.asgi_app = asgi_app
         self.executor = executor
         # A deployment called only through handles may have no `__call__`.
-        self._http_entry = None if asgi_app else getattr(target, "__call__", None)
+        self._http_entry = None if asgi_app else (
+            target if is_function else getattr(target, "__call__", None))
         self._takes_request = self._http_entry is not None and _takes_argument(self._http_entry)
 
     def _resolve(self, method: str) -> Callable[..., Any]:

@@ -257,3 +257,13 @@ def test_redeploy_keeps_serving_and_switches_version(cluster):
     assert requests.get(cluster.url).status_code == 200
     serve.run(Shapes.options(name="Echo").bind())
     assert requests.get(f"{cluster.url}?kind=text").text == "plain"
+
+
+@serve.deployment
+def no_argument() -> str:
+    return "no request needed"
+
+
+def test_function_deployment_without_argument(cluster):
+    serve.run(no_argument.bind())
+    assert requests.get(cluster.url).text == "no request needed"
