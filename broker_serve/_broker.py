@@ -15,9 +15,10 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
-from . import protocol
+from . import _frames, protocol
 from .exceptions import ClusterUnavailable
 
 log = logging.getLogger("broker_serve.broker")
@@ -84,36 +85,52 @@ class Broker:
         expiration: str | None = None,
         mandatory: bool = False,
     ) -> None:
-        properties = Basic.Properties(
-            content_type=protocol.CONTENT_TYPE,
-            message_type=type,
-            correlation_id=correlation_id,
-            message_id=correlation_id if reply_to else None,
-            reply_to=reply_to,
-            headers=headers,
-            expiration=expiration,
-            delivery_mode=1,
-        )
-        raw = self._raw
-        if raw is None or raw.is_closed:
-            if self._publisher is None:
-                raise ClusterUnavailable("not connected to RabbitMQ")
-            try:
-                raw = self._raw = await self._publisher.get_underlay_channel()
-            except aiormq.exceptions.AMQPError as exc:
-                raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
+        raw = await self._channel()
+        message_id = correlation_id if reply_to else None
         self._undrained += len(body) + 256
         wait = self._undrained >= UNDRAINED_LIMIT_BYTES
-        if wait:
-            self._undrained = 0
         try:
-            await raw.basic_publish(
-                body, routing_key=routing_key, properties=properties, mandatory=mandatory,
-                wait=wait,
+            if not wait and len(body) < raw.max_content_size:
+                # The common case: one frame set, queued whole to the connection's writer, so
+                # it cannot interleave with another publish and needs no channel lock.
+                payload = _frames.publish(
+                    raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
+                    message_type=type, correlation_id=correlation_id, reply_to=reply_to,
+                    message_id=message_id, headers=headers, expiration=expiration,
+                    mandatory=mandatory,
+                )
+                frame = ChannelFrame(payload=payload, should_close=False)
+                try:
+                    raw.write_queue.put_nowait(frame)
+                except asyncio.QueueFull:
+                    await raw.write_queue.put(frame)
+                return
+            self._undrained = 0
+            properties = Basic.Properties(
+                content_type=protocol.CONTENT_TYPE, message_type=type,
+                correlation_id=correlation_id, message_id=message_id, reply_to=reply_to,
+                headers=headers, expiration=expiration, delivery_mode=1,
             )
+            await raw.basic_publish(body, routing_key=routing_key, properties=properties,
+                                    mandatory=mandatory, wait=True)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._raw = None
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+    async def _channel(self) -> aiormq.abc.AbstractChannel:
+        """The open aiormq channel under the publishing channel."""
+        raw = self._raw
+        if raw is not None and not raw.is_closed:
+            return raw
+        if self._publisher is None:
+            raise ClusterUnavailable("not connected to RabbitMQ")
+        try:
+            raw = self._raw = await self._publisher.get_underlay_channel()
+        except aiormq.exceptions.AMQPError as exc:
+            raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
+        if raw.is_closed:
+            raise ClusterUnavailable("RabbitMQ connection is down")
+        return raw
 
 
 class RawConsumer:

@@ -1,0 +1,77 @@
+"""AMQP 0-9-1 frames of a `basic.publish`, encoded directly for the hot path.
+
+pamqp's generic marshaller takes ~12 us for a publish; these messages always have the same
+shape, so struct packing does it in a fraction of that. The output is byte-identical to pamqp's
+(tests/test_frames.py). Bodies larger than one frame go through aiormq's own path.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+from typing import Any
+
+from pamqp import encode
+
+_FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
+_FRAME_END = b"\xce"
+_BASIC, _PUBLISH = 60, 40
+_FRAME_HEAD = struct.Struct(">BHI")
+
+# Basic property flags, in the order the values follow them on the wire.
+_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE = 1 << 15, 1 << 13, 1 << 12
+_CORRELATION_ID, _REPLY_TO, _EXPIRATION, _MESSAGE_ID, _TYPE = (
+    1 << 10, 1 << 9, 1 << 8, 1 << 7, 1 << 5)
+
+
+def _shortstr(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > 255:
+        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+    return bytes((len(data),)) + data
+
+
+def _frame(kind: int, channel: int, payload: bytes) -> bytes:
+    return _FRAME_HEAD.pack(kind, channel, len(payload)) + payload + _FRAME_END
+
+
+@lru_cache(maxsize=4096)
+def _publish_method(channel: int, routing_key: str, mandatory: bool) -> bytes:
+    """The method frame depends only on these, so each is built once."""
+    payload = struct.pack(">HHH", _BASIC, _PUBLISH, 0) + b"\x00" + _shortstr(routing_key)
+    return _frame(_FRAME_METHOD, channel, payload + (b"\x01" if mandatory else b"\x00"))
+
+
+@lru_cache(maxsize=64)
+def _shortstr_cached(value: str) -> bytes:
+    return _shortstr(value)
+
+
+def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, message_type: str,
+            correlation_id: str, reply_to: str | None = None, message_id: str | None = None,
+            headers: dict[str, Any] | None = None, expiration: str | None = None,
+            mandatory: bool = False) -> bytes:
+    """The method, header and body frames of one transient publish, as one byte string."""
+    flags = _CONTENT_TYPE | _DELIVERY_MODE | _CORRELATION_ID | _TYPE
+    values = [_shortstr_cached(content_type)]
+    if headers:
+        flags |= _HEADERS
+        values.append(encode.field_table(headers))
+    values.append(b"\x01")  # delivery mode 1: transient
+    values.append(_shortstr(correlation_id))
+    if reply_to:
+        flags |= _REPLY_TO
+        values.append(_shortstr(reply_to))
+    if expiration:
+        flags |= _EXPIRATION
+        values.append(_shortstr(expiration))
+    if message_id:
+        flags |= _MESSAGE_ID
+        values.append(_shortstr(message_id))
+    values.append(_shortstr_cached(message_type))
+    header = struct.pack(">HHQH", _BASIC, 0, len(body), flags) + b"".join(values)
+    return b"".join((
+        _publish_method(channel, routing_key, mandatory),
+        _frame(_FRAME_HEADER, channel, header),
+        _frame(_FRAME_BODY, channel, body) if body else b"",
+    ))

@@ -1,0 +1,43 @@
+"""The hot path's publish frames are byte-identical to what aiormq and pamqp produce."""
+
+import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+from broker_serve import _frames
+
+
+def reference(channel, routing_key, body, mandatory, **properties):
+    publish = spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=mandatory)
+    header = ContentHeader(body_size=len(body), properties=spec.Basic.Properties(
+        delivery_mode=1, **properties))
+    frames = [publish, header] + ([ContentBody(body)] if body else [])
+    return ChannelFrame.marshall(channel, frames).payload
+
+
+CASES = [
+    dict(message_type="start", correlation_id="vm-12-3", content_type="application/msgpack"),
+    dict(message_type="http", correlation_id="proxy-1-99", message_id="proxy-1-99",
+         reply_to="bs.c.reply.proxy-1", headers={"bs-version": 1},
+         content_type="application/msgpack"),
+    dict(message_type="call", correlation_id="x" * 128, message_id="x" * 128, reply_to="r",
+         headers={"bs-version": 1, "bs-deadline": 1_795_000_000_123},
+         content_type="application/msgpack", expiration="1500"),
+    dict(message_type="body", correlation_id="é-ünïcode", content_type="application/msgpack"),
+]
+
+
+@pytest.mark.parametrize("properties", CASES)
+@pytest.mark.parametrize("body", [b"", b"x", bytes(range(256)) * 100])
+@pytest.mark.parametrize("mandatory", [True, False])
+def test_publish_frames_match_pamqp(properties, body, mandatory):
+    ours = _frames.publish(7, "bs.c.app.Deployment", body, mandatory=mandatory, **properties)
+    assert ours == reference(7, "bs.c.app.Deployment", body, mandatory, **properties)
+
+
+def test_names_longer_than_a_short_string_are_refused():
+    with pytest.raises(ValueError):
+        _frames.publish(1, "q" * 256, b"", content_type="a", message_type="b",
+                        correlation_id="c")
