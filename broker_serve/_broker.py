@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -176,13 +177,48 @@ async def consume_raw(channel: AbstractRobustChannel, queue: str, callback: RawC
 Event = tuple[str, dict[str, Any]]
 
 
+class Mailbox:
+    """The reply events of one request, in order, for its one reader.
+
+    Unlike an asyncio.Queue it lets the reader see what has already arrived, so the proxy can
+    pass several waiting body chunks to the client in one write.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Event) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Event:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def peek(self) -> Event | None:
+        return self._items[0] if self._items else None
+
+    def get_nowait(self) -> Event:
+        return self._items.popleft()
+
+
 class ReplyRouter:
     """Consumes this process's reply queue and hands each event to the request waiting for it."""
 
     def __init__(self, broker: Broker, queue_name: str) -> None:
         self.broker = broker
         self.queue_name = queue_name
-        self._waiting: dict[str, asyncio.Queue[Event]] = {}
+        self._waiting: dict[str, Mailbox] = {}
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
 
     async def start(self) -> None:
@@ -194,8 +230,8 @@ class ReplyRouter:
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
 
-    def register(self, correlation_id: str) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+    def register(self, correlation_id: str) -> Mailbox:
+        queue = Mailbox()
         self._waiting[correlation_id] = queue
         return queue
 

@@ -30,7 +30,7 @@ Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 # A caller that stops sending body chunks must not hold a replica slot forever.
 BODY_CHUNK_TIMEOUT_S = 30.0
-# Response chunks sent back to back wait at most this long to share a message.
+# A stream sends at most one message per this interval; a chunk waits at most this long.
 COALESCE_S = 0.001
 ASGIApp = Callable[..., Awaitable[None]]
 
@@ -126,6 +126,7 @@ class HttpExchange:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._buffered_since = 0.0
+        self._last_flush = 0.0
         self._publishing = asyncio.Lock()
         self._flush_task: asyncio.Future[None] | None = None
         self._flush_error: Exception | None = None
@@ -167,11 +168,12 @@ class HttpExchange:
             await self._buffer_body(message.get("body", b""), message.get("more_body", False))
 
     async def _buffer_body(self, body: bytes, more_body: bool) -> None:
-        """Response chunks sent back to back share a message; each chunk still leaves promptly.
+        """Response chunks produced fast share messages; each still leaves within 1 ms.
 
-        The start and first chunk go at once. Later chunks are flushed by a task that runs at the
-        app's next await, so a stream that awaits between chunks sends each as it comes, while
-        a tight loop sends one message per millisecond (or per MiB) instead of one per chunk.
+        The start and first chunk go at once. After that a stream sends at most one message per
+        `COALESCE_S` (or per MiB): a chunk that follows a quiet period leaves at the app's next
+        await, and chunks that come faster are joined. Per-message cost, not per-chunk cost,
+        then bounds a stream's throughput, and a slow token stream sees no delay.
         """
         if self._flush_error is not None:
             raise self._flush_error
@@ -185,9 +187,13 @@ class HttpExchange:
         elif (not self.stream.started or self._buffered >= CHUNK_BYTES
               or time.monotonic() - self._buffered_since >= COALESCE_S):
             await self._flush(final=False)
+            # Publishing only queues the frames: give the connection's writer its turn, or a
+            # generator that never awaits would hold them until it ends.
+            await asyncio.sleep(0)
         else:
             if self._flush_task is None:
-                self._flush_task = asyncio.ensure_future(self._flush(final=False))
+                delay = self._last_flush + COALESCE_S - time.monotonic()
+                self._flush_task = asyncio.ensure_future(self._flush_after(delay))
             return
         if self._flush_error is not None:
             raise self._flush_error
@@ -197,12 +203,18 @@ class HttpExchange:
         if not self.stream.finished and (self.stream.started or self._start is not None):
             await self._flush(final=True)
 
+    async def _flush_after(self, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await self._flush(final=False)
+
     async def _flush(self, final: bool) -> None:
         async with self._publishing:  # FIFO: buffered chunks leave in the order they came
             self._flush_task = None
             data, self._buffer, self._buffered = b"".join(self._buffer), [], 0
             if not data and not final:
                 return
+            self._last_flush = time.monotonic()
             try:
                 await self._publish_body(data, more_body=not final)
             except Exception as exc:  # seen by the app at its next send

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import protocol
-from ._broker import Broker, Event, ReplyRouter
+from ._broker import Broker, Mailbox, ReplyRouter
 from ._settings import CHUNK_BYTES, Settings
 from ._store import Store, now
 from .config import HTTPOptions
@@ -199,7 +199,7 @@ class Proxy:
             headers=protocol.request_headers(), mandatory=True,
         )
 
-    async def _relay(self, events: asyncio.Queue[Event], receive: Any, send: Any,
+    async def _relay(self, events: Mailbox, receive: Any, send: Any,
                      more_body: bool, sent_bytes: int, request_id: str) -> None:
         """Pass reply events to the client; upload the rest of the body once a replica asks."""
         replica: str | None = None
@@ -230,9 +230,9 @@ class Proxy:
                     if not event.get("more_body", False):
                         return
                 elif kind == protocol.BODY and started:
-                    await send({"type": "http.response.body", "body": event.get("body", b""),
-                                "more_body": event.get("more_body", False)})
-                    if not event.get("more_body", False):
+                    body, more = _take_waiting_bodies(events, event, replica)
+                    await send({"type": "http.response.body", "body": body, "more_body": more})
+                    if not more:
                         return
                 elif kind == protocol.ERROR:
                     if started:
@@ -281,6 +281,23 @@ class Proxy:
     async def _routes_detail(self, request: Request) -> Response:
         return Response(orjson.dumps({"version": self.table.version, "routes": self.table.routes}),
                         media_type="application/json")
+
+
+def _take_waiting_bodies(events: Mailbox, event: dict[str, Any],
+                         replica: str | None) -> tuple[bytes, bool]:
+    """This body event joined with the body events of the same replica already waiting: a
+    client that reads slower than the replica writes gets fewer, larger writes."""
+    parts = [event.get("body", b"")]
+    more = bool(event.get("more_body", False))
+    while more:
+        waiting = events.peek()
+        if waiting is None or waiting[0] != protocol.BODY or \
+                waiting[1].get("replica", replica) != replica:
+            break
+        _, following = events.get_nowait()
+        parts.append(following.get("body", b""))
+        more = bool(following.get("more_body", False))
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), more
 
 
 class ClientGone(Exception):

@@ -1,0 +1,75 @@
+"""How a replica turns ASGI body chunks into reply events (broker_serve/_execution.py)."""
+
+import asyncio
+import time
+
+from broker_serve import protocol
+from broker_serve._execution import COALESCE_S, HttpExchange, ReplyStream
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict, float]] = []
+
+    async def publish(self, event: str, fields: dict) -> None:
+        self.events.append((event, dict(fields), time.monotonic()))
+
+
+def exchange(recorder: Recorder) -> HttpExchange:
+    return HttpExchange(ReplyStream(recorder.publish), b"", False, None, 1 << 20, "inbox")
+
+
+async def respond(ex: HttpExchange, chunks, pause: float | None) -> list[float]:
+    sent = []
+    await ex.send({"type": "http.response.start", "status": 200, "headers": []})
+    for chunk in chunks:
+        sent.append(time.monotonic())
+        await ex.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if pause is not None:
+            await asyncio.sleep(pause)
+    await ex.send({"type": "http.response.body", "body": b"", "more_body": False})
+    return sent
+
+
+def body_of(events) -> bytes:
+    return b"".join(fields.get("body", b"") for _, fields, _ in events)
+
+
+def test_tight_loop_shares_messages_but_the_first_chunk_goes_alone():
+    recorder = Recorder()
+    chunks = [f"{i:05d}".encode() for i in range(5000)]
+    asyncio.run(respond(exchange(recorder), chunks, pause=None))
+    kinds = [kind for kind, _, _ in recorder.events]
+    assert kinds[0] == protocol.START and set(kinds[1:]) == {protocol.BODY}
+    assert recorder.events[0][1]["body"] == chunks[0]  # not held back for the rest
+    assert body_of(recorder.events) == b"".join(chunks)  # everything, in order
+    assert len(recorder.events) < len(chunks) / 10
+    assert [f["seq"] for _, f, _ in recorder.events] == list(range(len(recorder.events)))
+    assert recorder.events[-1][1]["more_body"] is False
+
+
+def test_spaced_chunks_each_leave_within_the_window():
+    recorder = Recorder()
+    chunks = [b"a", b"b", b"c", b"d"]
+    sent = asyncio.run(respond(exchange(recorder), chunks, pause=0.02))
+    bodies = [f["body"] for _, f, _ in recorder.events if f.get("body")]
+    assert bodies == chunks  # one message per chunk: no joining across a quiet period
+    published = [at for _, f, at in recorder.events if f.get("body")]
+    for produced, left in zip(sent, published):
+        assert left - produced < COALESCE_S + 0.005
+
+
+def test_unary_response_is_one_start_event():
+    recorder = Recorder()
+
+    async def unary() -> None:
+        ex = exchange(recorder)
+        await ex.send({"type": "http.response.start", "status": 201, "headers": [(b"a", b"b")]})
+        await ex.send({"type": "http.response.body", "body": b"done"})
+
+    asyncio.run(unary())
+    assert len(recorder.events) == 1
+    kind, fields, _ = recorder.events[0]
+    assert (kind, fields["status"], fields["body"], fields["more_body"]) == (
+        protocol.START, 201, b"done", False)
+    assert fields["inbox"] == "inbox"
