@@ -85,6 +85,7 @@ class Broker:
         headers: dict[str, Any] | None = None,
         expiration: str | None = None,
         mandatory: bool = False,
+        exchange: str = "",
     ) -> None:
         raw = await self._channel()
         message_id = correlation_id if reply_to else None
@@ -98,7 +99,7 @@ class Broker:
                     raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
                     message_type=type, correlation_id=correlation_id, reply_to=reply_to,
                     message_id=message_id, headers=headers, expiration=expiration,
-                    mandatory=mandatory,
+                    mandatory=mandatory, exchange=exchange,
                 )
                 frame = ChannelFrame(payload=payload, should_close=False)
                 try:
@@ -112,8 +113,8 @@ class Broker:
                 correlation_id=correlation_id, message_id=message_id, reply_to=reply_to,
                 headers=headers, expiration=expiration, delivery_mode=1,
             )
-            await raw.basic_publish(body, routing_key=routing_key, properties=properties,
-                                    mandatory=mandatory, wait=True)
+            await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
+                                    properties=properties, mandatory=mandatory, wait=True)
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._raw = None
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc

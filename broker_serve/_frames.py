@@ -36,9 +36,10 @@ def _frame(kind: int, channel: int, payload: bytes) -> bytes:
 
 
 @lru_cache(maxsize=4096)
-def _publish_method(channel: int, routing_key: str, mandatory: bool) -> bytes:
+def _publish_method(channel: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
     """The method frame depends only on these, so each is built once."""
-    payload = struct.pack(">HHH", _BASIC, _PUBLISH, 0) + b"\x00" + _shortstr(routing_key)
+    payload = (struct.pack(">HHH", _BASIC, _PUBLISH, 0) + _shortstr(exchange)
+               + _shortstr(routing_key))
     return _frame(_FRAME_METHOD, channel, payload + (b"\x01" if mandatory else b"\x00"))
 
 
@@ -50,7 +51,7 @@ def _shortstr_cached(value: str) -> bytes:
 def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, message_type: str,
             correlation_id: str, reply_to: str | None = None, message_id: str | None = None,
             headers: dict[str, Any] | None = None, expiration: str | None = None,
-            mandatory: bool = False) -> bytes:
+            mandatory: bool = False, exchange: str = "") -> bytes:
     """The method, header and body frames of one transient publish, as one byte string."""
     flags = _CONTENT_TYPE | _DELIVERY_MODE | _CORRELATION_ID | _TYPE
     values = [_shortstr_cached(content_type)]
@@ -71,7 +72,7 @@ def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, m
     values.append(_shortstr_cached(message_type))
     header = struct.pack(">HHQH", _BASIC, 0, len(body), flags) + b"".join(values)
     return b"".join((
-        _publish_method(channel, routing_key, mandatory),
+        _publish_method(channel, exchange, routing_key, mandatory),
         _frame(_FRAME_HEADER, channel, header),
         _frame(_FRAME_BODY, channel, body) if body else b"",
     ))

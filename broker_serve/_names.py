@@ -21,6 +21,9 @@ class Names:
     def inbox(self, replica_id: str) -> str:
         return f"bs.{self.cluster}.inbox.{replica_id}"
 
+    def cancel_queue(self, replica_id: str) -> str:
+        return f"bs.{self.cluster}.cancels.{replica_id}"
+
     @property
     def cancel_exchange(self) -> str:
         return f"bs.{self.cluster}.cancel"
@@ -78,6 +81,11 @@ class Names:
 
     def proxy_alive(self, proxy_id: str) -> str:
         return self.key("proxy", proxy_id, "alive")
+
+    @property
+    def tombstones(self) -> str:
+        """Sorted set: cancelled request id -> expiry (unix ms)."""
+        return self.key("tombstones")
 
     @property
     def http_options(self) -> str:

@@ -122,6 +122,8 @@ class Controller:
         await self._write_statuses(statuses)
         await self._write_routes(apps, statuses)
         await self._forget_dead_proxies()
+        await self.store.redis.zremrangebyscore(self.names.tombstones, "-inf",
+                                                int(time.time() * 1000))
 
     async def _forget_dead_proxies(self) -> None:
         proxies = await self.store.get_all(self.names.proxies)

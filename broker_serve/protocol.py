@@ -32,6 +32,9 @@ ERROR = "error"
 # Caller -> replica inbox messages.
 DISCONNECT = "disconnect"
 
+# Caller -> every replica, on the cancel fanout exchange.
+CANCEL = "cancel"
+
 MAX_ID_LENGTH = 128
 
 

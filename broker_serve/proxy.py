@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 from . import protocol
 from ._broker import Broker, Mailbox, ReplyRouter
+from ._cancellation import cancel
 from ._settings import CHUNK_BYTES, Settings
 from ._store import Store, now
 from .config import HTTPOptions
@@ -71,6 +73,8 @@ class Proxy:
         self._ids = itertools.count()
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self._version_header = protocol.request_headers()
         self._internal = Starlette(routes=[
             Route("/-/healthz", self._healthz),
             Route("/-/routes", self._routes),
@@ -168,14 +172,37 @@ class Proxy:
             return  # nothing was published, so there is nothing to cancel
         request_id = f"{self.proxy_id}-{next(self._ids)}"
         events = self.router.register(request_id)
+        timeout = self.options.request_timeout_s
+        watch = _DisconnectWatch(receive) if not more_body else None
+        response = _ResponseState(send)
         try:
-            await self._publish(scope, route, prefix, request_id, first, more_body)
-            await self._relay(events, receive, send, more_body, len(first), request_id)
+            await self._publish(scope, route, prefix, request_id, first, more_body, timeout)
+            async with asyncio.timeout(timeout):
+                await self._relay(events, receive, response.send if timeout else send,
+                                  more_body, len(first), request_id)
+        except TimeoutError:
+            self._cancel(request_id)
+            if response.started:
+                raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
+            await _plain(send, 408, f"Request Timeout: no complete response within {timeout}s.")
+        except asyncio.CancelledError:
+            if watch is None or not watch.client_gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self._cancel(request_id)  # the client left: stop the work it asked for
         finally:
+            if watch is not None:
+                watch.stop()
             self.router.unregister(request_id)
 
+    def _cancel(self, request_id: str) -> None:
+        task = asyncio.ensure_future(cancel(self.broker, self.store, [request_id]))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
-                       request_id: str, body: bytes, more_body: bool) -> None:
+                       request_id: str, body: bytes, more_body: bool,
+                       timeout: float | None) -> None:
         root_path = scope.get("root_path", "")
         payload = {
             "scope": {
@@ -193,10 +220,14 @@ class Proxy:
             "body": body,
             "more_body": more_body,
         }
+        headers, expiration = self._version_header, None
+        if timeout is not None:  # a request that outlives its deadline in the queue never runs
+            headers = protocol.request_headers(int((time.time() + timeout) * 1000))
+            expiration = str(int(timeout * 1000))
         await self.broker.publish(
             route["queue"], protocol.pack(payload), type=protocol.KIND_HTTP,
             correlation_id=request_id, reply_to=self.router.queue_name,
-            headers=protocol.request_headers(), mandatory=True,
+            headers=headers, expiration=expiration, mandatory=True,
         )
 
     async def _relay(self, events: Mailbox, receive: Any, send: Any,
@@ -298,6 +329,50 @@ def _take_waiting_bodies(events: Mailbox, event: dict[str, Any],
         parts.append(following.get("body", b""))
         more = bool(following.get("more_body", False))
     return (parts[0] if len(parts) == 1 else b"".join(parts)), more
+
+
+class _ResponseState:
+    """Whether the response has started, for a timeout that must not answer twice."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.started = True
+        await self._send(message)
+
+
+class _DisconnectWatch:
+    """Notices a client that leaves while its response is pending, and cancels the request.
+
+    Most requests are answered in about a millisecond, so the watch starts only after 50 ms:
+    a fast request costs a timer, not a task.
+    """
+
+    DELAY_S = 0.05
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self._request_task = asyncio.current_task()
+        self._watch: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(self.DELAY_S, self._start)
+        self.client_gone = False
+
+    def _start(self) -> None:
+        self._watch = asyncio.ensure_future(self._wait_for_disconnect())
+
+    async def _wait_for_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        if self._request_task is not None:
+            self._request_task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 class ClientGone(Exception):

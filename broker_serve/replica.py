@@ -27,6 +27,7 @@ from aiormq.abc import DeliveredMessage
 from . import _ingress, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
+from ._cancellation import CancelledSet
 from ._execution import ReplyStream, Servable, run_call, run_http
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
@@ -61,6 +62,10 @@ class Replica:
         self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks = AckBatcher(prefetch=1)
+        self._cancelled = CancelledSet()
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancelling: set[str] = set()
+        self._cancel_queue: Any = None
         self._stopping = asyncio.Event()
         self._consumer: RawConsumer | None = None
         self._inbox: Any = None
@@ -107,6 +112,13 @@ class Replica:
         self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
                                                         auto_delete=True)
         await consume_raw(inbox_channel, self.inbox_name, self._on_inbox, no_ack=True)
+        # Cancellations: the live tombstones first, then the broadcast, before any request.
+        await self._cancelled.load(self.store)
+        cancel_queue = self.names.cancel_queue(self.replica_id)
+        self._cancel_queue = await inbox_channel.declare_queue(cancel_queue, exclusive=True,
+                                                               auto_delete=True)
+        await self._cancel_queue.bind(self.names.cancel_exchange)
+        await consume_raw(inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
         self._acks = AckBatcher(prefetch=self.config.max_ongoing_requests)
         channel = await self.broker.channel(prefetch=self.config.max_ongoing_requests)
         queue = self.names.request_queue(self.app, self.deployment)
@@ -137,7 +149,10 @@ class Replica:
         return Servable(instance, is_function, asgi_app, executor)
 
     async def main_loop(self) -> None:
-        beat = lambda: self.store.heartbeat(self.names.replica_alive(self.replica_id))  # noqa: E731
+        async def beat() -> None:
+            self._cancelled.prune()
+            await self.store.heartbeat(self.names.replica_alive(self.replica_id))
+
         await heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)
 
     async def shutdown(self) -> None:
@@ -210,10 +225,34 @@ class Replica:
             fields = {}
         queue.put_nowait((properties.message_type or "", fields))
 
+    async def _on_cancel(self, message: DeliveredMessage) -> None:
+        try:
+            fields = protocol.decode_map(message.body)
+            ids = self._cancelled.add(list(fields.get("ids") or ()), int(fields["expires"]))
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a malformed cancel message: %s", exc)
+            return
+        for request_id in ids:
+            task = self._running.get(request_id)
+            if task is not None:
+                self._cancelling.add(request_id)
+                task.cancel()
+
     async def _handle(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
         reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
         channel, tag = message.channel, message.delivery.delivery_tag
+        self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            await self._handle_running(message, properties, reply_to, correlation_id, channel,
+                                       tag)
+        finally:
+            self._running.pop(correlation_id, None)
+            self._cancelling.discard(correlation_id)
+
+    async def _handle_running(self, message: DeliveredMessage, properties: Any,
+                              reply_to: str | None, correlation_id: str, channel: Any,
+                              tag: int) -> None:
         if not reply_to:
             log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
             await self._reject(channel, tag, correlation_id)
@@ -226,14 +265,20 @@ class Replica:
 
         stream = ReplyStream(publish)
         try:
+            if correlation_id in self._cancelled:
+                raise ProtocolError("the request was cancelled before it ran", status=499,
+                                    error="Cancelled")
             await self._dispatch(message, stream, correlation_id)
         except ProtocolError as exc:
             await stream.error(exc.status, exc.error, str(exc))
         except asyncio.CancelledError:
-            if not stream.started:
+            if correlation_id in self._cancelling:  # cancelled by its caller: done, not retried
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                await stream.error(499, "Cancelled", "the request was cancelled")
+            elif not stream.started:
                 raise  # shutdown: left unacked, RabbitMQ gives it to another replica
-            # A started response cannot move to another replica: end it for the caller.
-            await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
+            else:  # a started response cannot move to another replica: end it for the caller
+                await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
         except Exception as exc:
             log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
             kind = properties.message_type

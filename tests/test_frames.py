@@ -9,8 +9,8 @@ from pamqp.header import ContentHeader
 from broker_serve import _frames
 
 
-def reference(channel, routing_key, body, mandatory, **properties):
-    publish = spec.Basic.Publish(exchange="", routing_key=routing_key, mandatory=mandatory)
+def reference(channel, routing_key, body, mandatory, exchange="", **properties):
+    publish = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
     header = ContentHeader(body_size=len(body), properties=spec.Basic.Properties(
         delivery_mode=1, **properties))
     frames = [publish, header] + ([ContentBody(body)] if body else [])
@@ -35,6 +35,12 @@ CASES = [
 def test_publish_frames_match_pamqp(properties, body, mandatory):
     ours = _frames.publish(7, "bs.c.app.Deployment", body, mandatory=mandatory, **properties)
     assert ours == reference(7, "bs.c.app.Deployment", body, mandatory, **properties)
+
+
+def test_publish_to_a_named_exchange():
+    properties = dict(message_type="cancel", correlation_id="c", content_type="application/msgpack")
+    ours = _frames.publish(3, "", b"ids", exchange="bs.c.cancel", **properties)
+    assert ours == reference(3, "", b"ids", False, exchange="bs.c.cancel", **properties)
 
 
 def test_names_longer_than_a_short_string_are_refused():
