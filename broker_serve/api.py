@@ -54,7 +54,7 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
     with _cluster_lock:
         if http_options is not None:
             runtime.run_sync(runtime.store.redis.set(
-                runtime.names.http_options, http_options.model_dump_json(exclude={"middlewares"})
+                runtime.names.http_options, http_options.model_dump_json()
             ))
         leader = runtime.run_sync(runtime.store.redis.exists(runtime.names.controller_lease))
         if not leader and _local_cluster is None and start_if_missing:

@@ -9,7 +9,17 @@ import enum
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, model_validator
+import importlib
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
 
 class ProxyLocation(str, enum.Enum):
@@ -65,6 +75,27 @@ class DeploymentConfig(BaseModel):
         return self.num_replicas or 1
 
 
+class MiddlewareSpec(BaseModel):
+    """A Starlette middleware as it travels to proxies: an import path and its arguments.
+
+    `serve.start(http_options={"middlewares": [Middleware(CORSMiddleware, ...)]})` is turned into
+    this form; a config file writes it directly. The arguments must be plain data.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    import_path: str = Field(pattern=r"^[\w.]+:[\w.]+$")
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def load(self) -> Any:
+        module, _, name = self.import_path.partition(":")
+        target: Any = importlib.import_module(module)
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target
+
+
 class HTTPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,8 +108,22 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 5.0
     max_body_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
-    middlewares: list[Any] = Field(default_factory=list)
+    middlewares: list[MiddlewareSpec] = Field(default_factory=list)
     location: ProxyLocation = ProxyLocation.HeadOnly
+
+    @field_validator("middlewares", mode="before")
+    @classmethod
+    def _middleware_specs(cls, value: Any) -> Any:
+        return [_as_spec(item) for item in value or ()]
+
+
+def _as_spec(item: Any) -> Any:
+    """A starlette `Middleware(cls, *args, **kwargs)` (or a bare class) as a MiddlewareSpec."""
+    target = getattr(item, "cls", item)
+    if isinstance(item, (dict, MiddlewareSpec)) or not callable(target):
+        return item
+    return {"import_path": f"{target.__module__}:{target.__qualname__}",
+            "args": list(getattr(item, "args", ())), "kwargs": dict(getattr(item, "kwargs", {}))}
 
 
 class gRPCOptions(BaseModel):  # noqa: N801 - Ray's name

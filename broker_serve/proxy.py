@@ -430,6 +430,17 @@ async def _error_response(send: Any, event: dict[str, Any]) -> None:
     await _plain(send, status, text)
 
 
+def with_middlewares(app: Any, options: HTTPOptions) -> Any:
+    """The proxy wrapped in the user's Starlette middlewares, the first one outermost."""
+    for spec in reversed(options.middlewares):
+        try:
+            middleware = spec.load()
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"cannot import middleware {spec.import_path!r}: {exc}") from exc
+        app = middleware(app, *spec.args, **spec.kwargs)
+    return app
+
+
 def resolve_keep_alive(options: HTTPOptions) -> float:
     """`BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S` wins over the config, as Ray's variable does."""
     value = os.environ.get("BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
@@ -440,9 +451,9 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
     proxy = Proxy(settings, options)
     await proxy.startup()
     config = uvicorn.Config(
-        proxy, host=options.host, port=options.port, loop="none", http="httptools",
+        with_middlewares(proxy, options), host=options.host, port=options.port, loop="none", http="httptools",
         lifespan="off", access_log=False, log_level="warning",
-        timeout_keep_alive=int(resolve_keep_alive(options)),
+        timeout_keep_alive=resolve_keep_alive(options),  # type: ignore[arg-type]
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)

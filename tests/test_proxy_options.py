@@ -1,0 +1,69 @@
+"""http_options that shape the proxy: keep-alive and Starlette middlewares."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import requests
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from broker_serve import serve
+
+
+@serve.deployment
+def ok() -> str:
+    return "ok"
+
+
+def idle_close_after(port: int) -> float:
+    """Seconds an idle keep-alive connection stays open after a response."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        response = sock.recv(65536)
+        assert response.startswith(b"HTTP/1.1 200")
+        answered = time.monotonic()
+        while sock.recv(65536):
+            pass
+        return time.monotonic() - answered
+
+
+def test_keep_alive_timeout_from_http_options(cluster):
+    serve.start(http_options={"keep_alive_timeout_s": 1})
+    serve.run(ok.bind())
+    assert 0.8 <= idle_close_after(cluster.port) < 1.9
+
+
+def test_keep_alive_environment_variable_wins(cluster, monkeypatch):
+    monkeypatch.setenv("BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S", "3")
+    serve.start(http_options={"keep_alive_timeout_s": 1})
+    serve.run(ok.bind())
+    assert 2.7 <= idle_close_after(cluster.port) < 4.5
+
+
+def test_cors_middleware_runs_in_the_proxy(cluster):
+    serve.start(http_options={"middlewares": [
+        Middleware(CORSMiddleware, allow_origins=["https://example.com"], allow_methods=["*"]),
+    ]})
+    serve.run(ok.bind())
+    simple = requests.get(cluster.url, headers={"Origin": "https://example.com"})
+    assert simple.text == "ok"
+    assert simple.headers["access-control-allow-origin"] == "https://example.com"
+    preflight = requests.options(cluster.url, headers={
+        "Origin": "https://example.com", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    other = requests.get(cluster.url, headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_middleware_config_form_is_the_same(cluster):
+    serve.start(http_options={"middlewares": [{
+        "import_path": "starlette.middleware.cors:CORSMiddleware",
+        "kwargs": {"allow_origins": ["*"]},
+    }]})
+    serve.run(ok.bind())
+    answer = requests.get(cluster.url, headers={"Origin": "https://anywhere.example"})
+    assert answer.headers["access-control-allow-origin"] == "*"
