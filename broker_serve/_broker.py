@@ -39,6 +39,7 @@ class Broker:
         self.name = name
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._confirming: AbstractRobustChannel | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._return_handlers: list[ReturnHandler] = []
         self._undrained = 0
@@ -53,6 +54,9 @@ class Broker:
             raise ClusterUnavailable(f"cannot reach RabbitMQ at {_safe(self.url)}: {exc}") from exc
         self._publisher = await self.channel()
         self._publisher.return_callbacks.add(self._on_return)
+        assert self.connection is not None
+        self._confirming = await self.connection.channel(publisher_confirms=True)
+        self._confirming.return_callbacks.add(self._on_return)
 
     async def channel(self, prefetch: int = 0) -> AbstractRobustChannel:
         assert self.connection is not None, "connect() first"
@@ -118,6 +122,29 @@ class Broker:
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             self._raw = None
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+    async def publish_confirmed(self, routing_key: str, body: bytes, *, type: str,
+                                correlation_id: str, reply_to: str | None = None,
+                                headers: dict[str, Any] | None = None,
+                                expiration: str | None = None, mandatory: bool = False) -> bool:
+        """Publish and wait for the broker's confirm. False: the broker refused the message
+        (a bounded queue is full). Only publishes to bounded queues pay for this wait."""
+        if self._confirming is None:
+            raise ClusterUnavailable("not connected to RabbitMQ")
+        properties = Basic.Properties(
+            content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
+            message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
+            expiration=expiration, delivery_mode=1,
+        )
+        try:
+            raw = await self._confirming.get_underlay_channel()
+            await raw.basic_publish(body, routing_key=routing_key, properties=properties,
+                                    mandatory=mandatory)
+        except aiormq.exceptions.DeliveryError:
+            return False  # nacked: the queue is at its bound
+        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+        return True
 
     async def _channel(self) -> aiormq.abc.AbstractChannel:
         """The open aiormq channel under the publishing channel."""

@@ -22,6 +22,8 @@ from ._store import Store
 
 T = TypeVar("T")
 
+BOUNDED_REFRESH_S = 10.0
+
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 
@@ -40,6 +42,7 @@ class Runtime:
         self.secret = b""
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
+        self._bounded: dict[tuple[str, str], tuple[float, bool]] = {}
 
     async def start(self) -> None:
         await self.store.ping()
@@ -56,6 +59,20 @@ class Runtime:
             pass  # the broker is away: the process is leaving anyway
         finally:
             await self.store.close()
+
+    async def is_bounded(self, app: str, deployment: str) -> bool:
+        """Whether the deployment has max_queued_requests, read from its app record at most
+        every 10 s per deployment, so calls pay for publisher confirms only where needed."""
+        key = (app, deployment)
+        cached = self._bounded.get(key)
+        now = self.loop.time()
+        if cached is not None and now - cached[0] < BOUNDED_REFRESH_S:
+            return cached[1]
+        record = await self.store.get_one(self.names.apps, app) or {}
+        config = record.get("deployments", {}).get(deployment, {}).get("config", {})
+        bounded = int(config.get("max_queued_requests", -1)) > 0
+        self._bounded[key] = (now, bounded)
+        return bounded
 
     def next_request_id(self) -> str:
         return f"{self.process_id}-{next(self._ids)}"

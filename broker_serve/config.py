@@ -59,7 +59,7 @@ class DeploymentConfig(BaseModel):
 
     num_replicas: PositiveInt | None = 1
     max_ongoing_requests: PositiveInt = 5
-    max_queued_requests: int = -1
+    max_queued_requests: int = Field(default=-1, ge=-1)
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat = 2.0
@@ -67,6 +67,13 @@ class DeploymentConfig(BaseModel):
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_bound(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("max_queued_requests must be -1 (no bound) or at least 1")
+        return value
 
     def target_replicas(self) -> int:
         if self.autoscaling_config is not None:

@@ -17,6 +17,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Any
 
+import aiormq
 import orjson
 
 from ._broker import Broker
@@ -43,7 +44,7 @@ class Controller:
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url, f"controller {self.controller_id}")
         self.leader = False
-        self._declared: dict[str, float] = {}
+        self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._failures: Counter[tuple[str, str, str]] = Counter()
         self._last_error: dict[tuple[str, str], str] = {}
         self._stopping = asyncio.Event()
@@ -184,11 +185,14 @@ class Controller:
                              nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         deployments: dict[str, Any] = {}
         for dep_name, dep in app["deployments"].items():
-            await self._declare(dep["queue"])
+            bound = int(dep.get("config", {}).get("max_queued_requests", -1))
+            queue_problem = await self._declare(dep["queue"], bound)
             mine = by_deployment.get((app_name, dep_name), [])
             deployments[dep_name] = await self._reconcile_deployment(
                 app_name, dep_name, dep, mine, nodes
             )
+            if queue_problem:
+                deployments[dep_name].update(status="UPDATING", message=queue_problem)
         return {
             "name": app_name,
             "version": app["version"],
@@ -267,14 +271,51 @@ class Controller:
         loads = {n: await self.store.redis.hlen(self.names.node_assignments(n)) for n in nodes}
         return min(loads, key=lambda n: (loads[n], n))
 
-    async def _declare(self, queue: str) -> None:
-        if time.monotonic() - self._declared.get(queue, -1e9) < REDECLARE_EVERY_S:
-            return
-        await asyncio.wait_for(self._channel.declare_queue(queue, durable=True, arguments={
+    async def _declare(self, queue: str, bound: int) -> str:
+        """Declare a request queue with its arguments; returns why it could not, or ""."""
+        arguments: dict[str, Any] = {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.names.dead_letters,
-        }), AMQP_TIMEOUT_S)
-        self._declared[queue] = time.monotonic()
+        }
+        if bound > 0:  # max_queued_requests: past it RabbitMQ nacks the publish
+            arguments.update({"x-max-length": bound, "x-overflow": "reject-publish"})
+        declared_at, declared_with = self._declared.get(queue, (-1e9, None))
+        if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
+            return ""
+        try:
+            await self._declare_on_own_channel(queue, arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            # It exists with other arguments: max_queued_requests changed. Re-create it once
+            # no request waits in it; the new version's replicas consume the new queue.
+            waiting = await self._ready_messages(queue)
+            if waiting:
+                return (f"waiting for {waiting} queued request(s) to drain before applying "
+                        f"the new max_queued_requests")
+            await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+            await self._declare_on_own_channel(queue, arguments)
+            log.info("re-created queue %s with %s", queue, arguments)
+        self._declared[queue] = (time.monotonic(), arguments)
+        return ""
+
+    async def _declare_on_own_channel(self, queue: str, arguments: dict[str, Any]) -> None:
+        """A mismatched declare closes its channel, so it gets one of its own."""
+        channel = await self.broker.channel()
+        try:
+            await asyncio.wait_for(channel.declare_queue(queue, durable=True,
+                                                         arguments=arguments), AMQP_TIMEOUT_S)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _ready_messages(self, queue: str) -> int:
+        channel = await self.broker.channel()
+        try:
+            existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
+                                              AMQP_TIMEOUT_S)
+            return int(existing.declaration_result.message_count or 0)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
     async def _remove_deleted_apps(self, apps: dict[str, Any],
                                    by_deployment: dict[tuple[str, str], list[dict[str, Any]]]
@@ -320,6 +361,9 @@ class Controller:
                 "status": status["status"],
                 "message": status["message"],
                 "ready": ingress["ready"],
+                # Publishes to a bounded queue wait for the broker's confirm (503 when full).
+                "bounded": app["deployments"][app["ingress"]]["config"].get(
+                    "max_queued_requests", -1) > 0,
             }
         current = await self.store.routes()
         if current.get("routes") != routes:

@@ -91,12 +91,24 @@ class _Call:
         payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
         events = runtime.router.register(self.request_id)
         try:
-            await runtime.broker.publish(
-                runtime.names.request_queue(handle.app_name, handle.deployment_name),
-                protocol.pack(payload), type=protocol.KIND_CALL, correlation_id=self.request_id,
-                reply_to=runtime.router.queue_name, headers=protocol.request_headers(),
-                mandatory=True,
+            message: dict[str, Any] = dict(
+                routing_key=runtime.names.request_queue(handle.app_name, handle.deployment_name),
+                body=protocol.pack(payload), type=protocol.KIND_CALL,
+                correlation_id=self.request_id, reply_to=runtime.router.queue_name,
+                headers=protocol.request_headers(), mandatory=True,
             )
+            accepted = True
+            if await runtime.is_bounded(handle.app_name, handle.deployment_name):
+                # A full bounded queue refuses the call, and the caller must hear it.
+                accepted = await runtime.broker.publish_confirmed(**message)
+            else:
+                await runtime.broker.publish(**message)
+            if not accepted:
+                raise RayServeException(
+                    f"deployment {handle.app_name}/{handle.deployment_name} has "
+                    "max_queued_requests waiting already; retry later",
+                    deployment=f"{handle.app_name}/{handle.deployment_name}",
+                    error_type="QueueFull")
             while True:
                 kind, event = await events.get()
                 if kind == protocol.ERROR:

@@ -36,6 +36,10 @@ log = logging.getLogger("broker_serve.proxy")
 ROUTE_REFRESH_S = 2.0
 
 
+class QueueFull(Exception):
+    """The deployment's queue is at its max_queued_requests."""
+
+
 class ReplicaChanged(Exception):
     """The response had started when another replica took the request over; it cannot be
     taken back, so the client connection is closed."""
@@ -140,6 +144,10 @@ class Proxy:
             raise
         except ClusterUnavailable as exc:
             await _plain(send, 503, f"Service Unavailable: {exc}")
+        except QueueFull as exc:
+            await _plain(send, 503, f"Service Unavailable: application {exc} has "
+                                    "max_queued_requests waiting already; retry later.",
+                         extra_headers=[(b"retry-after", b"1")])
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -224,10 +232,19 @@ class Proxy:
         if timeout is not None:  # a request that outlives its deadline in the queue never runs
             headers = protocol.request_headers(int((time.time() + timeout) * 1000))
             expiration = str(int(timeout * 1000))
+        body, queue = protocol.pack(payload), route["queue"]
+        if route.get("bounded"):
+            if not await self.broker.publish_confirmed(
+                queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
+                reply_to=self.router.queue_name, headers=headers, expiration=expiration,
+                mandatory=True,
+            ):
+                raise QueueFull(route["app"])
+            return
         await self.broker.publish(
-            route["queue"], protocol.pack(payload), type=protocol.KIND_HTTP,
-            correlation_id=request_id, reply_to=self.router.queue_name,
-            headers=headers, expiration=expiration, mandatory=True,
+            queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
+            reply_to=self.router.queue_name, headers=headers, expiration=expiration,
+            mandatory=True,
         )
 
     async def _relay(self, events: Mailbox, receive: Any, send: Any,
@@ -412,11 +429,13 @@ def _content_length(scope: dict[str, Any]) -> int | None:
     return None
 
 
-async def _plain(send: Any, status: int, text: str) -> None:
+async def _plain(send: Any, status: int, text: str,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = text.encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
+        *(extra_headers or ()),
     ]})
     await send({"type": "http.response.body", "body": body})
 
