@@ -251,6 +251,61 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
         await stream.error(500, "NoResponse", "the application returned without a response")
 
 
+class WebSocketExchange:
+    """ASGI receive/send for one `websocket` session: client frames come from the replica's
+    inbox, the app's frames go out as reply events (docs/protocol.md, `websocket`)."""
+
+    def __init__(self, stream: ReplyStream, inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
+                 inbox_name: str) -> None:
+        self.stream = stream
+        self._inbox = inbox
+        self._inbox_name = inbox_name
+        self._connected = False
+        self.accepted = False
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._connected:
+            self._connected = True
+            return {"type": "websocket.connect"}
+        kind, fields = await self._inbox.get()
+        if kind == protocol.WS_RECEIVE:
+            if fields.get("bytes") is not None:
+                return {"type": "websocket.receive", "bytes": bytes(fields["bytes"])}
+            return {"type": "websocket.receive", "text": str(fields.get("text", ""))}
+        return {"type": "websocket.disconnect", "code": int(fields.get("code", 1000))}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "websocket.accept":
+            self.accepted = True
+            headers = [[bytes(k), bytes(v)] for k, v in message.get("headers") or ()]
+            await self.stream.send(protocol.WS_ACCEPT, {
+                "inbox": self._inbox_name, "subprotocol": message.get("subprotocol"),
+                "headers": headers})
+        elif kind == "websocket.send":
+            data = message.get("bytes")
+            fields = {"bytes": bytes(data)} if data is not None else {
+                "text": message.get("text") or ""}
+            await self.stream.send(protocol.WS_SEND, fields)
+        elif kind == "websocket.close":
+            await self.stream.send(protocol.WS_CLOSE, {
+                "code": int(message.get("code", 1000)), "reason": message.get("reason") or ""},
+                final=True)
+
+
+async def run_websocket(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
+                        inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
+                        inbox_name: str) -> None:
+    scope = protocol.websocket_scope(payload)
+    if servable.asgi_app is None:
+        raise ProtocolError("WebSockets need an ASGI ingress (@serve.ingress with a FastAPI "
+                            "or Starlette app)", status=404, error="NoSuchMethod")
+    exchange = WebSocketExchange(stream, inbox, inbox_name)
+    await servable.asgi_app(scope, exchange.receive, exchange.send)
+    if not stream.finished:  # the app returned without closing: close for it
+        await stream.send(protocol.WS_CLOSE, {"code": 1000, "reason": ""}, final=True)
+
+
 async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
                    secret: bytes) -> None:
     method = payload.get("method", "__call__")

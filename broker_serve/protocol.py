@@ -20,7 +20,8 @@ HEADER_DEADLINE = "bs-deadline"
 # Request kinds (the AMQP `type` property of a request message).
 KIND_HTTP = "http"
 KIND_CALL = "call"
-KINDS = frozenset({KIND_HTTP, KIND_CALL})
+KIND_WEBSOCKET = "websocket"
+KINDS = frozenset({KIND_HTTP, KIND_CALL, KIND_WEBSOCKET})
 
 # Reply events (the AMQP `type` property of a reply message).
 ACCEPTED = "accepted"
@@ -28,6 +29,13 @@ START = "start"
 BODY = "body"
 RESULT = "result"
 ERROR = "error"
+
+# WebSocket sessions: replica -> caller, then caller -> replica inbox.
+WS_ACCEPT = "ws.accept"
+WS_SEND = "ws.send"
+WS_CLOSE = "ws.close"
+WS_RECEIVE = "ws.receive"
+WS_DISCONNECT = "ws.disconnect"
 
 # Caller -> replica inbox messages.
 DISCONNECT = "disconnect"
@@ -103,6 +111,18 @@ def http_scope(payload: dict[str, Any]) -> dict[str, Any]:
         "server": tuple(server) if server else None,
         "state": {},
     }
+
+
+def websocket_scope(payload: dict[str, Any]) -> dict[str, Any]:
+    """An ASGI WebSocket scope from a `websocket` request's `scope` map."""
+    raw = payload.get("scope")
+    if isinstance(raw, dict):
+        raw = {"method": "GET", **raw}
+    scope = http_scope({"scope": raw})
+    del scope["method"]
+    scope.update(type="websocket", scheme={"https": "wss"}.get(scope["scheme"], "ws"),
+                 subprotocols=list(raw.get("subprotocols") or ()) if raw else [])
+    return scope
 
 
 def body_chunk(payload: dict[str, Any]) -> tuple[bytes, bool]:

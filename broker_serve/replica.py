@@ -28,7 +28,7 @@ from . import _ingress, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
-from ._execution import ReplyStream, Servable, run_call, run_http
+from ._execution import ReplyStream, Servable, run_call, run_http, run_websocket
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
 from ._runtime import install_replica_runtime
@@ -322,6 +322,9 @@ class Replica:
                            self.settings.max_body_bytes)
         elif kind == protocol.KIND_CALL:
             await run_call(self.servable, stream, payload, self.secret)
+        elif kind == protocol.KIND_WEBSOCKET:
+            session = self._inboxes[correlation_id] = asyncio.Queue()
+            await run_websocket(self.servable, stream, payload, session, self.inbox_name)
         else:
             raise ProtocolError(f"unknown request kind {kind!r}")
 
