@@ -109,14 +109,41 @@ class Servable:
         await to_response(result)(scope, receive, send)
 
 
+class FlowWindow:
+    """Response bytes the caller still accepts; its credits open the window again
+    (docs/protocol.md, "Flow control")."""
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self._granted: asyncio.Event | None = None
+
+    def grant(self, size: int) -> None:
+        self.available += size
+        if self._granted is not None:
+            self._granted.set()
+
+    async def spend(self, size: int) -> None:
+        while self.available <= 0:
+            self._granted = self._granted or asyncio.Event()
+            self._granted.clear()
+            try:
+                await asyncio.wait_for(self._granted.wait(), BODY_CHUNK_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise ProtocolError(f"the caller granted no credit for "
+                                    f"{BODY_CHUNK_TIMEOUT_S:.0f}s", status=504,
+                                    error="CreditTimeout") from None
+        self.available -= size
+
+
 class HttpExchange:
     """ASGI receive/send for one `http` request message."""
 
     def __init__(self, stream: ReplyStream, first_body: bytes, more_body: bool,
                  inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
-                 max_body_bytes: int, inbox_name: str) -> None:
+                 max_body_bytes: int, inbox_name: str, window: FlowWindow | None = None) -> None:
         self.stream = stream
         self._inbox_name = inbox_name
+        self._window = window
         self._pending_body: bytes | None = first_body
         self._more_body = more_body
         self._inbox = inbox
@@ -224,6 +251,8 @@ class HttpExchange:
         chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
         for index, chunk in enumerate(chunks):
             more = more_body or index < len(chunks) - 1
+            if self._window is not None:
+                await self._window.spend(len(chunk))  # a slow client pauses the app here
             if self._start is not None:
                 fields, self._start = self._start, None
                 fields.update(body=chunk, more_body=more)
@@ -236,7 +265,8 @@ class HttpExchange:
 
 async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
                    inbox_queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
-                   inbox_name: str, max_body_bytes: int) -> None:
+                   inbox_name: str, max_body_bytes: int,
+                   window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
     first_body, more_body = protocol.body_chunk(payload)
     if len(first_body) > max_body_bytes:
@@ -244,7 +274,7 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
     if more_body:
         await stream.send(protocol.ACCEPTED, {"inbox": inbox_name})
     exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes,
-                            inbox_name)
+                            inbox_name, window)
     await servable.handle_http(scope, exchange.receive, exchange.send)
     await exchange.finish()
     if not stream.finished:

@@ -258,21 +258,26 @@ async def _wait_running(runtime: Runtime, name: str, version: str) -> None:
     raise DeployFailed(f"application {name!r} was not running after {DEPLOY_TIMEOUT_S:.0f}s")
 
 
-async def _wait_proxies(runtime: Runtime, name: str, prefix: str) -> None:
-    """Wait until every live proxy routes `prefix` to the app, so the next request finds it."""
+async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None:
+    """Wait until every live proxy routes `prefix` to the app (or, with no prefix, routes
+    nothing to it any more), so the next request sees the change."""
     store, names = runtime.store, runtime.names
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         table = await store.routes()
-        route = table["routes"].get(prefix)
-        if route and route["app"] == name and route["ready"]:
+        if prefix is None:
+            settled = all(route["app"] != name for route in table["routes"].values())
+        else:
+            route = table["routes"].get(prefix)
+            settled = bool(route and route["app"] == name and route["ready"])
+        if settled:
             proxies = await store.get_all(names.proxies)
             alive = await store.alive([names.proxy_alive(p) for p in proxies])
             versions = [p["routes_version"] for p, ok in zip(proxies.values(), alive) if ok]
             if all(v >= table["version"] for v in versions):
                 return
         await asyncio.sleep(0.05)
-    log.warning("not every proxy loaded the route %r within 30s", prefix)
+    log.warning("not every proxy saw the routes of %r change within 30s", name)
 
 
 def _block_forever() -> None:
@@ -295,6 +300,7 @@ def delete(name: str, _blocking: bool = True) -> None:
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while _blocking and time.monotonic() < deadline:
             if await store.get_one(store.names.key("app_status"), name) is None:
+                await _wait_proxies(runtime, name, None)
                 return
             await asyncio.sleep(0.05)
 

@@ -39,6 +39,7 @@ WS_DISCONNECT = "ws.disconnect"
 
 # Caller -> replica inbox messages.
 DISCONNECT = "disconnect"
+CREDIT = "credit"
 
 # Caller -> every replica, on the cancel fanout exchange.
 CANCEL = "cancel"

@@ -34,6 +34,9 @@ from .exceptions import ClusterUnavailable
 log = logging.getLogger("broker_serve.proxy")
 
 ROUTE_REFRESH_S = 2.0
+# What a replica may send ahead of a client, per response (docs/protocol.md, "Flow control").
+# Two chunks keep the pipe full; a stalled client costs the proxy at most about this much.
+FLOW_WINDOW_BYTES = 2 * CHUNK_BYTES
 
 
 class QueueFull(Exception):
@@ -262,6 +265,7 @@ class Proxy:
             },
             "body": body,
             "more_body": more_body,
+            "window": FLOW_WINDOW_BYTES,
         }
         headers, expiration = self._version_header, None
         if timeout is not None:  # a request that outlives its deadline in the queue never runs
@@ -306,17 +310,21 @@ class Proxy:
                     )
                 elif kind == protocol.START:
                     started = True
+                    credit = _Credit(self, event.get("inbox"), request_id)
                     await send({"type": "http.response.start", "status": event["status"],
                                 "headers": [tuple(h) for h in event.get("headers", ())]})
-                    await send({"type": "http.response.body", "body": event.get("body", b""),
+                    body = event.get("body", b"")
+                    await send({"type": "http.response.body", "body": body,
                                 "more_body": event.get("more_body", False)})
                     if not event.get("more_body", False):
                         return
+                    await credit.passed_on(len(body))
                 elif kind == protocol.BODY and started:
                     body, more = _take_waiting_bodies(events, event, replica)
                     await send({"type": "http.response.body", "body": body, "more_body": more})
                     if not more:
                         return
+                    await credit.passed_on(len(body))
                 elif kind == protocol.ERROR:
                     if started:
                         raise ReplicaChanged(f"response cut short: {event.get('message')}")
@@ -462,6 +470,25 @@ class _WebSocketSession:
             await asyncio.gather(self._from_client, return_exceptions=True)
         if not self.closed and self.inbox is not None:
             await self._to_replica(self.inbox, protocol.WS_DISCONNECT, {"code": 1001})
+
+
+class _Credit:
+    """Grants a streaming replica more window as the client takes what it sent: the proxy
+    never holds much more than FLOW_WINDOW_BYTES of one response."""
+
+    def __init__(self, proxy: Proxy, inbox: str | None, request_id: str) -> None:
+        self.proxy = proxy
+        self.inbox = inbox
+        self.request_id = request_id
+        self.owed = 0
+
+    async def passed_on(self, size: int) -> None:
+        self.owed += size
+        if self.inbox and self.owed >= FLOW_WINDOW_BYTES // 2:
+            owed, self.owed = self.owed, 0
+            await self.proxy.broker.publish(self.inbox, protocol.pack({"bytes": owed}),
+                                            type=protocol.CREDIT,
+                                            correlation_id=self.request_id)
 
 
 class _ResponseState:

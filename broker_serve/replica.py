@@ -28,7 +28,7 @@ from . import _ingress, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
-from ._execution import ReplyStream, Servable, run_call, run_http, run_websocket
+from ._execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
 from ._runtime import install_replica_runtime
@@ -66,6 +66,7 @@ class Replica:
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelling: set[str] = set()
         self._cancel_queue: Any = None
+        self._windows: dict[str, FlowWindow] = {}
         self._stopping = asyncio.Event()
         self._consumer: RawConsumer | None = None
         self._inbox: Any = None
@@ -216,13 +217,19 @@ class Replica:
 
     async def _on_inbox(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
-        queue = self._inboxes.get(properties.correlation_id or "")
-        if queue is None:
-            return
+        correlation_id = properties.correlation_id or ""
         try:
             fields = protocol.decode_map(message.body)
         except ProtocolError:
             fields = {}
+        if properties.message_type == protocol.CREDIT:
+            window = self._windows.get(correlation_id)
+            if window is not None and isinstance(fields.get("bytes"), int):
+                window.grant(fields["bytes"])
+            return
+        queue = self._inboxes.get(correlation_id)
+        if queue is None:
+            return
         queue.put_nowait((properties.message_type or "", fields))
 
     async def _on_cancel(self, message: DeliveredMessage) -> None:
@@ -318,8 +325,14 @@ class Replica:
             inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
             if payload.get("more_body"):  # the rest of the body will come to the inbox
                 inbox = self._inboxes[correlation_id] = asyncio.Queue()
-            await run_http(self.servable, stream, payload, inbox, self.inbox_name,
-                           self.settings.max_body_bytes)
+            window = None
+            if isinstance(payload.get("window"), int) and payload["window"] > 0:
+                window = self._windows[correlation_id] = FlowWindow(payload["window"])
+            try:
+                await run_http(self.servable, stream, payload, inbox, self.inbox_name,
+                               self.settings.max_body_bytes, window)
+            finally:
+                self._windows.pop(correlation_id, None)
         elif kind == protocol.KIND_CALL:
             await run_call(self.servable, stream, payload, self.secret)
         elif kind == protocol.KIND_WEBSOCKET:
