@@ -130,3 +130,22 @@ def test_request_cancelled_while_queued_never_runs(cluster, tmp_path):
     assert (tmp_path / "busy.finished").exists()
     assert requests.get(f"{cluster.url}?s=0&name=after").text == "slept"
     assert not (tmp_path / "queued.started").exists(), "a cancelled request ran"
+
+
+def test_a_replica_that_starts_later_loads_live_tombstones(cluster):
+    """Tombstones in Redis reach replicas that were not there for the broadcast."""
+    from broker_serve._cancellation import CancelledSet
+    from broker_serve._store import Store
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        store = Store(cluster.env["BROKER_SERVE_REDIS_URL"], cluster.name)
+        now_ms = int(time.time() * 1000)
+        await store.redis.zadd(store.names.tombstones, {"live": now_ms + 60_000,
+                                                        "expired": now_ms - 1})
+        late_replica = CancelledSet()
+        await late_replica.load(store)
+        await store.close()
+        late_replica.prune()
+        return "live" in late_replica, "expired" in late_replica, len(late_replica) == 1
+
+    assert asyncio.run(scenario()) == (True, False, True)

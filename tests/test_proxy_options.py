@@ -67,3 +67,42 @@ def test_middleware_config_form_is_the_same(cluster):
     serve.run(ok.bind())
     answer = requests.get(cluster.url, headers={"Origin": "https://anywhere.example"})
     assert answer.headers["access-control-allow-origin"] == "*"
+
+
+@serve.deployment
+class Slow:
+    async def __call__(self) -> str:
+        import asyncio
+
+        await asyncio.sleep(1.5)
+        return "finished"
+
+
+def test_sigterm_lets_in_flight_requests_finish(cluster):
+    import json
+    import os
+    import signal
+    import threading
+
+    import redis as redis_client
+
+    from .conftest import REDIS_URL
+
+    serve.run(Slow.bind())
+    client = redis_client.Redis.from_url(REDIS_URL)
+    pid = int(json.loads(client.hvals(f"bs:{cluster.name}:proxies")[0])["pid"])
+    client.close()
+    results: list[requests.Response] = []
+    in_flight = threading.Thread(target=lambda: results.append(requests.get(cluster.url)))
+    in_flight.start()
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    try:  # the proxy stopped accepting while it drains
+        requests.get(cluster.url, timeout=2)
+        accepted_new = True
+    except requests.ConnectionError:
+        accepted_new = False
+    in_flight.join(10)
+    assert results and results[0].text == "finished"
+    assert not accepted_new
