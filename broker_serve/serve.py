@@ -1,6 +1,7 @@
 """`from broker_serve import serve`: the same names as `from ray import serve`."""
 
 from ._ingress import ingress
+from .batching import batch
 from .api import (
     delete,
     get_app_handle,
@@ -25,6 +26,7 @@ __all__ = [
     "HTTPOptions",
     "ProxyLocation",
     "ReplicaContext",
+    "batch",
     "delete",
     "deployment",
     "gRPCOptions",
