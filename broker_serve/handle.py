@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from . import protocol
+from ._cancellation import cancel
 from ._runtime import Runtime, current_runtime, get_runtime
 from ._signing import pack_call, unpack_value
 from .exceptions import RayServeException
 
 _DONE = object()
+_background: set[asyncio.Future[None]] = set()
+
+# The handle calls made while a replica handles one request, so that cancelling the request
+# cancels them too. Each request runs in its own task, so this is per request.
+calls_of_current_request: contextvars.ContextVar[list[_Call] | None] = contextvars.ContextVar(
+    "broker_serve_calls_of_current_request", default=None)
 
 
 class DeploymentHandle:
@@ -78,6 +86,10 @@ class _Call:
         self.kwargs = kwargs
         self.request_id = runtime.next_request_id()
         self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.published = False
+        made_by = calls_of_current_request.get()
+        if made_by is not None:
+            made_by.append(self)
         self.task: concurrent.futures.Future[None] | asyncio.Task[None] = (
             asyncio.run_coroutine_threadsafe(self._run(), runtime.loop)
             if not runtime.in_loop_thread()
@@ -103,6 +115,7 @@ class _Call:
                 accepted = await runtime.broker.publish_confirmed(**message)
             else:
                 await runtime.broker.publish(**message)
+            self.published = accepted
             if not accepted:
                 raise RayServeException(
                     f"deployment {handle.app_name}/{handle.deployment_name} has "
@@ -120,10 +133,16 @@ class _Call:
                     self.items.put_nowait(unpack_value(event, runtime.secret))
                 if not event.get("more", False):
                     return
-        except BaseException as exc:
-            self.items.put_nowait(exc if isinstance(exc, Exception) else
-                                  RayServeException("call cancelled"))
+        except asyncio.CancelledError:
+            if self.published:  # stop the callee too, wherever it runs or waits
+                task = asyncio.ensure_future(
+                    cancel(runtime.broker, runtime.store, [self.request_id]))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+            self.items.put_nowait(RayServeException("call cancelled"))
             raise
+        except Exception as exc:  # handed to whoever awaits the response
+            self.items.put_nowait(exc)
         finally:
             runtime.router.unregister(self.request_id)
             self.items.put_nowait(_DONE)
@@ -155,7 +174,11 @@ class DeploymentResponse:
 
     async def _get(self) -> Any:
         if self._value is _DONE:
-            item = await self._call.next_item()
+            try:
+                item = await self._call.next_item()
+            except asyncio.CancelledError:
+                self._call.cancel()  # the awaiting request was cancelled: so is this call
+                raise
             self._value = None if item is _DONE else item
         return self._value
 

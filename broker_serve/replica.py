@@ -28,6 +28,7 @@ from . import _ingress, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
+from .handle import calls_of_current_request
 from ._execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._logging import setup_logging
@@ -250,6 +251,7 @@ class Replica:
         reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
         channel, tag = message.channel, message.delivery.delivery_tag
         self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
+        calls_of_current_request.set([])  # this task's own context: the calls it makes
         try:
             await self._handle_running(message, properties, reply_to, correlation_id, channel,
                                        tag)
@@ -281,6 +283,8 @@ class Replica:
         except asyncio.CancelledError:
             if correlation_id in self._cancelling:  # cancelled by its caller: done, not retried
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                for call in calls_of_current_request.get() or ():
+                    call.cancel()  # cascade to the handle calls it made
                 await stream.error(499, "Cancelled", "the request was cancelled")
             elif not stream.started:
                 raise  # shutdown: left unacked, RabbitMQ gives it to another replica
