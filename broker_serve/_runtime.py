@@ -74,6 +74,12 @@ class Runtime:
         self._bounded[key] = (now, bounded)
         return bounded
 
+    async def ingress_of(self, app: str) -> str:
+        record = await self.store.get_one(self.names.apps, app)
+        if record is None:
+            raise ValueError(f"no application named {app!r}")
+        return str(record["ingress"])
+
     def next_request_id(self) -> str:
         return f"{self.process_id}-{next(self._ids)}"
 

@@ -342,15 +342,11 @@ def shutdown() -> None:
 def get_app_handle(name: str) -> DeploymentHandle:
     runtime = current_runtime() or get_runtime()
 
-    async def ingress() -> str:
-        app = await runtime.store.get_one(runtime.names.apps, name)
-        if app is None:
-            raise ValueError(f"no application named {name!r}")
-        return str(app["ingress"])
-
     if runtime.in_loop_thread():
-        raise RuntimeError("call get_app_handle outside the event loop, or in a constructor")
-    return DeploymentHandle(runtime.run_sync(ingress()), name)
+        # Inside a replica (a constructor or a method) no blocking lookup is allowed: the
+        # handle finds the app's ingress on its first call.
+        return DeploymentHandle(None, name)
+    return DeploymentHandle(runtime.run_sync(runtime.ingress_of(name)), name)
 
 
 def get_deployment_handle(deployment_name: str, app_name: str | None = None) -> DeploymentHandle:

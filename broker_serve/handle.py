@@ -30,7 +30,8 @@ calls_of_current_request: contextvars.ContextVar[list[_Call] | None] = contextva
 class DeploymentHandle:
     """A handle to one deployment. `.remote()` calls it; `.options()` changes how."""
 
-    def __init__(self, deployment_name: str, app_name: str, *, method_name: str = "__call__",
+    def __init__(self, deployment_name: str | None, app_name: str, *,
+                 method_name: str = "__call__",
                  stream: bool = False, multiplexed_model_id: str = "") -> None:
         self.deployment_name = deployment_name
         self.app_name = app_name
@@ -98,6 +99,13 @@ class _Call:
 
     async def _run(self) -> None:
         runtime, handle = self.runtime, self.handle
+        if handle.deployment_name is None:  # from get_app_handle inside a replica
+            try:
+                handle.deployment_name = await runtime.ingress_of(handle.app_name)
+            except ValueError as exc:
+                self.items.put_nowait(RayServeException(str(exc)))
+                self.items.put_nowait(_DONE)
+                return
         args = [await _resolve(a) for a in self.args]
         kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
         payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}

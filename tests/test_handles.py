@@ -63,3 +63,19 @@ def test_deployment_without_call_serves_handles_and_says_why_not_http(cluster):
     response = requests.get(cluster.url)
     assert response.status_code == 404
     assert "no __call__" in response.text
+
+
+@serve.deployment
+class FindsByName:
+    def __init__(self) -> None:
+        self.from_constructor = serve.get_app_handle("adders")
+
+    async def __call__(self) -> list[int]:
+        from_method = serve.get_app_handle("adders")
+        return [await self.from_constructor.remote(1), await from_method.remote(2)]
+
+
+def test_get_app_handle_inside_a_replica(cluster):
+    serve.run(Adder.bind(1000), name="adders", route_prefix=None)
+    serve.run(FindsByName.bind(), name="finder", route_prefix="/find")
+    assert requests.get(f"{cluster.url}/find").json() == [1001, 1002]
