@@ -266,10 +266,6 @@ class ReplyRouter:
     def unregister(self, correlation_id: str) -> None:
         self._waiting.pop(correlation_id, None)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._waiting)
-
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
         queue = self._waiting.get(properties.correlation_id or "")

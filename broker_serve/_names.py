@@ -8,7 +8,6 @@ class Names:
 
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
-        self.amqp_prefix = f"bs.{cluster}."
         self.key_prefix = f"bs:{cluster}:"
 
     # RabbitMQ

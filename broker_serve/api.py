@@ -95,7 +95,11 @@ def _stop_local_cluster() -> None:
 # serve.start / run ------------------------------------------------------------------------------
 def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached: bool = True,
           proxy_location: Any = None, grpc_options: Any = None, **kwargs: Any) -> None:
-    """Connect to (or start) a cluster with these HTTP options."""
+    """Connect to (or start) a cluster with these HTTP options.
+
+    `detached`, `proxy_location` and `grpc_options` are accepted so Ray programs port; proxies
+    run where `broker-serve proxy` is started, and there is no gRPC proxy yet.
+    """
     options = (http_options if isinstance(http_options, HTTPOptions)
                else HTTPOptions.model_validate(http_options or {}))
     _connect(options)
@@ -104,7 +108,11 @@ def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached:
 def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_NAME,
         route_prefix: Any = _DEFAULT_PREFIX, logging_config: Any = None,
         _local_testing_mode: bool = False) -> DeploymentHandle:
-    """Deploy an application and return a handle to its ingress deployment."""
+    """Deploy an application and return a handle to its ingress deployment.
+
+    `logging_config` and `_local_testing_mode` are accepted so Ray programs port; logging is
+    set per process with BROKER_SERVE_LOG_LEVEL.
+    """
     if isinstance(target, Deployment):
         target = target.bind()
     if not isinstance(target, Application):

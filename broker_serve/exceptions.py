@@ -2,7 +2,6 @@
 
     BrokerServeError
      ├── RayServeException        an error in a deployment, re-raised in the caller
-     ├── DeploymentUnavailable     the application is missing, deploying or failed
      ├── ProtocolError             a message broke docs/protocol.md
      │    └── UntrustedPayload     a pickle whose signature does not verify
      ├── ClusterUnavailable        RabbitMQ or Redis cannot be reached
@@ -28,10 +27,6 @@ class RayServeException(BrokerServeError):
         super().__init__(message)
         self.deployment = deployment
         self.error_type = error_type
-
-
-class DeploymentUnavailable(BrokerServeError):
-    pass
 
 
 class ProtocolError(BrokerServeError):

@@ -21,7 +21,6 @@ HEADER_DEADLINE = "bs-deadline"
 KIND_HTTP = "http"
 KIND_CALL = "call"
 KIND_WEBSOCKET = "websocket"
-KINDS = frozenset({KIND_HTTP, KIND_CALL, KIND_WEBSOCKET})
 
 # Reply events (the AMQP `type` property of a reply message).
 ACCEPTED = "accepted"
