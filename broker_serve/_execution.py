@@ -9,6 +9,7 @@ unary response is a single message (docs/protocol.md, "Reply events").
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from . import protocol
+from . import multiplex, protocol
 from ._encoding import to_response
 from ._settings import CHUNK_BYTES
 from ._signing import pack_value, unpack_call
@@ -91,7 +92,10 @@ class Servable:
             result = fn(*args, **kwargs)
         else:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, partial(fn, *args, **kwargs))
+            # The request's context (its multiplexed model id) goes with it to the thread.
+            context = contextvars.copy_context()
+            result = await loop.run_in_executor(
+                self.executor, partial(context.run, fn, *args, **kwargs))
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -268,6 +272,7 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
                    inbox_name: str, max_body_bytes: int,
                    window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
+    multiplex._set_model_id(multiplex.model_id_from_headers(scope["headers"]))
     first_body, more_body = protocol.body_chunk(payload)
     if len(first_body) > max_body_bytes:
         raise ProtocolError("request body too large", status=413, error="BodyTooLarge")
@@ -342,6 +347,7 @@ async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, A
     if not isinstance(method, str):
         raise ProtocolError("'method' must be a string")
     fn = servable._resolve(method)
+    multiplex._set_model_id(str(payload.get("multiplexed_model_id") or ""))
     try:
         args, kwargs = unpack_call(payload, secret)
     except TypeError as exc:

@@ -109,6 +109,8 @@ class _Call:
         args = [await _resolve(a) for a in self.args]
         kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
         payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
+        if handle.multiplexed_model_id:
+            payload["multiplexed_model_id"] = handle.multiplexed_model_id
         events = runtime.router.register(self.request_id)
         try:
             message: dict[str, Any] = dict(

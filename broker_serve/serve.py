@@ -2,6 +2,7 @@
 
 from ._ingress import ingress
 from .batching import batch
+from .multiplex import get_multiplexed_model_id, multiplexed
 from .api import (
     delete,
     get_app_handle,
@@ -32,8 +33,10 @@ __all__ = [
     "gRPCOptions",
     "get_app_handle",
     "get_deployment_handle",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "run",
     "shutdown",
     "start",
