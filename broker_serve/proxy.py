@@ -164,10 +164,13 @@ class Proxy:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def _match(self, scope: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         root_path = scope.get("root_path", "")
         path = scope["path"][len(root_path):] if scope["path"].startswith(root_path) else scope["path"]
-        matched = self.table.match(path or "/")
+        return self.table.match(path or "/")
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        matched = self._match(scope)
         if matched is None:
             await _plain(send, 404, f"Not Found: no application serves {scope['path']!r}.")
             return
@@ -188,15 +191,16 @@ class Proxy:
         events = self.router.register(request_id)
         timeout = self.options.request_timeout_s
         watch = _DisconnectWatch(receive) if not more_body else None
-        response = _ResponseState(send)
+        # Only a timeout needs to know whether the response started.
+        response = _ResponseState(send) if timeout else None
         try:
             await self._publish(scope, route, prefix, request_id, first, more_body, timeout)
             async with asyncio.timeout(timeout):
-                await self._relay(events, receive, response.send if timeout else send,
+                await self._relay(events, receive, response.send if response else send,
                                   more_body, len(first), request_id)
         except TimeoutError:
             self._cancel(request_id)
-            if response.started:
+            if response is not None and response.started:
                 raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
             await _plain(send, 408, f"Request Timeout: no complete response within {timeout}s.")
         except asyncio.CancelledError:
@@ -211,8 +215,7 @@ class Proxy:
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Pin a WebSocket session to the replica that accepts it and carry its frames."""
-        root_path = scope.get("root_path", "")
-        matched = self.table.match(scope["path"][len(root_path):] or "/")
+        matched = self._match(scope)
         if matched is None or not matched[1].get("ready"):
             await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
             return
@@ -221,14 +224,8 @@ class Proxy:
         events = self.router.register(request_id)
         session = WebSocketSession(self.broker, request_id, receive, send)
         try:
-            payload = {"scope": {
-                "path": scope["path"], "raw_path": scope.get("raw_path"),
-                "query_string": scope["query_string"], "headers": scope["headers"],
-                "root_path": root_path + prefix if prefix != "/" else root_path,
-                "http_version": scope.get("http_version", "1.1"), "scheme": scope["scheme"],
-                "client": scope.get("client"), "server": scope.get("server"),
-                "subprotocols": scope.get("subprotocols", []),
-            }}
+            payload = {"scope": {**_request_scope(scope, prefix),
+                                 "subprotocols": scope.get("subprotocols", [])}}
             await receive()  # websocket.connect: answered once the app accepts or refuses
             await self.broker.publish(
                 route["queue"], protocol.pack(payload), type=protocol.KIND_WEBSOCKET,
@@ -250,20 +247,8 @@ class Proxy:
     async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
                        request_id: str, body: bytes, more_body: bool,
                        timeout: float | None) -> None:
-        root_path = scope.get("root_path", "")
         payload = {
-            "scope": {
-                "method": scope["method"],
-                "path": scope["path"],
-                "raw_path": scope.get("raw_path"),
-                "query_string": scope["query_string"],
-                "headers": scope["headers"],
-                "root_path": root_path + prefix if prefix != "/" else root_path,
-                "http_version": scope["http_version"],
-                "scheme": scope["scheme"],
-                "client": scope.get("client"),
-                "server": scope.get("server"),
-            },
+            "scope": {"method": scope["method"], **_request_scope(scope, prefix)},
             "body": body,
             "more_body": more_body,
             "window": FLOW_WINDOW_BYTES,
@@ -311,7 +296,7 @@ class Proxy:
                     )
                 elif kind == protocol.START:
                     started = True
-                    credit = _Credit(self, event.get("inbox"), request_id)
+                    credit = _Credit(self.broker, event.get("inbox"), request_id)
                     await send({"type": "http.response.start", "status": event["status"],
                                 "headers": [tuple(h) for h in event.get("headers", ())]})
                     body = event.get("body", b"")
@@ -375,6 +360,23 @@ class Proxy:
                         media_type="application/json")
 
 
+def _request_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The `scope` map of a request message (docs/protocol.md): the client's ASGI scope with
+    the matched route prefix added to its root path."""
+    root_path = scope.get("root_path", "")
+    return {
+        "path": scope["path"],
+        "raw_path": scope.get("raw_path"),
+        "query_string": scope["query_string"],
+        "headers": scope["headers"],
+        "root_path": root_path + prefix if prefix != "/" else root_path,
+        "http_version": scope.get("http_version", "1.1"),
+        "scheme": scope["scheme"],
+        "client": scope.get("client"),
+        "server": scope.get("server"),
+    }
+
+
 def _take_waiting_bodies(events: Mailbox, event: dict[str, Any],
                          replica: str | None) -> tuple[bytes, bool]:
     """This body event joined with the body events of the same replica already waiting: a
@@ -396,8 +398,8 @@ class _Credit:
     """Grants a streaming replica more window as the client takes what it sent: the proxy
     never holds much more than FLOW_WINDOW_BYTES of one response."""
 
-    def __init__(self, proxy: Proxy, inbox: str | None, request_id: str) -> None:
-        self.proxy = proxy
+    def __init__(self, broker: Broker, inbox: str | None, request_id: str) -> None:
+        self.broker = broker
         self.inbox = inbox
         self.request_id = request_id
         self.owed = 0
@@ -406,7 +408,7 @@ class _Credit:
         self.owed += size
         if self.inbox and self.owed >= FLOW_WINDOW_BYTES // 2:
             owed, self.owed = self.owed, 0
-            await self.proxy.broker.publish(self.inbox, protocol.pack({"bytes": owed}),
+            await self.broker.publish(self.inbox, protocol.pack({"bytes": owed}),
                                             type=protocol.CREDIT,
                                             correlation_id=self.request_id)
 
