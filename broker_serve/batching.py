@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-_QUEUES_ATTRIBUTE = "_bs_batch_queues"
+from ._owner_state import OwnerState
 
 
 class _BatchQueue:
@@ -82,31 +81,14 @@ def batch(_func: Callable[..., Any] | None = None, *, max_batch_size: int = 10,
         raise ValueError("batch_wait_timeout_s must not be negative")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"@serve.batch needs an async function, got {func!r}")
-        takes_self = next(iter(inspect.signature(func).parameters), None) == "self"
+        queues = OwnerState("batch", func, lambda call: _BatchQueue(
+            call, max_batch_size, batch_wait_timeout_s))
 
         @functools.wraps(func)
         async def single(*args: Any) -> Any:
-            if takes_self:
-                owner, (item,) = args[0], args[1:]
-                call = functools.partial(func, owner)
-            else:
-                owner, (item,) = single, args
-                call = func
-            return await _queue(owner, func, call, max_batch_size,
-                                batch_wait_timeout_s).submit(item)
+            queue, (item,) = queues.split(single, args)
+            return await queue.submit(item)
 
         return single
 
     return decorate(_func) if _func is not None else decorate
-
-
-def _queue(owner: Any, func: Callable[..., Any], call: Callable[..., Any], max_batch_size: int,
-           timeout_s: float) -> _BatchQueue:
-    """The owner's queue for `func`, made on first use, in the process that serves it."""
-    queues = owner.__dict__.setdefault(_QUEUES_ATTRIBUTE, {})
-    if func not in queues:
-        queues[func] = _BatchQueue(call, max_batch_size, timeout_s)
-    queue: _BatchQueue = queues[func]
-    return queue

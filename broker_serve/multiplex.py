@@ -21,11 +21,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from ._owner_state import OwnerState
+
 HTTP_HEADER = b"serve_multiplexed_model_id"
 
 _model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "broker_serve_multiplexed_model_id", default="")
-_CACHES_ATTRIBUTE = "_bs_multiplexed_models"
 
 
 def get_multiplexed_model_id() -> str:
@@ -88,21 +89,14 @@ def multiplexed(_func: Callable[..., Any] | None = None, *,
     capacity = max_num_models_per_replica if max_num_models_per_replica > 0 else 2 ** 31
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        if not inspect.iscoroutinefunction(func):
-            raise TypeError(f"@serve.multiplexed needs an async function, got {func!r}")
-        takes_self = next(iter(inspect.signature(func).parameters), None) == "self"
+        caches = OwnerState("multiplexed", func, lambda loader: _ModelCache(loader, capacity))
 
         @functools.wraps(func)
         async def load(*args: Any) -> Any:
-            owner = args[0] if takes_self else load
-            model_id = args[-1]
+            cache, (model_id,) = caches.split(load, args)
             if not isinstance(model_id, str) or not model_id:
                 raise ValueError("a multiplexed model id must be a non-empty string")
-            caches = owner.__dict__.setdefault(_CACHES_ATTRIBUTE, {})
-            if func not in caches:
-                loader = functools.partial(func, owner) if takes_self else func
-                caches[func] = _ModelCache(loader, capacity)
-            return await caches[func].get(model_id)
+            return await cache.get(model_id)
 
         return load
 
