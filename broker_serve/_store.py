@@ -9,6 +9,8 @@ Writers are split so that no record has two owners:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import secrets
 import time
@@ -20,6 +22,8 @@ from redis.exceptions import RedisError
 
 from ._names import Names
 from .exceptions import ClusterUnavailable
+
+log = logging.getLogger("broker_serve.store")
 
 HEARTBEAT_TTL_S = 10.0
 
@@ -114,10 +118,6 @@ class Store:
         Pub/sub loses messages while disconnected, so the periodic call is what makes readers
         correct; the events only make them quick.
         """
-        import asyncio
-        import logging
-
-        log = logging.getLogger("broker_serve.store")
         backoff = 0.5
         while not stopping.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)

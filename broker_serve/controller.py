@@ -368,7 +368,7 @@ class Controller:
         current = await self.store.routes()
         if current.get("routes") != routes:
             table = {"version": int(current.get("version", 0)) + 1, "routes": routes}
-            await self.store.redis.set(self.names.routes, _dumps(table))
+            await self.store.redis.set(self.names.routes, orjson.dumps(table))
             await self.store.announce("routes")
 
 
@@ -383,9 +383,6 @@ def _app_status(deployments: dict[str, Any]) -> dict[str, str]:
     waiting = [d["message"] for d in deployments.values() if d["message"]]
     return {"status": "DEPLOYING", "message": waiting[0] if waiting else ""}
 
-
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
 
 
 def main(settings: Settings | None = None) -> None:
