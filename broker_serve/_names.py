@@ -20,6 +20,10 @@ class Names:
     def inbox(self, replica_id: str) -> str:
         return f"bs.{self.cluster}.inbox.{replica_id}"
 
+    def affinity_queue(self, replica_id: str) -> str:
+        """Requests for models this replica holds (docs/architecture.md, "Model affinity")."""
+        return f"bs.{self.cluster}.affinity.{replica_id}"
+
     def cancel_queue(self, replica_id: str) -> str:
         return f"bs.{self.cluster}.cancels.{replica_id}"
 

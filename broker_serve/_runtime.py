@@ -16,6 +16,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from ._affinity import AffinityTable
 from ._broker import Broker, ReplyRouter
 from ._settings import Settings
 from ._store import Store
@@ -40,6 +41,7 @@ class Runtime:
         self._owns_broker = broker is None
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"))
         self.secret = b""
+        self.affinity = AffinityTable()  # which replicas hold which multiplexed models
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._bounded: dict[tuple[str, str], tuple[float, bool]] = {}

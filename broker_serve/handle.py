@@ -109,13 +109,15 @@ class _Call:
         args = [await _resolve(a) for a in self.args]
         kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
         payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
-        if handle.multiplexed_model_id:
-            payload["multiplexed_model_id"] = handle.multiplexed_model_id
+        model_id = handle.multiplexed_model_id
+        if model_id:
+            payload["multiplexed_model_id"] = model_id
+        queue = runtime.names.request_queue(handle.app_name, handle.deployment_name)
+        affinity, chosen = runtime.affinity, None
         events = runtime.router.register(self.request_id)
         try:
             message: dict[str, Any] = dict(
-                routing_key=runtime.names.request_queue(handle.app_name, handle.deployment_name),
-                body=protocol.pack(payload), type=protocol.KIND_CALL,
+                routing_key=queue, body=protocol.pack(payload), type=protocol.KIND_CALL,
                 correlation_id=self.request_id, reply_to=runtime.router.queue_name,
                 headers=protocol.request_headers(), mandatory=True,
             )
@@ -124,6 +126,10 @@ class _Call:
                 # A full bounded queue refuses the call, and the caller must hear it.
                 accepted = await runtime.broker.publish_confirmed(**message)
             else:
+                if model_id and affinity.knows(queue):
+                    chosen = affinity.pick(queue, model_id)
+                    if chosen is not None:
+                        message["routing_key"] = runtime.names.affinity_queue(chosen)
                 await runtime.broker.publish(**message)
             self.published = accepted
             if not accepted:
@@ -132,8 +138,12 @@ class _Call:
                     "max_queued_requests waiting already; retry later",
                     deployment=f"{handle.app_name}/{handle.deployment_name}",
                     error_type="QueueFull")
+            first = True
             while True:
                 kind, event = await events.get()
+                if first and (chosen is not None or "models" in event):
+                    affinity.observe(queue, chosen, event)
+                first = False
                 if kind == protocol.ERROR:
                     self.items.put_nowait(self._error(event))
                     return
@@ -154,6 +164,8 @@ class _Call:
         except Exception as exc:  # handed to whoever awaits the response
             self.items.put_nowait(exc)
         finally:
+            if chosen is not None:
+                affinity.done(queue, chosen)
             runtime.router.unregister(self.request_id)
             self.items.put_nowait(_DONE)
 

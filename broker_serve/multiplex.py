@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,10 @@ from typing import Any
 from ._owner_state import OwnerState
 
 HTTP_HEADER = b"serve_multiplexed_model_id"
+# Set on a loader, so a replica can tell that its class is multiplexed (model affinity).
+LOADER_MARK = "__broker_serve_multiplexed__"
+
+_caches: weakref.WeakSet[_ModelCache] = weakref.WeakSet()  # every model cache of this process
 
 _model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "broker_serve_multiplexed_model_id", default="")
@@ -46,11 +51,23 @@ def model_id_from_headers(headers: list[tuple[bytes, bytes]]) -> str:
     return ""
 
 
+def is_multiplexed(cls: type) -> bool:
+    """Whether `cls` has a `@serve.multiplexed` method."""
+    return any(getattr(value, LOADER_MARK, False) for value in vars(cls).values()) or any(
+        is_multiplexed(base) for base in cls.__bases__ if base is not object)
+
+
+def loaded_model_ids() -> list[str]:
+    """The models this process holds, for the replica's replies (model affinity)."""
+    return [model_id for cache in _caches for model_id in cache.loaded()]
+
+
 class _ModelCache:
     def __init__(self, load: Callable[[str], Any], capacity: int) -> None:
         self._load = load
         self._capacity = capacity
         self._models: OrderedDict[str, asyncio.Future[Any]] = OrderedDict()
+        _caches.add(self)
 
     async def get(self, model_id: str) -> Any:
         future = self._models.get(model_id)
@@ -71,6 +88,10 @@ class _ModelCache:
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._models
+
+    def loaded(self) -> list[str]:
+        return [model_id for model_id, future in self._models.items()
+                if future.done() and not future.cancelled() and future.exception() is None]
 
 
 async def _unload(future: asyncio.Future[Any]) -> None:
@@ -98,6 +119,7 @@ def multiplexed(_func: Callable[..., Any] | None = None, *,
                 raise ValueError("a multiplexed model id must be a non-empty string")
             return await cache.get(model_id)
 
+        setattr(load, LOADER_MARK, True)
         return load
 
     return decorate(_func) if _func is not None else decorate

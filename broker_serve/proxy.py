@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from . import protocol
+from ._affinity import AffinityTable
 from ._broker import Broker, Mailbox, ReplyRouter
 from ._cancellation import cancel
 from ._websocket import WebSocketSession
@@ -31,6 +32,7 @@ from ._settings import CHUNK_BYTES, Settings
 from ._store import Store, now
 from .config import HTTPOptions
 from .exceptions import ClusterUnavailable
+from .multiplex import model_id_from_headers
 
 log = logging.getLogger("broker_serve.proxy")
 
@@ -77,6 +79,7 @@ class Proxy:
         self.broker = Broker(settings.amqp_url, f"proxy {self.proxy_id}")
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"))
         self.table = RouteTable()
+        self.affinity = AffinityTable()
         self.max_body = min(options.max_body_bytes, settings.max_body_bytes)
         self._ids = itertools.count()
         self._stopping = asyncio.Event()
@@ -193,11 +196,16 @@ class Proxy:
         watch = _DisconnectWatch(receive) if not more_body else None
         # Only a timeout needs to know whether the response started.
         response = _ResponseState(send) if timeout else None
+        queue, chosen = route["queue"], None
+        if self.affinity.knows(queue) and not route.get("bounded"):
+            model_id = model_id_from_headers(scope["headers"])
+            chosen = self.affinity.pick(queue, model_id) if model_id else None
         try:
-            await self._publish(scope, route, prefix, request_id, first, more_body, timeout)
+            await self._publish(scope, route, prefix, request_id, first, more_body, timeout,
+                                self.names.affinity_queue(chosen) if chosen else queue)
             async with asyncio.timeout(timeout):
                 await self._relay(events, receive, response.send if response else send,
-                                  more_body, len(first), request_id)
+                                  more_body, len(first), request_id, queue, chosen)
         except TimeoutError:
             self._cancel(request_id)
             if response is not None and response.started:
@@ -211,6 +219,8 @@ class Proxy:
         finally:
             if watch is not None:
                 watch.stop()
+            if chosen is not None:
+                self.affinity.done(queue, chosen)
             self.router.unregister(request_id)
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -246,7 +256,7 @@ class Proxy:
 
     async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
                        request_id: str, body: bytes, more_body: bool,
-                       timeout: float | None) -> None:
+                       timeout: float | None, queue: str) -> None:
         payload = {
             "scope": {"method": scope["method"], **_request_scope(scope, prefix)},
             "body": body,
@@ -257,7 +267,7 @@ class Proxy:
         if timeout is not None:  # a request that outlives its deadline in the queue never runs
             headers = protocol.request_headers(int((time.time() + timeout) * 1000))
             expiration = str(int(timeout * 1000))
-        body, queue = protocol.pack(payload), route["queue"]
+        body = protocol.pack(payload)
         if route.get("bounded"):
             if not await self.broker.publish_confirmed(
                 queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
@@ -273,8 +283,12 @@ class Proxy:
         )
 
     async def _relay(self, events: Mailbox, receive: Any, send: Any,
-                     more_body: bool, sent_bytes: int, request_id: str) -> None:
-        """Pass reply events to the client; upload the rest of the body once a replica asks."""
+                     more_body: bool, sent_bytes: int, request_id: str, queue: str,
+                     chosen: str | None) -> None:
+        """Pass reply events to the client; upload the rest of the body once a replica asks.
+
+        `queue` is the deployment's queue, and `chosen` the replica whose affinity queue the
+        request went to, if any: the first event tells what that replica and others hold."""
         replica: str | None = None
         started = False
         upload: asyncio.Task[str | None] | None = None
@@ -289,6 +303,8 @@ class Proxy:
                         await _plain(send, 502, "Bad Gateway: the replica died while "
                                                 "receiving the request body.")
                         return
+                if replica is None and (chosen is not None or "models" in event):
+                    self.affinity.observe(queue, chosen, event)
                 replica = event.get("replica", replica)
                 if kind == protocol.ACCEPTED and more_body and upload is None:
                     upload = asyncio.create_task(

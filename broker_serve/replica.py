@@ -24,7 +24,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
-from . import _ingress, protocol
+from . import _affinity, _ingress, multiplex, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
@@ -69,8 +69,11 @@ class Replica:
         self._cancel_queue: Any = None
         self._windows: dict[str, FlowWindow] = {}
         self._stopping = asyncio.Event()
-        self._consumer: RawConsumer | None = None
+        self._consumers: list[RawConsumer] = []
         self._inbox: Any = None
+        self._affinity_queue: Any = None
+        # For a multiplexed class: adds what the replica holds to a request's first reply event.
+        self._advertise_models: Any = None
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -121,15 +124,36 @@ class Replica:
                                                                auto_delete=True)
         await self._cancel_queue.bind(self.names.cancel_exchange)
         await consume_raw(inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
-        self._acks = AckBatcher(prefetch=self.config.max_ongoing_requests)
-        channel = await self.broker.channel(prefetch=self.config.max_ongoing_requests)
+        capacity = self.config.max_ongoing_requests
+        self._acks = AckBatcher(prefetch=capacity)
+        channel = await self.broker.channel(prefetch=capacity)
         queue = self.names.request_queue(self.app, self.deployment)
         await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
-        self._consumer = await consume_raw(channel, queue, self._on_request, no_ack=False)
+        if not self.servable.is_function and multiplex.is_multiplexed(
+                type(self.servable.target)):
+            await self._consume_affinity_queue(channel, queue, capacity)
+        self._consumers.append(await consume_raw(channel, queue, self._on_request, no_ack=False))
         await self._write_record("RUNNING")
         await self.store.announce("replicas")
         log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
                  self.deployment, os.getpid())
+
+    async def _consume_affinity_queue(self, channel: Any, shared_queue: str,
+                                      capacity: int) -> None:
+        """Model affinity (docs/architecture.md): requests for models this replica holds may
+        come to its own queue too, within one channel-wide prefetch of `capacity`."""
+        await channel.set_qos(prefetch_count=capacity, global_=True)
+        name = self.names.affinity_queue(self.replica_id)
+        # Held strongly: aio-pika re-declares it after a reconnect.
+        self._affinity_queue = await channel.declare_queue(
+            name, durable=True, arguments=_affinity.queue_arguments(shared_queue))
+        self._consumers.append(await consume_raw(channel, name, self._on_request, no_ack=False))
+
+        def advertise(fields: dict[str, Any]) -> None:
+            fields["models"] = multiplex.loaded_model_ids()
+            fields["capacity"] = capacity
+
+        self._advertise_models = advertise
 
     async def _construct(self, definition: dict[str, Any], executor: Any) -> Servable:
         target = definition["func_or_class"]
@@ -160,9 +184,9 @@ class Replica:
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)
         await self._safe_record("STOPPING")
-        if self._consumer is not None:
+        for consumer in self._consumers:
             try:
-                await asyncio.wait_for(self._consumer.cancel(), 5)
+                await asyncio.wait_for(consumer.cancel(), 5)
             except Exception as exc:  # broker away: closing the connection below stops it too
                 log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
         deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
@@ -267,8 +291,14 @@ class Replica:
             await self._reject(channel, tag, correlation_id)
             return
 
+        advertise = self._advertise_models
+
         async def publish(event: str, fields: dict[str, Any]) -> None:
+            nonlocal advertise
             fields["replica"] = self.replica_id
+            if advertise is not None:  # the first event of a multiplexed replica's reply
+                advertise(fields)
+                advertise = None
             await self.broker.publish(reply_to, protocol.pack(fields), type=event,
                                       correlation_id=correlation_id)
 

@@ -60,6 +60,8 @@ def cleanup_namespace(name: str) -> None:
 
             for dep in orjson.loads(record).get("deployments", {}):
                 queues.add(f"bs.{name}.{app.decode()}.{dep}")
+    for replica_id in client.hkeys(f"bs:{name}:replicas"):
+        queues.add(f"bs.{name}.affinity.{replica_id.decode()}")
     keys = list(client.scan_iter(match=f"bs:{name}:*", count=1000))
     if keys:
         client.delete(*keys)
