@@ -27,7 +27,7 @@ from ._local import LocalCluster
 from ._runtime import Runtime, current_runtime, get_runtime, reset_runtime
 from ._signing import dumps_signed
 from ._store import now
-from .config import HTTPOptions
+from .config import LIVE_OPTIONS, HTTPOptions, user_config_hash
 from .context import _in_replica
 from .deployment import Application, Deployment
 from .exceptions import DeployFailed
@@ -180,11 +180,13 @@ def _build(app: Application, name: str, route_prefix: str | None,
     for node in nodes:
         dep_name, dep = dep_names[id(node)], node.deployment
         _pickle_user_module_by_value(dep.func_or_class)
+        config = dep.config.model_dump(mode="json")
         definition = {
             "func_or_class": dep.func_or_class,
             "args": to_handle(list(node.args)),
             "kwargs": to_handle(dict(node.kwargs)),
-            "config": dep.config.model_dump(mode="json"),
+            # The live options are read from the app record, so changing them keeps the version.
+            "config": {k: v for k, v in config.items() if k not in LIVE_OPTIONS},
         }
         pickled, sig = dumps_signed(definition, runtime.secret)
         version = hashlib.sha256(pickled).hexdigest()[:16]
@@ -196,11 +198,13 @@ def _build(app: Application, name: str, route_prefix: str | None,
             "queue": runtime.names.request_queue(name, dep_name),
             "num_replicas": dep.config.target_replicas(),
             "graceful_shutdown_timeout_s": dep.config.graceful_shutdown_timeout_s,
-            "config": dep.config.model_dump(mode="json"),
+            "config": config,
+            "user_config_hash": user_config_hash(config.get("user_config")),
         }
     ingress = dep_names[id(app)]
+    # The app's version covers the live options too, so serve.run waits until they apply.
     version = hashlib.sha256(orjson.dumps([route_prefix, sorted(
-        (d, v["version"]) for d, v in deployments.items())])).hexdigest()[:16]
+        (d, v["version"], v["config"]) for d, v in deployments.items())])).hexdigest()[:16]
     record = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
               "version": version, "deployments": deployments, "deployed_at": now()}
     return record, specs

@@ -6,11 +6,12 @@ Names and defaults follow Ray Serve 2.x so that existing programs and configs po
 from __future__ import annotations
 
 import enum
+import hashlib
+import importlib
 import os
 from typing import Any
 
-import importlib
-
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -50,6 +51,19 @@ class AutoscalingConfig(BaseModel):
         if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
             raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
         return self
+
+
+# Options that running replicas take on without a restart: changing only these keeps the
+# deployment's version, so its replicas stay (docs/architecture.md, "Updates").
+LIVE_OPTIONS = frozenset({
+    "num_replicas", "autoscaling_config", "user_config", "graceful_shutdown_wait_loop_s",
+    "graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s",
+})
+
+
+def user_config_hash(user_config: Any) -> str:
+    """What replicas report once `reconfigure()` took this user_config."""
+    return hashlib.sha256(orjson.dumps(user_config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 class DeploymentConfig(BaseModel):

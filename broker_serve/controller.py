@@ -159,8 +159,11 @@ class Controller:
             state = record.get("state")
             stale = (state == "RUNNING" and not is_alive
                      and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S)
-            if state in ("FAILED", "DEAD") or replica_id not in assigned or stale:
-                if state == "FAILED":
+            if state in ("FAILED", "DEAD", "UNHEALTHY") or replica_id not in assigned or stale:
+                if state == "UNHEALTHY":
+                    log.warning("replica %s is unhealthy (%s); replacing it", replica_id,
+                                record.get("message"))
+                elif state == "FAILED":
                     key = (record["app"], record["deployment"], record.get("version", ""))
                     self._failures[key] += 1
                     log.warning("replica %s failed: %s", replica_id, record.get("message"))
@@ -230,14 +233,18 @@ class Controller:
             current.remove(extra)
             mine.remove(extra)
         running = sum(1 for r in current if r.get("state") == "RUNNING")
+        # A new user_config is applied by reconfigure() on the live replicas; until each says
+        # so, the deployment is UPDATING.
+        reconfiguring = any(r.get("user_config_hash") != dep.get("user_config_hash")
+                            for r in current if r.get("state") == "RUNNING")
         if running >= target:
             for record in old:
                 await self._remove_replica(record["replica_id"], record, None)
                 mine.remove(record)
             old = []
             self._failures.pop((app, name, version), None)
-        status = "UNHEALTHY" if failed else ("HEALTHY" if running >= target and not old
-                                             else "UPDATING")
+        settled = running >= target and not old and not reconfiguring
+        status = "UNHEALTHY" if failed else ("HEALTHY" if settled else "UPDATING")
         return {
             "name": name,
             "status": status,

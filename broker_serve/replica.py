@@ -30,19 +30,23 @@ from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
 from .handle import calls_of_current_request
 from ._execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
-from ._lifecycle import heartbeat_loop, stop_on_signals
+from ._lifecycle import heartbeat_loop, sleep_or_stop, stop_on_signals
 from ._logging import setup_logging
 from ._runtime import install_replica_runtime
 from ._settings import Settings
 from ._signing import loads_signed
 from ._store import Store, now
-from .config import DeploymentConfig
+from .config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from .context import ReplicaContext, _set_replica_context
 from .exceptions import ProtocolError
 
 log = logging.getLogger("broker_serve.replica")
 
 HEARTBEAT_INTERVAL_S = 2.0
+CONFIG_REFRESH_S = 5.0
+# A request delivered this often died with its replica every time: it is not tried again.
+MAX_DELIVERIES = 4
+DELIVERY_COUNT_TTL_S = 3600
 
 
 class Replica:
@@ -59,6 +63,8 @@ class Replica:
         self.inbox_name = self.names.inbox(replica_id)
         self.servable: Servable | None = None
         self.config = DeploymentConfig()
+        self.user_config_hash = ""
+        self._reconfiguring = asyncio.Lock()
         self.secret = b""
         self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -103,7 +109,10 @@ class Replica:
             if path not in sys.path:
                 sys.path.insert(0, path)
         definition = loads_signed(spec["pickled"], spec["sig"], self.secret)
-        self.config = DeploymentConfig.model_validate(definition["config"])
+        # The live options come from the app record: they change without a new version.
+        self.config = DeploymentConfig.model_validate(
+            {**definition["config"], **await self._live_options()})
+        self.user_config_hash = user_config_hash(self.config.model_dump(mode="json")["user_config"])
         executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
                                       thread_name_prefix="user")
         asyncio.get_running_loop().set_default_executor(executor)
@@ -179,7 +188,88 @@ class Replica:
             self._cancelled.prune()
             await self.store.heartbeat(self.names.replica_alive(self.replica_id))
 
-        await heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)
+        watchers = [
+            asyncio.create_task(self.store.watch_events(self._on_event, CONFIG_REFRESH_S,
+                                                        self._stopping)),
+            asyncio.create_task(self._health_loop()),
+        ]
+        try:
+            await heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    # live options and health -------------------------------------------------------------------
+    async def _live_options(self) -> dict[str, Any]:
+        record = await self.store.get_one(self.names.apps, self.app) or {}
+        config = record.get("deployments", {}).get(self.deployment, {}).get("config", {})
+        return {k: v for k, v in config.items() if k in LIVE_OPTIONS}
+
+    async def _on_event(self, event: str | None) -> None:
+        """Take on changed live options; a new user_config goes to `reconfigure()`."""
+        if event not in (None, "apps"):
+            return
+        live = await self._live_options()
+        if not live:
+            return  # the app is being deleted: the controller stops this replica
+        async with self._reconfiguring:
+            config = DeploymentConfig.model_validate(
+                {**self.config.model_dump(exclude=set(LIVE_OPTIONS)), **live})
+            wanted = user_config_hash(config.model_dump(mode="json")["user_config"])
+            self.config = config
+            if wanted == self.user_config_hash:
+                return
+            try:
+                await self._call_user("reconfigure", config.user_config)
+            except Exception as exc:
+                log.error("reconfigure() failed:\n%s", traceback.format_exc())
+                await self._unhealthy(f"reconfigure() failed: {type(exc).__name__}: {exc}")
+                return
+            self.user_config_hash = wanted
+            log.info("replica %s took the new user_config", self.replica_id)
+            await self._write_record("RUNNING")
+            await self.store.announce("replicas")
+
+    async def _call_user(self, method: str, *args: Any) -> Any:
+        """Call a lifecycle method of the user's class, if it has it; sync ones off the loop."""
+        assert self.servable is not None
+        func = None if self.servable.is_function else getattr(self.servable.target, method, None)
+        if func is None:
+            return None
+        if inspect.iscoroutinefunction(func):
+            return await func(*args)
+        result = await asyncio.get_running_loop().run_in_executor(None, func, *args)
+        return await result if inspect.isawaitable(result) else result
+
+    async def _health_loop(self) -> None:
+        """Call `check_health()` every health_check_period_s; a failure or a timeout gets this
+        replica replaced."""
+        assert self.servable is not None
+        if self.servable.is_function or not hasattr(self.servable.target, "check_health"):
+            return
+        while not self._stopping.is_set():
+            await sleep_or_stop(self._stopping, self.config.health_check_period_s)
+            if self._stopping.is_set():
+                return
+            timeout = self.config.health_check_timeout_s
+            try:
+                await asyncio.wait_for(self._call_user("check_health"), timeout)
+            except asyncio.TimeoutError:
+                await self._unhealthy(f"check_health() did not return within {timeout}s")
+                return
+            except Exception as exc:
+                await self._unhealthy(f"check_health() failed: {type(exc).__name__}: {exc}")
+                return
+
+    async def _unhealthy(self, message: str) -> None:
+        """Ask to be replaced: the controller starts another replica and stops this one."""
+        log.error("replica %s is unhealthy: %s", self.replica_id, message)
+        await self._safe_record("UNHEALTHY", message[:500])
+        try:
+            await self.store.announce("replicas")
+        except Exception:
+            pass
 
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)
@@ -215,7 +305,7 @@ class Replica:
         await self.store.update(
             self.names.replicas, self.replica_id, replica_id=self.replica_id, app=self.app,
             deployment=self.deployment, version=self.version, state=state, message=message,
-            pid=os.getpid(), updated=now(),
+            pid=os.getpid(), updated=now(), user_config_hash=self.user_config_hash,
         )
 
     async def _safe_record(self, state: str, message: str = "") -> None:
@@ -303,6 +393,12 @@ class Replica:
                                       correlation_id=correlation_id)
 
         stream = ReplyStream(publish)
+        if message.delivery.redelivered and await self._delivered_too_often(correlation_id):
+            await stream.error(502, "RequestKilledReplicas",
+                               f"the request ran {MAX_DELIVERIES - 1} times and its replica "
+                               "died each time; it was dead-lettered, not retried")
+            await self._reject(channel, tag, correlation_id)
+            return
         try:
             if correlation_id in self._cancelled:
                 raise ProtocolError("the request was cancelled before it ran", status=499,
@@ -331,6 +427,22 @@ class Replica:
             self._acks.finished(channel, tag)
         else:
             await self._reject(channel, tag, correlation_id)
+
+    async def _delivered_too_often(self, correlation_id: str) -> bool:
+        """Count a redelivery. Only redeliveries pay this Redis round trip; a replica that dies
+        with its requests (or stops before finishing them) causes them."""
+        key = self.names.key("deliveries", correlation_id)
+        try:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                count, _ = await pipe.incr(key).expire(key, DELIVERY_COUNT_TTL_S).execute()
+        except Exception as exc:  # Redis away: serving goes on without the bound
+            log.warning("could not count the deliveries of %s: %s", correlation_id, exc)
+            return False
+        if int(count) + 1 >= MAX_DELIVERIES:
+            log.error("request %s was delivered %d times; dead-lettering it", correlation_id,
+                      int(count) + 1)
+            return True
+        return False
 
     async def _reject(self, channel: Any, tag: int, correlation_id: str) -> None:
         """Settle without a reply: dead-lettered to `bs.<cluster>.dead`."""
