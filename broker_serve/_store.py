@@ -98,14 +98,17 @@ class Store:
         return orjson.loads(raw) if raw else {"version": 0, "routes": {}}
 
     # liveness ---------------------------------------------------------------------------------
-    async def heartbeat(self, key: str, ttl_s: float = HEARTBEAT_TTL_S) -> None:
-        await self.redis.set(key, str(os.getpid()), px=int(ttl_s * 1000))
+    async def heartbeat(self, key: str, value: str | None = None,
+                        ttl_s: float = HEARTBEAT_TTL_S) -> None:
+        """Say this process lives; `value` (default: the pid) is for whoever reads it."""
+        await self.redis.set(key, value or str(os.getpid()), px=int(ttl_s * 1000))
 
     async def alive(self, keys: list[str]) -> list[bool]:
-        if not keys:
-            return []
-        values = await self.redis.mget(keys)
-        return [value is not None for value in values]
+        return [value is not None for value in await self.heartbeats(keys)]
+
+    async def heartbeats(self, keys: list[str]) -> list[bytes | None]:
+        """The value of each heartbeat key, None where it expired."""
+        return list(await self.redis.mget(keys)) if keys else []
 
     # change notification --------------------------------------------------------------------
     async def announce(self, event: str) -> None:

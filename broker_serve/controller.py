@@ -20,10 +20,12 @@ from typing import Any
 import aiormq
 import orjson
 
+from ._autoscaler import Autoscaler
 from ._broker import Broker
 from ._lifecycle import stop_on_signals
 from ._settings import Settings
 from ._store import Store, now
+from .config import AutoscalingConfig
 
 log = logging.getLogger("broker_serve.controller")
 
@@ -47,6 +49,7 @@ class Controller:
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._failures: Counter[tuple[str, str, str]] = Counter()
         self._last_error: dict[tuple[str, str], str] = {}
+        self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -153,9 +156,11 @@ class Controller:
         for node_id in nodes:
             for replica_id in await self.store.redis.hkeys(self.names.node_assignments(node_id)):
                 assigned[replica_id.decode()] = node_id
-        alive = await self.store.alive([self.names.replica_alive(r) for r in records])
+        beats = await self.store.heartbeats([self.names.replica_alive(r) for r in records])
         live = {}
-        for (replica_id, record), is_alive in zip(records.items(), alive):
+        for (replica_id, record), beat in zip(records.items(), beats):
+            is_alive = beat is not None
+            record["ongoing"] = int(beat) if beat is not None and beat.isdigit() else 0
             state = record.get("state")
             stale = (state == "RUNNING" and not is_alive
                      and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S)
@@ -212,6 +217,9 @@ class Controller:
         version, target = dep["version"], int(dep["num_replicas"])
         current = [r for r in mine if r.get("version") == version]
         old = [r for r in mine if r.get("version") != version]
+        autoscaler = await self._autoscale(app, name, dep, mine)
+        if autoscaler is not None:
+            target = autoscaler.target
         failures = self._failures[(app, name, version)]
         failed = failures >= MAX_START_FAILURES
         message = ""
@@ -245,14 +253,60 @@ class Controller:
             self._failures.pop((app, name, version), None)
         settled = running >= target and not old and not reconfiguring
         status = "UNHEALTHY" if failed else ("HEALTHY" if settled else "UPDATING")
+        scaling: dict[str, Any] = {}
+        if autoscaler is not None:
+            if status == "UPDATING" and not old and not reconfiguring:
+                status = "UPSCALING" if running < target else "DOWNSCALING"
+            scaling = {"autoscaling": {"target_replicas": target, "last_decision":
+                                       autoscaler.reason},
+                       "status_trigger": "AUTOSCALING"}
+            message = message or autoscaler.reason
         return {
             "name": name,
             "status": status,
             "message": message,
             "replica_states": dict(Counter(r.get("state", "PENDING") for r in mine)),
-            "ready": any(r.get("state") == "RUNNING" for r in mine),
+            # An autoscaled deployment takes requests at zero replicas: they wait in its
+            # queue, and the wait starts a replica.
+            "ready": autoscaler is not None or any(r.get("state") == "RUNNING" for r in mine),
             "target_replicas": target,
+            **scaling,
         }
+
+    async def _autoscale(self, app: str, name: str, dep: dict[str, Any],
+                         mine: list[dict[str, Any]]) -> Autoscaler | None:
+        """Sample the deployment's load when due and return its autoscaler, if it has one."""
+        raw = dep.get("config", {}).get("autoscaling_config")
+        key = (app, name)
+        if raw is None:
+            self._autoscalers.pop(key, None)
+            return None
+        config = AutoscalingConfig.model_validate(raw)
+        autoscaler = self._autoscalers.get(key)
+        if autoscaler is None or autoscaler.config != config:
+            if autoscaler is not None:
+                start = autoscaler.target
+            elif mine:  # a controller taking over: keep what runs
+                start = len(mine)
+            else:
+                start = config.initial_replicas if config.initial_replicas is not None \
+                    else config.min_replicas
+            start = max(config.min_replicas, min(config.max_replicas, start))
+            autoscaler = self._autoscalers[key] = Autoscaler(config, start)
+        clock = time.monotonic()
+        if autoscaler.due(clock):
+            try:
+                queued = await self._ready_messages(dep["queue"])
+            except Exception as exc:  # no sample this time; the broker is away
+                log.warning("could not read the depth of %s: %s", dep["queue"], exc)
+                return autoscaler
+            ongoing = sum(int(r.get("ongoing", 0)) for r in mine)
+            before = autoscaler.target
+            autoscaler.observe(clock, queued, ongoing)
+            autoscaler.decide(clock)
+            if autoscaler.target != before:
+                log.info("autoscaling %s/%s: %s", app, name, autoscaler.reason)
+        return autoscaler
 
     async def _start_replica(self, app: str, deployment: str, version: str, dep: dict[str, Any],
                              nodes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -328,6 +382,8 @@ class Controller:
                                    by_deployment: dict[tuple[str, str], list[dict[str, Any]]]
                                    ) -> None:
         leftovers = {app for app, _ in by_deployment} - set(apps)
+        for key in [key for key in self._autoscalers if key[0] not in apps]:
+            del self._autoscalers[key]
         for (app, _), records in by_deployment.items():
             if app not in apps:
                 for record in records:
@@ -385,7 +441,7 @@ def _app_status(deployments: dict[str, Any]) -> dict[str, str]:
         failed = next(d for d in deployments.values() if d["status"] == "UNHEALTHY")
         return {"status": "DEPLOY_FAILED",
                 "message": f"Deployment {failed['name']!r} failed: {failed['message']}"}
-    if all(state == "HEALTHY" for state in states):
+    if all(state in ("HEALTHY", "UPSCALING", "DOWNSCALING") for state in states):
         return {"status": "RUNNING", "message": ""}
     waiting = [d["message"] for d in deployments.values() if d["message"]]
     return {"status": "DEPLOYING", "message": waiting[0] if waiting else ""}

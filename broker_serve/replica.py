@@ -186,7 +186,9 @@ class Replica:
     async def main_loop(self) -> None:
         async def beat() -> None:
             self._cancelled.prune()
-            await self.store.heartbeat(self.names.replica_alive(self.replica_id))
+            # Its value is the number of requests running: the autoscaler's ongoing load.
+            await self.store.heartbeat(self.names.replica_alive(self.replica_id),
+                                       str(len(self._tasks)))
 
         watchers = [
             asyncio.create_task(self.store.watch_events(self._on_event, CONFIG_REFRESH_S,
@@ -194,7 +196,9 @@ class Replica:
             asyncio.create_task(self._health_loop()),
         ]
         try:
-            await heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)
+            auto = self.config.autoscaling_config
+            interval = min(HEARTBEAT_INTERVAL_S, auto.metrics_interval_s if auto else 1e9)
+            await heartbeat_loop(beat, interval, self._stopping)
         finally:
             for task in watchers:
                 task.cancel()

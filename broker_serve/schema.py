@@ -21,6 +21,8 @@ class DeploymentStatus(str, enum.Enum):
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
+    UPSCALING = "UPSCALING"
+    DOWNSCALING = "DOWNSCALING"
 
 
 class ReplicaState(str, enum.Enum):
@@ -66,7 +68,7 @@ class ServeStatus(BaseModel):
             deployments = {
                 dep: DeploymentStatusOverview(
                     status=d["status"], replica_states=d.get("replica_states", {}),
-                    message=d.get("message", ""),
+                    message=d.get("message", ""), status_trigger=d.get("status_trigger", ""),
                 )
                 for dep, d in record.get("deployments", {}).items()
             }
