@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import click
+import orjson
 import yaml
 
 from ._logging import setup_logging
@@ -83,12 +84,22 @@ def _stored_http_options(settings: Settings) -> Any:
 @cli.command(help="Run a worker node that hosts replica processes.")
 @click.option("--node-id", default=None, help="Stable id of this node [default: host-pid].")
 @click.option("--num-cpus", type=float, default=None, help="CPUs to offer [default: all].")
-def worker(node_id: str | None, num_cpus: float | None) -> None:
+@click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs to offer.")
+@click.option("--resources", default="{}", show_default=True,
+              help='Custom resources to offer, as JSON: \'{"model_slot": 4}\'.')
+def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resources: str) -> None:
     from . import worker as module
 
+    try:
+        offered = {"GPU": num_gpus, **orjson.loads(resources)} if num_gpus else \
+            dict(orjson.loads(resources))
+        offered = {str(name): float(amount) for name, amount in offered.items()}
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise click.BadParameter(f"expected a JSON object of numbers: {exc}",
+                                 param_hint="--resources") from exc
     settings = _settings()
     setup_logging(settings.log_level, "worker")
-    module.main(settings, node_id, num_cpus)
+    module.main(settings, node_id, num_cpus, offered)
 
 
 # local clusters -----------------------------------------------------------------------------

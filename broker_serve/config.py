@@ -81,6 +81,30 @@ class DeploymentConfig(BaseModel):
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     ray_actor_options: dict[str, Any] = Field(default_factory=dict)
+    # A plainer spelling of what a replica needs from its node: {"CPU": 2, "model_slot": 1}.
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+
+    @field_validator("ray_actor_options")
+    @classmethod
+    def _actor_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in ("num_cpus", "num_gpus", "memory"):
+            amount = value.get(name)
+            if amount is not None and (not isinstance(amount, (int, float)) or amount < 0):
+                raise ValueError(f"ray_actor_options.{name} must be a number >= 0")
+        custom = value.get("resources") or {}
+        if not isinstance(custom, dict) or not all(
+                isinstance(v, (int, float)) and v >= 0 for v in custom.values()):
+            raise ValueError("ray_actor_options.resources must map names to numbers >= 0")
+        return value
+
+    def replica_resources(self) -> dict[str, float]:
+        """What one replica needs from its node. Unlike Ray, nothing by default: replicas are
+        processes that share their node's CPUs unless they ask for a share."""
+        options = self.ray_actor_options
+        wanted = {"CPU": options.get("num_cpus"), "GPU": options.get("num_gpus"),
+                  "memory": options.get("memory"), **(options.get("resources") or {}),
+                  **self.resources}
+        return {name: float(amount) for name, amount in wanted.items() if amount}
 
     @field_validator("max_queued_requests")
     @classmethod

@@ -25,7 +25,7 @@ from ._broker import Broker
 from ._lifecycle import stop_on_signals
 from ._settings import Settings
 from ._store import Store, now
-from .config import AutoscalingConfig
+from .config import AutoscalingConfig, DeploymentConfig
 
 log = logging.getLogger("broker_serve.controller")
 
@@ -50,6 +50,7 @@ class Controller:
         self._failures: Counter[tuple[str, str, str]] = Counter()
         self._last_error: dict[tuple[str, str], str] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
+        self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -231,11 +232,16 @@ class Controller:
             if not nodes:
                 message = "Waiting for a worker node to place replicas on."
             for _ in range(target - len(current)):
-                record = await self._start_replica(app, name, version, dep, nodes)
+                record, why = await self._start_replica(app, name, version, dep, nodes)
                 if record is None:
+                    message = message or why
                     break
                 current.append(record)
                 mine.append(record)
+        if message != self._unplaceable.get((app, name), "") and not failed:
+            if message:
+                log.warning("%s/%s: %s", app, name, message)
+            self._unplaceable[(app, name)] = message
         for extra in sorted(current, key=lambda r: r.get("state") == "RUNNING")[target:]:
             await self._remove_replica(extra["replica_id"], extra, None)
             current.remove(extra)
@@ -309,13 +315,17 @@ class Controller:
         return autoscaler
 
     async def _start_replica(self, app: str, deployment: str, version: str, dep: dict[str, Any],
-                             nodes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-        node_id = await self._place(nodes)
+                             nodes: dict[str, dict[str, Any]]
+                             ) -> tuple[dict[str, Any] | None, str]:
+        """Assign a new replica to a node; or None and why it fits on none."""
+        request = DeploymentConfig.model_validate(dep["config"]).replica_resources()
+        node_id, why = await self._place(nodes, app, deployment, request)
         if node_id is None:
-            return None
+            return None, why
         replica_id = f"{app}#{deployment}#{secrets.token_urlsafe(6)}"
         assignment = {"app": app, "deployment": deployment, "version": version,
-                      "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0)}
+                      "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0),
+                      "resources": request}
         record = {"replica_id": replica_id, "app": app, "deployment": deployment,
                   "version": version, "node": node_id, "state": "PENDING",
                   "start_time": now(), "updated": now()}
@@ -323,14 +333,37 @@ class Controller:
         await self.store.put(self.names.node_assignments(node_id), replica_id, assignment)
         await self.store.announce(f"node:{node_id}")
         log.info("starting replica %s on node %s", replica_id, node_id)
-        return record
+        return record, ""
 
-    async def _place(self, nodes: dict[str, dict[str, Any]]) -> str | None:
-        """The live node running the fewest replicas: spreads a deployment across nodes."""
+    async def _place(self, nodes: dict[str, dict[str, Any]], app: str, deployment: str,
+                     request: dict[str, float]) -> tuple[str | None, str]:
+        """Among the live nodes with `request` free, the one with the fewest replicas of this
+        deployment, then the fewest replicas: spreads a deployment across nodes."""
         if not nodes:
-            return None
-        loads = {n: await self.store.redis.hlen(self.names.node_assignments(n)) for n in nodes}
-        return min(loads, key=lambda n: (loads[n], n))
+            return None, "Waiting for a worker node to place replicas on."
+        chosen, chosen_rank = None, None
+        frees = {}
+        for node_id, node in nodes.items():
+            assigned = await self.store.get_all(self.names.node_assignments(node_id))
+            free = dict(node.get("resources", {}))
+            same = 0
+            for assignment in assigned.values():
+                for name, amount in (assignment.get("resources") or {}).items():
+                    free[name] = free.get(name, 0.0) - amount
+                same += (assignment["app"], assignment["deployment"]) == (app, deployment)
+            frees[node_id] = free
+            if all(free.get(name, 0.0) >= amount - 1e-9 for name, amount in request.items()):
+                rank = (same, len(assigned), node_id)
+                if chosen_rank is None or rank < chosen_rank:
+                    chosen, chosen_rank = node_id, rank
+        if chosen is not None:
+            return chosen, ""
+        free_text = "; ".join(
+            f"{node_id}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()))
+            for node_id, free in sorted(frees.items()))
+        wanted = ", ".join(f"{k}={v:g}" for k, v in sorted(request.items()))
+        return None, (f"Waiting for resources: a replica needs {wanted}, and no live node has "
+                      f"that free ({free_text}).")
 
     async def _declare(self, queue: str, bound: int) -> str:
         """Declare a request queue with its arguments; returns why it could not, or ""."""

@@ -194,5 +194,5 @@ class WorkerNode:
 
 
 def main(settings: Settings | None = None, node_id: str | None = None,
-         num_cpus: float | None = None) -> None:
-    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus).run())
+         num_cpus: float | None = None, resources: dict[str, float] | None = None) -> None:
+    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources).run())
