@@ -10,6 +10,7 @@ from .exceptions import (
     DeployFailed,
     ProtocolError,
     RayServeException,
+    UndecodableValue,
     UntrustedPayload,
 )
 
@@ -21,6 +22,7 @@ __all__ = [
     "DeployFailed",
     "ProtocolError",
     "RayServeException",
+    "UndecodableValue",
     "UntrustedPayload",
     "__version__",
     "serve",

@@ -3,7 +3,8 @@
     BrokerServeError
      ├── RayServeException        an error in a deployment, re-raised in the caller
      ├── ProtocolError             a message broke docs/protocol.md
-     │    └── UntrustedPayload     a pickle whose signature does not verify
+     │    ├── UntrustedPayload     a signed payload whose signature does not verify
+     │    └── UndecodableValue     a typed value that does not decode to what it claims
      ├── ClusterUnavailable        RabbitMQ or Redis cannot be reached
      └── DeployFailed              serve.run could not bring an application up
 
@@ -39,6 +40,11 @@ class ProtocolError(BrokerServeError):
 class UntrustedPayload(ProtocolError):
     def __init__(self, message: str) -> None:
         super().__init__(message, status=403, error="UntrustedPayload")
+
+
+class UndecodableValue(ProtocolError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, status=400, error="UndecodableValue")
 
 
 class ClusterUnavailable(BrokerServeError):

@@ -15,7 +15,7 @@ from typing import Any
 from . import protocol
 from ._cancellation import cancel
 from ._runtime import Runtime, current_runtime, get_runtime
-from ._signing import pack_call, unpack_value
+from ._signing import carries_value, pack_call, unpack_value
 from .exceptions import RayServeException
 
 _DONE = object()
@@ -149,7 +149,7 @@ class _Call:
                     return
                 if kind != protocol.RESULT:
                     continue
-                if "value" in event or "pickled" in event:
+                if carries_value(event):
                     self.items.put_nowait(unpack_value(event, runtime.secret))
                 if not event.get("more", False):
                     return

@@ -40,12 +40,15 @@ def test_non_map_bodies_are_refused():
         protocol.decode_map(protocol.pack([1, 2]))
 
 
-def test_plain_arguments_travel_as_msgpack_and_others_signed():
+def test_plain_arguments_travel_as_msgpack_typed_ones_typed_and_others_signed():
     secret = b"k" * 32
     assert pack_call((1, "a"), {"b": [1.5]}, secret) == {"args": [1, "a"], "kwargs": {"b": [1.5]}}
-    signed = pack_call(((1, 2),), {}, secret)  # a tuple would come back a list: pickle it
+    typed = pack_call(((1, 2),), {}, secret)  # a tuple would come back a list as plain data
+    assert set(typed) == {"data"}
+    assert unpack_call(typed, secret) == (((1, 2),), {})
+    signed = pack_call(({1, 2},), {}, secret)  # a set has no typed form
     assert set(signed) == {"pickled", "sig"}
-    assert unpack_call(signed, secret) == (((1, 2),), {})
+    assert unpack_call(signed, secret) == (({1, 2},), {})
 
 
 def test_tampered_or_unsigned_pickles_are_never_loaded():
