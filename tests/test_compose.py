@@ -1,0 +1,375 @@
+"""docker-compose.yml and the operator files in deploy/.
+
+No Docker engine runs on the test machines. So the first test starts every service built from
+this repository as Compose would (tests/compose_local.py), scaled to two proxies and two workers,
+with the machine's RabbitMQ and Redis in place of the compose ones, and drives requests through
+both proxies. The others check the compose file, the images, the load balancer, Prometheus and
+the Grafana dashboard against each other, and run `docker compose config`, `haproxy -c` and
+`promtool` where those are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+import pytest
+import redis
+import requests
+import yaml
+
+from .compose_local import (
+    COMPOSE_FILE,
+    Image,
+    LocalCompose,
+    built_services,
+    depends_on,
+    dockerfile_instructions,
+    exec_form,
+    exposed_ports,
+    load_compose,
+)
+from .conftest import REDIS_URL, ROOT
+
+DEPLOY = ROOT / "deploy"
+HISTOGRAMS = {
+    "broker_serve_proxy_request_duration_seconds",
+    "broker_serve_replica_processing_seconds",
+    "broker_serve_replica_queue_wait_seconds",
+    "broker_serve_replica_batch_size",
+}
+# The metrics each process serves, and where (the contract the metrics code implements).
+METRICS = HISTOGRAMS | {
+    "broker_serve_proxy_requests_total",
+    "broker_serve_proxy_inflight_requests",
+    "broker_serve_proxy_open_streams",
+    "broker_serve_proxy_open_websockets",
+    "broker_serve_proxy_backpressure_rejections_total",
+    "broker_serve_replica_ongoing_requests",
+    "broker_serve_replica_errors_total",
+    "broker_serve_replica_model_loads_total",
+    "broker_serve_controller_queue_depth",
+    "broker_serve_controller_replicas",
+    "broker_serve_controller_autoscaling_decisions_total",
+    "broker_serve_controller_is_leader",
+}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose()
+
+
+def _port_flag(command: list[str]) -> int:
+    return int(command[command.index("--port") + 1])
+
+
+# the compose services, started locally ----------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_services_start_and_serve_scaled(cluster, tmp_path, compose):
+    stack = LocalCompose(compose, cluster.name, tmp_path, scale={"proxy": 2, "worker": 2})
+    try:
+        stack.up()
+        proxies = [f"http://127.0.0.1:{p.ports[8000]}" for p in stack.instances["proxy"]]
+        for url in proxies:
+            _wait_for_app(stack, url)
+
+        replicas = set()
+        for n, url in enumerate(proxies):
+            for i in range(8):
+                answer = requests.get(f"{url}/", params={"name": f"p{n}-{i}"}, timeout=10)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["message"] == f"Hello, p{n}-{i}!"
+                replicas.add(answer.json()["replica"])
+        assert len(replicas) == 2, replicas  # examples/hello.py asks for two replicas
+        stream = requests.get(f"{proxies[1]}/stream", params={"count": 3}, timeout=10)
+        assert stream.text == "0\n1\n2\n"
+
+        workers = {f"{socket.gethostname()}-{w.process.pid}" for w in stack.instances["worker"]
+                   if w.process is not None}
+        assert _nodes_of(cluster.name, replicas) == workers  # one replica on each worker
+        for service, definition in built_services(compose).items():
+            if "healthcheck" in definition:
+                assert stack.healthy(service), f"{service}'s healthcheck fails"
+        stack.assert_running()
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        stack.down()
+    deadline = time.monotonic() + 10
+    while stack.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not stack.leftovers(), "processes of the namespace outlived the stack"
+
+
+def _wait_for_app(stack: LocalCompose, url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack.assert_running()
+        try:
+            if requests.get(f"{url}/", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not serve the example within {timeout}s")
+
+
+def _nodes_of(cluster: str, replica_ids: set[str]) -> set[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        records = client.hgetall(f"bs:{cluster}:replicas")
+    finally:
+        client.close()
+    return {orjson.loads(raw)["node"] for rid, raw in records.items()
+            if rid.decode() in replica_ids}
+
+
+# the compose file ------------------------------------------------------------------------------
+def test_compose_file_structure(compose):
+    services = compose["services"]
+    assert {"rabbitmq", "redis", "controller", "proxy", "worker", "app", "loadbalancer",
+            "prometheus", "grafana"} <= services.keys()
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+    for name, service in built_services(compose).items():
+        assert isinstance(service.get("command"), list) and service["command"], name
+        env = service["environment"]
+        assert _host(env["BROKER_SERVE_AMQP_URL"]) == "rabbitmq", name
+        assert _host(env["BROKER_SERVE_REDIS_URL"]) == "redis", name
+        assert env["BROKER_SERVE_CLUSTER"] == services["controller"]["environment"][
+            "BROKER_SERVE_CLUSTER"], f"{name} is in another cluster"
+    for name in ("proxy", "worker"):  # scalable with --scale
+        assert "container_name" not in services[name], name
+        assert "ports" not in services[name], name
+    assert _port_flag(services["proxy"]["command"]) in exposed_ports(services["proxy"])
+
+    assert "management" in services["rabbitmq"]["image"]
+    redis_command = services["redis"]["command"]
+    assert redis_command[redis_command.index("--appendonly") + 1] == "yes"
+    for name in ("rabbitmq", "redis"):
+        assert services[name]["healthcheck"]["test"], name
+        assert any(v.split(":")[0] in compose["volumes"] for v in services[name]["volumes"]), name
+
+    for name, service in services.items():
+        for dependency, condition in depends_on(service).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            assert condition in ("service_started", "service_healthy",
+                                 "service_completed_successfully"), (name, condition)
+            if condition == "service_healthy":
+                assert "healthcheck" in services[dependency], (name, dependency)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (ROOT / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in (compose.get("volumes") or {}), f"{name}: undeclared {source}"
+    for name in ("rabbitmq", "redis"):
+        assert depends_on(services["controller"])[name] == "service_healthy"
+    # `broker-serve run` starts a cluster of its own when no controller leads: it must wait.
+    assert depends_on(services["app"])["controller"] == "service_healthy"
+    assert depends_on(services["app"])["worker"] == "service_healthy"  # replicas spread
+
+
+def _host(url: str) -> str | None:
+    return urlsplit(url).hostname
+
+
+def test_example_is_deployed_as_the_serve_config_says(compose):
+    command = compose["services"]["app"]["command"]
+    assert command[0] == "run"
+    config = yaml.safe_load((DEPLOY / "serve-config.yaml").read_text())
+    (application,) = config["applications"]
+    assert application["import_path"] == command[1]
+    assert application["name"] == command[command.index("--name") + 1]
+    assert config["http_options"]["port"] == _port_flag(compose["services"]["proxy"]["command"])
+
+
+def test_docker_compose_config_accepts_the_file():
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"],
+                                        capture_output=True).returncode != 0:
+        pytest.skip("the docker compose plugin is not installed")
+    check = subprocess.run([docker, "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert check.returncode == 0, check.stderr
+
+
+# the images ------------------------------------------------------------------------------------
+def test_one_image_with_an_entrypoint_per_role(compose):
+    image = Image.from_dockerfile()
+    assert image.entrypoint == ["broker-serve"]
+    steps = dockerfile_instructions(ROOT / "Dockerfile")
+    assert any(k == "RUN" and "pip install" in a for k, a in steps)
+    copied = " ".join(a for k, a in steps if k == "COPY")
+    for path in ("pyproject.toml", "broker_serve", "examples", "deploy/healthcheck.py"):
+        assert path in copied, path
+    services = compose["services"]
+    for name in built_services(compose):
+        assert services[name]["image"] == services["controller"]["image"], name
+    # proxy/ and workers/ build the same image with their role as its default command.
+    for folder, service in (("proxy", "proxy"), ("workers", "worker")):
+        steps = dockerfile_instructions(ROOT / folder / "Dockerfile")
+        cmd = exec_form(next(a for k, a in steps if k == "CMD"))
+        assert cmd == services[service]["command"], folder
+        healthcheck = next(a for k, a in steps if k == "HEALTHCHECK")
+        health = exec_form(healthcheck.split("CMD", 1)[1].strip())
+        assert health == services[service]["healthcheck"]["test"][1:], folder
+
+
+# the load balancer -----------------------------------------------------------------------------
+def test_load_balancer_fronts_every_proxy_on_port_8000(compose):
+    services = compose["services"]
+    balancer = services["loadbalancer"]
+    assert "haproxy" in balancer["image"]
+    (mount,) = [v for v in balancer["volumes"] if "haproxy.cfg" in v]
+    config = (ROOT / mount.split(":")[0]).read_text()
+    (published,) = balancer["ports"]
+    host_port, container_port = (int(p) for p in str(published).split(":"))
+    assert host_port == 8000
+    assert re.search(rf"^\s*bind\s+:{container_port}\s*$", config, re.M)
+    template = re.search(r"^\s*server-template\s+\S+\s+(\d+)\s+([\w.-]+):(\d+)", config, re.M)
+    assert template, "no server-template for the scaled proxies"
+    assert template.group(2) == "proxy"
+    assert int(template.group(3)) == _port_flag(services["proxy"]["command"])
+    assert re.search(r"^\s*nameserver\s+\S+\s+127\.0\.0\.11:53", config, re.M)  # Docker's DNS
+    assert "/-/healthz" in config
+
+
+def test_haproxy_accepts_its_config():
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    check = subprocess.run([haproxy, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Prometheus ------------------------------------------------------------------------------------
+def test_prometheus_finds_every_instance_through_dns(compose):
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    (mount,) = [v for v in prometheus["volumes"] if v.endswith("prometheus.yml:ro")]
+    source, target = mount.split(":")[:2]
+    assert f"--config.file={target}" in prometheus["command"]
+    config = yaml.safe_load((ROOT / source).read_text())
+    jobs = {}
+    for job in config["scrape_configs"]:
+        for sd in job.get("dns_sd_configs", []):
+            assert sd["type"] == "A"
+            for name in sd["names"]:
+                jobs[name] = (job.get("metrics_path", "/metrics"), sd["port"])
+    controller_env = services["controller"]["environment"]
+    assert controller_env["BROKER_SERVE_DASHBOARD_HOST"] == "0.0.0.0"
+    scraped = {  # where each process serves its metrics
+        "proxy": ("/-/metrics", _port_flag(services["proxy"]["command"])),
+        "worker": ("/metrics", 9500),
+        "controller": ("/metrics", int(controller_env["BROKER_SERVE_DASHBOARD_PORT"])),
+    }
+    for service, (path, port) in scraped.items():
+        assert jobs.get(service) == (path, port), service
+        assert port in exposed_ports(services[service]), service
+
+
+def test_promtool_accepts_the_config_and_the_dashboard_queries(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    check = subprocess.run([promtool, "check", "config", "--syntax-only",
+                            str(DEPLOY / "prometheus" / "prometheus.yml")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Each panel query as a recording rule, with Grafana's variables filled in.
+    rules = [{"record": f"dashboard:query{n}", "expr": expr.replace("$__rate_interval", "1m")
+              .replace("$application", ".*")} for n, expr in enumerate(_dashboard_queries())]
+    path = tmp_path / "queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Grafana ---------------------------------------------------------------------------------------
+def _grafana_mounts(compose: dict[str, Any]) -> dict[str, Path]:
+    mounts = {}
+    for volume in compose["services"]["grafana"]["volumes"]:
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose):
+    services = compose["services"]
+    mounts = _grafana_mounts(compose)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasources = [d for f in sorted((provisioning / "datasources").glob("*.yml"))
+                   for d in yaml.safe_load(f.read_text())["datasources"]]
+    (prometheus,) = [d for d in datasources if d["type"] == "prometheus"]
+    assert prometheus["url"] == "http://prometheus:9090"
+    assert any(str(p).endswith(":9090") for p in services["prometheus"]["ports"])
+
+    providers = [p for f in sorted((provisioning / "dashboards").glob("*.yml"))
+                 for p in yaml.safe_load(f.read_text())["providers"]]
+    (provider,) = providers
+    dashboards = mounts[provider["options"]["path"]]
+    assert sorted(p.name for p in dashboards.glob("*.json")) == ["broker-serve.json"]
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/broker-serve.json"
+
+
+def test_grafana_dashboard_charts_the_metrics(compose):
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "broker-serve.json").read_text())
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    expressions = []
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        assert panel["datasource"]["uid"] == "prometheus", panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "prometheus", panel["title"]
+            expressions.append(target["expr"])
+            for metric in re.findall(r"\bbroker_serve_\w+", target["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", metric)
+                assert metric in METRICS or (base in HISTOGRAMS and metric != base), (
+                    f"{panel['title']}: unknown metric {metric}"
+                )
+    for variable in dashboard["templating"]["list"]:
+        assert variable["datasource"]["uid"] == "prometheus"
+    _assert_panels_do_not_overlap(dashboard["panels"])
+
+    text = "\n".join(expressions)
+    assert re.search(r"rate\(broker_serve_proxy_requests_total", text)  # request rate
+    for quantile in ("0.5", "0.95", "0.99"):  # latency percentiles
+        assert f"histogram_quantile({quantile}, sum by (le) " \
+               "(rate(broker_serve_proxy_request_duration_seconds_bucket" in text
+    assert 'status=~"5.."' in text and "broker_serve_replica_errors_total" in text  # errors
+    for metric in ("broker_serve_controller_queue_depth", "broker_serve_controller_replicas",
+                   "broker_serve_controller_autoscaling_decisions_total"):
+        assert metric in text, metric
+
+
+def _assert_panels_do_not_overlap(panels: list[dict[str, Any]]) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
+def _dashboard_queries() -> list[str]:
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "broker-serve.json").read_text())
+    return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
