@@ -95,6 +95,26 @@ class Names:
         return self.key("http_options")
 
     @property
+    def deploy_config(self) -> str:
+        """String: JSON ServeDeploySchema last applied through the REST API."""
+        return self.key("deploy_config")
+
+    @property
+    def app_builds(self) -> str:
+        """Hash: app name -> JSON state of a config application being built or failed to."""
+        return self.key("app_builds")
+
+    @property
+    def deploy_lock(self) -> str:
+        """String with a TTL: held while a config is applied or a deployment scaled."""
+        return self.key("deploy_lock")
+
+    @property
+    def seeded(self) -> str:
+        """Marker: this Redis holds the cluster's state (gone after an empty restart)."""
+        return self.key("seeded")
+
+    @property
     def controller_lease(self) -> str:
         return self.key("controller", "lease")
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_CLUSTER = "default"
+DEFAULT_DASHBOARD_HOST = "127.0.0.1"
+DEFAULT_DASHBOARD_PORT = 8265
 
 # Bodies travel in chunks of this size (docs/protocol.md, "Chunking").
 CHUNK_BYTES = 1024 * 1024
@@ -28,6 +30,12 @@ class Settings:
     cluster: str = DEFAULT_CLUSTER
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_level: str = "INFO"
+    # The controller's REST API (docs/architecture.md, "Declarative configs and the REST API").
+    dashboard_host: str = DEFAULT_DASHBOARD_HOST
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT
+    # Where a config's import paths are imported from (controller) and replicas run (worker
+    # node); None means the process's working directory.
+    app_dir: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -39,6 +47,10 @@ class Settings:
             "cluster": env.get("BROKER_SERVE_CLUSTER", DEFAULT_CLUSTER),
             "max_body_bytes": int(env.get("BROKER_SERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
             "log_level": env.get("BROKER_SERVE_LOG_LEVEL", "INFO"),
+            "dashboard_host": env.get("BROKER_SERVE_DASHBOARD_HOST", DEFAULT_DASHBOARD_HOST),
+            "dashboard_port": int(env.get("BROKER_SERVE_DASHBOARD_PORT",
+                                          DEFAULT_DASHBOARD_PORT)),
+            "app_dir": env.get("BROKER_SERVE_APP_DIR") or None,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -56,4 +68,7 @@ class Settings:
             "BROKER_SERVE_CLUSTER": self.cluster,
             "BROKER_SERVE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "BROKER_SERVE_LOG_LEVEL": self.log_level,
+            "BROKER_SERVE_DASHBOARD_HOST": self.dashboard_host,
+            "BROKER_SERVE_DASHBOARD_PORT": str(self.dashboard_port),
+            **({"BROKER_SERVE_APP_DIR": self.app_dir} if self.app_dir else {}),
         }

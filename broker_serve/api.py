@@ -17,6 +17,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Callable, Collection
 from typing import Any
 
 import cloudpickle
@@ -24,10 +25,12 @@ import orjson
 
 from . import protocol
 from ._local import LocalCluster
+from ._names import Names
 from ._runtime import Runtime, current_runtime, get_runtime, reset_runtime
 from ._signing import dumps_signed
-from ._store import now
-from .config import LIVE_OPTIONS, HTTPOptions, user_config_hash
+from ._status import read_status
+from ._store import Store, now
+from .config import LIVE_OPTIONS, HTTPOptions, ProxyLocation, user_config_hash
 from .context import _in_replica
 from .deployment import Application, Deployment
 from .exceptions import DeployFailed
@@ -68,7 +71,8 @@ def _start_local_cluster(runtime: Runtime, http_options: HTTPOptions | None) -> 
         stored = runtime.run_sync(runtime.store.redis.get(runtime.names.http_options))
         http_options = HTTPOptions.model_validate_json(stored) if stored else HTTPOptions()
     log.info("no broker-serve cluster %r answers; starting a local one", runtime.settings.cluster)
-    cluster = LocalCluster(runtime.settings, http_options.host, http_options.port)
+    cluster = LocalCluster(runtime.settings, http_options.host, http_options.port,
+                           proxy=http_options.location != ProxyLocation.Disabled)
     cluster.start()
     _local_cluster = cluster
     atexit.register(_stop_local_cluster)
@@ -97,11 +101,17 @@ def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached:
           proxy_location: Any = None, grpc_options: Any = None, **kwargs: Any) -> None:
     """Connect to (or start) a cluster with these HTTP options.
 
-    `detached`, `proxy_location` and `grpc_options` are accepted so Ray programs port; proxies
-    run where `broker-serve proxy` is started, and there is no gRPC proxy yet.
+    `proxy_location` (or `http_options["location"]`) says where proxies run: HeadOnly, the
+    proxy of the cluster `serve.start` started (plus nodes started with `--proxy`); EveryNode,
+    one on every worker node too; Disabled, none. `detached` and `grpc_options` are accepted so
+    Ray programs port: a cluster always outlives its drivers' connections, and there is no gRPC
+    proxy yet.
     """
     options = (http_options if isinstance(http_options, HTTPOptions)
                else HTTPOptions.model_validate(http_options or {}))
+    if proxy_location is not None:  # Ray 2.x's spelling of http_options["location"]
+        options = options.model_copy(
+            update={"location": HTTPOptions.model_validate({"location": proxy_location}).location})
     _connect(options)
 
 
@@ -122,7 +132,7 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
     _check_app_name(name)
     _check_route_prefix(route_prefix)
     runtime = _connect()
-    record, specs = _build(target, name, route_prefix, runtime)
+    record, specs = _build(target, name, route_prefix, runtime.names, runtime.secret)
     runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
     _started_apps.add(name)
     handle = DeploymentHandle(record["ingress"], name)
@@ -148,9 +158,16 @@ def _check_route_prefix(prefix: str | None) -> None:
         raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
 
 
-def _build(app: Application, name: str, route_prefix: str | None,
-           runtime: Runtime) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """The application record and the signed definition of each deployment."""
+def _build(app: Application, name: str, route_prefix: str | None, names: Names, secret: bytes,
+           *, reference: Callable[[Any], Any] | None = None, sys_path: list[str] | None = None
+           ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The application record and the signed definition of each deployment.
+
+    A driver's own modules travel by value. An application a config names (`_build_app.py`)
+    passes `reference`, which gives what to pickle in place of each class or function (an
+    import reference, so worker nodes import the user's code), and the `sys_path` its replicas
+    need.
+    """
     nodes = app.walk()
     dep_names: dict[int, str] = {}
     taken: set[str] = set()
@@ -174,40 +191,45 @@ def _build(app: Application, name: str, route_prefix: str | None,
             return {k: to_handle(v) for k, v in value.items()}
         return value
 
-    sys_path = _driver_paths()
+    sys_path = _driver_paths() if sys_path is None else sys_path
     deployments: dict[str, Any] = {}
     specs: dict[str, bytes] = {}
     for node in nodes:
         dep_name, dep = dep_names[id(node)], node.deployment
-        _pickle_user_module_by_value(dep.func_or_class)
+        if reference is None:
+            _pickle_user_module_by_value(dep.func_or_class)
         config = dep.config.model_dump(mode="json")
         definition = {
-            "func_or_class": dep.func_or_class,
+            "func_or_class": reference(dep.func_or_class) if reference else dep.func_or_class,
             "args": to_handle(list(node.args)),
             "kwargs": to_handle(dict(node.kwargs)),
             # The live options are read from the app record, so changing them keeps the version.
             "config": {k: v for k, v in config.items() if k not in LIVE_OPTIONS},
         }
-        pickled, sig = dumps_signed(definition, runtime.secret)
+        pickled, sig = dumps_signed(definition, secret)
         version = hashlib.sha256(pickled).hexdigest()[:16]
-        specs[runtime.names.spec(name, dep_name, version)] = protocol.pack(
+        specs[names.spec(name, dep_name, version)] = protocol.pack(
             {"pickled": pickled, "sig": sig, "sys_path": sys_path}
         )
         deployments[dep_name] = {
             "version": version,
-            "queue": runtime.names.request_queue(name, dep_name),
+            "queue": names.request_queue(name, dep_name),
             "num_replicas": dep.config.target_replicas(),
             "graceful_shutdown_timeout_s": dep.config.graceful_shutdown_timeout_s,
             "config": config,
             "user_config_hash": user_config_hash(config.get("user_config")),
         }
     ingress = dep_names[id(app)]
-    # The app's version covers the live options too, so serve.run waits until they apply.
-    version = hashlib.sha256(orjson.dumps([route_prefix, sorted(
-        (d, v["version"], v["config"]) for d, v in deployments.items())])).hexdigest()[:16]
     record = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
-              "version": version, "deployments": deployments, "deployed_at": now()}
+              "version": _app_version(route_prefix, deployments), "deployments": deployments,
+              "deployed_at": now()}
     return record, specs
+
+
+def _app_version(route_prefix: str | None, deployments: dict[str, Any]) -> str:
+    # The app's version covers the live options too, so serve.run waits until they apply.
+    return hashlib.sha256(orjson.dumps([route_prefix, sorted(
+        (d, v["version"], v["config"]) for d, v in deployments.items())])).hexdigest()[:16]
 
 
 def _driver_paths() -> list[str]:
@@ -237,18 +259,28 @@ def _pickle_user_module_by_value(target: Any) -> None:
 
 
 async def _deploy(runtime: Runtime, record: dict[str, Any], specs: dict[str, bytes]) -> None:
-    store, names = runtime.store, runtime.names
+    await _write_app(runtime.store, record, specs)
+    await _wait_running(runtime, record["name"], record["version"])
+    if record["route_prefix"] is not None:
+        await _wait_proxies(runtime, record["name"], record["route_prefix"])
+
+
+async def _write_app(store: Store, record: dict[str, Any], specs: dict[str, bytes],
+                     replacing: Collection[str] = ()) -> None:
+    """Make an application desired: its specs, then its record. `serve.run` and a config's
+    PUT both deploy through here. `replacing` names applications being rewritten alongside,
+    whose route prefixes do not count as taken."""
+    names = store.names
     name, prefix = record["name"], record["route_prefix"]
     for other, app in (await store.apps()).items():
-        if other != name and prefix is not None and app.get("route_prefix") == prefix:
+        if other != name and other not in replacing and prefix is not None \
+                and app.get("route_prefix") == prefix:
             raise ValueError(f"route_prefix {prefix!r} is already used by application {other!r}")
     for key, blob in specs.items():
         await store.redis.set(key, blob)
     await store.put(names.apps, name, record)
+    await store.delete_field(names.app_builds, name)  # a failed config build is superseded
     await store.announce("apps")
-    await _wait_running(runtime, name, record["version"])
-    if prefix is not None:
-        await _wait_proxies(runtime, name, prefix)
 
 
 async def _wait_running(runtime: Runtime, name: str, version: str) -> None:
@@ -308,11 +340,17 @@ def delete(name: str, _blocking: bool = True) -> None:
     async def remove() -> None:
         store = runtime.store
         await store.delete_field(store.names.apps, name)
+        await store.delete_field(store.names.app_builds, name)
         await store.announce("apps")
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while _blocking and time.monotonic() < deadline:
             if await store.get_one(store.names.key("app_status"), name) is None:
                 await _wait_proxies(runtime, name, None)
+                return
+            if not await store.redis.exists(store.names.controller_lease):
+                # No controller to act on it now: the next one to lead will.
+                log.warning("no controller is running; application %r is deleted from the "
+                            "desired state and stops when a controller leads again", name)
                 return
             await asyncio.sleep(0.05)
 
@@ -323,18 +361,7 @@ def delete(name: str, _blocking: bool = True) -> None:
 def status() -> ServeStatus:
     runtime = _connect(start_if_missing=False)
 
-    async def read() -> ServeStatus:
-        store = runtime.store
-        statuses = await store.app_statuses()
-        apps = await store.apps()
-        statuses = {name: s for name, s in statuses.items() if name in apps}
-        for name in apps.keys() - statuses.keys():
-            statuses[name] = {"status": "DEPLOYING", "message": "waiting for the controller"}
-        proxies = await store.get_all(store.names.proxies)
-        alive = await store.alive([store.names.proxy_alive(p) for p in proxies])
-        return ServeStatus.from_records(statuses, dict(zip(proxies, alive)))
-
-    return runtime.run_sync(read())
+    return runtime.run_sync(read_status(runtime.store))
 
 
 def shutdown() -> None:

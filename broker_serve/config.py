@@ -156,6 +156,14 @@ class HTTPOptions(BaseModel):
     middlewares: list[MiddlewareSpec] = Field(default_factory=list)
     location: ProxyLocation = ProxyLocation.HeadOnly
 
+    @field_validator("location", mode="before")
+    @classmethod
+    def _location(cls, value: Any) -> Any:
+        # Ray 1.x spelled "no proxy" as "NoServer" or None.
+        if value is None or value == "NoServer" or value == "DeploymentMode.NoServer":
+            return ProxyLocation.Disabled
+        return getattr(value, "value", value)
+
     @field_validator("middlewares", mode="before")
     @classmethod
     def _middleware_specs(cls, value: Any) -> Any:

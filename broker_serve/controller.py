@@ -23,13 +23,15 @@ import orjson
 from ._autoscaler import Autoscaler
 from ._broker import Broker
 from ._lifecycle import stop_on_signals
+from ._reseed import StateCopy
 from ._settings import Settings
 from ._store import Store, now
 from .config import AutoscalingConfig, DeploymentConfig
+from .rest import serve_rest_api
 
 log = logging.getLogger("broker_serve.controller")
 
-LEASE_MS = 10_000
+LEASE_MS = 4_000  # a standby takes over within about this long
 RECONCILE_PERIOD_S = 1.0
 MAX_START_FAILURES = 3
 HEARTBEAT_GRACE_S = 12.0
@@ -51,6 +53,10 @@ class Controller:
         self._last_error: dict[tuple[str, str], str] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
         self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
+        self._state = StateCopy()
+        self._copied_at = -1e9
+        # After writing the state back, heartbeats need a moment to reappear.
+        self._restored_at = -1e9
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
 
@@ -75,9 +81,12 @@ class Controller:
         await channel.declare_queue(self.names.dead_letters, durable=True)
         await channel.declare_exchange(self.names.cancel_exchange, "fanout", durable=True)
         self._channel = channel
+        # Waits for its port in the background while another controller on this host has it.
+        self._rest = await serve_rest_api(self.settings, self.store)
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
 
     async def shutdown(self) -> None:
+        await self._rest.stop()
         if self.leader:
             try:
                 if await self.store.redis.get(self.names.controller_lease) == \
@@ -95,7 +104,12 @@ class Controller:
         async with self._lock:
             try:
                 if await self._hold_lease():
+                    if await self._state.restore_if_lost(self.store):
+                        self._restored_at = time.monotonic()
                     await self.reconcile()
+                if time.monotonic() - self._copied_at >= RECONCILE_PERIOD_S:
+                    self._copied_at = time.monotonic()
+                    await self._state.take(self.store)
             except Exception:
                 log.exception("reconcile failed; retrying on the next tick")
 
@@ -140,8 +154,9 @@ class Controller:
         nodes = await self.store.get_all(self.names.nodes)
         alive = await self.store.alive([self.names.node_alive(n) for n in nodes])
         live = {}
+        settling = time.monotonic() - self._restored_at < HEARTBEAT_GRACE_S
         for (node_id, record), is_alive in zip(nodes.items(), alive):
-            if is_alive:
+            if is_alive or settling:
                 live[node_id] = record
                 continue
             log.warning("worker node %s missed its heartbeats; dropping it and its replicas",
@@ -164,7 +179,8 @@ class Controller:
             record["ongoing"] = int(beat) if beat is not None and beat.isdigit() else 0
             state = record.get("state")
             stale = (state == "RUNNING" and not is_alive
-                     and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S)
+                     and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S
+                     and time.monotonic() - self._restored_at > HEARTBEAT_GRACE_S)
             if state in ("FAILED", "DEAD", "UNHEALTHY") or replica_id not in assigned or stale:
                 if state == "UNHEALTHY":
                     log.warning("replica %s is unhealthy (%s); replacing it", replica_id,

@@ -12,12 +12,14 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import socket
 import time
 from typing import Any
 
 import orjson
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -27,6 +29,8 @@ from . import protocol
 from ._affinity import AffinityTable
 from ._broker import Broker, Mailbox, ReplyRouter
 from ._cancellation import cancel
+from ._logging import AccessLog
+from ._metrics import ProxyMetrics
 from ._websocket import WebSocketSession
 from ._settings import CHUNK_BYTES, Settings
 from ._store import Store, now
@@ -40,6 +44,9 @@ ROUTE_REFRESH_S = 2.0
 # What a replica may send ahead of a client, per response (docs/protocol.md, "Flow control").
 # Two chunks keep the pipe full; a stalled client costs the proxy at most about this much.
 FLOW_WINDOW_BYTES = 2 * CHUNK_BYTES
+# A client's X-Request-Id is taken as the request's id if it is this (printable ASCII, no
+# spaces, at most 128 bytes); otherwise the proxy's own id is.
+_CLIENT_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
 class QueueFull(Exception):
@@ -85,9 +92,15 @@ class Proxy:
         self._stopping = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
-        self._version_header = protocol.request_headers()
+        self.metrics = ProxyMetrics()
+        self._inflight = self._streams = self._websockets = 0
+        self.metrics.inflight.set_function(lambda: self._inflight)
+        self.metrics.open_streams.set_function(lambda: self._streams)
+        self.metrics.open_websockets.set_function(lambda: self._websockets)
+        self.access = AccessLog(_access_text, _access_fields)
         self._internal = Starlette(routes=[
             Route("/-/healthz", self._healthz),
+            Route("/-/metrics", self._metrics),
             Route("/-/routes", self._routes),
             Route("/-/routes/detail", self._routes_detail),
         ])
@@ -105,6 +118,7 @@ class Proxy:
 
     async def shutdown(self) -> None:
         self._stopping.set()
+        self.access.flush()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
         try:
@@ -123,12 +137,15 @@ class Proxy:
             return
         try:
             table = await self.store.routes()
-            if table.get("version", 0) != self.table.version:
+            # No table at all: Redis restarted empty. Keep serving the cached routes until a
+            # controller writes them back.
+            if table.get("version", 0) and table["version"] != self.table.version:
                 self.table.load(table)
                 log.info("routes v%d: %s", self.table.version, sorted(self.table.routes))
             await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
             await self.store.put(self.names.proxies, self.proxy_id, {
                 "proxy_id": self.proxy_id, "host": self.options.host, "port": self.options.port,
+                "hostname": socket.gethostname(),
                 "pid": os.getpid(), "routes_version": self.table.version, "updated": now(),
             })
         except Exception as exc:  # keep serving the cached routes while Redis is away
@@ -147,16 +164,31 @@ class Proxy:
         if scope["path"].startswith("/-/"):
             await self._internal(scope, receive, send)
             return
+        exchange = _Exchange(send)
+        self._inflight += 1
         try:
-            await self._forward(scope, receive, send)
+            await self._forward(scope, receive, exchange)
         except ReplicaChanged:
             raise
         except ClusterUnavailable as exc:
-            await _plain(send, 503, f"Service Unavailable: {exc}")
+            await _plain(exchange.send, 503, f"Service Unavailable: {exc}")
         except QueueFull as exc:
-            await _plain(send, 503, f"Service Unavailable: application {exc} has "
-                                    "max_queued_requests waiting already; retry later.",
+            self.metrics.rejected(exchange.app)
+            await _plain(exchange.send, 503, f"Service Unavailable: application {exc} has "
+                                             "max_queued_requests waiting already; retry later.",
                          extra_headers=[(b"retry-after", b"1")])
+        finally:
+            self._inflight -= 1
+            self._finished(scope, exchange)
+
+    def _finished(self, scope: dict[str, Any], exchange: _Exchange) -> None:
+        """One request's metrics and log line: a counter, a histogram, a list append."""
+        seconds = time.perf_counter() - exchange.arrived
+        status = exchange.status or 499  # nothing was sent: the client left first
+        self.metrics.observe(exchange.app, exchange.route, status, seconds)
+        if self.access.enabled:
+            self.access.add((scope["method"], scope["path"], status, seconds,
+                             exchange.request_id, exchange.app, exchange.route))
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -172,17 +204,23 @@ class Proxy:
         path = scope["path"][len(root_path):] if scope["path"].startswith(root_path) else scope["path"]
         return self.table.match(path or "/")
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _forward(self, scope: dict[str, Any], receive: Any, exchange: _Exchange) -> None:
+        # The correlation id is always the proxy's own, so it is unique; a client's
+        # X-Request-Id, if it sent one, is the id logged, returned and passed on.
+        request_id = f"{self.proxy_id}-{next(self._ids)}"
+        length, client_id = _scan_headers(scope["headers"])
+        exchange.request_id = client_id or request_id
+        send = exchange.send
         matched = self._match(scope)
         if matched is None:
             await _plain(send, 404, f"Not Found: no application serves {scope['path']!r}.")
             return
         prefix, route = matched
+        exchange.route, exchange.app = prefix, route["app"]
         if not route.get("ready"):
             reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
             await _plain(send, 503, f"Service Unavailable: {reason}")
             return
-        length = _content_length(scope)
         if length is not None and length > self.max_body:
             await _plain(send, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
             return
@@ -190,25 +228,23 @@ class Proxy:
             first, more_body = await _read_chunk(receive)
         except ClientGone:
             return  # nothing was published, so there is nothing to cancel
-        request_id = f"{self.proxy_id}-{next(self._ids)}"
         events = self.router.register(request_id)
         timeout = self.options.request_timeout_s
         watch = _DisconnectWatch(receive) if not more_body else None
-        # Only a timeout needs to know whether the response started.
-        response = _ResponseState(send) if timeout else None
         queue, chosen = route["queue"], None
         if self.affinity.knows(queue) and not route.get("bounded"):
             model_id = model_id_from_headers(scope["headers"])
             chosen = self.affinity.pick(queue, model_id) if model_id else None
         try:
             await self._publish(scope, route, prefix, request_id, first, more_body, timeout,
-                                self.names.affinity_queue(chosen) if chosen else queue)
+                                self.names.affinity_queue(chosen) if chosen else queue,
+                                client_id)
             async with asyncio.timeout(timeout):
-                await self._relay(events, receive, response.send if response else send,
-                                  more_body, len(first), request_id, queue, chosen)
+                await self._relay(events, receive, send, more_body, len(first), request_id,
+                                  queue, chosen)
         except TimeoutError:
             self._cancel(request_id)
-            if response is not None and response.started:
+            if exchange.started:
                 raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
             await _plain(send, 408, f"Request Timeout: no complete response within {timeout}s.")
         except asyncio.CancelledError:
@@ -233,6 +269,8 @@ class Proxy:
         request_id = f"{self.proxy_id}-{next(self._ids)}"
         events = self.router.register(request_id)
         session = WebSocketSession(self.broker, request_id, receive, send)
+        arrived = time.perf_counter()
+        self._websockets += 1
         try:
             payload = {"scope": {**_request_scope(scope, prefix),
                                  "subprotocols": scope.get("subprotocols", [])}}
@@ -240,14 +278,20 @@ class Proxy:
             await self.broker.publish(
                 route["queue"], protocol.pack(payload), type=protocol.KIND_WEBSOCKET,
                 correlation_id=request_id, reply_to=self.router.queue_name,
-                headers=self._version_header, mandatory=True,
+                headers=protocol.request_headers(published_us=protocol.now_us()),
+                mandatory=True,
             )
             await session.relay(events)
         except ClusterUnavailable:
             await session.close(1011)
         finally:
+            self._websockets -= 1
             await session.stop()
             self.router.unregister(request_id)
+            if self.access.enabled:
+                self.access.add(("WEBSOCKET", scope["path"], 101 if session.accepted else 403,
+                                 time.perf_counter() - arrived, request_id, route["app"],
+                                 prefix))
 
     def _cancel(self, request_id: str) -> None:
         task = asyncio.ensure_future(cancel(self.broker, self.store, [request_id]))
@@ -256,17 +300,19 @@ class Proxy:
 
     async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
                        request_id: str, body: bytes, more_body: bool,
-                       timeout: float | None, queue: str) -> None:
+                       timeout: float | None, queue: str, client_id: str | None) -> None:
         payload = {
             "scope": {"method": scope["method"], **_request_scope(scope, prefix)},
             "body": body,
             "more_body": more_body,
             "window": FLOW_WINDOW_BYTES,
         }
-        headers, expiration = self._version_header, None
+        deadline = expiration = None
         if timeout is not None:  # a request that outlives its deadline in the queue never runs
-            headers = protocol.request_headers(int((time.time() + timeout) * 1000))
+            deadline = int((time.time() + timeout) * 1000)
             expiration = str(int(timeout * 1000))
+        headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
+                                           request_id=client_id)
         body = protocol.pack(payload)
         if route.get("bounded"):
             if not await self.broker.publish_confirmed(
@@ -290,7 +336,7 @@ class Proxy:
         `queue` is the deployment's queue, and `chosen` the replica whose affinity queue the
         request went to, if any: the first event tells what that replica and others hold."""
         replica: str | None = None
-        started = False
+        started = streaming = False
         upload: asyncio.Task[str | None] | None = None
         try:
             while True:
@@ -320,6 +366,8 @@ class Proxy:
                                 "more_body": event.get("more_body", False)})
                     if not event.get("more_body", False):
                         return
+                    streaming = True
+                    self._streams += 1
                     await credit.passed_on(len(body))
                 elif kind == protocol.BODY and started:
                     body, more = _take_waiting_bodies(events, event, replica)
@@ -337,6 +385,8 @@ class Proxy:
                         await _error_response(send, event)
                     return
         finally:
+            if streaming:
+                self._streams -= 1
             if upload is not None and not upload.done():
                 upload.cancel()
 
@@ -367,6 +417,9 @@ class Proxy:
         if connection is None or connection.is_closed:
             return PlainTextResponse("RabbitMQ connection is down", status_code=503)
         return PlainTextResponse("success")
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def _routes(self, request: Request) -> Response:
         return JSONResponse({prefix: r["app"] for prefix, r in self.table.routes.items()})
@@ -429,16 +482,46 @@ class _Credit:
                                             correlation_id=self.request_id)
 
 
-class _ResponseState:
-    """Whether the response has started, for a timeout that must not answer twice."""
+class _Exchange:
+    """One HTTP request at the proxy: its status once the response starts (a timeout must not
+    answer twice), and what its metrics and log line need. Every response carries the
+    request's id as `X-Request-Id`, unless the app set one."""
+
+    __slots__ = ("_send", "arrived", "status", "app", "route", "request_id")
 
     def __init__(self, send: Any) -> None:
         self._send = send
-        self.started = False
+        self.arrived = time.perf_counter()
+        self.status = 0
+        self.app = self.route = self.request_id = ""
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
 
     async def send(self, message: dict[str, Any]) -> None:
-        self.started = True
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message["headers"]  # a list of our own making
+            for name, _ in headers:
+                if name == b"x-request-id":
+                    break
+            else:
+                headers.append((b"x-request-id", self.request_id.encode()))
         await self._send(message)
+
+
+def _access_text(line: tuple[Any, ...]) -> str:
+    method, path, status, seconds, request_id, app, _ = line
+    return (f"{method} {path} {status} {seconds * 1000:.2f}ms request_id={request_id} "
+            f"application={app}")
+
+
+def _access_fields(line: tuple[Any, ...]) -> dict[str, Any]:
+    method, path, status, seconds, request_id, app, route = line
+    return {"method": method, "path": path, "status": status,
+            "duration_ms": round(seconds * 1000, 3), "request_id": request_id,
+            "application": app, "route": route}
 
 
 class _DisconnectWatch:
@@ -500,14 +583,18 @@ def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
     return upload.result()
 
 
-def _content_length(scope: dict[str, Any]) -> int | None:
-    for name, value in scope["headers"]:
+def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
+    """The request's content-length, and the client's X-Request-Id if it is usable."""
+    length = client_id = None
+    for name, value in headers:
         if name == b"content-length":
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return None
-    return None
+                pass
+        elif name == b"x-request-id" and _CLIENT_REQUEST_ID.fullmatch(value):
+            client_id = value.decode("ascii")
+    return length, client_id
 
 
 async def _plain(send: Any, status: int, text: str,

@@ -24,12 +24,14 @@ from typing import Any
 from ._lifecycle import heartbeat_loop, stop_on_signals
 from ._settings import Settings
 from ._store import Store, now
+from .config import HTTPOptions, ProxyLocation
 
 log = logging.getLogger("broker_serve.worker")
 
 SYNC_PERIOD_S = 1.0
 HEARTBEAT_INTERVAL_S = 2.0
 KILL_MARGIN_S = 5.0
+PROXY_RESTART_S = 5.0  # a node proxy that exits is started again at most this often
 
 
 @dataclass
@@ -52,7 +54,8 @@ def die_with_parent() -> None:
 
 class WorkerNode:
     def __init__(self, settings: Settings, node_id: str | None = None,
-                 num_cpus: float | None = None, resources: dict[str, float] | None = None) -> None:
+                 num_cpus: float | None = None, resources: dict[str, float] | None = None,
+                 proxy: bool | None = None, proxy_port: int | None = None) -> None:
         self.settings = settings
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = Store(settings.redis_url, settings.cluster)
@@ -60,6 +63,12 @@ class WorkerNode:
         self.resources = {"CPU": float(num_cpus if num_cpus is not None else os.cpu_count() or 1),
                           **(resources or {})}
         self.processes: dict[str, ReplicaProcess] = {}
+        # None: run a proxy if the cluster's proxy location is EveryNode; True: always (unless
+        # Disabled); False: never (the local cluster runs its own).
+        self.wants_proxy = proxy
+        self.proxy_port = proxy_port
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self._proxy_started = -PROXY_RESTART_S
         self._exited: set[str] = set()
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -81,16 +90,20 @@ class WorkerNode:
     async def startup(self) -> None:
         await self.store.ping()
         await self.store.heartbeat(self.names.node_alive(self.node_id))
-        await self.store.put(self.names.nodes, self.node_id, {
-            "node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "resources": self.resources, "started": now(),
-        })
+        await self._register()
         log.info("worker node %s joined cluster %r with %s", self.node_id,
                  self.settings.cluster, self.resources)
         await self.store.announce("nodes")
 
+    async def _register(self) -> None:
+        await self.store.put(self.names.nodes, self.node_id, {
+            "node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "resources": self.resources, "started": now(),
+        })
+
     async def shutdown(self) -> None:
         log.info("worker node %s stopping %d replica(s)", self.node_id, len(self.processes))
+        await self._stop_proxy()
         for replica in self.processes.values():
             self._terminate(replica)
         deadline = time.monotonic() + max([r.graceful_s for r in self.processes.values()] or [0])
@@ -129,6 +142,12 @@ class WorkerNode:
                 log.exception("syncing assignments failed; retrying on the next tick")
 
     async def _sync(self) -> None:
+        await self._sync_proxy()
+        if not await self.store.redis.exists(self.names.seeded):
+            # Redis restarted empty (or no controller ever led): stop nothing until a
+            # controller writes the state back, and be a node it can see meanwhile.
+            await self._register()
+            return
         assigned = await self.store.get_all(self.names.node_assignments(self.node_id))
         for replica_id, assignment in assigned.items():
             if replica_id not in self.processes and replica_id not in self._exited:
@@ -143,9 +162,13 @@ class WorkerNode:
         command = [sys.executable, "-m", "broker_serve.replica",
                    "--app", assignment["app"], "--deployment", assignment["deployment"],
                    "--replica-id", replica_id, "--version", assignment["version"]]
+        # A config's code is imported by reference from the app dir (docs/architecture.md,
+        # "Declarative configs and the REST API"); replicas run there, as Ray's working_dir.
+        app_dir = os.path.abspath(self.settings.app_dir or os.getcwd())
+        env = {**os.environ, **self.settings.env()}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_dir, env.get("PYTHONPATH")]))
         try:
-            process = subprocess.Popen(command, env={**os.environ, **self.settings.env()},
-                                       preexec_fn=die_with_parent)
+            process = subprocess.Popen(command, env=env, cwd=app_dir, preexec_fn=die_with_parent)
         except OSError as exc:
             log.error("could not start replica %s: %s", replica_id, exc)
             await self.store.update(self.names.replicas, replica_id, state="FAILED",
@@ -157,6 +180,39 @@ class WorkerNode:
             replica_id, process, float(assignment.get("graceful_shutdown_timeout_s", 20.0)),
             assignment=assignment,
         )
+
+    async def _sync_proxy(self) -> None:
+        """Run this node's proxy or not, as `--proxy` and the cluster's `location` say."""
+        raw = await self.store.redis.get(self.names.http_options)
+        options = HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+        wanted = options.location != ProxyLocation.Disabled and (
+            self.wants_proxy or (self.wants_proxy is None
+                                 and options.location == ProxyLocation.EveryNode))
+        running = self.proxy is not None and self.proxy.poll() is None
+        if running and not wanted:
+            log.info("stopping this node's proxy (proxy location %s)", options.location.value)
+            await self._stop_proxy()
+        elif wanted and not running and time.monotonic() - self._proxy_started > PROXY_RESTART_S:
+            if self.proxy is not None:
+                log.warning("this node's proxy exited (code %s); starting it again",
+                            self.proxy.returncode)
+            port = self.proxy_port if self.proxy_port is not None else options.port
+            self._proxy_started = time.monotonic()
+            self.proxy = subprocess.Popen(
+                [sys.executable, "-m", "broker_serve", "proxy", "--host", options.host,
+                 "--port", str(port)],
+                env={**os.environ, **self.settings.env()}, preexec_fn=die_with_parent)
+            log.info("started this node's proxy on %s:%d (pid %d)", options.host, port,
+                     self.proxy.pid)
+
+    async def _stop_proxy(self) -> None:
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None and proxy.poll() is None:
+            proxy.terminate()
+            try:  # uvicorn finishes open requests first
+                await asyncio.to_thread(proxy.wait, 35)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
 
     def _terminate(self, replica: ReplicaProcess) -> None:
         if replica.process.poll() is None and replica.stop_sent is None:
@@ -194,5 +250,7 @@ class WorkerNode:
 
 
 def main(settings: Settings | None = None, node_id: str | None = None,
-         num_cpus: float | None = None, resources: dict[str, float] | None = None) -> None:
-    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources).run())
+         num_cpus: float | None = None, resources: dict[str, float] | None = None,
+         proxy: bool | None = None, proxy_port: int | None = None) -> None:
+    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources,
+                           proxy, proxy_port).run())

@@ -40,7 +40,7 @@ def replicas_by_node(deployment: str) -> Counter[str]:
 def deploy_without_waiting(target, name: str) -> None:
     """What serve.run writes, without waiting for RUNNING: this app cannot be placed."""
     runtime = api._connect()
-    record, specs = api._build(target, name, None, runtime)
+    record, specs = api._build(target, name, None, runtime.names, runtime.secret)
 
     async def write() -> None:
         for key, blob in specs.items():
