@@ -26,6 +26,8 @@ __all__ = ["asgi_app_of", "get_servable", "ingress", "set_servable"]
 _C = TypeVar("_C", bound=type)
 
 _APP_ATTRIBUTE = "_bs_asgi_app"
+# On a route rebuilt for a class: which class. One FastAPI app may serve several classes.
+_VIEW_ATTRIBUTE = "_bs_view_of"
 
 # A replica process hosts exactly one deployment instance.
 _servable: object | None = None
@@ -96,7 +98,24 @@ def _bind_class_routes(app: FastAPI, cls: type) -> None:
         ):
             # FastAPI reads the endpoint's signature once, when the route is built.
             routes[index] = _rebuilt(route, app)
+            setattr(routes[index], _VIEW_ATTRIBUTE, _view_key(cls))
     app.openapi_schema = None
+
+
+def drop_other_views(app: ASGIApp, cls: type) -> None:
+    """In a replica of `cls`: remove the routes of other classes that decorate the same app
+    (as Ray 1.x programs do with `@serve.ingress(app)` on two deployments), so a path both
+    define reaches this class's method, not the first one registered."""
+    if not _is_fastapi(app):
+        return
+    mine = _view_key(cls)
+    app.router.routes[:] = [route for route in app.router.routes
+                            if getattr(route, _VIEW_ATTRIBUTE, mine) == mine]
+    app.openapi_schema = None
+
+
+def _view_key(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def _is_method_of(endpoint: Callable[..., Any], cls: type) -> bool:

@@ -73,6 +73,26 @@ class Deployment(Generic[T]):
     def bind(self, *args: Any, **kwargs: Any) -> Application:
         return Application(self, args, kwargs)
 
+    # Ray 1.x: a deployment deployed on its own, as an application of its name.
+    def deploy(self, *init_args: Any, _blocking: bool = True, **init_kwargs: Any) -> None:
+        """Deploy this deployment alone, served at its route_prefix (default `/{name}`)."""
+        from .api import run
+
+        prefix = self._route_prefix if self._route_prefix is not None else f"/{self._name}"
+        run(self.bind(*init_args, **init_kwargs), name=self._name, route_prefix=prefix)
+
+    def get_handle(self, sync: bool | None = None) -> Any:
+        """A handle to a deployment deployed with `.deploy()`."""
+        from .handle import DeploymentHandle
+
+        return DeploymentHandle(self._name, self._name)
+
+    def delete(self) -> None:
+        """Delete a deployment deployed with `.deploy()`."""
+        from .api import delete
+
+        delete(self._name)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(
             "Deployments cannot be constructed directly: use `.bind()` and `serve.run()`."

@@ -38,7 +38,7 @@ from ._signing import loads_signed
 from ._store import Store, now
 from .config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from .context import ReplicaContext, _set_replica_context
-from .exceptions import ProtocolError
+from .exceptions import ProtocolError, RayServeException
 
 log = logging.getLogger("broker_serve.replica")
 
@@ -175,6 +175,8 @@ class Replica:
             if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
                 instance = await instance
         _ingress.set_servable(instance)
+        if asgi_app is not None and not is_function:
+            _ingress.drop_other_views(asgi_app, target)
         _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id, instance))
         user_config = self.config.user_config
         if user_config is not None and hasattr(instance, "reconfigure"):
@@ -424,7 +426,10 @@ class Replica:
             log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
             kind = properties.message_type
             detail = str(exc) if kind == protocol.KIND_CALL else "Internal Server Error"
-            await stream.error(500, type(exc).__name__, detail[:2000])
+            # A callee's error passing through keeps its original type, however many hops.
+            error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
+                          else type(exc).__name__)
+            await stream.error(500, error_type, detail[:2000])
         finally:
             self._inboxes.pop(correlation_id, None)
         if stream.finished:
