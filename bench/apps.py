@@ -86,6 +86,10 @@ class Caller:
         handle; broker-serve also refuses to start a class deployment without `__call__`.)"""
         return await self.measure(int(request.query_params.get("n", "100")))
 
+    async def relay(self, value: Any) -> Any:
+        """One inner call: the harness times driver -> Caller -> Callee around it."""
+        return await self.callee.remote(value)
+
     async def measure(self, n: int, warmup: int = 20) -> dict[str, Any]:
         """`n` sequential `await self.callee.remote(i)`, each timed here with perf_counter."""
         n = max(1, min(int(n), MAX_HANDLE_CALLS))
@@ -101,6 +105,7 @@ class Caller:
         return {
             "n": n,
             "p50_ms": percentile(samples, 50) * 1000,
+            "p90_ms": percentile(samples, 90) * 1000,
             "p99_ms": percentile(samples, 99) * 1000,
             "mean_ms": sum(samples) / n * 1000,
             "max_ms": max(samples) * 1000,

@@ -320,7 +320,28 @@ class Bench:
         if result.get("n") != n:
             raise BenchError(f"Caller.measure returned {result!r}")
         self.add(Row("handle_call_p50", result["p50_ms"], "ms", "handle_call", details=result))
+        self.add(Row("handle_call_p90", result["p90_ms"], "ms", "handle_call"))
         self.add(Row("handle_call_p99", result["p99_ms"], "ms", "handle_call"))
+        chain = self._driver_round_trips(handle.relay, n)
+        self.add(Row("handle_chain_p50", chain["p50_ms"], "ms", "handle_call", details=chain))
+        self.add(Row("handle_chain_p90", chain["p90_ms"], "ms", "handle_call"))
+        self.add(Row("handle_chain_p99", chain["p99_ms"], "ms", "handle_call"))
+
+    def _driver_round_trips(self, relay: Any, n: int, warmup: int = 20) -> dict[str, Any]:
+        """n sequential `relay.remote(i).result()` from this (sync) driver, each timed here."""
+        from .apps import percentile
+
+        for i in range(warmup):
+            relay.remote(i).result(timeout_s=30)
+        samples = []
+        for i in range(n):
+            start = time.perf_counter()
+            value = relay.remote(i).result(timeout_s=30)
+            samples.append(time.perf_counter() - start)
+            if value != i:
+                raise BenchError(f"Caller.relay returned {value!r} for {i!r}")
+        return {"n": n, **{f"p{pct}_ms": percentile(samples, pct) * 1000 for pct in (50, 90, 99)},
+                "mean_ms": statistics.fmean(samples) * 1000, "max_ms": max(samples) * 1000}
 
     def _body(self, measurement: str, size: int) -> None:
         self.ensure("echo")

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import protocol
 from ._cancellation import cancel
+from .context import _request_id
 from ._runtime import Runtime, current_runtime, get_runtime
 from ._signing import carries_value, pack_call, unpack_value
 from .exceptions import RayServeException
@@ -86,6 +87,8 @@ class _Call:
         self.args = args
         self.kwargs = kwargs
         self.request_id = runtime.next_request_id()
+        # Read here, in the caller's context: a sync method's call runs in a worker thread.
+        self.parent_request_id = _request_id.get()
         self.items: asyncio.Queue[Any] = asyncio.Queue()
         self.published = False
         made_by = calls_of_current_request.get()
@@ -106,20 +109,24 @@ class _Call:
                 self.items.put_nowait(RayServeException(str(exc)))
                 self.items.put_nowait(_DONE)
                 return
-        args = [await _resolve(a) for a in self.args]
-        kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
-        payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
         model_id = handle.multiplexed_model_id
-        if model_id:
-            payload["multiplexed_model_id"] = model_id
         queue = runtime.names.request_queue(handle.app_name, handle.deployment_name)
         affinity, chosen = runtime.affinity, None
         events = runtime.router.register(self.request_id)
         try:
+            # Inside the try: a failed argument or an unpicklable one fails the response.
+            args = [await _resolve(a) for a in self.args]
+            kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
+            payload = {"method": handle.method_name,
+                       **pack_call(tuple(args), kwargs, runtime.secret)}
+            if model_id:
+                payload["multiplexed_model_id"] = model_id
             message: dict[str, Any] = dict(
                 routing_key=queue, body=protocol.pack(payload), type=protocol.KIND_CALL,
                 correlation_id=self.request_id, reply_to=runtime.router.queue_name,
-                headers=protocol.request_headers(), mandatory=True,
+                headers=protocol.request_headers(published_us=protocol.now_us(),
+                                                 request_id=self.parent_request_id),
+                mandatory=True,
             )
             accepted = True
             if await runtime.is_bounded(handle.app_name, handle.deployment_name):
@@ -192,17 +199,19 @@ class DeploymentResponse:
 
     def __init__(self, call: _Call) -> None:
         self._call = call
-        self._value: Any = _DONE
+        self._outcome: asyncio.Future[Any] | None = None
 
     async def _get(self) -> Any:
-        if self._value is _DONE:
-            try:
-                item = await self._call.next_item()
-            except asyncio.CancelledError:
-                self._call.cancel()  # the awaiting request was cancelled: so is this call
-                raise
-            self._value = None if item is _DONE else item
-        return self._value
+        # One reader of the call's items; every awaiter (chained calls, a retried .result())
+        # shares its outcome, value or exception.
+        if self._outcome is None:
+            self._outcome = asyncio.ensure_future(self._call.next_item())
+        try:
+            item = await asyncio.shield(self._outcome)
+        except asyncio.CancelledError:
+            self._call.cancel()  # the awaiting request was cancelled: so is this call
+            raise
+        return None if item is _DONE else item
 
     def __await__(self) -> Any:
         if not self._call.runtime.in_loop_thread():
