@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import requests
 
 from broker_serve import serve
 from broker_serve._autoscaler import Autoscaler
 from broker_serve.config import AutoscalingConfig
+
+from .waiting import wait_for
 
 
 def config(**overrides: float) -> AutoscalingConfig:
@@ -64,13 +65,6 @@ class Elastic:
 def running_replicas() -> int:
     status = serve.status().applications["default"].deployments["Elastic"]
     return status.replica_states.get("RUNNING", 0)
-
-
-def wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not true in time"
-        time.sleep(0.2)
 
 
 def test_scales_from_zero_up_under_load_and_back_to_zero(cluster):

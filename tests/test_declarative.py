@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 from broker_serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
 from .conftest import ROOT, Cluster
+from .waiting import wait_for
 
 BROKER_SERVE = [sys.executable, "-m", "broker_serve"]
 
@@ -90,16 +91,6 @@ CONFIG = {
          "runtime_env": {"working_dir": "extra"}, "args": {"word": "hey"}},
     ],
 }
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s")
 
 
 def answer(url: str) -> requests.Response | None:

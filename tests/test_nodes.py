@@ -7,22 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import requests
 
 from broker_serve import api, serve
 
-
-def wait_for(condition, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "not true in time"
-        time.sleep(0.2)
+from .waiting import wait_for
 
 
 def store_call(method: str, *args):

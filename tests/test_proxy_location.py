@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import requests
 
 from broker_serve import serve
 
 from .conftest import free_port
+from .waiting import wait_for
 
 
 @serve.deployment
@@ -26,13 +26,6 @@ def answers(port: int) -> bool:
         return requests.get(f"http://127.0.0.1:{port}/", timeout=5).text == "hello"
     except requests.ConnectionError:
         return False
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not true in time"
-        time.sleep(0.2)
 
 
 def start_node(cluster, node_id: str, *flags: str) -> subprocess.Popen[bytes]:

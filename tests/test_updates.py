@@ -12,15 +12,7 @@ import requests
 
 from broker_serve import serve
 
-
-def wait_for(condition, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"not true within {timeout}s")
+from .waiting import wait_for
 
 
 @serve.deployment(user_config={"greeting": "hi"})
