@@ -37,13 +37,19 @@ ASGIApp = Callable[..., Awaitable[None]]
 
 
 class ReplyStream:
-    """The events of one request delivery, numbered in order."""
+    """The events of one request delivery, numbered in order; and what the replica's metrics
+    and log line say of the request: its method, (HTTP method, path), status, and whether it
+    failed (an error event)."""
 
     def __init__(self, publish: Publish) -> None:
         self._publish = publish
         self.seq = 0
         self.finished = False
         self.started = False
+        self.method = ""
+        self.http: tuple[str, str] | None = None
+        self.status = 200
+        self.failed = False
 
     async def send(self, event: str, fields: dict[str, Any], *, final: bool = False) -> None:
         if self.finished:
@@ -54,6 +60,8 @@ class ReplyStream:
         await self._publish(event, fields)
 
     async def error(self, status: int, error: str, message: str) -> None:
+        if not self.finished:
+            self.status, self.failed = status, True
         await self.send(protocol.ERROR, {"status": status, "error": error, "message": message},
                         final=True)
 
@@ -261,6 +269,7 @@ class HttpExchange:
                 fields, self._start = self._start, None
                 fields.update(body=chunk, more_body=more)
                 self.stream.started = True
+                self.stream.status = fields["status"]
                 await self.stream.send(protocol.START, fields, final=not more)
             elif self.stream.started:
                 await self.stream.send(protocol.BODY, {"body": chunk, "more_body": more},
@@ -272,6 +281,7 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
                    inbox_name: str, max_body_bytes: int,
                    window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
+    stream.method, stream.http = "__call__", (scope["method"], scope["path"])
     multiplex._set_model_id(multiplex.model_id_from_headers(scope["headers"]))
     first_body, more_body = protocol.body_chunk(payload)
     if len(first_body) > max_body_bytes:
@@ -313,6 +323,7 @@ class WebSocketExchange:
         kind = message["type"]
         if kind == "websocket.accept":
             self.accepted = True
+            self.stream.status = 101
             headers = [[bytes(k), bytes(v)] for k, v in message.get("headers") or ()]
             await self.stream.send(protocol.WS_ACCEPT, {
                 "inbox": self._inbox_name, "subprotocol": message.get("subprotocol"),
@@ -323,6 +334,8 @@ class WebSocketExchange:
                 "text": message.get("text") or ""}
             await self.stream.send(protocol.WS_SEND, fields)
         elif kind == "websocket.close":
+            if not self.accepted:
+                self.stream.status = 403
             await self.stream.send(protocol.WS_CLOSE, {
                 "code": int(message.get("code", 1000)), "reason": message.get("reason") or ""},
                 final=True)
@@ -332,6 +345,7 @@ async def run_websocket(servable: Servable, stream: ReplyStream, payload: dict[s
                         inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
                         inbox_name: str) -> None:
     scope = protocol.websocket_scope(payload)
+    stream.method, stream.http = "websocket", ("WEBSOCKET", scope["path"])
     if servable.asgi_app is None:
         raise ProtocolError("WebSockets need an ASGI ingress (@serve.ingress with a FastAPI "
                             "or Starlette app)", status=404, error="NoSuchMethod")
@@ -347,6 +361,7 @@ async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, A
     if not isinstance(method, str):
         raise ProtocolError("'method' must be a string")
     fn = servable._resolve(method)
+    stream.method = method  # only a method that exists: labels stay bounded
     multiplex._set_model_id(str(payload.get("multiplexed_model_id") or ""))
     try:
         args, kwargs = unpack_call(payload, secret)

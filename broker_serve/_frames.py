@@ -17,6 +17,8 @@ _FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
 _FRAME_END = b"\xce"
 _BASIC, _PUBLISH = 60, 40
 _FRAME_HEAD = struct.Struct(">BHI")
+_TABLE_LENGTH = struct.Struct(">I")
+_LONG_LONG = struct.Struct(">q")
 
 # Basic property flags, in the order the values follow them on the wire.
 _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE = 1 << 15, 1 << 13, 1 << 12
@@ -48,6 +50,31 @@ def _shortstr_cached(value: str) -> bytes:
     return _shortstr(value)
 
 
+@lru_cache(maxsize=1024)
+def _table_entry(key: str, value: Any) -> bytes:
+    return encode.field_table({key: value})[_TABLE_LENGTH.size:]
+
+
+def _field_table(headers: dict[str, Any]) -> bytes:
+    """pamqp's field table, with each constant entry (`bs-version: 1`) encoded once and the
+    integers that change per request (timestamps) packed directly."""
+    parts = []
+    for key, value in sorted(headers.items()):
+        if len(key) > 128:  # pamqp truncates such names
+            return encode.field_table(headers)
+        if type(value) is int and not -2 ** 31 <= value < 2 ** 32:
+            if not -2 ** 63 <= value < 2 ** 63:
+                return encode.field_table(headers)  # let pamqp refuse it
+            parts.append(_shortstr_cached(key) + b"l" + _LONG_LONG.pack(value))
+        else:
+            try:
+                parts.append(_table_entry(key, value))
+            except TypeError:  # unhashable: a nested table or array
+                return encode.field_table(headers)
+    data = b"".join(parts)
+    return _TABLE_LENGTH.pack(len(data)) + data
+
+
 def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, message_type: str,
             correlation_id: str, reply_to: str | None = None, message_id: str | None = None,
             headers: dict[str, Any] | None = None, expiration: str | None = None,
@@ -57,7 +84,7 @@ def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, m
     values = [_shortstr_cached(content_type)]
     if headers:
         flags |= _HEADERS
-        values.append(encode.field_table(headers))
+        values.append(_field_table(headers))
     values.append(b"\x01")  # delivery mode 1: transient
     values.append(_shortstr(correlation_id))
     if reply_to:

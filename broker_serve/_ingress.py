@@ -100,6 +100,9 @@ def _bind_class_routes(app: FastAPI, cls: type) -> None:
             routes[index] = _rebuilt(route, app)
             setattr(routes[index], _VIEW_ATTRIBUTE, _view_key(cls))
     app.openapi_schema = None
+    # Kept on the class: cloudpickle does not keep the __qualname__ of a class defined in a
+    # function, so the replica could not recompute the key.
+    setattr(cls, _VIEW_ATTRIBUTE, _view_key(cls))
 
 
 def drop_other_views(app: ASGIApp, cls: type) -> None:
@@ -108,7 +111,9 @@ def drop_other_views(app: ASGIApp, cls: type) -> None:
     define reaches this class's method, not the first one registered."""
     if not _is_fastapi(app):
         return
-    mine = _view_key(cls)
+    mine = getattr(cls, _VIEW_ATTRIBUTE, None)
+    if mine is None:
+        return
     app.router.routes[:] = [route for route in app.router.routes
                             if getattr(route, _VIEW_ATTRIBUTE, mine) == mine]
     app.openapi_schema = None

@@ -15,6 +15,8 @@ DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_CLUSTER = "default"
 DEFAULT_DASHBOARD_HOST = "127.0.0.1"
 DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_METRICS_HOST = "0.0.0.0"
+DEFAULT_METRICS_PORT = 9500
 
 # Bodies travel in chunks of this size (docs/protocol.md, "Chunking").
 CHUNK_BYTES = 1024 * 1024
@@ -36,6 +38,10 @@ class Settings:
     # Where a config's import paths are imported from (controller) and replicas run (worker
     # node); None means the process's working directory.
     app_dir: str | None = None
+    # Where a worker node serves its replicas' metrics (docs/architecture.md, "Observability");
+    # port 0 turns that off.
+    metrics_host: str = DEFAULT_METRICS_HOST
+    metrics_port: int = DEFAULT_METRICS_PORT
     extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -51,6 +57,8 @@ class Settings:
             "dashboard_port": int(env.get("BROKER_SERVE_DASHBOARD_PORT",
                                           DEFAULT_DASHBOARD_PORT)),
             "app_dir": env.get("BROKER_SERVE_APP_DIR") or None,
+            "metrics_host": env.get("BROKER_SERVE_METRICS_HOST", DEFAULT_METRICS_HOST),
+            "metrics_port": int(env.get("BROKER_SERVE_METRICS_PORT", DEFAULT_METRICS_PORT)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]
@@ -71,4 +79,6 @@ class Settings:
             "BROKER_SERVE_DASHBOARD_HOST": self.dashboard_host,
             "BROKER_SERVE_DASHBOARD_PORT": str(self.dashboard_port),
             **({"BROKER_SERVE_APP_DIR": self.app_dir} if self.app_dir else {}),
+            "BROKER_SERVE_METRICS_HOST": self.metrics_host,
+            "BROKER_SERVE_METRICS_PORT": str(self.metrics_port),
         }

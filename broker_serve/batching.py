@@ -18,6 +18,7 @@ import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import _metrics
 from ._owner_state import OwnerState
 
 
@@ -30,6 +31,7 @@ class _BatchQueue:
         self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._sizes = _metrics.replica_child("batch_size")  # None outside a replica
 
     async def submit(self, item: Any) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -48,6 +50,8 @@ class _BatchQueue:
         live = [(item, future) for item, future in self._pending if not future.done()]
         batch, self._pending = live[:self._max], live[self._max:]
         if batch:
+            if self._sizes is not None:
+                self._sizes.observe(len(batch))
             task = asyncio.ensure_future(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

@@ -38,6 +38,17 @@ def _use_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # through the environment, so the processes this one starts follow it too
+        os.environ["BROKER_SERVE_LOG_FORMAT"] = value
+
+
+_log_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), envvar="BROKER_SERVE_LOG_FORMAT",
+    default=None, expose_value=False, callback=_set_log_format, is_eager=True,
+    help="Log lines as text or as JSON objects [default: $BROKER_SERVE_LOG_FORMAT, else text].")
+
+
 @click.group(help="Ray Serve's programming model on RabbitMQ and Redis.")
 @click.version_option(package_name="broker-serve")
 def cli() -> None:
@@ -53,6 +64,7 @@ def cli() -> None:
 @click.option("--dashboard-port", type=int, default=None,
               help="Port of the REST API [default: $BROKER_SERVE_DASHBOARD_PORT, else 8265].")
 @click.option("--app-dir", default=None, help=_APP_DIR_HELP)
+@_log_format_option
 def controller(dashboard_host: str | None, dashboard_port: int | None,
                app_dir: str | None) -> None:
     from . import controller as module
@@ -67,6 +79,7 @@ def controller(dashboard_host: str | None, dashboard_port: int | None,
 @cli.command(help="Run an HTTP proxy.")
 @click.option("--host", default=None, help="Interface to listen on [default: 127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
+@_log_format_option
 def proxy(host: str | None, port: int | None) -> None:
     from .config import HTTPOptions
     from .proxy import serve_proxy
@@ -111,8 +124,13 @@ def _stored_http_options(settings: Settings) -> Any:
                    "location is EveryNode]. Never when it is Disabled.")
 @click.option("--proxy-port", type=int, default=None,
               help="Port of this node's proxy [default: the cluster's http_options port].")
+@click.option("--metrics-port", type=int, default=None,
+              help="Port of the replicas' /metrics; 0 turns it off [default: "
+                   "$BROKER_SERVE_METRICS_PORT, else 9500].")
+@_log_format_option
 def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resources: str,
-           app_dir: str | None, proxy: bool | None, proxy_port: int | None) -> None:
+           app_dir: str | None, proxy: bool | None, proxy_port: int | None,
+           metrics_port: int | None) -> None:
     from . import worker as module
 
     try:
@@ -122,7 +140,7 @@ def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resourc
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise click.BadParameter(f"expected a JSON object of numbers: {exc}",
                                  param_hint="--resources") from exc
-    settings = _settings(app_dir=_absolute(app_dir))
+    settings = _settings(app_dir=_absolute(app_dir), metrics_port=metrics_port)
     setup_logging(settings.log_level, "worker")
     module.main(settings, node_id, num_cpus, offered, proxy, proxy_port)
 
@@ -134,6 +152,7 @@ def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resourc
 @click.option("--dashboard-port", type=int, default=None,
               help="Port of the REST API [default: $BROKER_SERVE_DASHBOARD_PORT, else 8265].")
 @click.option("--app-dir", default=None, help=_APP_DIR_HELP)
+@_log_format_option
 def start(http_host: str, http_port: int, dashboard_port: int | None,
           app_dir: str | None) -> None:
     from ._local import LocalCluster, state_dir
@@ -184,6 +203,7 @@ def _controller_running(settings: Settings) -> bool:
 @click.option("--route-prefix", default=None, help="Route prefix [default: the app's or '/'].")
 @click.option("--host", default=None, help="Proxy host, if a local cluster is started.")
 @click.option("--port", type=int, default=None, help="Proxy port, if a local cluster is started.")
+@_log_format_option
 def run(import_path: str, name: str, route_prefix: str | None, host: str | None,
         port: int | None) -> None:
     from . import serve
@@ -427,6 +447,40 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
 
         serve.shutdown()
     click.echo("All applications deleted.")
+
+
+@cli.command(help="Print latency percentiles (p50, p90, p95) per deployment and per route over "
+                  "sliding windows, read from the cluster's Prometheus endpoints. It samples "
+                  "them itself every --interval seconds, so a window fills in once the command "
+                  "has run that long (marked * until then).")
+@click.option("--url", "urls", multiple=True,
+              help="A metrics endpoint to read, repeatable [default: every proxy's /-/metrics "
+                   "and worker node's /metrics found in Redis, and the controller's /metrics].")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds between samples; a table is printed after each.")
+@click.option("--windows", default="10,60,300", show_default=True,
+              help="Window lengths in seconds, comma-separated.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after this many tables [default: run until Ctrl-C].")
+def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | None) -> None:
+    import redis
+
+    from . import _stats
+
+    try:
+        lengths = sorted({float(w) for w in windows.split(",") if w.strip()})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--windows") from exc
+    if not lengths or min(lengths) <= 0:
+        raise click.BadParameter("give positive lengths", param_hint="--windows")
+    settings = _settings()
+    try:
+        _stats.run(settings, list(urls), interval, lengths, count, click.echo)
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url} to find the "
+                                   f"endpoints (or pass --url): {exc}") from exc
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,12 @@ class ReplicaContext:
 
 
 _current: ReplicaContext | None = None
+
+# The id of the client request being handled (its X-Request-Id, or the first caller's
+# correlation id), set by the replica per request; handle calls made while handling it carry
+# it on (header bs-request-id), so every log line of one request shares the id.
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "broker_serve_request_id", default="")
 
 
 def _set_replica_context(context: ReplicaContext | None) -> None:

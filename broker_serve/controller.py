@@ -23,6 +23,7 @@ import orjson
 from ._autoscaler import Autoscaler
 from ._broker import Broker
 from ._lifecycle import stop_on_signals
+from ._metrics import ControllerMetrics
 from ._reseed import StateCopy
 from ._settings import Settings
 from ._store import Store, now
@@ -59,6 +60,7 @@ class Controller:
         self._restored_at = -1e9
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
+        self.metrics = ControllerMetrics()  # served at /metrics by the REST API
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -82,7 +84,8 @@ class Controller:
         await channel.declare_exchange(self.names.cancel_exchange, "fanout", durable=True)
         self._channel = channel
         # Waits for its port in the background while another controller on this host has it.
-        self._rest = await serve_rest_api(self.settings, self.store)
+        self._rest = await serve_rest_api(
+            self.settings, self.store, lambda: self.metrics.render(self._ready_messages))
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
 
     async def shutdown(self) -> None:
@@ -123,6 +126,7 @@ class Controller:
             self.leader = True
         else:
             self.leader = False
+        self.metrics.set_leader(self.leader)
         return self.leader
 
     # reconcile ---------------------------------------------------------------------------------
@@ -139,6 +143,7 @@ class Controller:
             statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment, nodes)
         await self._remove_deleted_apps(apps, by_deployment)
         await self._write_statuses(statuses)
+        self.metrics.set_deployments(apps, statuses)
         await self._write_routes(apps, statuses)
         await self._forget_dead_proxies()
         await self.store.redis.zremrangebyscore(self.names.tombstones, "-inf",
@@ -328,6 +333,7 @@ class Controller:
             autoscaler.decide(clock)
             if autoscaler.target != before:
                 log.info("autoscaling %s/%s: %s", app, name, autoscaler.reason)
+                self.metrics.autoscaled(app, name, "up" if autoscaler.target > before else "down")
         return autoscaler
 
     async def _start_replica(self, app: str, deployment: str, version: str, dep: dict[str, Any],

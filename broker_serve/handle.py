@@ -14,9 +14,9 @@ from typing import Any
 
 from . import protocol
 from ._cancellation import cancel
-from .context import _request_id
 from ._runtime import Runtime, current_runtime, get_runtime
 from ._signing import carries_value, pack_call, unpack_value
+from .context import _request_id
 from .exceptions import RayServeException
 
 _DONE = object()

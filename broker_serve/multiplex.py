@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from . import _metrics
 from ._owner_state import OwnerState
 
 HTTP_HEADER = b"serve_multiplexed_model_id"
@@ -67,6 +68,7 @@ class _ModelCache:
         self._load = load
         self._capacity = capacity
         self._models: OrderedDict[str, asyncio.Future[Any]] = OrderedDict()
+        self._loads = _metrics.replica_child("model_loads")  # None outside a replica
         _caches.add(self)
 
     async def get(self, model_id: str) -> Any:
@@ -76,6 +78,8 @@ class _ModelCache:
             return await asyncio.shield(future)
         future = asyncio.ensure_future(self._load(model_id))
         self._models[model_id] = future
+        if self._loads is not None:
+            self._loads.inc()
         try:
             model = await asyncio.shield(future)
         except BaseException:

@@ -6,6 +6,7 @@ handle, tests) and the replica share one definition of the format.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgpack
@@ -16,6 +17,10 @@ VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 HEADER_VERSION = "bs-version"
 HEADER_DEADLINE = "bs-deadline"
+# Optional: when the caller published the request (Unix time in microseconds), for the replica's
+# queue-wait metric; and the id of the client request it serves, for joining log lines.
+HEADER_PUBLISHED = "bs-published-us"
+HEADER_REQUEST_ID = "bs-request-id"
 
 # Request kinds (the AMQP `type` property of a request message).
 KIND_HTTP = "http"
@@ -57,11 +62,21 @@ def unpack(data: bytes) -> Any:
         raise ProtocolError(f"body is not valid msgpack: {exc}") from exc
 
 
-def request_headers(deadline_ms: int | None = None) -> dict[str, Any]:
+def request_headers(deadline_ms: int | None = None, *, published_us: int | None = None,
+                    request_id: str | None = None) -> dict[str, Any]:
     headers: dict[str, Any] = {HEADER_VERSION: VERSION}
     if deadline_ms is not None:
         headers[HEADER_DEADLINE] = deadline_ms
+    if published_us is not None:
+        headers[HEADER_PUBLISHED] = published_us
+    if request_id:
+        headers[HEADER_REQUEST_ID] = request_id
     return headers
+
+
+def now_us() -> int:
+    """The `bs-published-us` of a request published now."""
+    return time.time_ns() // 1000
 
 
 def check_version(headers: dict[str, Any] | None) -> None:

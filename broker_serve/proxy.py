@@ -171,11 +171,11 @@ class Proxy:
         except ReplicaChanged:
             raise
         except ClusterUnavailable as exc:
-            await _plain(exchange.send, 503, f"Service Unavailable: {exc}")
+            await _plain(exchange, 503, f"Service Unavailable: {exc}")
         except QueueFull as exc:
             self.metrics.rejected(exchange.app)
-            await _plain(exchange.send, 503, f"Service Unavailable: application {exc} has "
-                                             "max_queued_requests waiting already; retry later.",
+            await _plain(exchange, 503, f"Service Unavailable: application {exc} has "
+                                        "max_queued_requests waiting already; retry later.",
                          extra_headers=[(b"retry-after", b"1")])
         finally:
             self._inflight -= 1
@@ -210,19 +210,18 @@ class Proxy:
         request_id = f"{self.proxy_id}-{next(self._ids)}"
         length, client_id = _scan_headers(scope["headers"])
         exchange.request_id = client_id or request_id
-        send = exchange.send
         matched = self._match(scope)
         if matched is None:
-            await _plain(send, 404, f"Not Found: no application serves {scope['path']!r}.")
+            await _plain(exchange, 404, f"Not Found: no application serves {scope['path']!r}.")
             return
         prefix, route = matched
         exchange.route, exchange.app = prefix, route["app"]
         if not route.get("ready"):
             reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
-            await _plain(send, 503, f"Service Unavailable: {reason}")
+            await _plain(exchange, 503, f"Service Unavailable: {reason}")
             return
         if length is not None and length > self.max_body:
-            await _plain(send, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
+            await _plain(exchange, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
             return
         try:
             first, more_body = await _read_chunk(receive)
@@ -240,13 +239,13 @@ class Proxy:
                                 self.names.affinity_queue(chosen) if chosen else queue,
                                 client_id)
             async with asyncio.timeout(timeout):
-                await self._relay(events, receive, send, more_body, len(first), request_id,
+                await self._relay(events, receive, exchange, more_body, len(first), request_id,
                                   queue, chosen)
         except TimeoutError:
             self._cancel(request_id)
             if exchange.started:
                 raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
-            await _plain(send, 408, f"Request Timeout: no complete response within {timeout}s.")
+            await _plain(exchange, 408, f"Request Timeout: no complete response within {timeout}s.")
         except asyncio.CancelledError:
             if watch is None or not watch.client_gone:
                 raise
@@ -328,13 +327,14 @@ class Proxy:
             mandatory=True,
         )
 
-    async def _relay(self, events: Mailbox, receive: Any, send: Any,
+    async def _relay(self, events: Mailbox, receive: Any, exchange: _Exchange,
                      more_body: bool, sent_bytes: int, request_id: str, queue: str,
                      chosen: str | None) -> None:
         """Pass reply events to the client; upload the rest of the body once a replica asks.
 
         `queue` is the deployment's queue, and `chosen` the replica whose affinity queue the
         request went to, if any: the first event tells what that replica and others hold."""
+        send = exchange.send
         replica: str | None = None
         started = streaming = False
         upload: asyncio.Task[str | None] | None = None
@@ -346,8 +346,8 @@ class Proxy:
                     if started:
                         raise ReplicaChanged(f"replica {replica} died mid-response")
                     if upload is not None:
-                        await _plain(send, 502, "Bad Gateway: the replica died while "
-                                                "receiving the request body.")
+                        await _plain(exchange, 502, "Bad Gateway: the replica died while "
+                                                    "receiving the request body.")
                         return
                 if replica is None and (chosen is not None or "models" in event):
                     self.affinity.observe(queue, chosen, event)
@@ -359,8 +359,8 @@ class Proxy:
                 elif kind == protocol.START:
                     started = True
                     credit = _Credit(self.broker, event.get("inbox"), request_id)
-                    await send({"type": "http.response.start", "status": event["status"],
-                                "headers": [tuple(h) for h in event.get("headers", ())]})
+                    await send(exchange.start(event["status"],
+                                              [tuple(h) for h in event.get("headers", ())]))
                     body = event.get("body", b"")
                     await send({"type": "http.response.body", "body": body,
                                 "more_body": event.get("more_body", False)})
@@ -380,9 +380,9 @@ class Proxy:
                         raise ReplicaChanged(f"response cut short: {event.get('message')}")
                     failed = _upload_error(upload)
                     if failed is not None:
-                        await _plain(send, 413, failed)
+                        await _plain(exchange, 413, failed)
                     else:
-                        await _error_response(send, event)
+                        await _error_response(exchange, event)
                     return
         finally:
             if streaming:
@@ -484,13 +484,12 @@ class _Credit:
 
 class _Exchange:
     """One HTTP request at the proxy: its status once the response starts (a timeout must not
-    answer twice), and what its metrics and log line need. Every response carries the
-    request's id as `X-Request-Id`, unless the app set one."""
+    answer twice), and what its metrics and log line need."""
 
-    __slots__ = ("_send", "arrived", "status", "app", "route", "request_id")
+    __slots__ = ("app", "arrived", "request_id", "route", "send", "status")
 
     def __init__(self, send: Any) -> None:
-        self._send = send
+        self.send = send
         self.arrived = time.perf_counter()
         self.status = 0
         self.app = self.route = self.request_id = ""
@@ -499,16 +498,16 @@ class _Exchange:
     def started(self) -> bool:
         return self.status != 0
 
-    async def send(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            headers = message["headers"]  # a list of our own making
-            for name, _ in headers:
-                if name == b"x-request-id":
-                    break
-            else:
-                headers.append((b"x-request-id", self.request_id.encode()))
-        await self._send(message)
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        """The `http.response.start` message. Every response carries the request's id as
+        `X-Request-Id`, unless the app set one."""
+        self.status = status
+        for name, _ in headers:
+            if name == b"x-request-id":
+                break
+        else:
+            headers.append((b"x-request-id", self.request_id.encode()))
+        return {"type": "http.response.start", "status": status, "headers": headers}
 
 
 def _access_text(line: tuple[Any, ...]) -> str:
@@ -597,24 +596,24 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str |
     return length, client_id
 
 
-async def _plain(send: Any, status: int, text: str,
+async def _plain(exchange: _Exchange, status: int, text: str,
                  extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = text.encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
+    await exchange.send(exchange.start(status, [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         *(extra_headers or ()),
-    ]})
-    await send({"type": "http.response.body", "body": body})
+    ]))
+    await exchange.send({"type": "http.response.body", "body": body})
 
 
-async def _error_response(send: Any, event: dict[str, Any]) -> None:
+async def _error_response(exchange: _Exchange, event: dict[str, Any]) -> None:
     status = int(event.get("status", 500))
     if status == 500:  # a user exception: its details stay in the replica's log
         text = "Internal Server Error"
     else:
         text = str(event.get("message", ""))
-    await _plain(send, status, text)
+    await _plain(exchange, status, text)
 
 
 def with_middlewares(app: Any, options: HTTPOptions) -> Any:
@@ -640,6 +639,7 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
     config = uvicorn.Config(
         with_middlewares(proxy, options), host=options.host, port=options.port, loop="none", http="httptools",
         lifespan="off", access_log=False, log_level="warning",
+        log_config=None,  # uvicorn's records go through our handler and format
         timeout_keep_alive=resolve_keep_alive(options),  # type: ignore[arg-type]
         timeout_graceful_shutdown=30,
     )

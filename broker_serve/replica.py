@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -24,20 +25,20 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
-from . import _affinity, _ingress, multiplex, protocol
+from . import _affinity, _ingress, _metrics, multiplex, protocol
 from ._acks import AckBatcher
 from ._broker import Broker, RawConsumer, consume_raw
 from ._cancellation import CancelledSet
 from .handle import calls_of_current_request
 from ._execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
 from ._lifecycle import heartbeat_loop, sleep_or_stop, stop_on_signals
-from ._logging import setup_logging
+from ._logging import AccessLog, setup_logging
 from ._runtime import install_replica_runtime
 from ._settings import Settings
 from ._signing import loads_signed
 from ._store import Store, now
 from .config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
-from .context import ReplicaContext, _set_replica_context
+from .context import ReplicaContext, _request_id, _set_replica_context
 from .exceptions import ProtocolError, RayServeException
 
 log = logging.getLogger("broker_serve.replica")
@@ -80,6 +81,9 @@ class Replica:
         self._affinity_queue: Any = None
         # For a multiplexed class: adds what the replica holds to a request's first reply event.
         self._advertise_models: Any = None
+        self.metrics = _metrics.ReplicaMetrics(app, deployment, replica_id)
+        self.access = AccessLog(functools.partial(_access_text, f"{app}/{deployment}"),
+                                functools.partial(_access_fields, app, deployment, replica_id))
 
     # lifecycle ---------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -113,6 +117,7 @@ class Replica:
         self.config = DeploymentConfig.model_validate(
             {**definition["config"], **await self._live_options()})
         self.user_config_hash = user_config_hash(self.config.model_dump(mode="json")["user_config"])
+        _metrics.set_replica_metrics(self.metrics)  # for @serve.batch and @serve.multiplexed
         executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
                                       thread_name_prefix="user")
         asyncio.get_running_loop().set_default_executor(executor)
@@ -196,6 +201,8 @@ class Replica:
             asyncio.create_task(self.store.watch_events(self._on_event, CONFIG_REFRESH_S,
                                                         self._stopping)),
             asyncio.create_task(self._health_loop()),
+            asyncio.create_task(self.metrics.flush_loop(lambda: len(self._tasks),
+                                                        self._stopping)),
         ]
         try:
             auto = self.config.autoscaling_config
@@ -304,6 +311,8 @@ class Replica:
             await self.store.redis.delete(self.names.replica_alive(self.replica_id))
         except Exception:
             pass
+        self.metrics.flush(0)
+        self.access.flush()
         await self.store.close()
 
     # records -----------------------------------------------------------------------------------
@@ -372,20 +381,39 @@ class Replica:
         channel, tag = message.channel, message.delivery.delivery_tag
         self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
         calls_of_current_request.set([])  # this task's own context: the calls it makes
+        headers = properties.headers or {}
+        request_id = headers.get(protocol.HEADER_REQUEST_ID)
+        if request_id.__class__ is not str or len(request_id) > protocol.MAX_ID_LENGTH:
+            request_id = correlation_id
+        _request_id.set(request_id)  # the handle calls it makes carry it on
+        published = headers.get(protocol.HEADER_PUBLISHED)
+        if published.__class__ is int and not message.delivery.redelivered:
+            self.metrics.waited(max(0.0, time.time() - published / 1e6))
+        started = time.perf_counter()
         try:
-            await self._handle_running(message, properties, reply_to, correlation_id, channel,
-                                       tag)
+            stream = await self._handle_running(message, properties, reply_to, correlation_id,
+                                                channel, tag)
         finally:
             self._running.pop(correlation_id, None)
             self._cancelling.discard(correlation_id)
+        if stream is not None:
+            self._finished(stream, time.perf_counter() - started, request_id)
+
+    def _finished(self, stream: ReplyStream, seconds: float, request_id: str) -> None:
+        """One request's metrics and log line."""
+        self.metrics.finished(stream.method, seconds, stream.status,
+                              stream.failed or stream.status >= 500)
+        if self.access.enabled:
+            self.access.add((stream.method, stream.http, stream.status, seconds, request_id))
 
     async def _handle_running(self, message: DeliveredMessage, properties: Any,
                               reply_to: str | None, correlation_id: str, channel: Any,
-                              tag: int) -> None:
+                              tag: int) -> ReplyStream | None:
+        """Run the request; returns its stream once it is settled (None: no reply_to)."""
         if not reply_to:
             log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
             await self._reject(channel, tag, correlation_id)
-            return
+            return None
 
         advertise = self._advertise_models
 
@@ -399,12 +427,13 @@ class Replica:
                                       correlation_id=correlation_id)
 
         stream = ReplyStream(publish)
+        stream.method = _METHOD_OF_KIND.get(properties.message_type, "unknown")  # until known
         if message.delivery.redelivered and await self._delivered_too_often(correlation_id):
             await stream.error(502, "RequestKilledReplicas",
                                f"the request ran {MAX_DELIVERIES - 1} times and its replica "
                                "died each time; it was dead-lettered, not retried")
             await self._reject(channel, tag, correlation_id)
-            return
+            return stream
         try:
             if correlation_id in self._cancelled:
                 raise ProtocolError("the request was cancelled before it ran", status=499,
@@ -436,6 +465,7 @@ class Replica:
             self._acks.finished(channel, tag)
         else:
             await self._reject(channel, tag, correlation_id)
+        return stream
 
     async def _delivered_too_often(self, correlation_id: str) -> bool:
         """Count a redelivery. Only redeliveries pay this Redis round trip; a replica that dies
@@ -495,6 +525,28 @@ class Replica:
             await run_websocket(self.servable, stream, payload, session, self.inbox_name)
         else:
             raise ProtocolError(f"unknown request kind {kind!r}")
+
+
+# The metrics' `method` label of a request until its method is known (a call that fails
+# before its method is resolved says "unknown").
+_METHOD_OF_KIND = {protocol.KIND_HTTP: "__call__", protocol.KIND_WEBSOCKET: "websocket"}
+
+
+def _access_text(name: str, line: tuple[Any, ...]) -> str:
+    method, http, status, seconds, request_id = line
+    what = f"{http[0]} {http[1]}" if http else f"call {method}"
+    return f"{name} {what} {status} {seconds * 1000:.2f}ms request_id={request_id}"
+
+
+def _access_fields(app: str, deployment: str, replica_id: str,
+                   line: tuple[Any, ...]) -> dict[str, Any]:
+    method, http, status, seconds, request_id = line
+    fields = {"application": app, "deployment": deployment, "replica": replica_id,
+              "method": method, "status": status, "duration_ms": round(seconds * 1000, 3),
+              "request_id": request_id}
+    if http:
+        fields["http_method"], fields["path"] = http
+    return fields
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,9 +4,11 @@
     PATCH           /api/serve/applications/{app}/deployments/{deployment}   {"num_replicas": N}
     PUT|GET|DELETE  /api/serve/deployments/
     GET             /api/serve/deployments/status
+    GET             /metrics   (the controller's Prometheus metrics; no token)
 
 Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
-(CVE-2023-48022); every call here needs `Authorization: Bearer <token>` (`_token.py`). The
+(CVE-2023-48022); every call here but /metrics needs `Authorization: Bearer <token>`
+(`_token.py`). The
 server runs in the controller's event loop and leaves signals to the controller.
 """
 
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 import orjson
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -62,14 +65,18 @@ class HTTPError(Exception):
 
 # authentication ---------------------------------------------------------------------------------
 class BearerAuth:
-    """Refuses (401) every HTTP request without the token."""
+    """Refuses (401) every HTTP request without the token, but those for `/metrics`, which
+    only read counters (Prometheus scrapes them)."""
+
+    PUBLIC = frozenset({"/metrics"})
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._authorized(Headers(scope=scope)):
+        if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
+                not self._authorized(Headers(scope=scope)):
             response = JSONResponse(
                 {"detail": "missing or wrong bearer token"}, status_code=401,
                 headers={"WWW-Authenticate": 'Bearer realm="broker-serve"'})
@@ -85,9 +92,12 @@ class BearerAuth:
 
 # endpoints --------------------------------------------------------------------------------------
 Endpoint = Callable[[Request], Awaitable[Response]]
+# The controller's Prometheus exposition (`_metrics.ControllerMetrics`).
+Metrics = Callable[[], Awaitable[bytes]]
 
 
-def create_app(store: Store, settings: Settings, token: str) -> ASGIApp:
+def create_app(store: Store, settings: Settings, token: str,
+               metrics: Metrics | None = None) -> ASGIApp:
     api = _Endpoints(store, settings)
     routes = [
         Route("/api/serve/applications/", _guard(api.get_applications), methods=["GET"]),
@@ -100,6 +110,11 @@ def create_app(store: Store, settings: Settings, token: str) -> ASGIApp:
         Route("/api/serve/deployments/", _guard(api.delete_applications), methods=["DELETE"]),
         Route("/api/serve/deployments/status", _guard(api.get_v1_status), methods=["GET"]),
     ]
+    if metrics is not None:
+        async def exposition(request: Request) -> Response:
+            return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
+
+        routes.append(Route("/metrics", exposition, methods=["GET"]))
     return BearerAuth(Starlette(routes=routes), token)
 
 
@@ -199,9 +214,10 @@ class RestServer:
     """Serves the API on the dashboard address. While another controller on this host holds
     that address, it waits and retries, so a standby takes the API over with the lead."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics
         self.server: _Server | None = None
         self._retrying = False
         self._stopping = asyncio.Event()
@@ -209,7 +225,8 @@ class RestServer:
 
     async def start(self) -> None:
         """Returns once the API is served, or its address was found taken."""
-        app = create_app(self.store, self.settings, server_token(self.settings.cluster))
+        app = create_app(self.store, self.settings, server_token(self.settings.cluster),
+                         self.metrics)
         self._task = task = asyncio.create_task(self._serve(app))
         while not (self.server and self.server.started or self._retrying or task.done()):
             await asyncio.sleep(0.01)
@@ -237,7 +254,8 @@ class RestServer:
                 await sleep_or_stop(self._stopping, LISTEN_RETRY_S)
                 continue
             config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
-                                    log_level="warning", timeout_graceful_shutdown=3)
+                                    log_level="warning", log_config=None,  # the root's format
+                                    timeout_graceful_shutdown=3)
             self.server = _Server(config)
             log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
             try:
@@ -247,8 +265,9 @@ class RestServer:
             return
 
 
-async def serve_rest_api(settings: Settings, store: Store) -> RestServer:
-    server = RestServer(settings, store)
+async def serve_rest_api(settings: Settings, store: Store,
+                         metrics: Metrics | None = None) -> RestServer:
+    server = RestServer(settings, store, metrics)
     await server.start()
     return server
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._lifecycle import heartbeat_loop, stop_on_signals
+from ._metrics import NodeMetricsServer
 from ._settings import Settings
 from ._store import Store, now
 from .config import HTTPOptions, ProxyLocation
@@ -72,6 +73,9 @@ class WorkerNode:
         self._exited: set[str] = set()
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
+        # The replicas' metrics, at :9500/metrics (docs/architecture.md, "Observability").
+        self.metrics = NodeMetricsServer(settings.metrics_host, settings.metrics_port)
+        self.metrics_port: int | None = None
 
     async def run(self) -> None:
         stop_on_signals(self._stopping)
@@ -90,6 +94,7 @@ class WorkerNode:
     async def startup(self) -> None:
         await self.store.ping()
         await self.store.heartbeat(self.names.node_alive(self.node_id))
+        self.metrics_port = self.metrics.start()
         await self._register()
         log.info("worker node %s joined cluster %r with %s", self.node_id,
                  self.settings.cluster, self.resources)
@@ -98,7 +103,7 @@ class WorkerNode:
     async def _register(self) -> None:
         await self.store.put(self.names.nodes, self.node_id, {
             "node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
-            "resources": self.resources, "started": now(),
+            "resources": self.resources, "started": now(), "metrics_port": self.metrics_port,
         })
 
     async def shutdown(self) -> None:
@@ -121,6 +126,7 @@ class WorkerNode:
             await self.store.announce("nodes")
         except Exception as exc:
             log.warning("could not deregister: %s", exc)
+        self.metrics.stop()
         await self.store.close()
 
     async def _reap_loop(self) -> None:
@@ -165,7 +171,7 @@ class WorkerNode:
         # A config's code is imported by reference from the app dir (docs/architecture.md,
         # "Declarative configs and the REST API"); replicas run there, as Ray's working_dir.
         app_dir = os.path.abspath(self.settings.app_dir or os.getcwd())
-        env = {**os.environ, **self.settings.env()}
+        env = {**os.environ, **self.settings.env(), **self.metrics.env()}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_dir, env.get("PYTHONPATH")]))
         try:
             process = subprocess.Popen(command, env=env, cwd=app_dir, preexec_fn=die_with_parent)
@@ -234,6 +240,7 @@ class WorkerNode:
                 continue
             del self.processes[replica_id]
             self._exited.add(replica_id)
+            self.metrics.process_exited(replica.process.pid)
             record = await self.store.get_one(self.names.replicas, replica_id)
             if record is None:
                 continue  # the controller already let it go

@@ -83,6 +83,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Cluster
         "BROKER_SERVE_HTTP_PORT": str(port),
         # The controller's REST API, so that tests running at once do not share port 8265.
         "BROKER_SERVE_DASHBOARD_PORT": str(free_port()),
+        # The worker node's /metrics, for the same reason (default 9500).
+        "BROKER_SERVE_METRICS_PORT": str(free_port()),
         # A test may route the cluster through a fault injector by setting this first.
         "BROKER_SERVE_AMQP_URL": os.environ.get("BROKER_SERVE_AMQP_URL", AMQP_URL),
         "BROKER_SERVE_REDIS_URL": REDIS_URL,

@@ -93,6 +93,7 @@ def test_services_start_and_serve_scaled(cluster, tmp_path, compose):
         assert len(replicas) == 2, replicas  # examples/hello.py asks for two replicas
         stream = requests.get(f"{proxies[1]}/stream", params={"count": 3}, timeout=10)
         assert stream.text == "0\n1\n2\n"
+        _assert_every_instance_serves_its_metrics(stack)
 
         workers = {f"{socket.gethostname()}-{w.process.pid}" for w in stack.instances["worker"]
                    if w.process is not None}
@@ -123,6 +124,41 @@ def _wait_for_app(stack: LocalCompose, url: str, timeout: float = 90) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not serve the example within {timeout}s")
+
+
+# Where Prometheus scrapes each service (deploy/prometheus/prometheus.yml), and what must be
+# there once the example has served requests.
+SERVED = {
+    "proxy": ("/-/metrics", 8000, {"broker_serve_proxy_requests_total",
+                                   "broker_serve_proxy_request_duration_seconds_bucket",
+                                   "broker_serve_proxy_inflight_requests"}),
+    "worker": ("/metrics", 9500, {"broker_serve_replica_processing_seconds_bucket",
+                                  "broker_serve_replica_queue_wait_seconds_bucket",
+                                  "broker_serve_replica_ongoing_requests"}),
+    "controller": ("/metrics", 8265, {"broker_serve_controller_replicas",
+                                      "broker_serve_controller_queue_depth",
+                                      "broker_serve_controller_is_leader"}),
+}
+
+
+def _assert_every_instance_serves_its_metrics(stack: LocalCompose) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for service, (path, port, wanted) in SERVED.items():
+        for instance in stack.instances[service]:
+            url = f"http://127.0.0.1:{instance.ports[port]}{path}"
+            deadline = time.monotonic() + 10  # a replica's metrics arrive within a second
+            while True:
+                text = requests.get(url, timeout=5).text
+                names = {sample.name for family in text_string_to_metric_families(text)
+                         for sample in family.samples}
+                if wanted <= names or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert wanted <= names, (url, sorted(wanted - names))
+            assert names <= METRICS | {f"{h}_{s}" for h in HISTOGRAMS
+                                       for s in ("bucket", "count", "sum")} | {
+                n for n in names if not n.startswith("broker_serve_")}, (url, names)
 
 
 def _nodes_of(cluster: str, replica_ids: set[str]) -> set[str]:

@@ -47,3 +47,16 @@ def test_names_longer_than_a_short_string_are_refused():
     with pytest.raises(ValueError):
         _frames.publish(1, "q" * 256, b"", content_type="a", message_type="b",
                         correlation_id="c")
+
+
+@pytest.mark.parametrize("headers", [
+    {"bs-version": 1, "bs-published-us": 1_795_000_000_123_456, "bs-request-id": "abc-1"},
+    {"bs-version": 1, "bs-deadline": 1_795_000_000_123, "bs-published-us": 1},
+    {"a": -2 ** 31, "b": 2 ** 32 - 1, "c": 2 ** 32, "d": -2 ** 31 - 1, "e": True, "f": 1.5},
+    {"nested": {"x": [1, "two"]}, "k" * 200: 1},
+])
+def test_header_tables_match_pamqp(headers):
+    properties = dict(message_type="call", correlation_id="c", content_type="application/msgpack",
+                      headers=headers)
+    ours = _frames.publish(1, "q", b"x", **properties)
+    assert ours == reference(1, "q", b"x", False, **properties)
