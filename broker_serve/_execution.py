@@ -281,7 +281,7 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
                    inbox_name: str, max_body_bytes: int,
                    window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
-    stream.method, stream.http = "__call__", (scope["method"], scope["path"])
+    stream.http = (scope["method"], scope["path"])  # the replica set the method label
     multiplex._set_model_id(multiplex.model_id_from_headers(scope["headers"]))
     first_body, more_body = protocol.body_chunk(payload)
     if len(first_body) > max_body_bytes:
@@ -345,7 +345,7 @@ async def run_websocket(servable: Servable, stream: ReplyStream, payload: dict[s
                         inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
                         inbox_name: str) -> None:
     scope = protocol.websocket_scope(payload)
-    stream.method, stream.http = "websocket", ("WEBSOCKET", scope["path"])
+    stream.http = ("WEBSOCKET", scope["path"])
     if servable.asgi_app is None:
         raise ProtocolError("WebSockets need an ASGI ingress (@serve.ingress with a FastAPI "
                             "or Starlette app)", status=404, error="NoSuchMethod")

@@ -162,7 +162,7 @@ def assert_arrived_as_produced(arrivals: list[tuple[float, dict[str, Any]]]) -> 
 
 
 def test_streaming_call_from_a_replica_and_from_the_driver(cluster):
-    handle = serve.run(StreamRelay.bind(Producer.bind()))
+    serve.run(StreamRelay.bind(Producer.bind()))
     with requests.get(f"{cluster.url}?n={N_ITEMS}&s={INTERVAL_S}", stream=True,
                       timeout=10) as response:
         assert response.headers["content-type"].startswith("application/x-ndjson")

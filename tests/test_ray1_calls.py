@@ -3,10 +3,6 @@ serve.start(detached=True)."""
 
 from __future__ import annotations
 
-import requests
-
-from broker_serve import serve
-
 SCRIPT = '''
 import requests
 from fastapi import FastAPI

@@ -9,7 +9,7 @@ import time
 import redis
 import requests
 
-from broker_serve import api, serve
+from broker_serve import serve
 
 from .conftest import REDIS_URL
 
