@@ -1,8 +1,14 @@
 """One AMQP connection per process, long-lived channels, and the reply router.
 
-Publishing goes straight to the aiormq channel under aio-pika's robust channel: building
-aio-pika `Message` objects costs more than the publish itself, and nothing on the request path
-opens a channel.
+aio-pika's robust connection owns every channel: it opens them, and after a lost connection it
+reconnects, reopens them and re-declares their queues and exchanges. Nothing here opens or
+reopens a channel behind its back, and nothing on the request path opens one at all.
+
+The hot consumers (reply queues, a replica's request queue and inbox) consume on the aiormq
+channel under a robust channel (`Subscription`), skipping aio-pika's per-message objects and
+tasks; they subscribe again from the channel's public `reopen_callbacks`. Publishes that fit one
+frame are encoded by `_frames.py` and queued through `_aiormq_fastpath.py`, the one module that
+goes below aiormq's public API; everything else uses aiormq's `basic_publish`.
 """
 
 from __future__ import annotations
@@ -10,39 +16,52 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
-from . import _frames, protocol
-from .exceptions import ClusterUnavailable
+from . import _aiormq_fastpath, _frames, protocol
+from .exceptions import ClusterUnavailable, ProtocolError
 
 log = logging.getLogger("broker_serve.broker")
 
 ReturnHandler = Callable[[str, str], None]
+DeliveryCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 
 # Publishes return once queued to the connection's writer, without waiting for the socket to
 # drain: that wait is a full turn of the event loop per message. After this many bytes one
 # publish waits, so a slow broker still pushes back and unsent data stays bounded.
 UNDRAINED_LIMIT_BYTES = 256 * 1024
-RawCallback = Callable[[aiormq.abc.DeliveredMessage], Awaitable[None]]
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+def connection_name(cluster: str, role: str, ident: str) -> str:
+    """The name RabbitMQ shows (and logs) for a process's connection. tests/conftest.py
+    reads RabbitMQ's log by this prefix: any channel or connection error on a connection so
+    named fails the test."""
+    return f"broker-serve {cluster} {role} {ident}"
 
 
 class Broker:
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, cancel_exchange: str | None = None) -> None:
         self.url = url
         self.name = name
         self.connection: AbstractRobustConnection | None = None
+        self._cancel_exchange = cancel_exchange
         self._publisher: AbstractRobustChannel | None = None
         self._confirming: AbstractRobustChannel | None = None
-        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._raw: aiormq.Channel | None = None
         self._return_handlers: list[ReturnHandler] = []
         self._undrained = 0
+        self._closing = False
+        # Channels the broker closed while this process meant to use them: always a bug of
+        # ours or a lost connection (docs/architecture.md, "The AMQP transport").
+        self.channels_lost = 0
+        self._lost_callbacks: list[Callable[[], None]] = []
 
     async def connect(self) -> None:
         """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
@@ -50,25 +69,48 @@ class Broker:
             self.connection = await aio_pika.connect_robust(
                 self.url, client_properties={"connection_name": self.name}, timeout=10
             )
-        except (OSError, aiormq.exceptions.AMQPError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
             raise ClusterUnavailable(f"cannot reach RabbitMQ at {_safe(self.url)}: {exc}") from exc
         self._publisher = await self.channel()
         self._publisher.return_callbacks.add(self._on_return)
-        assert self.connection is not None
+        if self._cancel_exchange:
+            # Whoever publishes cancels declares the exchange too: a publish to a missing
+            # exchange would close the publishing channel. aio-pika re-declares it after a
+            # reconnect.
+            await self._publisher.declare_exchange(self._cancel_exchange, "fanout", durable=True)
         self._confirming = await self.connection.channel(publisher_confirms=True)
         self._confirming.return_callbacks.add(self._on_return)
 
-    async def channel(self, prefetch: int = 0) -> AbstractRobustChannel:
+    async def channel(self, prefetch: int = 0, global_qos: bool = False) -> AbstractRobustChannel:
+        """A robust channel; aio-pika restores its QoS and queues after a reconnect."""
         assert self.connection is not None, "connect() first"
         channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=False)
         if prefetch:
-            await channel.set_qos(prefetch_count=prefetch)
+            await channel.set_qos(prefetch_count=prefetch, global_=global_qos)
         return channel
 
     async def close(self) -> None:
+        self._closing = True
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
+
+    def watch(self, raw: aiormq.abc.AbstractChannel) -> None:
+        """Count `raw` in `channels_lost` if it closes while this process still uses it."""
+        raw.closing.add_done_callback(self._on_channel_closed)
+
+    def on_channel_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` each time a channel is counted in `channels_lost`."""
+        self._lost_callbacks.append(callback)
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        if self._closing or closing.cancelled():
+            return
+        self.channels_lost += 1
+        log.warning("RabbitMQ closed a channel of %s: %s", self.name,
+                    closing.exception() or "closed")
+        for callback in self._lost_callbacks:
+            callback()
 
     def on_return(self, handler: ReturnHandler) -> None:
         """Call `handler(correlation_id, routing_key)` for a mandatory message nobody could take."""
@@ -96,30 +138,25 @@ class Broker:
         self._undrained += len(body) + 256
         wait = self._undrained >= UNDRAINED_LIMIT_BYTES
         try:
-            if not wait and len(body) < raw.max_content_size:
-                # The common case: one frame set, queued whole to the connection's writer, so
-                # it cannot interleave with another publish and needs no channel lock.
+            if not wait and _aiormq_fastpath.fits_one_frame(raw, body):
                 payload = _frames.publish(
                     raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
                     message_type=type, correlation_id=correlation_id, reply_to=reply_to,
                     message_id=message_id, headers=headers, expiration=expiration,
                     mandatory=mandatory, exchange=exchange,
                 )
-                frame = ChannelFrame(payload=payload, should_close=False)
-                try:
-                    raw.write_queue.put_nowait(frame)
-                except asyncio.QueueFull:
-                    await raw.write_queue.put(frame)
-                return
-            self._undrained = 0
+                if _aiormq_fastpath.enqueue(raw, payload):
+                    return
+            if wait:
+                self._undrained = 0
             properties = Basic.Properties(
                 content_type=protocol.CONTENT_TYPE, message_type=type,
-                correlation_id=correlation_id, message_id=message_id, reply_to=reply_to,
-                headers=headers, expiration=expiration, delivery_mode=1,
+                correlation_id=correlation_id, message_id=message_id,
+                reply_to=reply_to, headers=headers, expiration=expiration, delivery_mode=1,
             )
             await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                    properties=properties, mandatory=mandatory, wait=True)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+                                    properties=properties, mandatory=mandatory, wait=wait)
+        except _CHANNEL_ERRORS as exc:
             self._raw = None
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
 
@@ -142,11 +179,11 @@ class Broker:
                                     mandatory=mandatory)
         except aiormq.exceptions.DeliveryError:
             return False  # nacked: the queue is at its bound
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except _CHANNEL_ERRORS as exc:
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
         return True
 
-    async def _channel(self) -> aiormq.abc.AbstractChannel:
+    async def _channel(self) -> aiormq.Channel:
         """The open aiormq channel under the publishing channel."""
         raw = self._raw
         if raw is not None and not raw.is_closed:
@@ -154,52 +191,77 @@ class Broker:
         if self._publisher is None:
             raise ClusterUnavailable("not connected to RabbitMQ")
         try:
-            raw = self._raw = await self._publisher.get_underlay_channel()
+            raw = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
         except aiormq.exceptions.AMQPError as exc:
             raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
         if raw.is_closed:
             raise ClusterUnavailable("RabbitMQ connection is down")
+        if raw is not self._raw:
+            self.watch(raw)
+            self._raw = raw
         return raw
 
 
-class RawConsumer:
-    """A consumer on the aiormq channel under a robust aio-pika channel.
+class Subscription:
+    """Consumers of some queues on the aiormq channel under one robust channel.
 
-    The hot consumers skip aio-pika's per-message `IncomingMessage` objects. aio-pika re-declares
-    the channel's queues after a reconnect; this re-registers the consumer right after.
+    `on_channel(raw)` gives the delivery callback for each underlay channel: delivery tags
+    belong to one channel, so a replica settles each channel's deliveries separately. When
+    aio-pika reopens the channel (after a lost connection), the queues are consumed again on
+    the new underlay channel, from the channel's public `reopen_callbacks`.
     """
 
-    def __init__(self, channel: AbstractRobustChannel, queue: str, callback: RawCallback,
+    def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
+                 on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
                  no_ack: bool) -> None:
+        self.broker = broker
         self.channel = channel
-        self.queue = queue
-        self.callback = callback
+        self.queues = queues
+        self.on_channel = on_channel
         self.no_ack = no_ack
-        self.tag: str | None = None
         self._raw: aiormq.abc.AbstractChannel | None = None
+        self._tags: list[str] = []
+        self._cancelled = False
 
-    async def start(self) -> RawConsumer:
+    async def start(self) -> Subscription:
         await self._register()
         self.channel.reopen_callbacks.add(self._on_reopen)
         return self
 
     async def _on_reopen(self, *_: Any) -> None:
-        await self._register()
+        if self._cancelled:
+            return
+        try:
+            await self._register()
+        except _CHANNEL_ERRORS as exc:  # closed again already: the next reopen comes back here
+            log.warning("could not consume %s again: %s", self.queues, exc)
 
     async def _register(self) -> None:
-        self._raw = await self.channel.get_underlay_channel()
-        result = await self._raw.basic_consume(self.queue, self.callback, no_ack=self.no_ack)
-        self.tag = result.consumer_tag
+        raw = await self.channel.get_underlay_channel()
+        if raw is self._raw:
+            return
+        self._raw, self._tags = raw, []
+        self.broker.watch(raw)
+        callback = self.on_channel(raw)
+        for queue in self.queues:
+            result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
+            if result.consumer_tag:
+                self._tags.append(result.consumer_tag)
 
     async def cancel(self) -> None:
+        """Stop consuming. Deliveries already received are still handed to the callback."""
+        self._cancelled = True
         self.channel.reopen_callbacks.discard(self._on_reopen)
-        if self._raw is not None and self.tag is not None and not self._raw.is_closed:
-            await self._raw.basic_cancel(self.tag)
+        raw = self._raw
+        if raw is not None and not raw.is_closed:
+            for tag in self._tags:
+                await raw.basic_cancel(tag)
 
 
-async def consume_raw(channel: AbstractRobustChannel, queue: str, callback: RawCallback, *,
-                      no_ack: bool) -> RawConsumer:
-    return await RawConsumer(channel, queue, callback, no_ack).start()
+async def subscribe(broker: Broker, channel: AbstractRobustChannel, queue: str,
+                    callback: DeliveryCallback, *, no_ack: bool) -> Subscription:
+    """Consume one queue with the same callback on every underlay channel."""
+    return await Subscription(broker, channel, [queue], lambda _raw: callback, no_ack).start()
 
 
 Event = tuple[str, dict[str, Any]]
@@ -251,9 +313,9 @@ class ReplyRouter:
 
     async def start(self) -> None:
         channel = await self.broker.channel()
-        # Held strongly: aio-pika re-declares and re-consumes it after a reconnect.
+        # Held strongly: aio-pika re-declares it after a reconnect.
         self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
-        await consume_raw(channel, self.queue_name, self._on_message, no_ack=True)
+        await subscribe(self.broker, channel, self.queue_name, self._on_message, no_ack=True)
         self.broker.on_return(self._on_return)
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
@@ -273,7 +335,7 @@ class ReplyRouter:
             return  # the caller gave up (timeout, disconnect); late events are dropped
         try:
             event = protocol.decode_map(message.body)
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
             queue.put_nowait((protocol.ERROR, event))
             return

@@ -187,6 +187,15 @@ class ReplicaMetrics:
         self._model_loads = Counter(
             "broker_serve_replica_model_loads_total",
             "Models a @serve.multiplexed loader loaded (cache misses).", labels, registry=None)
+        # Neither moves in a healthy cluster: the benchmark reports both beside its figures.
+        self.redeliveries = Counter(
+            "broker_serve_replica_redeliveries_total",
+            "Requests this replica took that RabbitMQ had delivered before (redelivered).",
+            labels, registry=None).labels(application, deployment)
+        self.channels_lost = Counter(
+            "broker_serve_replica_channels_lost_total",
+            "Channels of this replica that RabbitMQ closed while it was using them.",
+            labels, registry=None).labels(application, deployment)
         self._processing_local: dict[str, LocalHistogram] = {}
         self._queue_wait_local = LocalHistogram()
         self._error_children: dict[int, Any] = {}

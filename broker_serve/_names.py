@@ -43,6 +43,10 @@ class Names:
     def secret(self) -> str:
         return self.key("secret")
 
+    def deliveries(self, correlation_id: str) -> str:
+        """A redelivered request's counts: `redelivered`, and `released` by live replicas."""
+        return self.key("deliveries", correlation_id)
+
     @property
     def apps(self) -> str:
         """Hash: app name -> JSON application record (desired config and status)."""

@@ -17,7 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ._affinity import AffinityTable
-from ._broker import Broker, ReplyRouter
+from ._broker import Broker, ReplyRouter, connection_name
 from ._settings import Settings
 from ._store import Store
 
@@ -37,7 +37,9 @@ class Runtime:
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
-        self.broker = broker or Broker(settings.amqp_url, f"client {self.process_id}")
+        self.broker = broker or Broker(
+            settings.amqp_url, connection_name(settings.cluster, "client", self.process_id),
+            cancel_exchange=self.names.cancel_exchange)
         self._owns_broker = broker is None
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"))
         self.secret = b""

@@ -21,7 +21,7 @@ import aiormq
 import orjson
 
 from ._autoscaler import Autoscaler
-from ._broker import Broker
+from ._broker import Broker, connection_name
 from ._lifecycle import stop_on_signals
 from ._metrics import ControllerMetrics
 from ._reseed import StateCopy
@@ -47,7 +47,9 @@ class Controller:
         self.controller_id = f"{socket.gethostname()}-{os.getpid()}"
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
-        self.broker = Broker(settings.amqp_url, f"controller {self.controller_id}")
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "controller", self.controller_id),
+                             cancel_exchange=self.names.cancel_exchange)
         self.leader = False
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._failures: Counter[tuple[str, str, str]] = Counter()
@@ -78,10 +80,9 @@ class Controller:
     async def startup(self) -> None:
         await self.store.ping()
         await self.store.secret()
-        await self.broker.connect()
+        await self.broker.connect()  # declares the cancel exchange
         channel = await self.broker.channel()
         await channel.declare_queue(self.names.dead_letters, durable=True)
-        await channel.declare_exchange(self.names.cancel_exchange, "fanout", durable=True)
         self._channel = channel
         # Waits for its port in the background while another controller on this host has it.
         self._rest = await serve_rest_api(

@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from . import protocol
 from ._affinity import AffinityTable
-from ._broker import Broker, Mailbox, ReplyRouter
+from ._broker import Broker, Mailbox, ReplyRouter, connection_name
 from ._cancellation import cancel
 from ._logging import AccessLog
 from ._metrics import ProxyMetrics
@@ -83,7 +83,9 @@ class Proxy:
         self.proxy_id = f"{socket.gethostname()}-{os.getpid()}"
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
-        self.broker = Broker(settings.amqp_url, f"proxy {self.proxy_id}")
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "proxy", self.proxy_id),
+                             cancel_exchange=self.names.cancel_exchange)
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"))
         self.table = RouteTable()
         self.affinity = AffinityTable()

@@ -6,7 +6,13 @@ the heartbeat. `shutdown` (on SIGTERM) stops consuming, lets in-flight requests 
 `graceful_shutdown_timeout_s`, and closes the connection, so RabbitMQ requeues whatever is left.
 
 Message policy: a request is acked once its terminal event is published. A message without
-`reply_to` cannot be answered and is rejected without requeue, which dead-letters it.
+`reply_to` cannot be answered and is rejected without requeue, which dead-letters it. Acks and
+rejects of one channel go out in order through its `Settler` (`_acks.py`).
+
+Poison requests: a request whose replicas died with it three times is answered 502 on its 4th
+delivery and dead-lettered. Only deaths count. A live replica that loses a channel, or stops
+before finishing a request, writes down the requests it released, and their redeliveries are
+not counted against them.
 """
 
 from __future__ import annotations
@@ -21,15 +27,16 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
+import aiormq
 from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from . import _affinity, _ingress, _metrics, multiplex, protocol
-from ._acks import AckBatcher
-from ._broker import Broker, RawConsumer, consume_raw
+from ._acks import Settler
+from ._broker import Broker, DeliveryCallback, Subscription, connection_name, subscribe
 from ._cancellation import CancelledSet
-from .handle import calls_of_current_request
 from ._execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
 from ._lifecycle import heartbeat_loop, sleep_or_stop, stop_on_signals
 from ._logging import AccessLog, setup_logging
@@ -40,6 +47,7 @@ from ._store import Store, now
 from .config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from .context import ReplicaContext, _request_id, _set_replica_context
 from .exceptions import ProtocolError, RayServeException
+from .handle import calls_of_current_request
 
 log = logging.getLogger("broker_serve.replica")
 
@@ -60,7 +68,9 @@ class Replica:
         self.version = version
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
-        self.broker = Broker(settings.amqp_url, f"replica {replica_id}")
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "replica", replica_id),
+                             cancel_exchange=self.names.cancel_exchange)
         self.inbox_name = self.names.inbox(replica_id)
         self.servable: Servable | None = None
         self.config = DeploymentConfig()
@@ -69,14 +79,15 @@ class Replica:
         self.secret = b""
         self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._acks = AckBatcher(prefetch=1)
+        self._settler: Settler | None = None  # of the request channel now open
+        self._journals: set[asyncio.Task[None]] = set()
         self._cancelled = CancelledSet()
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelling: set[str] = set()
         self._cancel_queue: Any = None
         self._windows: dict[str, FlowWindow] = {}
         self._stopping = asyncio.Event()
-        self._consumers: list[RawConsumer] = []
+        self._consumers: list[Subscription] = []
         self._inbox: Any = None
         self._affinity_queue: Any = None
         # For a multiplexed class: adds what the replica holds to a request's first reply event.
@@ -121,6 +132,7 @@ class Replica:
         executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
                                       thread_name_prefix="user")
         asyncio.get_running_loop().set_default_executor(executor)
+        self.broker.on_channel_lost(self.metrics.channels_lost.inc)
         await self.broker.connect()
         # Before the constructor: handles passed to it, or made in it, must work.
         await install_replica_runtime(self.settings, self.broker)
@@ -130,44 +142,68 @@ class Replica:
         # Held strongly: aio-pika re-declares it after a reconnect.
         self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
                                                         auto_delete=True)
-        await consume_raw(inbox_channel, self.inbox_name, self._on_inbox, no_ack=True)
+        await subscribe(self.broker, inbox_channel, self.inbox_name, self._on_inbox,
+                        no_ack=True)
         # Cancellations: the live tombstones first, then the broadcast, before any request.
         await self._cancelled.load(self.store)
         cancel_queue = self.names.cancel_queue(self.replica_id)
         self._cancel_queue = await inbox_channel.declare_queue(cancel_queue, exclusive=True,
                                                                auto_delete=True)
         await self._cancel_queue.bind(self.names.cancel_exchange)
-        await consume_raw(inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
-        capacity = self.config.max_ongoing_requests
-        self._acks = AckBatcher(prefetch=capacity)
-        channel = await self.broker.channel(prefetch=capacity)
-        queue = self.names.request_queue(self.app, self.deployment)
-        await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
-        if not self.servable.is_function and multiplex.is_multiplexed(
-                type(self.servable.target)):
-            await self._consume_affinity_queue(channel, queue, capacity)
-        self._consumers.append(await consume_raw(channel, queue, self._on_request, no_ack=False))
+        await subscribe(self.broker, inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
+        await self._consume_requests()
         await self._write_record("RUNNING")
         await self.store.announce("replicas")
         log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
                  self.deployment, os.getpid())
 
-    async def _consume_affinity_queue(self, channel: Any, shared_queue: str,
-                                      capacity: int) -> None:
-        """Model affinity (docs/architecture.md): requests for models this replica holds may
-        come to its own queue too, within one channel-wide prefetch of `capacity`."""
-        await channel.set_qos(prefetch_count=capacity, global_=True)
-        name = self.names.affinity_queue(self.replica_id)
-        # Held strongly: aio-pika re-declares it after a reconnect.
-        self._affinity_queue = await channel.declare_queue(
-            name, durable=True, arguments=_affinity.queue_arguments(shared_queue))
-        self._consumers.append(await consume_raw(channel, name, self._on_request, no_ack=False))
+    async def _consume_requests(self) -> None:
+        """Consume the deployment's queue with prefetch = max_ongoing_requests.
 
-        def advertise(fields: dict[str, Any]) -> None:
-            fields["models"] = multiplex.loaded_model_ids()
-            fields["capacity"] = capacity
+        Model affinity (docs/architecture.md): a multiplexed replica also consumes its own
+        queue, on the same channel and within one channel-wide prefetch, so it still runs at
+        most max_ongoing_requests."""
+        assert self.servable is not None
+        capacity = self.config.max_ongoing_requests
+        queue = self.names.request_queue(self.app, self.deployment)
+        if not await self._live_options():
+            raise RuntimeError(f"application {self.app!r} was deleted while this replica "
+                               "started")
+        multiplexed = not self.servable.is_function and multiplex.is_multiplexed(
+            type(self.servable.target))
+        channel = await self.broker.channel(prefetch=capacity, global_qos=multiplexed)
+        await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
+        queues = [queue]
+        if multiplexed:
+            name = self.names.affinity_queue(self.replica_id)
+            # Held strongly: aio-pika re-declares it after a reconnect.
+            self._affinity_queue = await channel.declare_queue(
+                name, durable=True, arguments=_affinity.queue_arguments(queue))
+            queues.insert(0, name)
 
-        self._advertise_models = advertise
+            def advertise(fields: dict[str, Any]) -> None:
+                fields["models"] = multiplex.loaded_model_ids()
+                fields["capacity"] = capacity
+
+            self._advertise_models = advertise
+        self._consumers.append(await Subscription(
+            self.broker, channel, queues, self._on_request_channel, no_ack=False).start())
+
+    def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
+        """A (re)opened request channel: its deliveries are settled by a settler of its own."""
+        settler = Settler(raw, prefetch=self.config.max_ongoing_requests)
+        self._settler = settler
+        raw.closing.add_done_callback(lambda _: self._channel_closed(settler))
+        return functools.partial(self._on_request, settler)
+
+    def _channel_closed(self, settler: Settler) -> None:
+        """RabbitMQ requeues what this channel had not settled; this replica is alive, so
+        those redeliveries are not deaths. (Stopping, `shutdown` writes them down itself.)"""
+        released = [cid for _, _, cid in settler.ledger.unsettled()]
+        if released and not self._stopping.is_set():
+            task = asyncio.ensure_future(self._journal_released(released))
+            self._journals.add(task)
+            task.add_done_callback(self._journals.discard)
 
     async def _construct(self, definition: dict[str, Any], executor: Any) -> Servable:
         target = definition["func_or_class"]
@@ -268,7 +304,7 @@ class Replica:
             timeout = self.config.health_check_timeout_s
             try:
                 await asyncio.wait_for(self._call_user("check_health"), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 await self._unhealthy(f"check_health() did not return within {timeout}s")
                 return
             except Exception as exc:
@@ -302,8 +338,14 @@ class Replica:
             log.warning("cancelled %d unfinished request(s); RabbitMQ requeues them",
                         len(stragglers))
             await asyncio.gather(*stragglers, return_exceptions=True)
+        settler = self._settler
+        if settler is not None:
+            try:
+                await asyncio.wait_for(settler.drain(), 5)
+            except Exception as exc:
+                log.warning("could not send the last acks: %s", exc)
+            await self._journal_released([cid for _, _, cid in settler.ledger.unsettled()])
         try:
-            await asyncio.wait_for(self._acks.drain(), 5)
             await asyncio.wait_for(self.broker.close(), 5)
         except Exception as exc:
             log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
@@ -339,9 +381,12 @@ class Replica:
         await self.store.close()
 
     # messages ----------------------------------------------------------------------------------
-    async def _on_request(self, message: DeliveredMessage) -> None:
-        self._acks.started(message.channel, message.delivery.delivery_tag)
-        task = asyncio.create_task(self._handle(message))
+    async def _on_request(self, settler: Settler, message: DeliveredMessage) -> None:
+        delivery = cast(Basic.Deliver, message.delivery)  # a consumer gets only deliveries
+        tag = cast(int, delivery.delivery_tag)
+        settler.delivered(tag, message.header.properties.correlation_id or "")
+        task = asyncio.create_task(self._handle(message, tag, bool(delivery.redelivered),
+                                                settler))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -375,10 +420,10 @@ class Replica:
                 self._cancelling.add(request_id)
                 task.cancel()
 
-    async def _handle(self, message: DeliveredMessage) -> None:
+    async def _handle(self, message: DeliveredMessage, tag: int, redelivered: bool,
+                      settler: Settler) -> None:
         properties = message.header.properties
         reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
-        channel, tag = message.channel, message.delivery.delivery_tag
         self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
         calls_of_current_request.set([])  # this task's own context: the calls it makes
         headers = properties.headers or {}
@@ -387,12 +432,14 @@ class Replica:
             request_id = correlation_id
         _request_id.set(request_id)  # the handle calls it makes carry it on
         published = headers.get(protocol.HEADER_PUBLISHED)
-        if published.__class__ is int and not message.delivery.redelivered:
+        if redelivered:
+            self.metrics.redeliveries.inc()
+        elif published.__class__ is int:
             self.metrics.waited(max(0.0, time.time() - published / 1e6))
         started = time.perf_counter()
         try:
-            stream = await self._handle_running(message, properties, reply_to, correlation_id,
-                                                channel, tag)
+            stream = await self._handle_running(message, tag, redelivered, reply_to,
+                                                correlation_id, settler)
         finally:
             self._running.pop(correlation_id, None)
             self._cancelling.discard(correlation_id)
@@ -406,13 +453,14 @@ class Replica:
         if self.access.enabled:
             self.access.add((stream.method, stream.http, stream.status, seconds, request_id))
 
-    async def _handle_running(self, message: DeliveredMessage, properties: Any,
-                              reply_to: str | None, correlation_id: str, channel: Any,
-                              tag: int) -> ReplyStream | None:
+    async def _handle_running(self, message: DeliveredMessage, tag: int, redelivered: bool,
+                              reply_to: str | None, correlation_id: str,
+                              settler: Settler) -> ReplyStream | None:
         """Run the request; returns its stream once it is settled (None: no reply_to)."""
+        properties = message.header.properties
         if not reply_to:
             log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
-            await self._reject(channel, tag, correlation_id)
+            settler.rejected(tag)
             return None
 
         advertise = self._advertise_models
@@ -427,12 +475,12 @@ class Replica:
                                       correlation_id=correlation_id)
 
         stream = ReplyStream(publish)
-        stream.method = _METHOD_OF_KIND.get(properties.message_type, "unknown")  # until known
-        if message.delivery.redelivered and await self._delivered_too_often(correlation_id):
+        stream.method = _METHOD_OF_KIND.get(properties.message_type or "", "unknown")
+        if redelivered and await self._delivered_too_often(correlation_id):
             await stream.error(502, "RequestKilledReplicas",
                                f"the request ran {MAX_DELIVERIES - 1} times and its replica "
                                "died each time; it was dead-lettered, not retried")
-            await self._reject(channel, tag, correlation_id)
+            settler.rejected(tag)
             return stream
         try:
             if correlation_id in self._cancelled:
@@ -462,35 +510,46 @@ class Replica:
         finally:
             self._inboxes.pop(correlation_id, None)
         if stream.finished:
-            self._acks.finished(channel, tag)
-        else:
-            await self._reject(channel, tag, correlation_id)
+            settler.finished(tag)
+        else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
+            settler.rejected(tag)
         return stream
 
     async def _delivered_too_often(self, correlation_id: str) -> bool:
-        """Count a redelivery. Only redeliveries pay this Redis round trip; a replica that dies
-        with its requests (or stops before finishing them) causes them."""
-        key = self.names.key("deliveries", correlation_id)
+        """Count a redelivery, and tell whether the request's replicas died with it
+        MAX_DELIVERIES - 1 times. Only redeliveries pay this Redis round trip."""
+        key = self.names.deliveries(correlation_id)
         try:
             async with self.store.redis.pipeline(transaction=False) as pipe:
-                count, _ = await pipe.incr(key).expire(key, DELIVERY_COUNT_TTL_S).execute()
+                pipe.hincrby(key, "redelivered", 1)
+                pipe.hget(key, "released")
+                pipe.expire(key, DELIVERY_COUNT_TTL_S)
+                redelivered, released, _ = await pipe.execute()
         except Exception as exc:  # Redis away: serving goes on without the bound
             log.warning("could not count the deliveries of %s: %s", correlation_id, exc)
             return False
-        if int(count) + 1 >= MAX_DELIVERIES:
-            log.error("request %s was delivered %d times; dead-lettering it", correlation_id,
-                      int(count) + 1)
+        deaths = int(redelivered) - int(released or 0)
+        if deaths + 1 >= MAX_DELIVERIES:
+            log.error("request %s was delivered %d times, %d of them to replicas that died; "
+                      "dead-lettering it", correlation_id, int(redelivered) + 1, deaths)
             return True
         return False
 
-    async def _reject(self, channel: Any, tag: int, correlation_id: str) -> None:
-        """Settle without a reply: dead-lettered to `bs.<cluster>.dead`."""
-        self._acks.dropped(channel, tag)
+    async def _journal_released(self, correlation_ids: list[str]) -> None:
+        """Write down requests this live replica gives back to RabbitMQ unfinished, so that
+        their redeliveries do not count as deaths."""
+        if not correlation_ids:
+            return
         try:
-            await channel.basic_reject(tag, requeue=False)
-        except Exception as exc:  # the channel died with the connection: RabbitMQ redelivers
-            log.warning("could not reject request %s (%s); it will be redelivered",
-                        correlation_id, exc)
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for correlation_id in correlation_ids:
+                    key = self.names.deliveries(correlation_id)
+                    pipe.hincrby(key, "released", 1)
+                    pipe.expire(key, DELIVERY_COUNT_TTL_S)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("could not write down %d released request(s): %s",
+                        len(correlation_ids), exc)
 
     async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
                         correlation_id: str) -> None:

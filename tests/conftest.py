@@ -20,6 +20,8 @@ import pika
 import pytest
 import redis
 
+from .broker_log import BrokerLog, find_log
+
 AMQP_URL = os.environ.get("BROKER_SERVE_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 REDIS_URL = os.environ.get("BROKER_SERVE_REDIS_URL", "redis://localhost:6379/0")
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,41 @@ def cleanup_namespace(name: str) -> None:
         channel.queue_delete(queue)
     channel.exchange_delete(f"bs.{name}.cancel")
     connection.close()
+
+
+@pytest.fixture(scope="session")
+def broker_log() -> Iterator[BrokerLog | None]:
+    """RabbitMQ's log, read as an oracle (tests/broker_log.py). Set
+    BROKER_SERVE_TEST_RABBITMQ_LOG=off where the broker's log cannot be read."""
+    if os.environ.get("BROKER_SERVE_TEST_RABBITMQ_LOG") == "off":
+        yield None
+        return
+    path = find_log()
+    if path is None or not os.access(path, os.R_OK):
+        pytest.exit("cannot read RabbitMQ's log (looked in /var/log/rabbitmq/): set "
+                    "BROKER_SERVE_TEST_RABBITMQ_LOG to its path, or to 'off'", returncode=3)
+    log = BrokerLog(path)
+    yield log
+    _fail_on_errors(log, "after the last test")
+
+
+@pytest.fixture(autouse=True)
+def no_broker_errors(broker_log: BrokerLog | None) -> Iterator[None]:
+    """Fail the test if RabbitMQ logged a channel or connection error while it ran."""
+    if broker_log is None:
+        yield
+        return
+    broker_log.mark()
+    yield
+    _fail_on_errors(broker_log, "during this test")
+
+
+def _fail_on_errors(log: BrokerLog, when: str) -> None:
+    errors = [error for error in log.read() if not error.expected]
+    if errors:
+        listed = "\n".join(f"  {error}" for error in errors[:20])
+        pytest.fail(f"RabbitMQ logged {len(errors)} channel or connection error(s) {when}:\n"
+                    f"{listed}", pytrace=False)
 
 
 @pytest.fixture
