@@ -10,17 +10,19 @@ What this relies on, and what tests/test_transport_contract.py checks against a 
 - a channel's `write_queue` is its connection's writer queue, and the writer writes
   `ChannelFrame.payload` verbatim, so a frame set queued whole is never interleaved;
 - `ChannelFrame(payload=..., should_close=False)` is how aiormq queues a frame set;
-- a channel is `is_closed` once the broker or the client has closed it, and its number stays
-  its own until then, so a publish never lands on a closed or reused channel number;
+- a channel is `is_closed` once the broker or the client has closed it, and keeps its number
+  until the broker has confirmed the close, so a publish queued while it is open lands on it;
 - `max_content_size` is the largest body that fits one body frame.
 
 The versions below are the ones that contract was tested with; pyproject.toml pins them, and
 the contract test fails if another version is installed.
 
-Only `put_nowait` is used. A full queue returns False and the caller takes aiormq's public
-`basic_publish`, which waits for room under the channel's lock: waiting here with `put` could
-let a later frame overtake a waiting one, and could write a frame for a channel that closed
-while it waited.
+Ordering: a publish that finds the queue full waits for room, as aiormq's own `basic_publish`
+does, and a publish made meanwhile may overtake it. Each request's events are published one
+after another (each waits for the one before), and a delivery is acked only after its reply is
+queued, so what is overtaken is always another request's message. Like `basic_publish`, a frame
+that waited is written even if its channel closed meanwhile; broker-serve's publishing channels
+close only with their connection.
 """
 
 from __future__ import annotations
@@ -38,17 +40,15 @@ def fits_one_frame(channel: aiormq.abc.AbstractChannel, body: bytes) -> bool:
     return len(body) < channel.max_content_size  # type: ignore[attr-defined, no-any-return]
 
 
-def enqueue(channel: aiormq.abc.AbstractChannel, payload: bytes) -> bool:
-    """Queue a publish's encoded frames on the channel's connection writer, without waiting.
+async def enqueue(channel: aiormq.abc.AbstractChannel, payload: bytes) -> None:
+    """Queue a publish's encoded frames on the channel's connection writer.
 
-    Returns False, having queued nothing, if the writer's queue is full. Raises
-    ChannelInvalidStateError if the channel is closed.
-    """
+    Raises ChannelInvalidStateError if the channel is closed."""
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
     queue: asyncio.Queue[ChannelFrame] = channel.write_queue  # type: ignore[attr-defined]
+    frame = ChannelFrame(payload=payload, should_close=False)
     try:
-        queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
-    except asyncio.QueueFull:
-        return False
-    return True
+        queue.put_nowait(frame)
+    except asyncio.QueueFull:  # the writer is behind: wait for room, as basic_publish does
+        await queue.put(frame)

@@ -106,9 +106,11 @@ class Broker:
     def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
         if self._closing or closing.cancelled():
             return
+        exc = closing.exception()
+        if isinstance(exc, aiormq.exceptions.ChannelClosed) and exc.args[:1] == (None,):
+            return  # closed by this process (Channel.CloseOk from the broker)
         self.channels_lost += 1
-        log.warning("RabbitMQ closed a channel of %s: %s", self.name,
-                    closing.exception() or "closed")
+        log.warning("channel of %s lost: %r", self.name, exc)
         for callback in self._lost_callbacks:
             callback()
 
@@ -145,8 +147,8 @@ class Broker:
                     message_id=message_id, headers=headers, expiration=expiration,
                     mandatory=mandatory, exchange=exchange,
                 )
-                if _aiormq_fastpath.enqueue(raw, payload):
-                    return
+                await _aiormq_fastpath.enqueue(raw, payload)
+                return
             if wait:
                 self._undrained = 0
             properties = Basic.Properties(

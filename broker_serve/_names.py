@@ -43,6 +43,11 @@ class Names:
     def secret(self) -> str:
         return self.key("secret")
 
+    @property
+    def queue_arguments(self) -> str:
+        """Request queue -> the arguments the controller declared it with."""
+        return self.key("queue_arguments")
+
     def deliveries(self, correlation_id: str) -> str:
         """A redelivered request's counts: `redelivered`, and `released` by live replicas."""
         return self.key("deliveries", correlation_id)

@@ -34,7 +34,8 @@ class StateCopy:
             if value is not None:
                 strings[key] = value
         hashes: dict[str, dict[bytes, bytes]] = {}
-        hash_keys = [names.apps, names.app_builds, names.nodes, names.replicas]
+        hash_keys = [names.apps, names.app_builds, names.nodes, names.replicas,
+                     names.queue_arguments]
         hash_keys += [names.node_assignments(node.decode())
                       for node in await redis.hkeys(names.nodes)]
         for key in hash_keys:

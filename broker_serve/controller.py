@@ -389,7 +389,12 @@ class Controller:
                       f"that free ({free_text}).")
 
     async def _declare(self, queue: str, bound: int) -> str:
-        """Declare a request queue with its arguments; returns why it could not, or ""."""
+        """Declare a request queue with its arguments; returns why it could not, or "".
+
+        RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
+        queue has, so the arguments this cluster declared each queue with are kept in Redis
+        (`queue_arguments`), and a changed max_queued_requests re-creates the queue once no
+        request waits in it; the new version's replicas consume the new queue."""
         arguments: dict[str, Any] = {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.names.dead_letters,
@@ -399,23 +404,29 @@ class Controller:
         declared_at, declared_with = self._declared.get(queue, (-1e9, None))
         if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
             return ""
+        raw = await self.store.redis.hget(self.names.queue_arguments, queue)
+        recorded = orjson.loads(raw) if raw else None
         try:
+            if recorded is not None and recorded != arguments:
+                waiting = await self._depth(queue)
+                if waiting:
+                    return (f"waiting for {waiting} queued request(s) to drain before applying "
+                            f"the new max_queued_requests")
+                await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                log.info("re-creating queue %s with %s", queue, arguments)
             await self._declare_on_own_channel(queue, arguments)
         except aiormq.exceptions.ChannelPreconditionFailed:
-            # It exists with other arguments: max_queued_requests changed. Re-create it once
-            # no request waits in it; the new version's replicas consume the new queue.
-            waiting = await self._ready_messages(queue)
-            if waiting:
-                return (f"waiting for {waiting} queued request(s) to drain before applying "
-                        f"the new max_queued_requests")
-            await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
-            await self._declare_on_own_channel(queue, arguments)
-            log.info("re-created queue %s with %s", queue, arguments)
+            # Declared with other arguments by a cluster whose record Redis lost.
+            log.error("queue %s exists with other arguments than %s and Redis has no record "
+                      "of them; delete the queue to apply max_queued_requests", queue, arguments)
+            return "the queue exists with other arguments; delete it to apply the change"
+        await self.store.redis.hset(self.names.queue_arguments, queue, orjson.dumps(arguments))
         self._declared[queue] = (time.monotonic(), arguments)
         return ""
 
     async def _declare_on_own_channel(self, queue: str, arguments: dict[str, Any]) -> None:
-        """A mismatched declare closes its channel, so it gets one of its own."""
+        """On a channel of its own, closed after: the controller's channel must not re-declare
+        the queue with these arguments after a reconnect, when they may have changed."""
         channel = await self.broker.channel()
         try:
             await asyncio.wait_for(channel.declare_queue(queue, durable=True,
@@ -425,6 +436,12 @@ class Controller:
                 await channel.close()
 
     async def _ready_messages(self, queue: str) -> int:
+        """Requests waiting in a queue this controller declared (autoscaling, metrics)."""
+        if queue not in self._declared:  # a passive declare of a missing one: a channel error
+            raise LookupError(f"queue {queue} is not declared (any more)")
+        return await self._depth(queue)
+
+    async def _depth(self, queue: str) -> int:
         channel = await self.broker.channel()
         try:
             existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
@@ -453,6 +470,7 @@ class Controller:
                 self._declared.pop(queue, None)
                 try:
                     await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                    await self.store.redis.hdel(self.names.queue_arguments, queue)
                 except Exception as exc:  # the app is gone either way; say what was left behind
                     log.warning("could not delete queue %s (%s); delete it by hand", queue,
                                 exc or type(exc).__name__)

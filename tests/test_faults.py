@@ -15,6 +15,7 @@ import requests
 from broker_serve import serve
 
 from .faults import TcpFaultProxy
+from .waiting import wait_for
 
 
 @pytest.fixture
@@ -89,3 +90,85 @@ def test_replica_killed_mid_request_loses_nothing(cluster, tmp_path):
             break
         time.sleep(0.2)
     assert states == {"RUNNING": 2}
+
+
+@serve.deployment
+class Tally:
+    """Each run appends a line, then takes a while: the test cuts the broker meanwhile."""
+
+    def __init__(self, runs: str) -> None:
+        self.runs = runs
+
+    async def __call__(self, key: str) -> int:
+        with open(self.runs, "a") as file:
+            file.write(f"{key}\n")
+        await asyncio.sleep(1.0)
+        with open(self.runs) as file:
+            return file.read().count(f"{key}\n")
+
+
+def test_redeliveries_after_lost_connections_do_not_count_as_deaths(
+        broker_fault, cluster, tmp_path):
+    """The replica lives while its connection is cut under a running request, three times:
+    each redelivery is a live replica's release, not a death, so the fourth delivery runs
+    and answers instead of being dead-lettered with 502 RequestKilledReplicas."""
+    from .test_protocol_foreign import ForeignClient, request_queue
+
+    runs = tmp_path / "runs"
+    serve.run(Tally.bind(str(runs)), route_prefix=None)
+    client = ForeignClient("amqp://guest:guest@127.0.0.1:5672/")  # around the fault injector
+    try:
+        queue = request_queue(cluster.name, "default", "Tally")
+        request_id = client.publish(queue, "call", pack_call("__call__", "k"))
+        for run in range(1, 4):
+            wait_for(lambda run=run: _count(runs, "k") >= run, timeout=60)
+            broker_fault.cut()
+        [event] = client.wait_for(request_id, timeout=60)
+    finally:
+        client.close()
+    assert (event.type, event.body.get("value")) == ("result", 4), event.body
+
+
+@serve.deployment
+class Poison:
+    """Kills its replica with every request it gets."""
+
+    def __init__(self, runs: str) -> None:
+        self.runs = runs
+
+    def __call__(self, key: str) -> None:
+        with open(self.runs, "a") as file:
+            file.write(f"{key}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_request_that_kills_its_replicas_is_dead_lettered_on_its_fourth_delivery(
+        cluster, tmp_path):
+    from .test_protocol_foreign import ForeignClient, dead_letter_queue, request_queue
+
+    runs = tmp_path / "runs"
+    serve.run(Poison.bind(str(runs)), route_prefix=None)
+    client = ForeignClient("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        request_id = client.publish(request_queue(cluster.name, "default", "Poison"), "call",
+                                    pack_call("__call__", "p"))
+        [event] = client.wait_for(request_id, timeout=90)
+        assert event.type == "error" and event.body["status"] == 502, event.body
+        assert event.body["error"] == "RequestKilledReplicas"
+        assert _count(runs, "p") == 3  # three replicas died running it; the fourth refused it
+        dead = dead_letter_queue(cluster.name)
+        method, properties, _ = wait_for(
+            lambda: (got := client.channel.basic_get(dead, auto_ack=True))[0] and got, timeout=10)
+        assert properties.message_id == request_id
+    finally:
+        client.close()
+
+
+def pack_call(method: str, *args: object) -> bytes:
+    import msgpack
+
+    return msgpack.packb({"method": method, "args": list(args), "kwargs": {}}, use_bin_type=True)
+
+
+def _count(path, key: str) -> int:
+    return path.read_text().count(f"{key}\n") if path.exists() else 0
