@@ -11,7 +11,7 @@ import orjson
 import redis
 
 
-def _amqp_url() -> str:
+def amqp_url() -> str:
     return os.environ.get("BROKER_SERVE_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 
 
@@ -48,7 +48,7 @@ def cleanup_namespace(cluster: str, extra_queues: set[str] | None = None) -> Non
 
 
 async def _delete_amqp(queues: set[str], exchange: str) -> None:
-    connection = await aio_pika.connect(_amqp_url(), timeout=10)
+    connection = await aio_pika.connect(amqp_url(), timeout=10)
     async with connection:
         for queue in sorted(queues):
             channel = await connection.channel()

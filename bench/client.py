@@ -139,7 +139,7 @@ class Connection:
         self.writer.close()
         try:
             await asyncio.wait_for(self.writer.wait_closed(), 5)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
 
 

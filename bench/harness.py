@@ -5,7 +5,9 @@ cluster through `serve.start()` (controller, proxy and worker as child processes
 to a file), deploys each benchmark app under its own name and route prefix, measures, and cleans
 everything up: `serve.shutdown()`, then the namespace's Redis keys and RabbitMQ queues.
 
-Every request goes to 127.0.0.1; every loop is bounded in count and time.
+Each figure carries the errors its measurement saw (bench/errors.py); a figure with any is not a
+result, and the harness then exits non-zero. Every request goes to 127.0.0.1; every loop is
+bounded in count and time.
 """
 
 from __future__ import annotations
@@ -25,11 +27,24 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from . import client
+from .cleanup import amqp_url
+from .errors import CLUSTER_KINDS, ClusterProbe, Errors, Snapshot, Tally
+from .report import (
+    TARGETS,
+    Row,
+    evaluate,
+    fmt,
+    ratio,
+    table,
+    targets_text,
+    totals_json,
+    totals_text,
+)
 from .wrk import WrkMissing, WrkResult, run_wrk, wrk_path
 
 T = TypeVar("T")
@@ -42,7 +57,9 @@ MEASUREMENTS = [
     "ceiling",
     "replica_rss_at_rest",
     "noop_rps_c32",
+    "noop_sync_rps_c32",
     "noop_latency_c1",
+    "noop_sync_latency_c1",
     "handle_call",
     "body_1mib",
     "body_10mib",
@@ -50,7 +67,8 @@ MEASUREMENTS = [
     "scale_out",
     "proxy_rss_1000_streams",
 ]
-NEEDS_WRK = {"ceiling", "noop_rps_c32", "noop_latency_c1", "scale_out"}
+NEEDS_WRK = {"ceiling", "noop_rps_c32", "noop_sync_rps_c32", "noop_latency_c1",
+             "noop_sync_latency_c1", "scale_out"}
 
 
 class BenchError(Exception):
@@ -78,25 +96,19 @@ class Plan:
         return cls(False, duration_s, 2.0, 10_000, 5, 2000, 20, 1000, 20)
 
 
-@dataclass
-class Row:
-    name: str
-    value: float
-    unit: str
-    measurement: str
-    ratio_to: str | None = None  # the ceiling row this row is compared with
-    details: dict[str, Any] = field(default_factory=dict)
-
-
 class Bench:
-    def __init__(self, plan: Plan, cluster: str, port: int, log_path: Path) -> None:
+    def __init__(self, plan: Plan, cluster: str, port: int, log_path: Path,
+                 probe: ClusterProbe) -> None:
         self.plan = plan
         self.cluster = cluster
         self.port = port
         self.log_path = log_path
+        self.probe = probe
         self.rows: dict[str, Row] = {}
         self.errors: dict[str, str] = {}
         self.warnings: list[str] = []
+        self.counted: dict[str, Errors] = {}  # measurement -> every error it saw
+        self._measuring = ""
         self.handles: dict[str, Any] = {}
         self.queues: set[str] = set()
         self._serve: Any = None
@@ -108,8 +120,16 @@ class Bench:
         print(f"[bench] {text}", file=sys.stderr, flush=True)
 
     def add(self, row: Row) -> None:
+        row.measurement = self._measuring
         self.rows[row.name] = row
-        self.say(f"{row.name} = {_fmt(row.value)} {row.unit}")
+        self.say(f"{row.name} = {fmt(row.value)} {row.unit} (errors: {row.errors.summary()})")
+
+    def seen(self, errors: Errors) -> Errors:
+        """Count `errors` in the running measurement's total; returns them for its rows."""
+        self.counted[self._measuring] = self.counted.get(self._measuring, Errors()) + errors
+        for example in errors.examples:
+            self.say(f"   error: {example}")
+        return errors
 
     def problem(self, measurement: str, text: str) -> None:
         """Record a failure: the harness exits non-zero."""
@@ -117,23 +137,15 @@ class Bench:
         self.errors[measurement] = f"{previous}; {text}" if previous else text
         self.say(f"ERROR in {measurement}: {text}")
 
-    def check_wrk(self, measurement: str, result: WrkResult) -> None:
-        if result.errors == 0:
-            return
-        text = (f"wrk saw {result.non_2xx} non-2xx/3xx responses and socket errors "
-                f"{result.socket_errors}")
-        if self.plan.smoke:
-            self.problem(measurement, text)
-        else:
-            self.warnings.append(f"{measurement}: {text}")
-            self.say(f"WARNING {measurement}: {text}")
-
     # cluster ----------------------------------------------------------------------------------
     @property
     def serve(self) -> Any:
+        self._ensure_cluster()
+        return self._serve
+
+    def _ensure_cluster(self) -> None:
         if self._serve is None:
             self._start_cluster()
-        return self._serve
 
     def _start_cluster(self) -> None:
         from broker_serve import serve
@@ -185,6 +197,7 @@ class Bench:
 
         builders: dict[str, Callable[[], Any]] = {
             "noop": lambda: apps.Noop.bind(),
+            "noop_sync": lambda: apps.NoopSync.bind(),
             "stream": lambda: apps.Stream.bind(),
             "handle": lambda: apps.Caller.bind(apps.Callee.bind()),
             "echo": lambda: apps.EchoLength.bind(),
@@ -229,18 +242,29 @@ class Bench:
         return f"http://127.0.0.1:{self.port}{path}"
 
     # wrk --------------------------------------------------------------------------------------
-    def warm(self, url: str, connections: int) -> None:
-        if self.plan.warmup_s > 0:
-            run_wrk(url, threads=min(2, connections), connections=connections,
-                    duration_s=self.plan.warmup_s)
+    def warm(self, url: str, connections: int) -> Errors:
+        """A warm-up run: its errors count too, being errors of the same measurement."""
+        if self.plan.warmup_s <= 0:
+            return Errors()
+        result = run_wrk(url, threads=min(2, connections), connections=connections,
+                         duration_s=self.plan.warmup_s)
+        return self.wrk_errors(url, result)
 
-    def wrk_rps(self, url: str, connections: int) -> WrkResult:
-        self.warm(url, connections)
-        return run_wrk(url, threads=2, connections=connections, duration_s=self.plan.duration_s)
+    def wrk_rps(self, url: str, connections: int) -> tuple[WrkResult, Errors]:
+        warm = self.warm(url, connections)
+        result = run_wrk(url, threads=2, connections=connections, duration_s=self.plan.duration_s)
+        return result, warm + self.wrk_errors(url, result)
 
-    def wrk_latency(self, url: str) -> WrkResult:
-        return run_wrk(url, threads=1, connections=1, duration_s=self.plan.duration_s,
-                       latency=True)
+    def wrk_latency(self, url: str) -> tuple[WrkResult, Errors]:
+        result = run_wrk(url, threads=1, connections=1, duration_s=self.plan.duration_s,
+                         latency=True)
+        return result, self.wrk_errors(url, result)
+
+    def wrk_errors(self, url: str, result: WrkResult) -> Errors:
+        errors = Errors(result.error_counts())
+        if url.startswith(self.url("/")):  # through the proxy: also what it never answered
+            errors += self.probe.unanswered(self.port)
+        return self.seen(errors)
 
     # measurements -----------------------------------------------------------------------------
     def m_ceiling(self) -> None:
@@ -254,17 +278,14 @@ class Bench:
             try:
                 wait_http(port, "/", process, timeout_s=30)
                 url = f"http://127.0.0.1:{port}/"
-                rps = self.wrk_rps(url, 32)
-                self.check_wrk("ceiling", rps)
-                self.add(Row("ceiling_rps_c32", rps.rps, "req/s", "ceiling",
+                rps, errors = self.wrk_rps(url, 32)
+                self.add(Row("ceiling_rps_c32", rps.rps, "req/s", errors=errors,
                              details={**rps.details(), "server": " ".join(command[1:])}))
-                self.add(Row("ceiling_rps_c32_errors", rps.errors, "count", "ceiling"))
-                latency = self.wrk_latency(url)
-                self.check_wrk("ceiling", latency)
-                self.add(Row("ceiling_latency_c1_p50", latency.latency_ms["50"], "ms", "ceiling",
-                             details=latency.details()))
+                latency, errors = self.wrk_latency(url)
+                self.add(Row("ceiling_latency_c1_p50", latency.latency_ms["50"], "ms",
+                             errors=errors, details=latency.details()))
                 self.add(Row("ceiling_latency_c1_p99", latency.latency_ms["99"], "ms",
-                             "ceiling"))
+                             errors=errors))
             finally:
                 process.terminate()
                 try:
@@ -274,26 +295,38 @@ class Bench:
                     process.wait()
 
     def m_noop_rps_c32(self) -> None:
-        self.ensure("noop")
-        result = self.wrk_rps(self.url("/noop"), 32)
-        self.check_wrk("noop_rps_c32", result)
-        self.add(Row("noop_rps_c32", result.rps, "req/s", "noop_rps_c32",
-                     ratio_to="ceiling_rps_c32", details=result.details()))
-        self.add(Row("noop_rps_c32_errors", result.errors, "count", "noop_rps_c32"))
+        self._proxy_rps("noop", "noop_rps_c32")
+
+    def m_noop_sync_rps_c32(self) -> None:
+        self._proxy_rps("noop_sync", "noop_sync_rps_c32")
 
     def m_noop_latency_c1(self) -> None:
-        self.ensure("noop")
-        if self.plan.warmup_s > 0 and "noop_rps_c32" not in self.rows:
-            self.warm(self.url("/noop"), 1)
-        result = self.wrk_latency(self.url("/noop"))
-        self.check_wrk("noop_latency_c1", result)
-        self.add(Row("noop_latency_c1_p50", result.latency_ms["50"], "ms", "noop_latency_c1",
-                     ratio_to="ceiling_latency_c1_p50", details=result.details()))
-        self.add(Row("noop_latency_c1_p99", result.latency_ms["99"], "ms", "noop_latency_c1",
-                     ratio_to="ceiling_latency_c1_p99"))
+        self._proxy_latency("noop", "noop_latency_c1", warmed_by="noop_rps_c32")
+
+    def m_noop_sync_latency_c1(self) -> None:
+        self._proxy_latency("noop_sync", "noop_sync_latency_c1", warmed_by="noop_sync_rps_c32")
+
+    def _proxy_rps(self, app: str, name: str) -> None:
+        self.ensure(app)
+        result, errors = self.wrk_rps(self.url(f"/{app}"), 32)
+        self.add(Row(name, result.rps, "req/s", ratio_to="ceiling_rps_c32", errors=errors,
+                     details=result.details()))
+
+    def _proxy_latency(self, app: str, prefix: str, warmed_by: str) -> None:
+        self.ensure(app)
+        warm = Errors()
+        if warmed_by not in self.rows:
+            warm = self.warm(self.url(f"/{app}"), 1)
+        result, errors = self.wrk_latency(self.url(f"/{app}"))
+        errors = warm + errors
+        self.add(Row(f"{prefix}_p50", result.latency_ms["50"], "ms",
+                     ratio_to="ceiling_latency_c1_p50", errors=errors, details=result.details()))
+        self.add(Row(f"{prefix}_p99", result.latency_ms["99"], "ms",
+                     ratio_to="ceiling_latency_c1_p99", errors=errors))
 
     def m_replica_rss_at_rest(self) -> None:
         self.ensure("noop")
+        tally = Tally()
 
         async def touch() -> None:  # a few requests, so lazily loaded code is in
             connection = await client.Connection.open(self.port)
@@ -301,72 +334,100 @@ class Bench:
                 for _ in range(10):
                     status, body = await client.request(connection, "GET", "/noop")
                     if status != 200 or body != b"ok":
-                        raise BenchError(f"/noop answered {status} {body[:100]!r}")
+                        tally.fail(f"GET /noop answered {status} {body[:100]!r}")
             finally:
                 await connection.close()
 
-        arun(touch())
+        try:
+            arun(touch())
+        except (OSError, TimeoutError, client.HttpError) as exc:
+            tally.fail(f"GET /noop: {type(exc).__name__}: {exc}")
         time.sleep(1.0)
         pids = self.replica_pids("noop")
         if not pids:
             raise BenchError("no RUNNING replica of app 'noop' in Redis")
-        self.add(Row("replica_rss_at_rest", rss_mib(pids[0]), "MiB", "replica_rss_at_rest",
-                     details={"pid": pids[0]}))
+        self.add(Row("replica_rss_at_rest", rss_mib(pids[0]), "MiB",
+                     errors=self.seen(tally.errors()), details={"pid": pids[0]}))
 
     def m_handle_call(self) -> None:
         handle = self.ensure("handle")
         n = self.plan.handle_calls
         result = handle.measure.remote(n).result(timeout_s=300)
-        if result.get("n") != n:
-            raise BenchError(f"Caller.measure returned {result!r}")
-        self.add(Row("handle_call_p50", result["p50_ms"], "ms", "handle_call", details=result))
-        self.add(Row("handle_call_p90", result["p90_ms"], "ms", "handle_call"))
-        self.add(Row("handle_call_p99", result["p99_ms"], "ms", "handle_call"))
-        chain = self._driver_round_trips(handle.relay, n)
-        self.add(Row("handle_chain_p50", chain["p50_ms"], "ms", "handle_call", details=chain))
-        self.add(Row("handle_chain_p90", chain["p90_ms"], "ms", "handle_call"))
-        self.add(Row("handle_chain_p99", chain["p99_ms"], "ms", "handle_call"))
+        if not result.get("ok"):
+            raise BenchError(f"Caller.measure had no successful call: {result!r}")
+        errors = self.seen(Errors({"failed": result["failed"]}, examples=result["failures"]))
+        for pct in (50, 90, 99):
+            self.add(Row(f"handle_call_p{pct}", result[f"p{pct}_ms"], "ms", errors=errors,
+                         details=result if pct == 50 else {}))
+        chain, tally = self._driver_round_trips(handle.relay, n)
+        errors = self.seen(tally.errors())
+        for pct in (50, 90, 99):
+            self.add(Row(f"handle_chain_p{pct}", chain[f"p{pct}_ms"], "ms", errors=errors,
+                         details=chain if pct == 50 else {}))
 
-    def _driver_round_trips(self, relay: Any, n: int, warmup: int = 20) -> dict[str, Any]:
-        """n sequential `relay.remote(i).result()` from this (sync) driver, each timed here."""
+    def _driver_round_trips(self, relay: Any, n: int,
+                            warmup: int = 20) -> tuple[dict[str, Any], Tally]:
+        """n sequential `relay.remote(i).result()` from this (sync) driver, each timed here;
+        failed calls are counted, not timed."""
         from .apps import percentile
 
-        for i in range(warmup):
-            relay.remote(i).result(timeout_s=30)
+        tally = Tally()
         samples = []
-        for i in range(n):
+        for i in range(-warmup, n):  # negative values: the warm-up calls, not timed
+            if tally.exhausted:
+                break
             start = time.perf_counter()
-            value = relay.remote(i).result(timeout_s=30)
-            samples.append(time.perf_counter() - start)
+            try:
+                value = relay.remote(i).result(timeout_s=30)
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                tally.fail(f"Caller.relay({i}): {type(exc).__name__}: {exc}")
+                continue
+            elapsed = time.perf_counter() - start
             if value != i:
-                raise BenchError(f"Caller.relay returned {value!r} for {i!r}")
-        return {"n": n, **{f"p{pct}_ms": percentile(samples, pct) * 1000 for pct in (50, 90, 99)},
-                "mean_ms": statistics.fmean(samples) * 1000, "max_ms": max(samples) * 1000}
+                tally.fail(f"Caller.relay returned {value!r} for {i!r}")
+            elif i >= 0:
+                samples.append(elapsed)
+        if not samples:
+            raise BenchError(f"no driver round trip succeeded: {tally.examples}")
+        return {"n": n, "ok": len(samples), "failed": tally.failed,
+                **{f"p{pct}_ms": percentile(samples, pct) * 1000 for pct in (50, 90, 99)},
+                "mean_ms": statistics.fmean(samples) * 1000, "max_ms": max(samples) * 1000}, tally
 
     def _body(self, measurement: str, size: int) -> None:
         self.ensure("echo")
         body = b"b" * size
         count = self.plan.body_requests
+        tally = Tally()
 
         async def run() -> list[float]:
             connection = await client.Connection.open(self.port)
             times: list[float] = []
             try:
                 for index in range(count + 1):  # the first one warms up
+                    if tally.exhausted:
+                        break
                     start = time.perf_counter()
-                    status, answer = await client.request(connection, "POST", "/echo", body)
+                    try:
+                        status, answer = await client.request(connection, "POST", "/echo", body)
+                    except (OSError, TimeoutError, client.HttpError) as exc:
+                        tally.fail(f"POST {size} bytes: {type(exc).__name__}: {exc}")
+                        await connection.close()  # in an unknown state: start afresh
+                        connection = await client.Connection.open(self.port)
+                        continue
                     elapsed = time.perf_counter() - start
                     if status != 200 or answer.strip() != str(size).encode():
-                        raise BenchError(f"POST {size} bytes: {status} {answer[:200]!r}")
-                    if index:
+                        tally.fail(f"POST {size} bytes answered {status} {answer[:200]!r}")
+                    elif index:
                         times.append(elapsed)
             finally:
                 await connection.close()
             return times
 
-        times = arun(run())
-        ms = [t * 1000 for t in times]
-        self.add(Row(measurement, statistics.median(ms), "ms", measurement, details={
+        ms = [t * 1000 for t in arun(run())]
+        errors = self.seen(tally.errors())
+        if not ms:
+            raise BenchError(f"no POST of {size} bytes succeeded: {tally.examples}")
+        self.add(Row(measurement, statistics.median(ms), "ms", errors=errors, details={
             "bytes": size, "requests": len(ms), "min_ms": min(ms), "max_ms": max(ms),
             "mean_ms": statistics.fmean(ms),
         }))
@@ -379,9 +440,9 @@ class Bench:
 
     def m_stream(self) -> None:
         self.ensure("stream")
-        tight = self._stream_runs("")
+        tight, errors = self._stream_runs("")
         self.add(Row("stream_ttfc", statistics.median(t.ttfc_s * 1000 for t in tight), "ms",
-                     "stream", details={
+                     errors=errors, details={
                          "chunks": self.plan.stream_chunks, "chunk_bytes": 16,
                          "repeats": len(tight), "runs": [t.__dict__ for t in tight],
                      }))
@@ -389,30 +450,39 @@ class Bench:
         # message and an HTTP frame (docs/performance.md, "Streaming").
         self.add(Row("stream_chunks_per_s",
                      statistics.median(t.bytes / 16 / t.total_s for t in tight),
-                     "chunks/s", "stream", details={
+                     "chunks/s", errors=errors, details={
                          "http_frames_median": statistics.median(t.frames for t in tight),
                          "total_s_median": statistics.median(t.total_s for t in tight),
                      }))
-        paced = self._stream_runs("&paced=1")
+        paced, errors = self._stream_runs("&paced=1")
         self.add(Row("stream_paced_chunks_per_s",
                      statistics.median(t.bytes / 16 / t.total_s for t in paced),
-                     "chunks/s", "stream", details={
+                     "chunks/s", errors=errors, details={
                          "http_frames_median": statistics.median(t.frames for t in paced),
                          "ttfc_ms_median": statistics.median(t.ttfc_s * 1000 for t in paced),
                      }))
 
-    def _stream_runs(self, extra: str) -> list[client.StreamTiming]:
+    def _stream_runs(self, extra: str) -> tuple[list[client.StreamTiming], Errors]:
+        """One small warm-up stream, then the timed ones; a failed stream is counted."""
         chunks, size = self.plan.stream_chunks, 16
+        tally = Tally()
         runs: list[client.StreamTiming] = []
-        arun(client.time_stream(self.port, f"/stream?n=100&size=16{extra}", 60))  # warm-up
-        for _ in range(self.plan.stream_repeats):
-            timing = arun(client.time_stream(self.port,
-                                             f"/stream?n={chunks}&size={size}{extra}", 120))
-            if timing.bytes != chunks * size:
-                raise BenchError(f"stream carried {timing.bytes} bytes, expected "
-                                 f"{chunks * size}")
-            runs.append(timing)
-        return runs
+        for index in range(self.plan.stream_repeats + 1):
+            n = chunks if index else 100
+            path = f"/stream?n={n}&size={size}{extra}"
+            try:
+                timing = arun(client.time_stream(self.port, path, 120))
+            except (OSError, TimeoutError, client.HttpError) as exc:
+                tally.fail(f"GET {path}: {type(exc).__name__}: {exc}")
+                continue
+            if timing.bytes != n * size:
+                tally.fail(f"GET {path} carried {timing.bytes} bytes, expected {n * size}")
+            elif index:
+                runs.append(timing)
+        errors = self.seen(tally.errors())
+        if not runs:
+            raise BenchError(f"no stream succeeded: {tally.examples}")
+        return runs, errors
 
     def m_scale_out(self) -> None:
         from . import apps
@@ -421,18 +491,19 @@ class Bench:
             self._spin_iterations = calibrate_spin(0.005)
         iterations = self._spin_iterations
         rps: dict[int, WrkResult] = {}
+        errors: dict[int, Errors] = {}
         for replicas in (1, 2):
             self.deploy("spin", apps.Spin.options(num_replicas=replicas).bind(iterations),
                         "/spin")
             pids = self.wait_replicas_settled("spin", "Spin", replicas)
-            rps[replicas] = result = self.wrk_rps(self.url("/spin"), 8)
-            self.check_wrk("scale_out", result)
+            result, errors[replicas] = self.wrk_rps(self.url("/spin"), 8)
+            rps[replicas] = result
             self.add(Row(f"scale_out_rps_{replicas}_replica{'s' if replicas > 1 else ''}",
-                         result.rps, "req/s", "scale_out",
+                         result.rps, "req/s", errors=errors[replicas],
                          details={**result.details(), "replica_pids": pids,
                                   "spin_iterations": iterations}))
         self.add(Row("scale_out_ratio", rps[2].rps / rps[1].rps if rps[1].rps else 0.0, "x",
-                     "scale_out"))
+                     errors=errors[1] + errors[2]))
 
     def m_proxy_rss_1000_streams(self) -> None:
         self.ensure("slow")
@@ -480,11 +551,9 @@ class Bench:
                 until = times["opened"] + seconds + 2
                 time.sleep(max(0.0, min(until - time.monotonic(), seconds + 2)))
         rss_after = rss_mib(proxy)
-        if len(connections) != wanted:
-            self.problem("proxy_rss_1000_streams",
-                         f"opened {len(connections)} of {wanted} streams; first failures: "
-                         f"{failures[:3]}")
-        self.add(Row("proxy_rss_1000_streams", max(samples), "MiB", "proxy_rss_1000_streams",
+        errors = self.seen(Errors({"failed": wanted - len(connections)},
+                                  examples=failures[:3]))
+        self.add(Row("proxy_rss_1000_streams", max(samples), "MiB", errors=errors,
                      details={
                          "streams": wanted, "opened": len(connections),
                          "open_s": times["opened"] - times["start"], "stream_seconds": seconds,
@@ -497,16 +566,39 @@ class Bench:
     # running ----------------------------------------------------------------------------------
     def run(self, selected: list[str]) -> None:
         for name in MEASUREMENTS:
-            if name not in selected:
-                continue
-            self.say(f"-- {name}")
-            started = time.monotonic()
-            try:
-                getattr(self, f"m_{name}")()
-            except Exception as exc:  # noqa: BLE001 - recorded, the harness exits non-zero
-                self.problem(name, f"{type(exc).__name__}: {exc}")
-                traceback.print_exc(file=sys.stderr)
-            self.say(f"   {name} took {time.monotonic() - started:.1f}s")
+            if name in selected:
+                self._run_one(name)
+
+    def _run_one(self, name: str) -> None:
+        self.say(f"-- {name}")
+        started = time.monotonic()
+        self._measuring = name
+        first = len(self.rows)
+        window: Snapshot | None = None
+        try:
+            if name != "ceiling":  # the one measurement without the cluster
+                # Started before the window opens, so that its counters exist from then on.
+                self._ensure_cluster()
+                window = self.probe.begin()
+            getattr(self, f"m_{name}")()
+        except Exception as exc:  # noqa: BLE001 - recorded, the harness exits non-zero
+            self.problem(name, f"{type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            if window is not None:
+                self._close_window(window, first)
+        self.say(f"   {name} took {time.monotonic() - started:.1f}s")
+
+    def _close_window(self, window: Snapshot, first: int) -> None:
+        """Add the cluster's counts over the measurement to each of its rows."""
+        try:
+            errors = self.probe.end(window)
+        except Exception as exc:  # noqa: BLE001 - the counts are then unknown, not zero
+            errors = Errors(unknown=dict.fromkeys(CLUSTER_KINDS, f"{type(exc).__name__}: {exc}"))
+        self.seen(errors)
+        self.say(f"   cluster side: {errors.summary()}")
+        for row in list(self.rows.values())[first:]:
+            row.errors += errors
 
     def close(self) -> None:
         """serve.shutdown(), then remove the namespace's Redis keys and RabbitMQ queues."""
@@ -527,15 +619,28 @@ class Bench:
                 cleanup_namespace(self.cluster, self.queues)
             except Exception as exc:  # noqa: BLE001
                 self.problem("cleanup", f"cleaning namespace {self.cluster} failed: {exc}")
+            if self._serve is not None:
+                self.probe.finish()  # what the shutdown made RabbitMQ log
 
     # results ----------------------------------------------------------------------------------
-    def ratio(self, row: Row) -> float | None:
-        if row.ratio_to is None or row.ratio_to not in self.rows:
-            return None
-        base = self.rows[row.ratio_to].value
-        return row.value / base if base else None
+    def totals(self) -> Errors:
+        """The whole run's errors: every measurement's, and the RabbitMQ errors of this
+        cluster logged outside them (between them, or while the cluster shut down)."""
+        total = Errors()
+        for errors in self.counted.values():
+            total += errors
+        if self.probe.outside:
+            total += Errors({"broker_log": len(self.probe.outside)},
+                            examples=[str(e) for e in self.probe.outside])
+        return total
 
-    def to_json(self, elapsed_s: float) -> dict[str, Any]:
+    @property
+    def valid(self) -> bool:
+        """Every measurement ran, and every figure is a result."""
+        return (not self.errors and not self.probe.outside
+                and all(row.errors.valid for row in self.rows.values()))
+
+    def to_json(self, elapsed_s: float, verdicts: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "cluster": self.cluster,
             "smoke": self.plan.smoke,
@@ -543,48 +648,26 @@ class Bench:
             "elapsed_s": elapsed_s,
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "platform": platform.platform()},
+            "valid": self.valid,
             "results": {
                 row.name: {"value": row.value, "unit": row.unit, "measurement": row.measurement,
-                           "ratio_to_ceiling": self.ratio(row), "ceiling_row": row.ratio_to,
-                           "details": row.details}
+                           "ratio_to_ceiling": ratio(self.rows, row), "ceiling_row": row.ratio_to,
+                           **row.errors.to_json(), "details": row.details}
                 for row in self.rows.values()
             },
+            "totals": {
+                **totals_json(self.totals(), self.rows),
+                "broker_log_file": self.probe.log_source,
+                "broker_log_outside_measurements": [str(e) for e in self.probe.outside],
+                "broker_log_other_clients": self.probe.others,
+            },
+            "targets": verdicts,
             "errors": self.errors,
             "warnings": self.warnings,
         }
 
-    def table(self) -> str:
-        header = ("measurement", "value", "unit", "ratio to ceiling")
-        lines = []
-        for row in self.rows.values():
-            ratio = self.ratio(row)
-            lines.append((row.name, _fmt(row.value), row.unit,
-                          "" if ratio is None else f"{ratio:.3f}x"))
-        widths = [max(len(r[i]) for r in [header, *lines]) for i in range(4)]
-
-        def fmt(cells: tuple[str, ...]) -> str:
-            return "  ".join([cells[0].ljust(widths[0]), cells[1].rjust(widths[1]),
-                              cells[2].ljust(widths[2]), cells[3].rjust(widths[3])]).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        note = ("ratio = value / the ceiling's value: throughput below 1x and latency above 1x "
-                "are slower than plain uvicorn + Starlette")
-        return "\n".join([fmt(header), rule, *(fmt(line) for line in lines), rule, note])
-
 
 # helpers ------------------------------------------------------------------------------------------
-def _fmt(value: float) -> str:
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1000:
-        return f"{int(value)}"
-    if abs(value) >= 1000:
-        return f"{value:.0f}"
-    if abs(value) >= 100:
-        return f"{value:.1f}"
-    if abs(value) >= 10:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -609,7 +692,7 @@ def wait_http(port: int, path: str, process: subprocess.Popen[bytes], timeout_s:
         try:
             if arun(probe()) == 200:
                 return
-        except (OSError, asyncio.TimeoutError, client.HttpError):
+        except (TimeoutError, OSError, client.HttpError):
             pass
         time.sleep(0.1)
     raise BenchError(f"nothing answered on 127.0.0.1:{port} within {timeout_s:.0f}s")
@@ -701,16 +784,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     plan = Plan.make(args.smoke, args.duration)
     cluster = f"bench{secrets.token_hex(5)}"
-    port = free_port()
-    # Before anything reads the settings: this run's own namespace and proxy port.
+    port, metrics_port = free_port(), free_port()
+    # Before anything reads the settings: this run's own namespace and ports. The worker node
+    # serves its replicas' metrics on metrics_port, which the harness scrapes.
     os.environ["BROKER_SERVE_CLUSTER"] = cluster
     os.environ["BROKER_SERVE_HTTP_PORT"] = str(port)
     os.environ["BROKER_SERVE_HTTP_HOST"] = "127.0.0.1"
+    os.environ["BROKER_SERVE_METRICS_PORT"] = str(metrics_port)
+    os.environ["BROKER_SERVE_METRICS_HOST"] = "127.0.0.1"
+    os.environ["BROKER_SERVE_DASHBOARD_PORT"] = str(free_port())
     soft, _ = raise_nofile_limit()
     log_path = Path(tempfile.gettempdir()) / f"broker-serve-{cluster}.log"
-    bench = Bench(plan, cluster, port, log_path)
+    # Made before the cluster starts: the log reader learns each connection's name as RabbitMQ
+    # logs it, when the connection opens.
+    probe = ClusterProbe(cluster, metrics_port, amqp_url())
+    bench = Bench(plan, cluster, port, log_path, probe)
     bench.say(f"cluster {cluster}, {'smoke' if plan.smoke else 'full'} run, wrk "
-              f"{plan.duration_s:g}s, RLIMIT_NOFILE {soft}")
+              f"{plan.duration_s:g}s, RLIMIT_NOFILE {soft}, RabbitMQ log {probe.log_source}")
     started = time.monotonic()
     try:
         bench.run(args.selected)
@@ -720,17 +810,36 @@ def main(argv: list[str] | None = None) -> int:
         bench.say("cleaning up")
         bench.close()
     elapsed = time.monotonic() - started
+    verdicts = [evaluate(bench.rows, target) for target in TARGETS]
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(bench.to_json(elapsed), indent=2, default=str) + "\n")
+        path.write_text(json.dumps(bench.to_json(elapsed, verdicts), indent=2, default=str) + "\n")
+    report(bench, args, elapsed, verdicts)
+    return 0 if bench.valid else 1
+
+
+def report(bench: Bench, args: argparse.Namespace, elapsed: float,
+           verdicts: list[dict[str, Any]]) -> None:
+    """Problems to stderr; the table, the totals and the targets to stdout."""
     for warning in bench.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     for name, error in bench.errors.items():
         print(f"error: {name}: {error}", file=sys.stderr)
+    for logged in bench.probe.outside:
+        print(f"error: RabbitMQ logged, outside the measurements: {logged}", file=sys.stderr)
+    if bench.probe.others:
+        print(f"note: RabbitMQ logged {bench.probe.others} errors of other clients (other runs "
+              "on this broker) meanwhile; they are not counted", file=sys.stderr)
+    plan = bench.plan
     print(f"broker-serve benchmark ({'smoke' if plan.smoke else 'full'}, wrk "
-          f"{plan.duration_s:g}s, {elapsed:.0f}s total, cluster logs in {log_path})")
-    print(bench.table())
+          f"{plan.duration_s:g}s, {elapsed:.0f}s total, cluster logs in {bench.log_path}, "
+          f"RabbitMQ log {bench.probe.log_source})")
+    print(table(bench.rows))
+    print(totals_text(totals_json(bench.totals(), bench.rows)))
     if any(r.ratio_to for r in bench.rows.values()) and "ceiling" not in args.selected:
         print("(add 'ceiling' to --only to get the ratios)")
-    return 1 if bench.errors else 0
+    print(targets_text(verdicts, plan.smoke))
+    if not bench.valid:
+        print("NOT A RESULT: some figures had errors, or could not be checked for them "
+              "(see the errors and valid columns)")

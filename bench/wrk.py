@@ -42,6 +42,11 @@ class WrkResult:
         """Non-2xx/3xx responses plus every kind of socket error."""
         return self.non_2xx + sum(self.socket_errors.values())
 
+    def error_counts(self) -> dict[str, int]:
+        """Each kind apart (bench/errors.py). wrk counts a `timeout` when an answer arrives
+        after --timeout: a request still unanswered when the run ends is in none of these."""
+        return {"non_2xx": self.non_2xx, **self.socket_errors}
+
     def details(self) -> dict[str, object]:
         return {
             "requests": self.requests, "seconds": self.seconds, "non_2xx": self.non_2xx,

@@ -49,7 +49,7 @@ def find_log() -> Path | None:
     if configured:
         return Path(configured)
     candidates = [p for p in glob.glob("/var/log/rabbitmq/*.log") if "_upgrade" not in p]
-    return Path(sorted(candidates)[0]) if candidates else None
+    return Path(min(candidates)) if candidates else None
 
 
 class BrokerLog:
