@@ -12,23 +12,23 @@ RabbitMQ's rules, which every settlement here keeps:
 `AckLedger` decides what to send. It knows every unsettled delivery of its channel, so a
 multiple ack reaches only up to the lowest delivery still running, and finished deliveries
 above it are acked one by one (a long stream holds a low tag; the others must not hold prefetch
-slots meanwhile). Its decisions are correct for the order it makes them in, so `Settler` sends
-them in exactly that order: one sender per channel, never two writes racing for the
-connection's write queue. A ledger belongs to one channel; a reopened channel starts a new one,
-and the old channel's unsettled deliveries are the broker's to redeliver.
+slots meanwhile). Its decisions are correct for the order it makes them in, so `Settler` writes
+them in exactly that order, synchronously, through the connection's `FrameWriter`: no two
+writes race for the connection's write queue. A ledger belongs to one channel; a reopened
+channel starts a new one, and the old channel's unsettled deliveries are the broker's to
+redeliver.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import deque
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import aiormq
 
-log = logging.getLogger("broker_serve.replica")
+from . import _frames
+from ._aiormq_fastpath import FrameWriter
 
 
 class Settlement(NamedTuple):
@@ -100,23 +100,19 @@ class Settler:
     """Sends one channel's settlements in the order its ledger decides them.
 
     Acks of finished deliveries wait at most `window_s`, or go at once when a quarter of the
-    prefetch window is finished. Rejects go at once, behind what is already queued.
+    prefetch window is finished. Rejects go at once. They are written through the connection's
+    `FrameWriter`, which keeps the order of everything the process writes: a delivery's ack
+    reaches the socket after its reply.
     """
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel, prefetch: int,
+    def __init__(self, channel: aiormq.abc.AbstractChannel, writer: FrameWriter, prefetch: int,
                  window_s: float = 0.001) -> None:
         self.channel = channel
         self.ledger = AckLedger()
+        self._writer = writer
         self._threshold = max(1, prefetch // 4)
         self._window_s = window_s
         self._timer: asyncio.TimerHandle | None = None
-        self._outbox: deque[Settlement] = deque()
-        self._sender: asyncio.Task[None] | None = None
-        self._draining = False
-
-    @property
-    def closed(self) -> bool:
-        return self.channel.is_closed
 
     def delivered(self, tag: int, correlation_id: str) -> None:
         self.ledger.delivered(tag, correlation_id)
@@ -142,35 +138,13 @@ class Settler:
     def _send(self, settlements: list[Settlement]) -> None:
         if not settlements or self.channel.is_closed:
             return  # a closed channel's deliveries are requeued by the broker
-        self._outbox.extend(settlements)
-        if self._sender is None:
-            self._sender = asyncio.ensure_future(self._send_all())
-
-    async def _send_all(self) -> None:
-        try:
-            while self._outbox:
-                settlement = self._outbox.popleft()
-                # Draining, the last one waits until the socket took it, and with it every
-                # frame queued before it: closing the connection drops unwritten frames.
-                wait = self._draining and not self._outbox
-                if settlement.reject:
-                    await self.channel.basic_reject(settlement.tag, requeue=False, wait=wait)
-                else:
-                    await self.channel.basic_ack(settlement.tag, multiple=settlement.multiple,
-                                                 wait=wait)
-        except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
-            # The channel closed under us: RabbitMQ redelivers what it had not settled.
-            log.warning("channel closed with %d settlement(s) unsent (%s); RabbitMQ "
-                        "redelivers them", len(self._outbox) + 1, exc)
-            self._outbox.clear()
-        finally:
-            self._sender = None
+        number = self.channel.number
+        self._writer.write(self.channel, b"".join(
+            _frames.reject(number, s.tag, requeue=False) if s.reject
+            else _frames.ack(number, s.tag, s.multiple) for s in settlements))
 
     async def drain(self) -> None:
-        """Send every settlement now and wait until they are written: before closing, or
+        """Send every settlement now and wait until the socket took them: before closing, or
         finished requests would be redelivered and run twice."""
-        self._draining = True
         self.flush()
-        sender = self._sender
-        if sender is not None:
-            await asyncio.gather(sender, return_exceptions=True)
+        await self._writer.drain()

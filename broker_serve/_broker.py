@@ -6,9 +6,10 @@ reopens a channel behind its back, and nothing on the request path opens one at 
 
 The hot consumers (reply queues, a replica's request queue and inbox) consume on the aiormq
 channel under a robust channel (`Subscription`), skipping aio-pika's per-message objects and
-tasks; they subscribe again from the channel's public `reopen_callbacks`. Publishes that fit one
-frame are encoded by `_frames.py` and queued through `_aiormq_fastpath.py`, the one module that
-goes below aiormq's public API; everything else uses aiormq's `basic_publish`.
+tasks; they subscribe again from the channel's public `reopen_callbacks`. Publishes and a
+replica's acks are encoded by `_frames.py` and written through `_aiormq_fastpath.py`, the one
+module that goes below aiormq's public API; only confirmed publishes use aiormq's
+`basic_publish`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ log = logging.getLogger("broker_serve.broker")
 ReturnHandler = Callable[[str, str], None]
 DeliveryCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
 
-# Publishes return once queued to the connection's writer, without waiting for the socket to
-# drain: that wait is a full turn of the event loop per message. After this many bytes one
-# publish waits, so a slow broker still pushes back and unsent data stays bounded.
+# Publishes return without waiting for the socket to drain: that wait is a full turn of the
+# event loop per message. After this many bytes one publish waits, so a slow broker still
+# pushes back and unsent data stays bounded.
 UNDRAINED_LIMIT_BYTES = 256 * 1024
 _CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
@@ -55,6 +56,7 @@ class Broker:
         self._publisher: AbstractRobustChannel | None = None
         self._confirming: AbstractRobustChannel | None = None
         self._raw: aiormq.Channel | None = None
+        self._writer: _aiormq_fastpath.FrameWriter | None = None
         self._return_handlers: list[ReturnHandler] = []
         self._undrained = 0
         self._closing = False
@@ -135,32 +137,35 @@ class Broker:
         mandatory: bool = False,
         exchange: str = "",
     ) -> None:
+        """Publish without waiting for the socket: the frames go to the connection's writer at
+        the end of this loop turn, with everything else written in it (`FrameWriter`). Every
+        256 KiB one publish waits until the socket took them, so a slow broker pushes back."""
         raw = await self._channel()
-        message_id = correlation_id if reply_to else None
-        self._undrained += len(body) + 256
-        wait = self._undrained >= UNDRAINED_LIMIT_BYTES
         try:
-            if not wait and _aiormq_fastpath.fits_one_frame(raw, body):
-                payload = _frames.publish(
-                    raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
-                    message_type=type, correlation_id=correlation_id, reply_to=reply_to,
-                    message_id=message_id, headers=headers, expiration=expiration,
-                    mandatory=mandatory, exchange=exchange,
-                )
-                await _aiormq_fastpath.enqueue(raw, payload)
-                return
-            if wait:
-                self._undrained = 0
-            properties = Basic.Properties(
-                content_type=protocol.CONTENT_TYPE, message_type=type,
-                correlation_id=correlation_id, message_id=message_id,
-                reply_to=reply_to, headers=headers, expiration=expiration, delivery_mode=1,
+            payload = _frames.publish(
+                raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
+                message_type=type, correlation_id=correlation_id, reply_to=reply_to,
+                message_id=correlation_id if reply_to else None, headers=headers,
+                expiration=expiration, mandatory=mandatory, exchange=exchange,
+                max_body_frame=_aiormq_fastpath.max_body_frame(raw),
             )
-            await raw.basic_publish(body, exchange=exchange, routing_key=routing_key,
-                                    properties=properties, mandatory=mandatory, wait=wait)
+            writer = self.frame_writer(raw)
+            writer.write(raw, payload)
+            self._undrained += len(payload)
+            if self._undrained >= UNDRAINED_LIMIT_BYTES:
+                self._undrained = 0
+                await writer.drain()
         except _CHANNEL_ERRORS as exc:
             self._raw = None
             raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+    def frame_writer(self, raw: aiormq.abc.AbstractChannel) -> _aiormq_fastpath.FrameWriter:
+        """The writer of the connection `raw` belongs to: one per connection, so that this
+        process's frames reach the socket in the order it wrote them."""
+        writer = self._writer
+        if writer is None or writer.connection is not raw.connection:
+            writer = self._writer = _aiormq_fastpath.FrameWriter(raw.connection)
+        return writer
 
     async def publish_confirmed(self, routing_key: str, body: bytes, *, type: str,
                                 correlation_id: str, reply_to: str | None = None,

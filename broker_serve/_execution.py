@@ -9,7 +9,6 @@ unary response is a single message (docs/protocol.md, "Reply events").
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import inspect
 import logging
 import time
@@ -23,6 +22,7 @@ from . import multiplex, protocol
 from ._encoding import to_response
 from ._settings import CHUNK_BYTES
 from ._signing import pack_value, unpack_call
+from ._threads import ThreadRunner
 from .exceptions import ProtocolError
 
 log = logging.getLogger("broker_serve.replica")
@@ -70,11 +70,11 @@ class Servable:
     """The user's deployment instance (or function) and how to call it."""
 
     def __init__(self, target: Any, is_function: bool, asgi_app: ASGIApp | None,
-                 executor: Any) -> None:
+                 threads: ThreadRunner) -> None:
         self.target = target
         self.is_function = is_function
         self.asgi_app = asgi_app
-        self.executor = executor
+        self.threads = threads
         # A deployment called only through handles may have no `__call__`.
         self._http_entry = None if asgi_app else (
             target if is_function else getattr(target, "__call__", None))
@@ -95,15 +95,14 @@ class Servable:
         return fn  # type: ignore[no-any-return]
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run user code: coroutines on the loop, plain functions in the thread pool."""
+        """Run user code: coroutines on the loop, plain functions in a worker thread, in a
+        copy of the request's context (its multiplexed model id goes with it)."""
         if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             result = fn(*args, **kwargs)
+        elif kwargs:
+            result = await self.threads.run(partial(fn, *args, **kwargs))
         else:
-            loop = asyncio.get_running_loop()
-            # The request's context (its multiplexed model id) goes with it to the thread.
-            context = contextvars.copy_context()
-            result = await loop.run_in_executor(
-                self.executor, partial(context.run, fn, *args, **kwargs))
+            result = await self.threads.run(fn, *args)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -373,10 +372,8 @@ async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, A
             await stream.send(protocol.RESULT, {**pack_value(item, secret), "more": True})
         await stream.send(protocol.RESULT, {"more": False}, final=True)
     elif inspect.isgenerator(result):
-        loop = asyncio.get_running_loop()
         sentinel = object()
-        while (item := await loop.run_in_executor(servable.executor, next, result, sentinel)) \
-                is not sentinel:
+        while (item := await servable.threads.run(next, result, sentinel)) is not sentinel:
             await stream.send(protocol.RESULT, {**pack_value(item, secret), "more": True})
         await stream.send(protocol.RESULT, {"more": False}, final=True)
     else:

@@ -44,6 +44,7 @@ from ._runtime import install_replica_runtime
 from ._settings import Settings
 from ._signing import loads_signed
 from ._store import Store, now
+from ._threads import ThreadRunner
 from .config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from .context import ReplicaContext, _request_id, _set_replica_context
 from .exceptions import ProtocolError, RayServeException
@@ -129,14 +130,16 @@ class Replica:
             {**definition["config"], **await self._live_options()})
         self.user_config_hash = user_config_hash(self.config.model_dump(mode="json")["user_config"])
         _metrics.set_replica_metrics(self.metrics)  # for @serve.batch and @serve.multiplexed
-        executor = ThreadPoolExecutor(max_workers=max(4, self.config.max_ongoing_requests),
-                                      thread_name_prefix="user")
-        asyncio.get_running_loop().set_default_executor(executor)
+        threads = max(4, self.config.max_ongoing_requests)
+        # Requests' sync code runs in the ThreadRunner; lifecycle calls (reconfigure,
+        # check_health) and the user's own asyncio.to_thread in the default executor.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="user-lifecycle"))
         self.broker.on_channel_lost(self.metrics.channels_lost.inc)
         await self.broker.connect()
         # Before the constructor: handles passed to it, or made in it, must work.
         await install_replica_runtime(self.settings, self.broker)
-        self.servable = await self._construct(definition, executor)
+        self.servable = await self._construct(definition, ThreadRunner(threads))
 
         inbox_channel = await self.broker.channel()
         # Held strongly: aio-pika re-declares it after a reconnect.
@@ -191,7 +194,8 @@ class Replica:
 
     def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
         """A (re)opened request channel: its deliveries are settled by a settler of its own."""
-        settler = Settler(raw, prefetch=self.config.max_ongoing_requests)
+        settler = Settler(raw, self.broker.frame_writer(raw),
+                          prefetch=self.config.max_ongoing_requests)
         self._settler = settler
         raw.closing.add_done_callback(lambda _: self._channel_closed(settler))
         return functools.partial(self._on_request, settler)
@@ -205,7 +209,7 @@ class Replica:
             self._journals.add(task)
             task.add_done_callback(self._journals.discard)
 
-    async def _construct(self, definition: dict[str, Any], executor: Any) -> Servable:
+    async def _construct(self, definition: dict[str, Any], threads: ThreadRunner) -> Servable:
         target = definition["func_or_class"]
         is_function = not inspect.isclass(target)
         asgi_app = _ingress.asgi_app_of(target)
@@ -224,7 +228,7 @@ class Replica:
             result = instance.reconfigure(user_config)
             if inspect.isawaitable(result):
                 await result
-        return Servable(instance, is_function, asgi_app, executor)
+        return Servable(instance, is_function, asgi_app, threads)
 
     async def main_loop(self) -> None:
         async def beat() -> None:
@@ -353,6 +357,8 @@ class Replica:
             await self.store.redis.delete(self.names.replica_alive(self.replica_id))
         except Exception:
             pass
+        if self.servable is not None:
+            self.servable.threads.shutdown()
         self.metrics.flush(0)
         self.access.flush()
         await self.store.close()

@@ -16,11 +16,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+import pamqp.commands
+import pamqp.frame
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from broker_serve._acks import AckLedger, Settlement, Settler
+from broker_serve._aiormq_fastpath import FrameWriter
 
 
 @dataclass
@@ -117,51 +120,95 @@ LedgerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count
 test_ledger_keeps_rabbitmq_rules = LedgerMachine.TestCase
 
 
+class Wire:
+    """The connection's writer queue and the broker behind it. Frame sets are decoded and
+    applied to the channel that had their number when they were handed over: one handed over
+    for a channel already closed would reach the broker after the close, where its frames
+    would be a connection error, or land on a channel that reuses the number."""
+
+    def __init__(self, maxsize: int, stalls: list[int]) -> None:
+        self.channels: dict[int, FakeChannel] = {}
+        self.queue = _RecordingQueue(self, maxsize)
+        self.closing: asyncio.Future[Any] = asyncio.get_event_loop().create_future()
+        self.write_queue = self.queue
+        self.stalls = stalls
+        self.errors: list[str] = []
+        self._reads = 0
+
+    async def run(self) -> None:
+        while True:
+            frame, channels = await self.queue.get()
+            self._reads += 1
+            for _ in range(self.stalls[self._reads % len(self.stalls)]):
+                await asyncio.sleep(0)
+            self._apply(frame.payload, channels)
+            frame.drain()
+
+    def _apply(self, payload: bytes, channels: dict[int, tuple[FakeChannel, bool]]) -> None:
+        while payload:
+            size, number, method = pamqp.frame.unmarshal(payload)
+            payload = payload[size:]
+            channel, was_closed = channels.get(number, (None, True))
+            if channel is None or was_closed:
+                self.errors.append(f"a frame for channel {number}, closed when handed over")
+                continue
+            if channel.is_closed:
+                continue  # closed since: the broker discards frames until the close completes
+            if isinstance(method, pamqp.commands.Basic.Ack):
+                channel.broker.apply(Settlement(method.delivery_tag, multiple=method.multiple))
+            else:
+                assert isinstance(method, pamqp.commands.Basic.Reject) and not method.requeue
+                channel.broker.apply(Settlement(method.delivery_tag, reject=True))
+
+
+class _RecordingQueue(asyncio.Queue[Any]):
+    """aiormq's writer queue, noting which channel had each number at hand-over."""
+
+    def __init__(self, wire: Wire, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self._wire = wire
+
+    def put_nowait(self, item: Any) -> None:
+        channels = {n: (c, c.is_closed) for n, c in self._wire.channels.items()}
+        super().put_nowait((item, channels))
+
+
+@dataclass
 class FakeChannel:
-    """An aiormq channel as the settler uses it; a write may stall for a few loop turns, as
-    one to a full write queue does. `stalls` is cycled: how many turns each write waits."""
-
-    def __init__(self, broker: BrokerChannel, stalls: list[int]) -> None:
-        self.broker = broker
-        self.is_closed = False
-        self._stalls = stalls
-        self._writes = 0
-
-    async def _write(self, settlement: Settlement) -> None:
-        self._writes += 1
-        for _ in range(self._stalls[self._writes % len(self._stalls)]):
-            await asyncio.sleep(0)
-        if self.is_closed:
-            raise RuntimeError("channel closed")  # aiormq raises ChannelInvalidStateError
-        self.broker.apply(settlement)
-
-    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
-        await self._write(Settlement(tag, multiple=multiple))
-
-    async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
-        assert requeue is False
-        await self._write(Settlement(tag, reject=True))
+    number: int
+    broker: BrokerChannel
+    is_closed: bool = False
 
 
 class SettlerMachine(RuleBasedStateMachine):
+    """A replica's settler and its connection's real FrameWriter, over a writer queue of two
+    slots whose reader stalls: hand-overs wait for room. Channels are replaced mid-batch and
+    their numbers reused, as aiormq reuses a number once the broker confirmed the close."""
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
         self.stalls: list[int] = [0]
+        self.wire = Wire(maxsize=2, stalls=self.stalls)
+        self.writer = FrameWriter(self.wire)  # type: ignore[arg-type]
+        self.reader = self.loop.create_task(self.wire.run())
         self.generations: list[dict[str, Any]] = []
         self._new_channel()
 
     def _new_channel(self) -> None:
         if self.generations:
             # The broker requeues the old channel's unacked deliveries; its tags mean nothing
-            # on the new channel.
+            # on the new channel, which may have the same number.
             self.generations[-1]["channel"].is_closed = True
         broker = BrokerChannel()
-        channel = FakeChannel(broker, self.stalls)
+        channel = FakeChannel(number=1 + len(self.generations) % 2, broker=broker)
+        self.wire.channels[channel.number] = channel
         self.generations.append({
             "broker": broker, "channel": channel, "running": [], "finished": set(),
             "rejected": set(),
-            "settler": Settler(channel, prefetch=8, window_s=0.0005),  # type: ignore[arg-type]
+            "settler": Settler(channel, self.writer, prefetch=8,  # type: ignore[arg-type]
+                               window_s=0.0005),
         })
 
     @property
@@ -239,6 +286,7 @@ class SettlerMachine(RuleBasedStateMachine):
 
     @invariant()
     def settles_only_what_it_should(self) -> None:
+        assert not self.wire.errors
         for gen in self.generations:
             broker = gen["broker"]
             assert not broker.errors
@@ -257,8 +305,10 @@ class SettlerMachine(RuleBasedStateMachine):
             assert not gen["broker"].unacked, "drain left deliveries unacked"
             self.settles_only_what_it_should()
         finally:
+            self.reader.cancel()
             self.loop.run_until_complete(_settle_tasks())
             self.loop.close()
+            asyncio.set_event_loop(None)
 
 
 async def _settle_tasks() -> None:
@@ -279,27 +329,32 @@ def test_an_ack_above_a_running_tag_stays_ahead_of_the_multiple_ack_that_covers_
     """The first wave's bug: a single ack of 3 (above running 1 and 2) waited in a full write
     queue while a later `multiple` ack of 4 settled 1 to 4; the late ack of 3 then named an
     unknown tag and the broker closed the channel."""
-    broker = BrokerChannel()
-    channel = FakeChannel(broker, stalls=[0, 3])  # the first write waits 3 loop turns
     loop = asyncio.new_event_loop()
-    settler = Settler(channel, prefetch=16)  # type: ignore[arg-type]
+    asyncio.set_event_loop(loop)
+    wire = Wire(maxsize=1, stalls=[3])  # the reader waits 3 loop turns per frame set
+    broker = BrokerChannel()
+    channel = wire.channels[1] = FakeChannel(1, broker)
+    settler = Settler(channel, FrameWriter(wire), prefetch=16)  # type: ignore[arg-type]
 
     async def scenario() -> None:
+        reader = asyncio.ensure_future(wire.run())
         for _ in range(5):
             tag = broker.deliver()
             settler.delivered(tag, f"request-{tag}")
         settler.finished(3)
         settler.flush()  # ack 3 alone: 1 and 2 still run
-        await asyncio.sleep(0)  # its write starts, and waits
+        await asyncio.sleep(0)
         for tag in (1, 2, 4):
             settler.finished(tag)
         settler.flush()  # ack 4 multiple: settles 1 to 4
         settler.finished(5)
         await settler.drain()
+        reader.cancel()
 
     try:
         loop.run_until_complete(scenario())
     finally:
         loop.close()
-    assert not broker.errors
+        asyncio.set_event_loop(None)
+    assert not broker.errors and not wire.errors
     assert broker.acked == {1, 2, 3, 4, 5} and not broker.unacked

@@ -9,12 +9,14 @@ from pamqp.header import ContentHeader
 from broker_serve import _frames
 
 
-def reference(channel, routing_key, body, mandatory, exchange="", **properties):
+def reference(channel, routing_key, body, mandatory, exchange="", max_body_frame=0,
+              **properties):
     publish = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
     header = ContentHeader(body_size=len(body), properties=spec.Basic.Properties(
         delivery_mode=1, **properties))
-    frames = [publish, header] + ([ContentBody(body)] if body else [])
-    return ChannelFrame.marshall(channel, frames).payload
+    step = max_body_frame or len(body) or 1
+    bodies = [ContentBody(body[i:i + step]) for i in range(0, len(body), step)]
+    return ChannelFrame.marshall(channel, [publish, header, *bodies]).payload
 
 
 CASES = [
@@ -60,3 +62,21 @@ def test_header_tables_match_pamqp(headers):
                       headers=headers)
     ours = _frames.publish(1, "q", b"x", **properties)
     assert ours == reference(1, "q", b"x", False, **properties)
+
+
+@pytest.mark.parametrize("size", [1, 999, 1000, 1001, 3000, 3001])
+def test_a_body_longer_than_a_frame_is_cut_as_aiormq_cuts_it(size):
+    properties = CASES[1]
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    ours = _frames.publish(7, "q", body, max_body_frame=1000, **properties)
+    assert ours == reference(7, "q", body, False, max_body_frame=1000, **properties)
+
+
+@pytest.mark.parametrize("tag", [1, 255, 2 ** 32 + 7, 2 ** 63 - 1])
+@pytest.mark.parametrize("flag", [True, False])
+def test_settlements_match_pamqp(tag, flag):
+    ack = spec.Basic.Ack(delivery_tag=tag, multiple=flag)
+    reject = spec.Basic.Reject(delivery_tag=tag, requeue=flag)
+    assert _frames.ack(5, tag, flag) == ChannelFrame.marshall(5, [ack]).payload
+    assert _frames.reject(5, tag, flag) == ChannelFrame.marshall(5, [reject]).payload

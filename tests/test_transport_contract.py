@@ -52,6 +52,17 @@ async def test_a_queued_frame_set_is_aiormqs_own_shape() -> None:
                       ("drain_future", None)]
 
 
+async def test_a_closed_connection_is_seen_by_its_writer(broker: Broker) -> None:
+    raw = await broker._channel()
+    connection = raw.connection
+    writer = broker.frame_writer(raw)
+    assert not connection.closing.done()
+    await broker.close()
+    assert connection.closing.done() and raw.is_closed
+    with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+        await writer.drain()
+
+
 @pytest.fixture
 def queue_name() -> Iterator[str]:
     name = f"bs.contract.{secrets.token_hex(4)}"
@@ -90,40 +101,33 @@ async def _arrived(queue: str) -> tuple[Any, bytes]:
     return got
 
 
-async def test_the_fast_path_writes_to_the_connections_writer_and_arrives_verbatim(
+async def test_frame_sets_go_through_the_connections_writer_and_arrive_verbatim(
         broker: Broker, queue_name: str) -> None:
     channel = await broker.channel()
     await channel.declare_queue(queue_name)
     raw = await broker._channel()
     assert raw.write_queue is raw.connection.write_queue  # type: ignore[attr-defined]
-    body = bytes(range(256)) * 40
-    assert _aiormq_fastpath.fits_one_frame(raw, body)
+    frame_max = raw.connection.connection_tune.frame_max
+    assert _aiormq_fastpath.max_body_frame(raw) == frame_max - 8
+    assert frame_max - 8 == raw.max_content_size  # what aiormq cuts bodies by
+    writer = broker.frame_writer(raw)
     headers = {"bs-version": 1, "bs-published-us": 1_795_000_000_123_456}
-    payload = _frames.publish(raw.number, queue_name, body, content_type="application/msgpack",
-                              message_type="http", correlation_id="c-1", reply_to="r-1",
-                              message_id="c-1", headers=headers, expiration="60000")
-    await _aiormq_fastpath.enqueue(raw, payload)
+    small, large = bytes(range(256)) * 40, bytes(range(256)) * (3 * frame_max // 256 + 7)
+    for body in (small, large):  # one body frame, and several
+        writer.write(raw, _frames.publish(
+            raw.number, queue_name, body, content_type="application/msgpack",
+            message_type="http", correlation_id="c-1", reply_to="r-1", message_id="c-1",
+            headers=headers, expiration="60000",
+            max_body_frame=_aiormq_fastpath.max_body_frame(raw)))
+    await writer.drain()
     properties, received = await _arrived(queue_name)
-    assert received == body
+    assert received == small
     assert (properties.content_type, properties.type, properties.correlation_id,
             properties.reply_to, properties.message_id, properties.expiration,
             properties.delivery_mode) == ("application/msgpack", "http", "c-1", "r-1", "c-1",
                                           "60000", 1)
     assert properties.headers == headers
-
-
-async def test_a_publish_to_a_full_writer_queue_waits_for_room() -> None:
-    class Channel:
-        is_closed = False
-        write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=1)
-
-    Channel.write_queue.put_nowait("earlier")
-    waiting = asyncio.ensure_future(_aiormq_fastpath.enqueue(Channel(), b"frames"))  # type: ignore[arg-type]
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    assert Channel.write_queue.get_nowait() == "earlier"
-    await asyncio.wait_for(waiting, 1)
-    assert Channel.write_queue.get_nowait() == ChannelFrame(b"frames", should_close=False)
+    assert (await _arrived(queue_name))[1] == large
 
 
 async def test_a_closed_channel_takes_no_frame_and_its_reopened_successor_serves(
@@ -138,7 +142,7 @@ async def test_a_closed_channel_takes_no_frame_and_its_reopened_successor_serves
     await old.close()
     assert old.is_closed
     with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
-        await _aiormq_fastpath.enqueue(old, b"")
+        broker.frame_writer(old).write(old, b"")
     assert broker._publisher is not None
     new = await asyncio.wait_for(_reopened(broker._publisher, old), 10)
     assert not new.is_closed and new.connection.channels.get(new.number) is new
@@ -173,7 +177,7 @@ async def test_settled_in_random_orders_on_a_real_channel(broker: Broker, queue_
     for i in range(total):
         await broker.publish(queue_name, str(i).encode(), type="call", correlation_id=str(i))
     raw = await channel.get_underlay_channel()
-    settler = Settler(raw, prefetch)
+    settler = Settler(raw, broker.frame_writer(raw), prefetch)
     done, rejected = asyncio.Event(), set()
     seen: list[int] = []
     tasks: set[asyncio.Task[None]] = set()
