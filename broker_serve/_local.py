@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from ._liveness import process_id
 from ._names import Names
 from ._settings import Settings
 from .exceptions import ClusterUnavailable
@@ -74,8 +75,10 @@ class LocalCluster:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self) -> None:
-        """Wait until the controller leads, a node has joined and the proxy answers."""
+        """Wait until this cluster's own controller leads, its node has joined and its proxy
+        answers. Records a killed cluster left behind (a lease, nodes, proxies) do not count."""
         names = Names(self.settings.cluster)
+        ids = {role: process_id(process.pid) for role, process in self.processes.items()}
         client = redis.Redis.from_url(self.settings.redis_url)
         deadline = time.monotonic() + READY_TIMEOUT_S
         try:
@@ -88,10 +91,10 @@ class LocalCluster:
                             + (f" or in {state_dir(self.settings.cluster)}" if self.detached
                                else "")
                         )
-                leader = client.exists(names.controller_lease)
-                nodes = client.hlen(names.nodes)
-                proxies = client.hlen(names.proxies)
-                if leader and nodes and (proxies or not self.proxy):
+                leader = client.get(names.controller_lease) == ids["controller"].encode()
+                node = client.hexists(names.nodes, ids["worker"])
+                proxy = "proxy" not in ids or client.hexists(names.proxies, ids["proxy"])
+                if leader and node and proxy:
                     return
                 time.sleep(0.1)
         finally:

@@ -61,6 +61,10 @@ class Names:
         """Signed pickle of a deployment's definition and init arguments."""
         return self.key("spec", app, deployment, version)
 
+    def spec_index(self, app: str) -> str:
+        """Set: the spec keys written for an application, so they are found without a SCAN."""
+        return self.key("specs", app)
+
     @property
     def routes(self) -> str:
         """String: JSON route table with a version number."""
@@ -126,6 +130,10 @@ class Names:
     @property
     def controller_lease(self) -> str:
         return self.key("controller", "lease")
+
+    def controller_alive(self, controller_id: str) -> str:
+        """String with a TTL: a controller's heartbeat, its process stamp (`_liveness.py`)."""
+        return self.key("controller", controller_id, "alive")
 
     @property
     def events(self) -> str:

@@ -1,7 +1,7 @@
 """The cluster's control state in Redis: one place that knows the key layout and record shapes.
 
 Writers are split so that no record has two owners:
-- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`);
+- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`, `specs:*`);
 - the controller writes statuses, the route table and node assignments;
 - a replica writes its own record and heartbeat; its worker node marks it DEAD when it exits;
 - a proxy writes its own record and heartbeat.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from typing import Any
@@ -20,12 +19,43 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ._liveness import is_gone, stamp
 from ._names import Names
 from .exceptions import ClusterUnavailable
 
 log = logging.getLogger("broker_serve.store")
 
 HEARTBEAT_TTL_S = 10.0
+
+# Deletes the lease only if it still names the holder that was found dead.
+_RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Deletes an application's specs, except those its current record names: decided and done in
+# one step, so a spec written (with its record, atomically) by a deploy that comes back a
+# moment later is never lost. KEYS: the `apps` hash, the app's spec index. ARGV: the app's
+# name, the prefix of its spec keys. The spec keys come from the index, not from KEYS, which
+# is fine on a single Redis (not on Redis Cluster).
+_DELETE_UNNAMED_SPECS = """
+local keep = {}
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if record then
+  for deployment, dep in pairs(cjson.decode(record)['deployments'] or {}) do
+    keep[ARGV[2] .. deployment .. ':' .. dep['version']] = true
+  end
+end
+local deleted = 0
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not keep[key] then
+    redis.call('DEL', key)
+    redis.call('SREM', KEYS[2], key)
+    deleted = deleted + 1
+  end
+end
+return deleted
+"""
 
 
 def now() -> float:
@@ -38,6 +68,8 @@ class Store:
         self.redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
         )
+        self._release_lease = self.redis.register_script(_RELEASE_LEASE)
+        self._delete_unnamed_specs = self.redis.register_script(_DELETE_UNNAMED_SPECS)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -85,6 +117,26 @@ class Store:
     async def app_statuses(self) -> dict[str, dict[str, Any]]:
         return await self.get_all(self.names.key("app_status"))
 
+    async def put_app(self, record: dict[str, Any], specs: dict[str, bytes]) -> None:
+        """Write an application's specs and its record in one transaction: a controller sees
+        both or neither, so it never takes the specs for a deleted app's leftovers."""
+        names, name = self.names, record["name"]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key, blob in specs.items():
+                pipe.set(key, blob)
+            if specs:
+                pipe.sadd(names.spec_index(name), *specs)
+            pipe.hset(names.apps, name, orjson.dumps(record))
+            pipe.hdel(names.app_builds, name)  # a failed config build is superseded
+            await pipe.execute()
+
+    async def delete_unnamed_specs(self, app: str) -> int:
+        """Delete the app's specs that its record (if it has one again) does not name."""
+        names = self.names
+        deleted = await self._delete_unnamed_specs(
+            keys=[names.apps, names.spec_index(app)], args=[app, names.key("spec", app) + ":"])
+        return int(deleted)
+
     async def put_app_status(self, name: str, status: dict[str, Any]) -> None:
         await self.put(self.names.key("app_status"), name, status)
 
@@ -100,15 +152,34 @@ class Store:
     # liveness ---------------------------------------------------------------------------------
     async def heartbeat(self, key: str, value: str | None = None,
                         ttl_s: float = HEARTBEAT_TTL_S) -> None:
-        """Say this process lives; `value` (default: the pid) is for whoever reads it."""
-        await self.redis.set(key, value or str(os.getpid()), px=int(ttl_s * 1000))
+        """Say this process lives; `value` (default: the process's stamp, which lets a reader
+        on the same machine see at once that it died, `_liveness.py`) is for whoever reads it."""
+        await self.redis.set(key, value or stamp(), px=int(ttl_s * 1000))
 
     async def alive(self, keys: list[str]) -> list[bool]:
-        return [value is not None for value in await self.heartbeats(keys)]
+        """Whether each heartbeat is current and its writer not provably gone."""
+        return [value is not None and not is_gone(value) for value in await self.heartbeats(keys)]
 
     async def heartbeats(self, keys: list[str]) -> list[bytes | None]:
         """The value of each heartbeat key, None where it expired."""
         return list(await self.redis.mget(keys)) if keys else []
+
+    async def lease_holder(self) -> str | None:
+        """The id of the controller holding the lease, or None.
+
+        A holder that provably died (a controller of this machine that was killed) gives the
+        lease up at once, so that nobody waits up to the lease's TTL for a dead controller.
+        """
+        key = self.names.controller_lease
+        holder = await self.redis.get(key)
+        if holder is None:
+            return None
+        holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
+        if is_gone(await self.redis.get(self.names.controller_alive(holder_id))):
+            if await self._release_lease(keys=[key], args=[holder]):
+                log.info("controller %s is gone; its lease is released", holder_id)
+            return None
+        return holder_id
 
     # change notification --------------------------------------------------------------------
     async def announce(self, event: str) -> None:

@@ -3,7 +3,8 @@
 A driver writes an application's desired state to Redis (a JSON record plus one signed pickle
 per deployment), announces it, and waits for the controller to report it RUNNING and for every
 live proxy to have loaded its route. If no controller answers, the driver first starts a local
-cluster as child processes that stop when the script exits, as Ray does.
+cluster as child processes that stop when the script exits, as Ray does; so does a driver whose
+controller vanishes while it waits.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import atexit
 import hashlib
 import logging
 import os
+import secrets
 import sys
 import sysconfig
 import threading
@@ -59,10 +61,15 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
             runtime.run_sync(runtime.store.redis.set(
                 runtime.names.http_options, http_options.model_dump_json()
             ))
-        leader = runtime.run_sync(runtime.store.redis.exists(runtime.names.controller_lease))
-        if not leader and _local_cluster is None and start_if_missing:
+        # A lease left by a controller that was killed on this machine does not count.
+        leader = runtime.run_sync(runtime.store.lease_holder())
+        if leader is None and _local_cluster is None and start_if_missing:
             _start_local_cluster(runtime, http_options)
     return runtime
+
+
+def _may_start_local_cluster() -> bool:
+    return _local_cluster is None and not _in_replica()
 
 
 def _start_local_cluster(runtime: Runtime, http_options: HTTPOptions | None) -> None:
@@ -133,7 +140,17 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
     _check_route_prefix(route_prefix)
     runtime = _connect()
     record, specs = _build(target, name, route_prefix, runtime.names, runtime.secret)
-    runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
+    try:
+        runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
+    except _ControllerGone:
+        # The controller this driver found (a dying one, say, of a script just killed) went
+        # away: start a local cluster and deploy again, as if none had answered at first.
+        if not _may_start_local_cluster():
+            raise
+        log.info("the controller of cluster %r went away; starting a local one",
+                 runtime.settings.cluster)
+        runtime = _connect()
+        runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
     _started_apps.add(name)
     handle = DeploymentHandle(record["ingress"], name)
     if blocking:
@@ -258,48 +275,63 @@ def _pickle_user_module_by_value(target: Any) -> None:
     cloudpickle.register_pickle_by_value(module)
 
 
+class _ControllerGone(DeployFailed):
+    """No controller leads any more while a deploy waits for one."""
+
+
 async def _deploy(runtime: Runtime, record: dict[str, Any], specs: dict[str, bytes]) -> None:
     await _write_app(runtime.store, record, specs)
-    await _wait_running(runtime, record["name"], record["version"])
+    await _wait_running(runtime, record)
     if record["route_prefix"] is not None:
         await _wait_proxies(runtime, record["name"], record["route_prefix"])
 
 
 async def _write_app(store: Store, record: dict[str, Any], specs: dict[str, bytes],
                      replacing: Collection[str] = ()) -> None:
-    """Make an application desired: its specs, then its record. `serve.run` and a config's
-    PUT both deploy through here. `replacing` names applications being rewritten alongside,
-    whose route prefixes do not count as taken."""
-    names = store.names
+    """Make an application desired: its specs and its record, in one transaction. `serve.run`
+    and a config's PUT both deploy through here. `replacing` names applications being
+    rewritten alongside, whose route prefixes do not count as taken.
+
+    Each write gives the record a new `deploy_id`, which the controller's status echoes and
+    whose replicas alone count towards its start failures.
+    """
     name, prefix = record["name"], record["route_prefix"]
     for other, app in (await store.apps()).items():
         if other != name and other not in replacing and prefix is not None \
                 and app.get("route_prefix") == prefix:
             raise ValueError(f"route_prefix {prefix!r} is already used by application {other!r}")
-    for key, blob in specs.items():
-        await store.redis.set(key, blob)
-    await store.put(names.apps, name, record)
-    await store.delete_field(names.app_builds, name)  # a failed config build is superseded
+    record["deploy_id"] = secrets.token_hex(8)
+    await store.put_app(record, specs)
     await store.announce("apps")
 
 
-async def _wait_running(runtime: Runtime, name: str, version: str) -> None:
+async def _wait_running(runtime: Runtime, record: dict[str, Any]) -> None:
+    """Wait for the status of this very deploy: a status an earlier deploy left (a killed run
+    of the same script, say) may carry the same version and say RUNNING."""
+    name = record["name"]
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     store = runtime.store
     while time.monotonic() < deadline:
         status = await store.get_one(store.names.key("app_status"), name)
-        if status and status.get("version") == version:
+        if status and _describes_deploy(status, record):
             if status["status"] == "RUNNING":
                 return
             if status["status"] == "DEPLOY_FAILED":
                 raise DeployFailed(f"application {name!r} failed to deploy: {status['message']}")
-        if not await store.redis.exists(store.names.controller_lease):
+        if await store.lease_holder() is None:
             await asyncio.sleep(1.0)
-            if not await store.redis.exists(store.names.controller_lease):
-                raise DeployFailed("no controller is running for cluster "
-                                   f"{runtime.settings.cluster!r}")
+            if await store.lease_holder() is None:
+                raise _ControllerGone("no controller is running for cluster "
+                                      f"{runtime.settings.cluster!r}")
         await asyncio.sleep(0.05)
     raise DeployFailed(f"application {name!r} was not running after {DEPLOY_TIMEOUT_S:.0f}s")
+
+
+def _describes_deploy(status: dict[str, Any], record: dict[str, Any]) -> bool:
+    """Whether an app status describes this record's deploy."""
+    if "deploy_id" in status:
+        return bool(status["deploy_id"] == record["deploy_id"])
+    return bool(status.get("version") == record["version"])  # a controller of before deploy ids
 
 
 async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None:
@@ -347,7 +379,7 @@ def delete(name: str, _blocking: bool = True) -> None:
             if await store.get_one(store.names.key("app_status"), name) is None:
                 await _wait_proxies(runtime, name, None)
                 return
-            if not await store.redis.exists(store.names.controller_lease):
+            if await store.lease_holder() is None:
                 # No controller to act on it now: the next one to lead will.
                 log.warning("no controller is running; application %r is deleted from the "
                             "desired state and stops when a controller leads again", name)

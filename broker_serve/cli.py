@@ -183,17 +183,22 @@ def stop() -> None:
 
 
 def _controller_running(settings: Settings) -> bool:
-    import redis
+    """Whether a controller holds the lease (a killed one of this machine does not count)."""
+    from redis.exceptions import RedisError
 
-    from ._names import Names
+    from ._store import Store
 
-    client = redis.Redis.from_url(settings.redis_url)
+    async def holder() -> str | None:
+        store = Store(settings.redis_url, settings.cluster)
+        try:
+            return await store.lease_holder()
+        finally:
+            await store.close()
+
     try:
-        return bool(client.exists(Names(settings.cluster).controller_lease))
-    except redis.RedisError as exc:
+        return asyncio.run(holder()) is not None
+    except (RedisError, OSError) as exc:
         raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
-    finally:
-        client.close()
 
 
 # applications -------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
-import socket
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -22,7 +21,8 @@ import orjson
 
 from ._autoscaler import Autoscaler
 from ._broker import Broker, connection_name
-from ._lifecycle import stop_on_signals
+from ._lifecycle import heartbeat_loop, stop_on_signals
+from ._liveness import process_id
 from ._metrics import ControllerMetrics
 from ._reseed import StateCopy
 from ._settings import Settings
@@ -39,12 +39,26 @@ HEARTBEAT_GRACE_S = 12.0
 REDECLARE_EVERY_S = 10.0
 AMQP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+@dataclass
+class StartFailures:
+    """How often the replicas one deploy started for a deployment failed to start.
+
+    Only replicas started for the application's current deploy (its record's `deploy_id`)
+    count: a leftover of an earlier deploy, such as the replica record of a killed script's
+    run, never makes the wanted one fail.
+    """
+    deploy_id: str | None
+    count: int = 0
+    last_error: str = ""
 
 
 class Controller:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.controller_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.controller_id = process_id()
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url,
@@ -52,8 +66,7 @@ class Controller:
                              cancel_exchange=self.names.cancel_exchange)
         self.leader = False
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
-        self._failures: Counter[tuple[str, str, str]] = Counter()
-        self._last_error: dict[tuple[str, str], str] = {}
+        self._failures: dict[tuple[str, str], StartFailures] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
         self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
         self._state = StateCopy()
@@ -71,14 +84,17 @@ class Controller:
         main = asyncio.create_task(
             self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)
         )
+        beat = asyncio.create_task(heartbeat_loop(self._heartbeat, HEARTBEAT_INTERVAL_S,
+                                                  self._stopping))
         await self._stopping.wait()
         # A reconcile may be stuck on an unreachable broker or Redis: cancel it, don't wait.
         main.cancel()
-        await asyncio.gather(main, return_exceptions=True)
+        await asyncio.gather(main, beat, return_exceptions=True)
         await asyncio.wait_for(self.shutdown(), SHUTDOWN_TIMEOUT_S)
 
     async def startup(self) -> None:
         await self.store.ping()
+        await self._heartbeat()
         await self.store.secret()
         await self.broker.connect()  # declares the cancel exchange
         channel = await self.broker.channel()
@@ -89,15 +105,20 @@ class Controller:
             self.settings, self.store, lambda: self.metrics.render(self._ready_messages))
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
 
+    async def _heartbeat(self) -> None:
+        # Its value, this process's stamp, lets a driver or controller on this machine see at
+        # once that the lease holder died (_liveness.py).
+        await self.store.heartbeat(self.names.controller_alive(self.controller_id))
+
     async def shutdown(self) -> None:
         await self._rest.stop()
-        if self.leader:
-            try:
-                if await self.store.redis.get(self.names.controller_lease) == \
-                        self.controller_id.encode():
-                    await self.store.redis.delete(self.names.controller_lease)
-            except Exception:
-                pass
+        try:
+            if self.leader and await self.store.redis.get(self.names.controller_lease) == \
+                    self.controller_id.encode():
+                await self.store.redis.delete(self.names.controller_lease)
+            await self.store.redis.delete(self.names.controller_alive(self.controller_id))
+        except Exception:
+            pass
         try:
             await asyncio.wait_for(self.broker.close(), AMQP_TIMEOUT_S)
         except Exception as exc:
@@ -119,14 +140,16 @@ class Controller:
 
     async def _hold_lease(self) -> bool:
         redis, key = self.store.redis, self.names.controller_lease
-        if await redis.set(key, self.controller_id, nx=True, px=LEASE_MS):
+        taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+        holder = self.controller_id if taken else await self.store.lease_holder()
+        if holder is None:  # the holder was found dead and let go: take over now
+            taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+            holder = self.controller_id if taken else None
+        if taken:
             log.info("controller %s is now the leader", self.controller_id)
-            self.leader = True
-        elif await redis.get(key) == self.controller_id.encode():
+        elif holder == self.controller_id:
             await redis.pexpire(key, LEASE_MS)
-            self.leader = True
-        else:
-            self.leader = False
+        self.leader = holder == self.controller_id
         self.metrics.set_leader(self.leader)
         return self.leader
 
@@ -134,7 +157,7 @@ class Controller:
     async def reconcile(self) -> None:
         apps = await self.store.apps()
         nodes = await self._live_nodes()
-        replicas = await self._live_replicas(nodes)
+        replicas = await self._live_replicas(nodes, apps)
         by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for record in replicas.values():
             by_deployment[(record["app"], record["deployment"])].append(record)
@@ -165,13 +188,14 @@ class Controller:
             if is_alive or settling:
                 live[node_id] = record
                 continue
-            log.warning("worker node %s missed its heartbeats; dropping it and its replicas",
-                        node_id)
+            log.warning("worker node %s is gone (its process ended or its heartbeats stopped);"
+                        " dropping it and its replicas", node_id)
             await self.store.delete_field(self.names.nodes, node_id)
             await self.store.redis.delete(self.names.node_assignments(node_id))
         return live
 
-    async def _live_replicas(self, nodes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    async def _live_replicas(self, nodes: dict[str, Any], apps: dict[str, Any]
+                             ) -> dict[str, dict[str, Any]]:
         """Replica records that still count, after removing dead and failed ones."""
         records = await self.store.get_all(self.names.replicas)
         assigned: dict[str, str] = {}
@@ -187,21 +211,40 @@ class Controller:
             stale = (state == "RUNNING" and not is_alive
                      and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S
                      and time.monotonic() - self._restored_at > HEARTBEAT_GRACE_S)
+            if "app" not in record or "deployment" not in record:
+                # Written only in part (a node marked a record the controller had just
+                # removed): it names no deployment, so drop it rather than trip on it.
+                await self._remove_replica(replica_id, record, assigned.get(replica_id))
+                continue
             if state in ("FAILED", "DEAD", "UNHEALTHY") or replica_id not in assigned or stale:
                 if state == "UNHEALTHY":
                     log.warning("replica %s is unhealthy (%s); replacing it", replica_id,
                                 record.get("message"))
                 elif state == "FAILED":
-                    key = (record["app"], record["deployment"], record.get("version", ""))
-                    self._failures[key] += 1
                     log.warning("replica %s failed: %s", replica_id, record.get("message"))
-                    self._last_error[key[:2]] = record.get("message", "")
+                    self._count_failure(record, apps.get(record["app"]))
                 elif stale:
                     log.warning("replica %s stopped heartbeating; replacing it", replica_id)
                 await self._remove_replica(replica_id, record, assigned.get(replica_id))
                 continue
             live[replica_id] = record
         return live
+
+    def _count_failure(self, record: dict[str, Any], app: dict[str, Any] | None) -> None:
+        """Count a replica's failure to start against its deployment, if it was started for
+        the deploy that is wanted now."""
+        if app is None or record.get("deploy_id") != app.get("deploy_id") \
+                or record["deployment"] not in app["deployments"]:
+            return
+        failures = self._start_failures(record["app"], record["deployment"], app.get("deploy_id"))
+        failures.count += 1
+        failures.last_error = record.get("message", "")
+
+    def _start_failures(self, app: str, deployment: str, deploy_id: str | None) -> StartFailures:
+        failures = self._failures.get((app, deployment))
+        if failures is None or failures.deploy_id != deploy_id:
+            failures = self._failures[(app, deployment)] = StartFailures(deploy_id)
+        return failures
 
     async def _remove_replica(self, replica_id: str, record: dict[str, Any],
                               node_id: str | None) -> None:
@@ -220,13 +263,16 @@ class Controller:
             queue_problem = await self._declare(dep["queue"], bound)
             mine = by_deployment.get((app_name, dep_name), [])
             deployments[dep_name] = await self._reconcile_deployment(
-                app_name, dep_name, dep, mine, nodes
+                app_name, dep_name, dep, app.get("deploy_id"), mine, nodes
             )
             if queue_problem:
                 deployments[dep_name].update(status="UPDATING", message=queue_problem)
         return {
             "name": app_name,
             "version": app["version"],
+            # Echoed so that serve.run waits for the status of its own deploy, never for one
+            # an earlier run of the same code left behind.
+            "deploy_id": app.get("deploy_id"),
             "route_prefix": app.get("route_prefix"),
             "ingress": app["ingress"],
             "last_deployed_time_s": app.get("deployed_at", 0.0),
@@ -235,7 +281,7 @@ class Controller:
         }
 
     async def _reconcile_deployment(self, app: str, name: str, dep: dict[str, Any],
-                                    mine: list[dict[str, Any]],
+                                    deploy_id: str | None, mine: list[dict[str, Any]],
                                     nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         version, target = dep["version"], int(dep["num_replicas"])
         current = [r for r in mine if r.get("version") == version]
@@ -243,18 +289,18 @@ class Controller:
         autoscaler = await self._autoscale(app, name, dep, mine)
         if autoscaler is not None:
             target = autoscaler.target
-        failures = self._failures[(app, name, version)]
-        failed = failures >= MAX_START_FAILURES
+        failures = self._start_failures(app, name, deploy_id)
+        failed = failures.count >= MAX_START_FAILURES
         message = ""
         if failed:
-            error = self._last_error.get((app, name), "")
-            message = (f"The deployment failed to start {failures} times in a row. "
-                       f"Last error: {error}")
+            message = (f"The deployment failed to start {failures.count} times in a row. "
+                       f"Last error: {failures.last_error}")
         elif len(current) < target:
             if not nodes:
                 message = "Waiting for a worker node to place replicas on."
             for _ in range(target - len(current)):
-                record, why = await self._start_replica(app, name, version, dep, nodes)
+                record, why = await self._start_replica(app, name, version, deploy_id, dep,
+                                                        nodes)
                 if record is None:
                     message = message or why
                     break
@@ -278,7 +324,7 @@ class Controller:
                 await self._remove_replica(record["replica_id"], record, None)
                 mine.remove(record)
             old = []
-            self._failures.pop((app, name, version), None)
+            failures.count = 0
         settled = running >= target and not old and not reconfiguring
         status = "UNHEALTHY" if failed else ("HEALTHY" if settled else "UPDATING")
         scaling: dict[str, Any] = {}
@@ -337,7 +383,8 @@ class Controller:
                 self.metrics.autoscaled(app, name, "up" if autoscaler.target > before else "down")
         return autoscaler
 
-    async def _start_replica(self, app: str, deployment: str, version: str, dep: dict[str, Any],
+    async def _start_replica(self, app: str, deployment: str, version: str,
+                             deploy_id: str | None, dep: dict[str, Any],
                              nodes: dict[str, dict[str, Any]]
                              ) -> tuple[dict[str, Any] | None, str]:
         """Assign a new replica to a node; or None and why it fits on none."""
@@ -350,8 +397,8 @@ class Controller:
                       "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0),
                       "resources": request}
         record = {"replica_id": replica_id, "app": app, "deployment": deployment,
-                  "version": version, "node": node_id, "state": "PENDING",
-                  "start_time": now(), "updated": now()}
+                  "version": version, "deploy_id": deploy_id, "node": node_id,
+                  "state": "PENDING", "start_time": now(), "updated": now()}
         await self.store.put(self.names.replicas, replica_id, record)
         await self.store.put(self.names.node_assignments(node_id), replica_id, assignment)
         await self.store.announce(f"node:{node_id}")
@@ -465,6 +512,8 @@ class Controller:
         for app_name, status in old_statuses.items():
             if app_name in apps or app_name in leftovers:
                 continue
+            if await self.store.redis.hexists(self.names.apps, app_name):
+                continue  # deployed again since this reconcile read `apps`: next tick's work
             for dep_name in status.get("deployments", {}):
                 queue = self.names.request_queue(app_name, dep_name)
                 self._declared.pop(queue, None)
@@ -475,8 +524,10 @@ class Controller:
                     log.warning("could not delete queue %s (%s); delete it by hand", queue,
                                 exc or type(exc).__name__)
             await self.store.delete_field(self.names.key("app_status"), app_name)
-            async for key in self.store.redis.scan_iter(match=self.names.key("spec", app_name, "*")):
-                await self.store.redis.delete(key)
+            # Not a plain delete: a spec that a record written meanwhile names must stay.
+            await self.store.delete_unnamed_specs(app_name)
+            for key in [key for key in self._failures if key[0] == app_name]:
+                del self._failures[key]
             log.info("application %s deleted", app_name)
 
     async def _write_statuses(self, statuses: dict[str, dict[str, Any]]) -> None:
