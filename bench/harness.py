@@ -246,13 +246,13 @@ class Bench:
         """A warm-up run: its errors count too, being errors of the same measurement."""
         if self.plan.warmup_s <= 0:
             return Errors()
-        result = run_wrk(url, threads=min(2, connections), connections=connections,
+        result = run_wrk(url, threads=1, connections=connections,
                          duration_s=self.plan.warmup_s)
         return self.wrk_errors(url, result)
 
     def wrk_rps(self, url: str, connections: int) -> tuple[WrkResult, Errors]:
         warm = self.warm(url, connections)
-        result = run_wrk(url, threads=2, connections=connections, duration_s=self.plan.duration_s)
+        result = run_wrk(url, threads=1, connections=connections, duration_s=self.plan.duration_s)
         return result, warm + self.wrk_errors(url, result)
 
     def wrk_latency(self, url: str) -> tuple[WrkResult, Errors]:

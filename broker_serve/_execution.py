@@ -133,6 +133,13 @@ class FlowWindow:
         if self._granted is not None:
             self._granted.set()
 
+    def try_spend(self, size: int) -> bool:
+        """Spend at once if the window is open (as `spend` would without waiting)."""
+        if self.available <= 0:
+            return False
+        self.available -= size
+        return True
+
     async def spend(self, size: int) -> None:
         while self.available <= 0:
             self._granted = self._granted or asyncio.Event()
@@ -203,7 +210,21 @@ class HttpExchange:
                 "headers": [[bytes(k), bytes(v)] for k, v in message.get("headers", ())],
             }
         elif kind == "http.response.body":
-            await self._buffer_body(message.get("body", b""), message.get("more_body", False))
+            body, more_body = message.get("body", b""), message.get("more_body", False)
+            if not more_body and self._start is not None and not self._buffer \
+                    and len(body) <= CHUNK_BYTES \
+                    and (self._window is None or self._window.try_spend(len(body))):
+                await self._send_whole(bytes(body))  # a unary response: one message
+            else:
+                await self._buffer_body(body, more_body)
+
+    async def _send_whole(self, body: bytes) -> None:
+        assert self._start is not None
+        fields, self._start = self._start, None
+        fields.update(body=body, more_body=False)
+        self.stream.started = True
+        self.stream.status = fields["status"]
+        await self.stream.send(protocol.START, fields, final=True)
 
     async def _buffer_body(self, body: bytes, more_body: bool) -> None:
         """Response chunks produced fast share messages; each still leaves within 1 ms.

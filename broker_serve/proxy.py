@@ -240,9 +240,13 @@ class Proxy:
             await self._publish(scope, route, prefix, request_id, first, more_body, timeout,
                                 self.names.affinity_queue(chosen) if chosen else queue,
                                 client_id)
-            async with asyncio.timeout(timeout):
-                await self._relay(events, receive, exchange, more_body, len(first), request_id,
-                                  queue, chosen)
+            relay = self._relay(events, receive, exchange, more_body, len(first), request_id,
+                                queue, chosen)
+            if timeout is None:
+                await relay
+            else:
+                async with asyncio.timeout(timeout):
+                    await relay
         except TimeoutError:
             self._cancel(request_id)
             if exchange.started:

@@ -388,13 +388,17 @@ class Replica:
 
     # messages ----------------------------------------------------------------------------------
     async def _on_request(self, settler: Settler, message: DeliveredMessage) -> None:
+        """Runs in the task aiormq starts for each delivery; aiormq cancels it if the channel
+        closes, and then RabbitMQ gives the request to a replica that has one."""
         delivery = cast(Basic.Deliver, message.delivery)  # a consumer gets only deliveries
         tag = cast(int, delivery.delivery_tag)
         settler.delivered(tag, message.header.properties.correlation_id or "")
-        task = asyncio.create_task(self._handle(message, tag, bool(delivery.redelivered),
-                                                settler))
+        task = cast("asyncio.Task[None]", asyncio.current_task())
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            await self._handle(message, tag, bool(delivery.redelivered), settler)
+        finally:
+            self._tasks.discard(task)
 
     async def _on_inbox(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
