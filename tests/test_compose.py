@@ -56,6 +56,8 @@ METRICS = HISTOGRAMS | {
     "broker_serve_replica_ongoing_requests",
     "broker_serve_replica_errors_total",
     "broker_serve_replica_model_loads_total",
+    "broker_serve_replica_redeliveries_total",
+    "broker_serve_replica_channels_lost_total",
     "broker_serve_controller_queue_depth",
     "broker_serve_controller_replicas",
     "broker_serve_controller_autoscaling_decisions_total",

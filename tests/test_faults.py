@@ -24,7 +24,7 @@ def broker_fault(monkeypatch: pytest.MonkeyPatch) -> Iterator[TcpFaultProxy]:
     `cluster`, it is torn down after it, so the cluster shuts down with its broker reachable."""
     with TcpFaultProxy("127.0.0.1", 5672) as fault:
         monkeypatch.setenv("BROKER_SERVE_AMQP_URL",
-                           f"amqp://guest:guest@127.0.0.1:{fault.port}/")
+                           f"amqp://guest:guest@127.0.0.1:{fault.port}/?reconnect_interval=1")
         yield fault
 
 
