@@ -326,6 +326,7 @@ class ReplyRouter:
         self.broker.on_return(self._on_return)
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
+        self.broker.on_channel_lost(self._on_channel_lost)
 
     def register(self, correlation_id: str) -> Mailbox:
         queue = Mailbox()
@@ -357,6 +358,19 @@ class ReplyRouter:
                     len(self._waiting))
         event = {"status": 503, "error": "BrokerConnectionLost",
                  "message": "the connection to RabbitMQ was lost; the request may not have run"}
+        for queue in self._waiting.values():
+            queue.put_nowait((protocol.ERROR, dict(event)))
+
+    def _on_channel_lost(self) -> None:
+        """A lost channel may have taken a request's publish or its replies with it (frames
+        for a closed channel are dropped): fail the waiting requests rather than let them
+        hang. aio-pika reopens the channel."""
+        if not self._waiting:
+            return
+        log.warning("a channel to RabbitMQ was lost; failing %d waiting request(s)",
+                    len(self._waiting))
+        event = {"status": 503, "error": "BrokerChannelLost",
+                 "message": "a channel to RabbitMQ was lost; the request may not have run"}
         for queue in self._waiting.values():
             queue.put_nowait((protocol.ERROR, dict(event)))
 

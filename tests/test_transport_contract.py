@@ -27,7 +27,7 @@ from aiormq.abc import ChannelFrame
 
 from broker_serve import _aiormq_fastpath, _frames
 from broker_serve._acks import Settler
-from broker_serve._broker import Broker, connection_name
+from broker_serve._broker import Broker, ReplyRouter, connection_name
 
 from .conftest import AMQP_URL
 
@@ -220,3 +220,18 @@ async def _message_counts(broker: Broker, queues: list[str]) -> list[int]:
         return counts
     finally:
         await channel.close()
+
+
+async def test_requests_waiting_when_a_channel_is_lost_fail_instead_of_hanging(
+        broker: Broker) -> None:
+    """Frames for a channel that closed are dropped, so a request published just before may
+    never have left: every waiting request is answered 503."""
+    router = ReplyRouter(broker, f"bs.contract.reply.{secrets.token_hex(4)}")
+    await router.start()
+    mailbox = router.register("c-1")
+    lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    lost.set_exception(aiormq.exceptions.ChannelPreconditionFailed("as RabbitMQ closes it"))
+    broker._on_channel_closed(lost)  # what a watched channel's `closing` does
+    kind, event = await asyncio.wait_for(mailbox.get(), 1)
+    assert (kind, event["status"], event["error"]) == ("error", 503, "BrokerChannelLost")
+    assert broker.channels_lost == 1
