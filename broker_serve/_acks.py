@@ -71,24 +71,19 @@ class AckLedger:
         """The acks that settle every finished delivery, and nothing else."""
         if not self.finished_count:
             return []
-        settlements: list[Settlement] = []
-        prefix: list[int] = []  # finished tags below the lowest running delivery
+        below: list[int] = []  # finished, below the lowest running delivery: one ack
+        above: list[int] = []  # finished, above it: an ack each
         running_seen = False
         for tag, (finished, _) in self._open.items():
             if not finished:
                 running_seen = True
-            elif running_seen:
-                settlements.append(Settlement(tag))
             else:
-                prefix.append(tag)
-        if prefix:
-            settlements.insert(0, Settlement(prefix[-1], multiple=len(prefix) > 1))
-        for tag in prefix:
+                (above if running_seen else below).append(tag)
+        for tag in (*below, *above):
             del self._open[tag]
-        for settlement in settlements[1 if prefix else 0:]:
-            del self._open[settlement.tag]
         self.finished_count = 0
-        return settlements
+        settlements = [Settlement(below[-1], multiple=len(below) > 1)] if below else []
+        return settlements + [Settlement(tag) for tag in above]
 
     def unsettled(self) -> Iterator[tuple[int, bool, str]]:
         """(tag, finished, correlation id) of each delivery not settled yet."""
