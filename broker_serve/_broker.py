@@ -352,25 +352,20 @@ class ReplyRouter:
     def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
         """Replies to this queue may be lost with the connection: fail the waiting requests
         now rather than let them hang. aio-pika reconnects in the background."""
-        if not self._waiting:
-            return
-        log.warning("RabbitMQ connection lost (%s); failing %d waiting request(s)", exc,
-                    len(self._waiting))
-        event = {"status": 503, "error": "BrokerConnectionLost",
-                 "message": "the connection to RabbitMQ was lost; the request may not have run"}
-        for queue in self._waiting.values():
-            queue.put_nowait((protocol.ERROR, dict(event)))
+        self._fail_waiting("BrokerConnectionLost", f"the connection to RabbitMQ was lost ({exc})")
 
     def _on_channel_lost(self) -> None:
         """A lost channel may have taken a request's publish or its replies with it (frames
         for a closed channel are dropped): fail the waiting requests rather than let them
         hang. aio-pika reopens the channel."""
+        self._fail_waiting("BrokerChannelLost", "a channel to RabbitMQ was lost")
+
+    def _fail_waiting(self, error: str, what: str) -> None:
         if not self._waiting:
             return
-        log.warning("a channel to RabbitMQ was lost; failing %d waiting request(s)",
-                    len(self._waiting))
-        event = {"status": 503, "error": "BrokerChannelLost",
-                 "message": "a channel to RabbitMQ was lost; the request may not have run"}
+        log.warning("%s; failing %d waiting request(s)", what, len(self._waiting))
+        event = {"status": 503, "error": error,
+                 "message": f"{what}; the request may not have run"}
         for queue in self._waiting.values():
             queue.put_nowait((protocol.ERROR, dict(event)))
 
