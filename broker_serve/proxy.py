@@ -29,11 +29,12 @@ from . import protocol
 from ._affinity import AffinityTable
 from ._broker import Broker, Mailbox, ReplyRouter, connection_name
 from ._cancellation import cancel
+from ._liveness import process_id
 from ._logging import AccessLog
 from ._metrics import ProxyMetrics
-from ._websocket import WebSocketSession
 from ._settings import CHUNK_BYTES, Settings
 from ._store import Store, now
+from ._websocket import WebSocketSession
 from .config import HTTPOptions
 from .exceptions import ClusterUnavailable
 from .multiplex import model_id_from_headers
@@ -80,7 +81,7 @@ class Proxy:
     def __init__(self, settings: Settings, options: HTTPOptions) -> None:
         self.settings = settings
         self.options = options
-        self.proxy_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.proxy_id = process_id()
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url,

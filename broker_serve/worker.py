@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._lifecycle import heartbeat_loop, stop_on_signals
+from ._liveness import process_id
 from ._metrics import NodeMetricsServer
 from ._settings import Settings
 from ._store import Store, now
@@ -58,7 +59,7 @@ class WorkerNode:
                  num_cpus: float | None = None, resources: dict[str, float] | None = None,
                  proxy: bool | None = None, proxy_port: int | None = None) -> None:
         self.settings = settings
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.node_id = node_id or process_id()
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
         self.resources = {"CPU": float(num_cpus if num_cpus is not None else os.cpu_count() or 1),
