@@ -64,6 +64,23 @@ __all__ = [
 
 
 # statuses --------------------------------------------------------------------------------------
+def check_app_name(name: str) -> None:
+    # ':' and '*' would blur Redis key patterns; whitespace makes unreadable queue names.
+    if not isinstance(name, str) or not name or any(c in name for c in ":* \t\n"):
+        raise ValueError(f"invalid application name {name!r}: no ':', '*' or whitespace")
+
+
+def check_route_prefix(prefix: str | None) -> None:
+    if prefix is None:
+        return
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        raise ValueError(f"route_prefix must start with '/', got {prefix!r}")
+    if prefix != "/" and prefix.endswith("/"):
+        raise ValueError(f"route_prefix must not end with '/', got {prefix!r}")
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
+
+
 class ApplicationStatus(str, enum.Enum):
     NOT_STARTED = "NOT_STARTED"
     DEPLOYING = "DEPLOYING"
@@ -182,17 +199,15 @@ class ServeApplicationSchema(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        from .api import _check_app_name
 
-        _check_app_name(value)
+        check_app_name(value)
         return value
 
     @field_validator("route_prefix")
     @classmethod
     def _route_prefix(cls, value: str | None) -> str | None:
-        from .api import _check_route_prefix
 
-        _check_route_prefix(value)
+        check_route_prefix(value)
         return value
 
     @field_validator("deployments")

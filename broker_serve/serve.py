@@ -1,9 +1,6 @@
 """`from broker_serve import serve`: the same names as `from ray import serve`."""
 
-from ._ingress import ingress
-from .batching import batch
-from .multiplex import get_multiplexed_model_id, multiplexed
-from .api import (
+from .client.api import (
     delete,
     get_app_handle,
     get_deployment_handle,
@@ -12,10 +9,13 @@ from .api import (
     start,
     status,
 )
+from .client.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from .config import AutoscalingConfig, HTTPOptions, ProxyLocation, gRPCOptions
 from .context import ReplicaContext, get_replica_context
 from .deployment import Application, Deployment, deployment
-from .handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from .replica.batching import batch
+from .replica.ingress import ingress
+from .replica.multiplex import get_multiplexed_model_id, multiplexed
 
 __all__ = [
     "Application",

@@ -18,8 +18,8 @@ import urllib.request
 import orjson
 import redis
 
-from broker_serve._names import Names
-from broker_serve._settings import Settings
+from broker_serve.protocol.names import Names
+from broker_serve.settings import Settings
 
 
 def controller(names: Names, client: redis.Redis) -> bool:

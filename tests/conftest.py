@@ -139,8 +139,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Cluster
 
 def _shutdown_in_process() -> None:
     """Stop what a test started through the serve API in this process."""
-    from broker_serve import api
-    from broker_serve._runtime import current_runtime, reset_runtime
+    from broker_serve.client import api
+    from broker_serve.client.runtime import current_runtime, reset_runtime
 
     if current_runtime() is not None:
         try:

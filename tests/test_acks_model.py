@@ -22,8 +22,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from broker_serve._acks import AckLedger, Settlement, Settler
-from broker_serve._aiormq_fastpath import FrameWriter
+from broker_serve.transport.acks import AckLedger, Settlement, Settler
+from broker_serve.transport.aiormq_adapter import FrameWriter
 
 
 @dataclass

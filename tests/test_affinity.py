@@ -11,7 +11,7 @@ import requests
 from starlette.requests import Request
 
 from broker_serve import serve
-from broker_serve._affinity import AffinityTable
+from broker_serve.transport.affinity import AffinityTable
 
 QUEUE = "bs.t.app.Models"
 

@@ -8,8 +8,8 @@ import threading
 import requests
 
 from broker_serve import serve
-from broker_serve._autoscaler import Autoscaler
 from broker_serve.config import AutoscalingConfig
+from broker_serve.controller.autoscaler import Autoscaler
 
 from .waiting import wait_for
 

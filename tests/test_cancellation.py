@@ -134,8 +134,8 @@ def test_request_cancelled_while_queued_never_runs(cluster, tmp_path):
 
 def test_a_replica_that_starts_later_loads_live_tombstones(cluster):
     """Tombstones in Redis reach replicas that were not there for the broadcast."""
-    from broker_serve._cancellation import CancelledSet
-    from broker_serve._store import Store
+    from broker_serve.state.store import Store
+    from broker_serve.transport.cancellation import CancelledSet
 
     async def scenario() -> tuple[bool, bool, bool]:
         store = Store(cluster.env["BROKER_SERVE_REDIS_URL"], cluster.name)

@@ -11,7 +11,8 @@ import time
 
 import requests
 
-from broker_serve import api, serve
+from broker_serve import serve
+from broker_serve.client import api
 
 
 @serve.deployment

@@ -294,7 +294,7 @@ def test_config_code_travels_by_reference(tmp_path, monkeypatch):
 
     import cloudpickle
 
-    from broker_serve._imports import by_reference, code_digest, import_attr
+    from broker_serve.client.imports import by_reference, code_digest, import_attr
 
     (tmp_path / "refmod.py").write_text(
         "from broker_serve import serve\n\n"
@@ -313,9 +313,9 @@ def test_a_second_controller_takes_the_rest_api_over_when_its_port_frees(cluster
     """Two controllers on one host: the second waits for the port, then serves the API."""
     import asyncio
 
-    from broker_serve import rest
-    from broker_serve._settings import Settings
-    from broker_serve._store import Store
+    from broker_serve.controller import rest
+    from broker_serve.settings import Settings
+    from broker_serve.state.store import Store
 
     monkeypatch.setattr(rest, "LISTEN_RETRY_S", 0.1)
     settings = Settings.from_env()

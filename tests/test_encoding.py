@@ -14,7 +14,7 @@ import pytest
 from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from broker_serve._encoding import json_dumps, jsonable, to_response
+from broker_serve.replica.responses import json_dumps, jsonable, to_response
 
 
 class Color(enum.Enum):

@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from broker_serve import serve
-from broker_serve.handle import DeploymentHandle
+from broker_serve.client.handle import DeploymentHandle
 
 from .conftest import AMQP_URL, REDIS_URL, Cluster
 

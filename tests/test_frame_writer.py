@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from broker_serve import _frames
-from broker_serve._aiormq_fastpath import FrameWriter
+from broker_serve.transport import frames
+from broker_serve.transport.aiormq_adapter import FrameWriter
 
 from .test_acks_model import BrokerChannel, FakeChannel, Wire
 
@@ -39,14 +39,14 @@ def test_one_loop_turn_is_one_frame_set_in_the_order_written(
 
     async def scenario() -> list[Any]:
         for tag in (1, 2, 3):
-            writer.write(first, _frames.ack(1, tag, multiple=False))
-            writer.write(second, _frames.ack(2, tag, multiple=False))
+            writer.write(first, frames.ack(1, tag, multiple=False))
+            writer.write(second, frames.ack(2, tag, multiple=False))
         await asyncio.sleep(0)  # the end of the turn
         return [wire.queue.get_nowait() for _ in range(wire.queue.qsize())]
 
     [(frame, _)] = loop.run_until_complete(scenario())
     assert frame.payload == b"".join(
-        _frames.ack(n, tag, multiple=False) for tag in (1, 2, 3) for n in (1, 2))
+        frames.ack(n, tag, multiple=False) for tag in (1, 2, 3) for n in (1, 2))
 
 
 def test_frames_wait_for_room_in_order_and_those_of_a_channel_closed_meanwhile_are_dropped(
@@ -57,10 +57,10 @@ def test_frames_wait_for_room_in_order_and_those_of_a_channel_closed_meanwhile_a
 
     async def scenario() -> None:
         wire.queue.put_nowait(_Filler())  # the writer is behind: no room
-        writer.write(kept, _frames.ack(1, 1, multiple=False))
-        writer.write(closing, _frames.ack(2, 1, multiple=False))
+        writer.write(kept, frames.ack(1, 1, multiple=False))
+        writer.write(closing, frames.ack(2, 1, multiple=False))
         await asyncio.sleep(0)
-        writer.write(kept, _frames.ack(1, 2, multiple=False))
+        writer.write(kept, frames.ack(1, 2, multiple=False))
         closing.is_closed = True  # the broker closed it while its frames waited
         reader = asyncio.ensure_future(wire.run())
         await asyncio.wait_for(writer.drain(), 5)
@@ -79,7 +79,7 @@ def test_drain_fails_once_the_connection_closes(loop: asyncio.AbstractEventLoop)
 
     async def scenario() -> None:
         wire.queue.put_nowait(_Filler())  # nobody will take it: the connection is gone
-        writer.write(channel, _frames.ack(1, 1, multiple=False))
+        writer.write(channel, frames.ack(1, 1, multiple=False))
         draining = asyncio.ensure_future(writer.drain())
         await asyncio.sleep(0.01)
         wire.closing.set_result(None)

@@ -6,7 +6,7 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from broker_serve import _frames
+from broker_serve.transport import frames
 
 
 def reference(channel, routing_key, body, mandatory, exchange="", max_body_frame=0,
@@ -35,19 +35,19 @@ CASES = [
 @pytest.mark.parametrize("body", [b"", b"x", bytes(range(256)) * 100])
 @pytest.mark.parametrize("mandatory", [True, False])
 def test_publish_frames_match_pamqp(properties, body, mandatory):
-    ours = _frames.publish(7, "bs.c.app.Deployment", body, mandatory=mandatory, **properties)
+    ours = frames.publish(7, "bs.c.app.Deployment", body, mandatory=mandatory, **properties)
     assert ours == reference(7, "bs.c.app.Deployment", body, mandatory, **properties)
 
 
 def test_publish_to_a_named_exchange():
     properties = dict(message_type="cancel", correlation_id="c", content_type="application/msgpack")
-    ours = _frames.publish(3, "", b"ids", exchange="bs.c.cancel", **properties)
+    ours = frames.publish(3, "", b"ids", exchange="bs.c.cancel", **properties)
     assert ours == reference(3, "", b"ids", False, exchange="bs.c.cancel", **properties)
 
 
 def test_names_longer_than_a_short_string_are_refused():
     with pytest.raises(ValueError):
-        _frames.publish(1, "q" * 256, b"", content_type="a", message_type="b",
+        frames.publish(1, "q" * 256, b"", content_type="a", message_type="b",
                         correlation_id="c")
 
 
@@ -60,7 +60,7 @@ def test_names_longer_than_a_short_string_are_refused():
 def test_header_tables_match_pamqp(headers):
     properties = dict(message_type="call", correlation_id="c", content_type="application/msgpack",
                       headers=headers)
-    ours = _frames.publish(1, "q", b"x", **properties)
+    ours = frames.publish(1, "q", b"x", **properties)
     assert ours == reference(1, "q", b"x", False, **properties)
 
 
@@ -69,7 +69,7 @@ def test_a_body_longer_than_a_frame_is_cut_as_aiormq_cuts_it(size):
     properties = CASES[1]
     body = bytes(range(256)) * (size // 256 + 1)
     body = body[:size]
-    ours = _frames.publish(7, "q", body, max_body_frame=1000, **properties)
+    ours = frames.publish(7, "q", body, max_body_frame=1000, **properties)
     assert ours == reference(7, "q", body, False, max_body_frame=1000, **properties)
 
 
@@ -78,5 +78,5 @@ def test_a_body_longer_than_a_frame_is_cut_as_aiormq_cuts_it(size):
 def test_settlements_match_pamqp(tag, flag):
     ack = spec.Basic.Ack(delivery_tag=tag, multiple=flag)
     reject = spec.Basic.Reject(delivery_tag=tag, requeue=flag)
-    assert _frames.ack(5, tag, flag) == ChannelFrame.marshall(5, [ack]).payload
-    assert _frames.reject(5, tag, flag) == ChannelFrame.marshall(5, [reject]).payload
+    assert frames.ack(5, tag, flag) == ChannelFrame.marshall(5, [ack]).payload
+    assert frames.reject(5, tag, flag) == ChannelFrame.marshall(5, [reject]).payload

@@ -19,8 +19,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker_serve import _ingress
-from broker_serve._ingress import asgi_app_of, get_servable, ingress, set_servable
+from broker_serve.replica import ingress as ingress_module
+from broker_serve.replica.ingress import asgi_app_of, get_servable, ingress, set_servable
 
 if TYPE_CHECKING:
     from starlette.testclient import TestClient
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings(
     ":starlette.exceptions.StarletteDeprecationWarning"
 )
 
-PROJECT_ROOT = pathlib.Path(_ingress.__file__).resolve().parents[1]
+PROJECT_ROOT = pathlib.Path(ingress_module.__file__).resolve().parents[1]
 
 
 class Item(BaseModel):
@@ -368,7 +368,7 @@ import importlib.util, json, sys, warnings
 
 assert importlib.util.find_spec(sys.argv[1]) is None, "the module must not be importable"
 import cloudpickle
-from broker_serve._ingress import asgi_app_of, set_servable
+from broker_serve.replica.ingress import asgi_app_of, set_servable
 
 Shop = cloudpickle.loads(sys.stdin.buffer.read())
 set_servable(Shop())
@@ -391,7 +391,7 @@ def test_cloudpickle_by_value_round_trip_into_a_fresh_process(
 ) -> None:
     name = "bs_test_ingress_pickled_shop"
     path = tmp_path / f"{name}.py"
-    path.write_text("from broker_serve._ingress import ingress\n" + PICKLED_MODULE)
+    path.write_text("from broker_serve.replica.ingress import ingress\n" + PICKLED_MODULE)
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -11,7 +11,9 @@ from collections import Counter
 
 import requests
 
-from broker_serve import api, serve
+from broker_serve import serve
+from broker_serve.client import api
+from broker_serve.client.build import build_application
 
 from .waiting import wait_for
 
@@ -31,7 +33,7 @@ def replicas_by_node(deployment: str) -> Counter[str]:
 def deploy_without_waiting(target, name: str) -> None:
     """What serve.run writes, without waiting for RUNNING: this app cannot be placed."""
     runtime = api._connect()
-    record, specs = api._build(target, name, None, runtime.names, runtime.secret)
+    record, specs = build_application(target, name, None, runtime.names, runtime.secret)
 
     async def write() -> None:
         for key, blob in specs.items():

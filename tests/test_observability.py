@@ -22,8 +22,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from broker_serve import _metrics, _stats, serve
-from broker_serve.handle import DeploymentHandle
+from broker_serve import serve
+from broker_serve.client.handle import DeploymentHandle
+from broker_serve.observability import metrics, stats
 
 from .waiting import wait_for
 
@@ -328,10 +329,10 @@ def test_json_logs_and_the_stats_command(cluster, capfd, monkeypatch):
 def test_local_histograms_move_into_prometheus_histograms_exactly():
     values = [0.00005, 0.0003, 0.0003, 0.002, 0.7, 45.0, 120.0]
     direct = Histogram("direct_seconds", "d", registry=CollectorRegistry(),
-                       buckets=_metrics.LATENCY_BUCKETS)
+                       buckets=metrics.LATENCY_BUCKETS)
     moved = Histogram("moved_seconds", "m", registry=CollectorRegistry(),
-                      buckets=_metrics.LATENCY_BUCKETS)
-    local = _metrics.LocalHistogram()
+                      buckets=metrics.LATENCY_BUCKETS)
+    local = metrics.LocalHistogram()
     for v in values:
         direct.observe(v)
         local.observe(v)
@@ -348,13 +349,13 @@ def test_local_histograms_move_into_prometheus_histograms_exactly():
 
 
 def test_quantiles_from_bucket_deltas():
-    earlier = _stats.Histogram({0.001: 10, 0.01: 10, float("inf"): 10})
-    later = _stats.Histogram({0.001: 10, 0.01: 60, float("inf"): 110})
+    earlier = stats.Histogram({0.001: 10, 0.01: 10, float("inf"): 10})
+    later = stats.Histogram({0.001: 10, 0.01: 60, float("inf"): 110})
     window = later.minus(earlier)  # 50 in (1 ms, 10 ms], 50 above
     assert window.count == 100
     assert window.quantile(0.5) == pytest.approx(0.01)
     assert window.quantile(0.25) == pytest.approx(0.001 + 0.009 * 0.5)
     assert window.quantile(0.9) == 0.01  # in +Inf: the highest finite bound
-    restarted = _stats.Histogram({0.001: 1, float("inf"): 1}).minus(later)
+    restarted = stats.Histogram({0.001: 1, float("inf"): 1}).minus(later)
     assert restarted.count == 1  # a process that restarted counts from zero
-    assert _stats.Histogram().quantile(0.5) is None
+    assert stats.Histogram().quantile(0.5) is None

@@ -2,13 +2,18 @@
 
 import pytest
 
-from broker_serve import protocol
-from broker_serve._signing import dumps_signed, loads_signed, pack_call, unpack_call
 from broker_serve.exceptions import ProtocolError, UntrustedPayload
+from broker_serve.protocol import messages
+from broker_serve.protocol.call_values import (
+    dumps_signed,
+    loads_signed,
+    pack_call,
+    unpack_call,
+)
 
 
 def test_minimal_scope_gets_asgi_defaults():
-    scope = protocol.http_scope({"scope": {"method": "get", "path": "/x",
+    scope = messages.http_scope({"scope": {"method": "get", "path": "/x",
                                            "headers": [["X-A", "1"]]}})
     assert scope["method"] == "GET"
     assert scope["headers"] == [(b"x-a", b"1")]
@@ -22,22 +27,22 @@ def test_minimal_scope_gets_asgi_defaults():
 ])
 def test_bad_scopes_are_protocol_errors(payload):
     with pytest.raises(ProtocolError):
-        protocol.http_scope(payload)
+        messages.http_scope(payload)
 
 
 def test_version_header_is_required():
-    protocol.check_version({"bs-version": 1})
+    messages.check_version({"bs-version": 1})
     for headers in (None, {}, {"bs-version": 2}, {"bs-version": "1"}):
         with pytest.raises(ProtocolError) as info:
-            protocol.check_version(headers)
+            messages.check_version(headers)
         assert info.value.error == "UnsupportedProtocolVersion"
 
 
 def test_non_map_bodies_are_refused():
     with pytest.raises(ProtocolError):
-        protocol.decode_map(b"\xc1")
+        messages.decode_map(b"\xc1")
     with pytest.raises(ProtocolError):
-        protocol.decode_map(protocol.pack([1, 2]))
+        messages.decode_map(messages.pack([1, 2]))
 
 
 def test_plain_arguments_travel_as_msgpack_typed_ones_typed_and_others_signed():

@@ -25,8 +25,8 @@ import orjson
 import pytest
 import redis
 
-from broker_serve import _liveness
-from broker_serve._store import Store
+from broker_serve.state import liveness
+from broker_serve.state.store import Store
 
 from .conftest import REDIS_URL
 from .waiting import wait_for
@@ -62,7 +62,7 @@ CUT_AT: dict[str, Callable[[str], bool]] = {
     "serving": lambda line: line == "SERVING",
     "returning": lambda line: line == "RETURNING",
     # The worker node logs this as the atexit handler's SIGTERM reaches it.
-    "stopping": lambda line: "broker_serve.worker - worker node" in line and "stopping" in line,
+    "stopping": lambda line: "broker_serve.node.worker - worker node" in line and "stopping" in line,
 }
 
 
@@ -214,20 +214,20 @@ def test_a_spec_that_a_live_record_names_is_never_deleted(cluster):
 
 def test_a_stamp_tells_a_process_of_this_machine_that_ended():
     source = ("import sys; from broker_serve import _liveness; "
-              "print(_liveness.stamp().decode(), flush=True); sys.stdin.read()")
+              "print(liveness.stamp().decode(), flush=True); sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
     assert child.stdout is not None and child.stdin is not None
     stamp = child.stdout.readline().strip()
-    assert not _liveness.is_gone(stamp)
+    assert not liveness.is_gone(stamp)
     child.stdin.close()
     child.wait(10)
-    assert _liveness.is_gone(stamp)
+    assert liveness.is_gone(stamp)
     # Another PID namespace (another container), or a value that is not a stamp at all, is
     # never judged: its record waits for its heartbeat's TTL.
     elsewhere = orjson.dumps({**orjson.loads(stamp), "pid_ns": "pid:[1]"})
-    assert not _liveness.is_gone(elsewhere)
-    assert not _liveness.is_gone(b"3")
+    assert not liveness.is_gone(elsewhere)
+    assert not liveness.is_gone(b"3")
 
 
 def test_a_driver_whose_controller_dies_while_it_deploys_starts_its_own_cluster(cluster,

@@ -3,8 +3,8 @@
 import asyncio
 import time
 
-from broker_serve import protocol
-from broker_serve._execution import COALESCE_S, HttpExchange, ReplyStream
+from broker_serve.protocol import messages
+from broker_serve.replica.execution import COALESCE_S, HttpExchange, ReplyStream
 
 
 class Recorder:
@@ -40,7 +40,7 @@ def test_tight_loop_shares_messages_but_the_first_chunk_goes_alone():
     chunks = [f"{i:05d}".encode() for i in range(5000)]
     asyncio.run(respond(exchange(recorder), chunks, pause=None))
     kinds = [kind for kind, _, _ in recorder.events]
-    assert kinds[0] == protocol.START and set(kinds[1:]) == {protocol.BODY}
+    assert kinds[0] == messages.START and set(kinds[1:]) == {messages.BODY}
     assert recorder.events[0][1]["body"] == chunks[0]  # not held back for the rest
     assert body_of(recorder.events) == b"".join(chunks)  # everything, in order
     assert len(recorder.events) < len(chunks) / 10
@@ -71,5 +71,5 @@ def test_unary_response_is_one_start_event():
     assert len(recorder.events) == 1
     kind, fields, _ = recorder.events[0]
     assert (kind, fields["status"], fields["body"], fields["more_body"]) == (
-        protocol.START, 201, b"done", False)
+        messages.START, 201, b"done", False)
     assert fields["inbox"] == "inbox"

@@ -25,9 +25,9 @@ import pika
 import pytest
 from aiormq.abc import ChannelFrame
 
-from broker_serve import _aiormq_fastpath, _frames
-from broker_serve._acks import Settler
-from broker_serve._broker import Broker, ReplyRouter, connection_name
+from broker_serve.transport import aiormq_adapter, frames
+from broker_serve.transport.acks import Settler
+from broker_serve.transport.broker import Broker, ReplyRouter, connection_name
 
 from .conftest import AMQP_URL
 
@@ -40,8 +40,8 @@ def anyio_backend() -> str:
 
 
 async def test_installed_versions_are_the_tested_ones() -> None:
-    installed = {name: importlib.metadata.version(name) for name in _aiormq_fastpath.TESTED_VERSIONS}
-    assert installed == _aiormq_fastpath.TESTED_VERSIONS, (
+    installed = {name: importlib.metadata.version(name) for name in aiormq_adapter.TESTED_VERSIONS}
+    assert installed == aiormq_adapter.TESTED_VERSIONS, (
         "re-run tests/test_transport_contract.py against the new versions, then update "
         "TESTED_VERSIONS and the pins in pyproject.toml")
 
@@ -108,17 +108,17 @@ async def test_frame_sets_go_through_the_connections_writer_and_arrive_verbatim(
     raw = await broker._channel()
     assert raw.write_queue is raw.connection.write_queue  # type: ignore[attr-defined]
     frame_max = raw.connection.connection_tune.frame_max
-    assert _aiormq_fastpath.max_body_frame(raw) == frame_max - 8
+    assert aiormq_adapter.max_body_frame(raw) == frame_max - 8
     assert frame_max - 8 == raw.max_content_size  # what aiormq cuts bodies by
     writer = broker.frame_writer(raw)
     headers = {"bs-version": 1, "bs-published-us": 1_795_000_000_123_456}
     small, large = bytes(range(256)) * 40, bytes(range(256)) * (3 * frame_max // 256 + 7)
     for body in (small, large):  # one body frame, and several
-        writer.write(raw, _frames.publish(
+        writer.write(raw, frames.publish(
             raw.number, queue_name, body, content_type="application/msgpack",
             message_type="http", correlation_id="c-1", reply_to="r-1", message_id="c-1",
             headers=headers, expiration="60000",
-            max_body_frame=_aiormq_fastpath.max_body_frame(raw)))
+            max_body_frame=aiormq_adapter.max_body_frame(raw)))
     await writer.drain()
     properties, received = await _arrived(queue_name)
     assert received == small

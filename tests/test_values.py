@@ -14,9 +14,14 @@ import msgpack
 import pydantic
 import pytest
 
-from broker_serve import _values
-from broker_serve._signing import pack_call, pack_value, unpack_call, unpack_value
 from broker_serve.exceptions import UndecodableValue, UntrustedPayload
+from broker_serve.protocol import typed_values
+from broker_serve.protocol.call_values import (
+    pack_call,
+    pack_value,
+    unpack_call,
+    unpack_value,
+)
 
 from .values_models import (
     Aliased,
@@ -42,7 +47,7 @@ def np() -> Any:
 
 
 def round_trip(value: Any) -> Any:
-    return _values.loads(_values.dumps(value))
+    return typed_values.loads(typed_values.dumps(value))
 
 
 def forged(code: int, parts: Any) -> bytes:
@@ -221,7 +226,7 @@ def test_a_bad_signature_on_typed_data_is_refused():
 
 
 def test_unsigned_typed_data_from_a_foreign_caller_decodes_loaded_classes():
-    payload = {"data": forged(_values.DATACLASS, ["tests.values_models:Span", {"start": 1,
+    payload = {"data": forged(typed_values.DATACLASS, ["tests.values_models:Span", {"start": 1,
                                                                               "end": 2}])}
     assert unpack_value(payload, SECRET) == Span(1, 2)
 
@@ -239,7 +244,7 @@ def test_only_signed_data_may_import_a_module(monkeypatch):
 
 @pytest.mark.parametrize("payload", [
     {"data": "not bin"},
-    {"data": forged(_values.TUPLE, [1])[:-1]},  # truncated
+    {"data": forged(typed_values.TUPLE, [1])[:-1]},  # truncated
     {"data": msgpack.packb([[1], {"k": 1}, "extra"])},
     {"data": msgpack.packb([[1], {1: 2}], use_bin_type=True)},  # a non-str keyword
 ])
@@ -255,11 +260,11 @@ def test_malformed_call_data_is_undecodable(payload):
 def test_a_reference_to_an_unloaded_module_is_refused_without_importing_it(monkeypatch):
     # A stdlib module, made unloaded for this test whatever other tests imported.
     monkeypatch.delitem(sys.modules, "colorsys", raising=False)
-    for code in (_values.PYDANTIC_MODEL, _values.DATACLASS):
-        parts = ["colorsys:Anything", {}, []] if code == _values.PYDANTIC_MODEL else [
+    for code in (typed_values.PYDANTIC_MODEL, typed_values.DATACLASS):
+        parts = ["colorsys:Anything", {}, []] if code == typed_values.PYDANTIC_MODEL else [
             "colorsys:Anything", {}]
         with pytest.raises(UndecodableValue, match="has not imported"):
-            _values.loads(forged(code, parts))
+            typed_values.loads(forged(code, parts))
     assert "colorsys" not in sys.modules
 
 
@@ -267,10 +272,10 @@ def test_a_reference_to_something_else_than_a_model_or_dataclass_is_refused():
     for reference in ("os:system", "subprocess:Popen", "tests.values_models:Span",
                       "builtins:dict"):
         with pytest.raises(UndecodableValue, match="not a pydantic model"):
-            _values.loads(forged(_values.PYDANTIC_MODEL, [reference, {}, []]))
+            typed_values.loads(forged(typed_values.PYDANTIC_MODEL, [reference, {}, []]))
     for reference in ("os:system", "tests.values_models:Reading"):
         with pytest.raises(UndecodableValue, match="not a dataclass"):
-            _values.loads(forged(_values.DATACLASS, [reference, {}]))
+            typed_values.loads(forged(typed_values.DATACLASS, [reference, {}]))
 
 
 def test_references_are_looked_up_without_running_module_getattr(monkeypatch):
@@ -279,26 +284,26 @@ def test_references_are_looked_up_without_running_module_getattr(monkeypatch):
     module.__getattr__ = asked.append  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, module.__name__, module)
     with pytest.raises(UndecodableValue, match="has no"):
-        _values.loads(forged(_values.PYDANTIC_MODEL, ["bs_values_lazy:Model", {}, []]))
+        typed_values.loads(forged(typed_values.PYDANTIC_MODEL, ["bs_values_lazy:Model", {}, []]))
     assert asked == []
 
 
 def test_decoding_validates_the_model():
     reference = "tests.values_models:Reading"
     valid = {"sensor": "s", "window": [0, 1], "threshold": 1.0}
-    assert _values.loads(forged(_values.PYDANTIC_MODEL, [reference, valid, []])).window == (0, 1)
+    assert typed_values.loads(forged(typed_values.PYDANTIC_MODEL, [reference, valid, []])).window == (0, 1)
     for fields in ({**valid, "threshold": -1.0}, {**valid, "window": "nope"}, {"sensor": "s"}):
         with pytest.raises(UndecodableValue, match="validation error"):
-            _values.loads(forged(_values.PYDANTIC_MODEL, [reference, fields, []]))
+            typed_values.loads(forged(typed_values.PYDANTIC_MODEL, [reference, fields, []]))
 
 
 def test_unknown_extension_codes_are_refused():
     with pytest.raises(UndecodableValue, match="unknown or malformed"):
-        _values.loads(forged(99, []))
+        typed_values.loads(forged(99, []))
 
 
 def test_forged_arrays_are_checked(np):
-    assert _values.loads(forged(_values.NDARRAY, ["<f8", [2], b"\x00" * 16])).shape == (2,)
+    assert typed_values.loads(forged(typed_values.NDARRAY, ["<f8", [2], b"\x00" * 16])).shape == (2,)
     for parts, match in [
         (["<f8", [3], b"\x00" * 16], "takes 24 bytes, not 16"),
         (["<f8", [2**40, 2**40], b"\x00" * 16], "not 16"),
@@ -309,6 +314,6 @@ def test_forged_arrays_are_checked(np):
         ([3, [1], b"\x00" * 8], "not a numpy dtype"),
     ]:
         with pytest.raises(UndecodableValue, match=match):
-            _values.loads(forged(_values.NDARRAY, parts))
+            typed_values.loads(forged(typed_values.NDARRAY, parts))
     with pytest.raises(UndecodableValue, match="takes 8 bytes"):
-        _values.loads(forged(_values.NUMPY_SCALAR, ["<f8", b"\x00"]))
+        typed_values.loads(forged(typed_values.NUMPY_SCALAR, ["<f8", b"\x00"]))

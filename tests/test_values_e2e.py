@@ -7,8 +7,9 @@ from typing import Any
 import msgpack
 import pytest
 
-import broker_serve.handle
-from broker_serve import RayServeException, _values, serve
+import broker_serve.client.handle
+from broker_serve import RayServeException, serve
+from broker_serve.protocol import typed_values
 
 from .values_models import Reading, Report, Span
 
@@ -40,7 +41,7 @@ class Front:
 def test_models_and_arrays_round_trip_typed(cluster, monkeypatch):
     sent: list[set[str]] = []
     received: list[set[str]] = []
-    real_pack_call, real_unpack_value = broker_serve.handle.pack_call, broker_serve.handle.unpack_value
+    real_pack_call, real_unpack_value = broker_serve.client.handle.pack_call, broker_serve.client.handle.unpack_value
 
     def pack_call(*args: Any) -> dict[str, Any]:
         payload = real_pack_call(*args)
@@ -52,8 +53,8 @@ def test_models_and_arrays_round_trip_typed(cluster, monkeypatch):
         return real_unpack_value(event, secret)
 
     handle = serve.run(Front.bind(Summarizer.bind()))
-    monkeypatch.setattr(broker_serve.handle, "pack_call", pack_call)
-    monkeypatch.setattr(broker_serve.handle, "unpack_value", unpack_value)
+    monkeypatch.setattr(broker_serve.client.handle, "pack_call", pack_call)
+    monkeypatch.setattr(broker_serve.client.handle, "unpack_value", unpack_value)
     reading = Reading(sensor="s1", window=(0, 8), threshold=0.5, tags={"site": ["a"]})
     samples = np.arange(8, dtype=np.int64).reshape(2, 4)
 
@@ -76,10 +77,10 @@ def test_models_and_arrays_round_trip_typed(cluster, monkeypatch):
 def test_a_value_the_replica_cannot_decode_is_answered_400(cluster, monkeypatch):
     handle = serve.run(Summarizer.bind())
     fields = {"sensor": "s1", "window": [0, 8], "threshold": -1.0}  # threshold must be >= 0
-    forged = msgpack.ExtType(_values.PYDANTIC_MODEL, msgpack.packb(
+    forged = msgpack.ExtType(typed_values.PYDANTIC_MODEL, msgpack.packb(
         ["tests.values_models:Reading", fields, []], use_bin_type=True))
     data = msgpack.packb([[forged, None], {}], use_bin_type=True)
-    monkeypatch.setattr(broker_serve.handle, "pack_call", lambda *_: {"data": data})
+    monkeypatch.setattr(broker_serve.client.handle, "pack_call", lambda *_: {"data": data})
 
     with pytest.raises(RayServeException) as info:
         handle.summarize.remote().result(timeout_s=60)

@@ -2,7 +2,7 @@
 
 They live in a module of their own, imported by name in every process. A class defined in a
 test module would be pickled by value as soon as a deployment from that module is deployed
-(broker_serve/api.py, `_pickle_user_module_by_value`), and would then never travel typed.
+(broker_serve/client/build.py, `pickle_user_module_by_value`), and would then never travel typed.
 """
 
 from __future__ import annotations

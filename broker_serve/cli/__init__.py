@@ -1,0 +1,1 @@
+"""The `broker-serve` command and what only it uses (the REST client)."""

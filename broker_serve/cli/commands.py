@@ -1,0 +1,493 @@
+"""The `broker-serve` command (also `python -m broker_serve`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import click
+import orjson
+import yaml
+
+from ..observability.logging import setup_logging
+from ..settings import Settings
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+_APP_DIR_HELP = ("Where a config's import paths are imported from [default: "
+                 "$BROKER_SERVE_APP_DIR, else the working directory].")
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _set_log_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # through the environment, so the processes this one starts follow it too
+        os.environ["BROKER_SERVE_LOG_FORMAT"] = value
+
+
+_log_format_option = click.option(
+    "--log-format", type=click.Choice(["text", "json"]), envvar="BROKER_SERVE_LOG_FORMAT",
+    default=None, expose_value=False, callback=_set_log_format, is_eager=True,
+    help="Log lines as text or as JSON objects [default: $BROKER_SERVE_LOG_FORMAT, else text].")
+
+
+@click.group(help="Ray Serve's programming model on RabbitMQ and Redis.")
+@click.version_option(package_name="broker-serve")
+def cli() -> None:
+    pass
+
+
+# the processes of a cluster ---------------------------------------------------------------------
+@cli.command(help="Run the controller of the cluster (one leads, others stand by). It serves "
+                  "the REST API.")
+@click.option("--dashboard-host", default=None,
+              help="Interface of the REST API [default: $BROKER_SERVE_DASHBOARD_HOST, else "
+                   "127.0.0.1].")
+@click.option("--dashboard-port", type=int, default=None,
+              help="Port of the REST API [default: $BROKER_SERVE_DASHBOARD_PORT, else 8265].")
+@click.option("--app-dir", default=None, help=_APP_DIR_HELP)
+@_log_format_option
+def controller(dashboard_host: str | None, dashboard_port: int | None,
+               app_dir: str | None) -> None:
+    from ..controller import reconciler as module
+
+    settings = _settings(dashboard_host=dashboard_host, dashboard_port=dashboard_port,
+                         app_dir=_absolute(app_dir))
+    setup_logging(settings.log_level, "controller")
+    _use_uvloop()
+    module.main(settings)
+
+
+@cli.command(help="Run an HTTP proxy.")
+@click.option("--host", default=None, help="Interface to listen on [default: 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port to listen on [default: 8000].")
+@_log_format_option
+def proxy(host: str | None, port: int | None) -> None:
+    from ..config import HTTPOptions
+    from ..proxy.http import serve_proxy
+
+    settings = _settings()
+    setup_logging(settings.log_level, "proxy")
+    options = _stored_http_options(settings)
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    options = HTTPOptions.model_validate({**options.model_dump(), **updates})
+    _use_uvloop()
+    asyncio.run(serve_proxy(settings, options))
+
+
+def _stored_http_options(settings: Settings) -> Any:
+    """The http_options `serve.start` stored for the cluster, if any."""
+    import redis
+
+    from ..config import HTTPOptions
+    from ..protocol.names import Names
+
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        raw = client.get(Names(settings.cluster).http_options)
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    finally:
+        client.close()
+    return HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+
+
+@cli.command(help="Run a worker node that hosts replica processes.")
+@click.option("--node-id", default=None, help="Stable id of this node [default: host-pid].")
+@click.option("--num-cpus", type=float, default=None, help="CPUs to offer [default: all].")
+@click.option("--num-gpus", type=float, default=0, show_default=True, help="GPUs to offer.")
+@click.option("--resources", default="{}", show_default=True,
+              help='Custom resources to offer, as JSON: \'{"model_slot": 4}\'.')
+@click.option("--app-dir", default=None,
+              help="Where replicas run and import a config's code from [default: "
+                   "$BROKER_SERVE_APP_DIR, else the working directory].")
+@click.option("--proxy/--no-proxy", default=None,
+              help="Run an HTTP proxy on this node too [default: only if the cluster's proxy "
+                   "location is EveryNode]. Never when it is Disabled.")
+@click.option("--proxy-port", type=int, default=None,
+              help="Port of this node's proxy [default: the cluster's http_options port].")
+@click.option("--metrics-port", type=int, default=None,
+              help="Port of the replicas' /metrics; 0 turns it off [default: "
+                   "$BROKER_SERVE_METRICS_PORT, else 9500].")
+@_log_format_option
+def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resources: str,
+           app_dir: str | None, proxy: bool | None, proxy_port: int | None,
+           metrics_port: int | None) -> None:
+    from ..node import worker as module
+
+    try:
+        offered = {"GPU": num_gpus, **orjson.loads(resources)} if num_gpus else \
+            dict(orjson.loads(resources))
+        offered = {str(name): float(amount) for name, amount in offered.items()}
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise click.BadParameter(f"expected a JSON object of numbers: {exc}",
+                                 param_hint="--resources") from exc
+    settings = _settings(app_dir=_absolute(app_dir), metrics_port=metrics_port)
+    setup_logging(settings.log_level, "worker")
+    module.main(settings, node_id, num_cpus, offered, proxy, proxy_port)
+
+
+# local clusters -----------------------------------------------------------------------------
+@cli.command(help="Start a local cluster (controller, proxy, worker) in the background.")
+@click.option("--http-host", default="127.0.0.1", show_default=True)
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--dashboard-port", type=int, default=None,
+              help="Port of the REST API [default: $BROKER_SERVE_DASHBOARD_PORT, else 8265].")
+@click.option("--app-dir", default=None, help=_APP_DIR_HELP)
+@_log_format_option
+def start(http_host: str, http_port: int, dashboard_port: int | None,
+          app_dir: str | None) -> None:
+    from ..client.local_cluster import LocalCluster
+    from ..settings import state_dir
+
+    settings = _settings(dashboard_port=dashboard_port, app_dir=_absolute(app_dir))
+    if _controller_running(settings):
+        raise click.ClickException(f"cluster {settings.cluster!r} is already running")
+    cluster = LocalCluster(settings, http_host, http_port, detached=True)
+    try:
+        cluster.start()
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Started cluster {settings.cluster!r}: proxy on http://{http_host}:{http_port}, "
+               f"REST API on http://{settings.dashboard_host}:{settings.dashboard_port}, "
+               f"logs in {state_dir(settings.cluster)}")
+
+
+@cli.command(help="Stop the local cluster that `broker-serve start` started.")
+def stop() -> None:
+    from ..client.local_cluster import stop_detached
+
+    settings = _settings()
+    stopped = stop_detached(settings.cluster)
+    if stopped:
+        click.echo(f"Stopped {', '.join(stopped)} of cluster {settings.cluster!r}.")
+    else:
+        click.echo(f"No local cluster {settings.cluster!r} was running.")
+
+
+def _controller_running(settings: Settings) -> bool:
+    """Whether a controller holds the lease (a killed one of this machine does not count)."""
+    from redis.exceptions import RedisError
+
+    from ..state.store import Store
+
+    async def holder() -> str | None:
+        store = Store(settings.redis_url, settings.cluster)
+        try:
+            return await store.lease_holder()
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(holder()) is not None
+    except (RedisError, OSError) as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+
+
+# applications -------------------------------------------------------------------------------
+@cli.command(help="Deploy IMPORT_PATH (module:app) and serve it in the foreground.")
+@click.argument("import_path")
+@click.option("--name", default="default", show_default=True, help="Application name.")
+@click.option("--route-prefix", default=None, help="Route prefix [default: the app's or '/'].")
+@click.option("--host", default=None, help="Proxy host, if a local cluster is started.")
+@click.option("--port", type=int, default=None, help="Proxy port, if a local cluster is started.")
+@_log_format_option
+def run(import_path: str, name: str, route_prefix: str | None, host: str | None,
+        port: int | None) -> None:
+    from .. import serve
+
+    setup_logging(_settings().log_level, "run")
+    target = _import_app(import_path)
+    if host or port:
+        serve.start(http_options={k: v for k, v in {"host": host, "port": port}.items() if v})
+    kwargs = {"route_prefix": route_prefix} if route_prefix is not None else {}
+    try:
+        serve.run(target, name=name, **kwargs)
+    except Exception as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Application {name!r} is running. Press Ctrl-C to stop.")
+    try:
+        _wait_for_interrupt()
+    finally:
+        click.echo("Shutting down.")
+        serve.delete(name)  # a local cluster this command started stops at exit
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C or SIGTERM. Both handlers are set explicitly: a process started in
+    the background by a shell inherits SIGINT ignored."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _import_app(import_path: str, directory: str | None = None) -> Any:
+    """The Application at `module:attribute` (or `module.attribute`), imported from
+    `directory` (default: the working directory)."""
+    from ..client.application import Application, Deployment
+    from ..client.imports import import_attr
+
+    sys.path.insert(0, os.path.abspath(directory or os.getcwd()))
+    try:
+        target = import_attr(import_path)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise click.ClickException(f"cannot import {import_path!r}: {exc}") from exc
+    if isinstance(target, Deployment):
+        target = target.bind()
+    if not isinstance(target, Application):
+        raise click.ClickException(
+            f"{import_path} is {type(target).__name__}, not an Application (call .bind())"
+        )
+    return target
+
+
+# configs and the REST API ----------------------------------------------------------------------
+def _api_options(command: Any) -> Any:
+    """--address and --token, for each command that calls the controller's REST API."""
+    command = click.option(
+        "--token", envvar="BROKER_SERVE_API_TOKEN", default=None,
+        help="The REST API's token [default: $BROKER_SERVE_API_TOKEN, else the controller's "
+             "token file in the state directory].")(command)
+    return click.option(
+        "--address", "-a", envvar="BROKER_SERVE_ADDRESS", default=None,
+        help="The REST API [default: $BROKER_SERVE_ADDRESS, else "
+             "http://127.0.0.1:$BROKER_SERVE_DASHBOARD_PORT (8265)].")(command)
+
+
+class _Dumper(yaml.SafeDumper):
+    """YAML as `serve status` prints it, with multi-line messages (tracebacks) as blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
+def _call(address: str | None, token: str | None, method: str, path: str, body: Any = None,
+          timeout: float = 60.0) -> Any:
+    from .rest_client import ApiError, RestClient
+
+    try:
+        return RestClient(_settings(), address, token).request(method, path, body, timeout)
+    except ApiError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _read_config(path: str) -> Any:
+    """A config file: multi-application (ServeDeploySchema) or a single application."""
+    from pydantic import ValidationError
+
+    from ..schema import ServeApplicationSchema, ServeDeploySchema
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+        if isinstance(data, dict) and "applications" in data:
+            return ServeDeploySchema.model_validate(data)
+        return ServeDeploySchema(applications=[ServeApplicationSchema.model_validate(data)])
+    except (OSError, yaml.YAMLError) as exc:
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    except ValidationError as exc:
+        raise click.ClickException(f"{path} is not a valid config:\n{exc}") from exc
+
+
+@cli.command(help="Deploy the applications of CONFIG_FILE (Ray Serve's config format) through "
+                  "the REST API. Applications it does not list are deleted.")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@_api_options
+def deploy(config_file: str, address: str | None, token: str | None) -> None:
+    from ..controller.declarative import BUILD_TIMEOUT_S
+
+    config = _read_config(config_file)
+    answer = _call(address, token, "PUT", "/api/serve/applications/",
+                   config.model_dump(mode="json", exclude_unset=True), BUILD_TIMEOUT_S + 120)
+    click.echo("Sent deploy request successfully.")
+    for name in answer.get("deleted", []):
+        click.echo(f"Application {name!r} is not in the config: deleting it.")
+    failed = {name: outcome["message"] for name, outcome in answer["applications"].items()
+              if outcome["result"] == "failed"}
+    for name, message in failed.items():
+        click.echo(f"Application {name!r} failed to deploy: {message}", err=True)
+    click.echo("Run `broker-serve status` to follow the deployment.")
+    if failed:
+        sys.exit(1)
+
+
+@cli.command(name="config", help="Print the config of each application deployed from one, as "
+                                 "YAML documents.")
+@click.option("--name", "-n", default=None, help="Only this application.")
+@_api_options
+def config_command(name: str | None, address: str | None, token: str | None) -> None:
+    from ..schema import ServeInstanceDetails
+
+    details = ServeInstanceDetails.model_validate(
+        _call(address, token, "GET", "/api/serve/applications/"))
+    configs = [app.deployed_app_config for app in details.applications.values()
+               if app.deployed_app_config is not None and name in (None, app.name)]
+    if not configs:
+        click.echo("No configuration was found.")
+        return
+    click.echo("---\n".join(_yaml(c.model_dump(mode="json", exclude_unset=True))
+                            for c in configs), nl=False)
+
+
+@cli.command(help="Print the status of the cluster's applications as YAML. With --address (or "
+                  "$BROKER_SERVE_ADDRESS) it asks the REST API, otherwise it reads Redis.")
+@click.option("--name", "-n", default=None, help="Only this application.")
+@_api_options
+def status(name: str | None, address: str | None, token: str | None) -> None:
+    if address:
+        from ..schema import ServeInstanceDetails
+
+        result = ServeInstanceDetails.model_validate(
+            _call(address, token, "GET", "/api/serve/applications/")).to_status()
+    else:
+        from .. import serve
+
+        try:
+            result = serve.status()
+        except Exception as exc:
+            raise click.ClickException(str(exc)) from exc
+    data = result.for_display()
+    if name is not None:
+        data["applications"] = {k: v for k, v in data["applications"].items() if k == name}
+    click.echo(_yaml(data), nl=False)
+
+
+@cli.command(help="Set the number of replicas of one deployment, in place: the others keep "
+                  "running (Ray 0.8's per-backend num_replicas).")
+@click.argument("app")
+@click.argument("deployment")
+@click.argument("num_replicas", type=click.IntRange(min=1))
+@_api_options
+def scale(app: str, deployment: str, num_replicas: int, address: str | None,
+          token: str | None) -> None:
+    from urllib.parse import quote
+
+    _call(address, token, "PATCH",
+          f"/api/serve/applications/{quote(app, safe='')}/deployments/"
+          f"{quote(deployment, safe='')}", {"num_replicas": num_replicas})
+    click.echo(f"Deployment {deployment!r} of application {app!r} is scaling to "
+               f"{num_replicas} replica(s).")
+
+
+@cli.command(help="Write a config file (Ray Serve's format) for the applications at "
+                  "IMPORT_PATHS (module:app), with the options their code sets.")
+@click.argument("import_paths", nargs=-1, required=True)
+@click.option("--app-dir", "-d", default=".", show_default=True,
+              help="Directory to import the applications from.")
+@click.option("--output-path", "-o", default=None, type=click.Path(dir_okay=False),
+              help="File to write [default: standard output].")
+def build(import_paths: tuple[str, ...], app_dir: str, output_path: str | None) -> None:
+    from ..schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    applications = []
+    for index, import_path in enumerate(import_paths, 1):
+        app = _import_app(import_path, app_dir)
+        name = f"app{index}"
+        prefix = app.deployment.route_prefix or ("/" if len(import_paths) == 1 else f"/{name}")
+        deployments: dict[str, DeploymentSchema] = {}
+        for node in app.walk():
+            options = node.deployment.config.model_dump(mode="json", exclude_unset=True)
+            options = {k: v for k, v in options.items() if k in DeploymentSchema.model_fields}
+            if options.get("num_replicas", 0) is None:  # "auto": the autoscaling_config says
+                del options["num_replicas"]
+            deployments.setdefault(node.deployment.name, DeploymentSchema(
+                name=node.deployment.name, **options))
+        applications.append(ServeApplicationSchema(
+            name=name, route_prefix=prefix, import_path=import_path,
+            deployments=list(deployments.values())))
+    config = ServeDeploySchema(applications=applications)
+    text = ("# Written by `broker-serve build`; deploy it with `broker-serve deploy FILE`.\n\n"
+            + yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True),
+                             sort_keys=False))
+    if output_path is None:
+        click.echo(text, nl=False)
+        return
+    with open(output_path, "w", encoding="utf-8") as file:
+        file.write(text)
+    click.echo(f"Wrote the config to {output_path}.")
+
+
+@cli.command(help="Delete every application of the cluster. With --address (or "
+                  "$BROKER_SERVE_ADDRESS) through the REST API, otherwise through Redis.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@_api_options
+def shutdown(yes: bool, address: str | None, token: str | None) -> None:
+    if not yes:
+        click.confirm("Delete every application of the cluster?", abort=True)
+    if address:
+        _call(address, token, "DELETE", "/api/serve/applications/", timeout=120)
+    else:
+        from .. import serve
+
+        serve.shutdown()
+    click.echo("All applications deleted.")
+
+
+@cli.command(help="Print latency percentiles (p50, p90, p95) per deployment and per route over "
+                  "sliding windows, read from the cluster's Prometheus endpoints. It samples "
+                  "them itself every --interval seconds, so a window fills in once the command "
+                  "has run that long (marked * until then).")
+@click.option("--url", "urls", multiple=True,
+              help="A metrics endpoint to read, repeatable [default: every proxy's /-/metrics "
+                   "and worker node's /metrics found in Redis, and the controller's /metrics].")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds between samples; a table is printed after each.")
+@click.option("--windows", default="10,60,300", show_default=True,
+              help="Window lengths in seconds, comma-separated.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after this many tables [default: run until Ctrl-C].")
+def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | None) -> None:
+    import redis
+
+    from ..observability import stats
+
+    try:
+        lengths = sorted({float(w) for w in windows.split(",") if w.strip()})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--windows") from exc
+    if not lengths or min(lengths) <= 0:
+        raise click.BadParameter("give positive lengths", param_hint="--windows")
+    settings = _settings()
+    try:
+        stats.run(settings, list(urls), interval, lengths, count, click.echo)
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as exc:
+        raise click.ClickException(f"cannot reach Redis at {settings.redis_url} to find the "
+                                   f"endpoints (or pass --url): {exc}") from exc
+
+
+def main() -> None:
+    cli(prog_name="broker-serve")

@@ -1,0 +1,119 @@
+"""Building an application: from the graph of bound deployments to the record and the signed
+definition of each deployment that the controller deploys (docs/architecture.md, "Deploying").
+
+`serve.run` builds in the driver; a config application builds in `config_build.py`'s subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import sysconfig
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..config import LIVE_OPTIONS, user_config_hash
+from ..protocol import messages
+from ..protocol.call_values import dumps_signed
+from ..protocol.names import Names
+from ..state.apps import app_version
+from ..state.store import now
+from .application import Application
+from .handle import DeploymentHandle
+
+
+def build_application(app: Application, name: str, route_prefix: str | None, names: Names, secret: bytes,
+           *, reference: Callable[[Any], Any] | None = None, sys_path: list[str] | None = None
+           ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The application record and the signed definition of each deployment.
+
+    A driver's own modules travel by value. An application a config names (`_build_app.py`)
+    passes `reference`, which gives what to pickle in place of each class or function (an
+    import reference, so worker nodes import the user's code), and the `sys_path` its replicas
+    need.
+    """
+    nodes = app.walk()
+    dep_names: dict[int, str] = {}
+    taken: set[str] = set()
+    for node in nodes:
+        base = candidate = node.deployment.name
+        suffix = 0
+        while candidate in taken:
+            suffix += 1
+            candidate = f"{base}_{suffix}"
+        taken.add(candidate)
+        dep_names[id(node)] = candidate
+
+    def to_handle(value: Any) -> Any:
+        if isinstance(value, Application):
+            return DeploymentHandle(dep_names[id(value)], name)
+        if isinstance(value, list):
+            return [to_handle(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(to_handle(v) for v in value)
+        if isinstance(value, dict):
+            return {k: to_handle(v) for k, v in value.items()}
+        return value
+
+    sys_path = driver_paths() if sys_path is None else sys_path
+    deployments: dict[str, Any] = {}
+    specs: dict[str, bytes] = {}
+    for node in nodes:
+        dep_name, dep = dep_names[id(node)], node.deployment
+        if reference is None:
+            pickle_user_module_by_value(dep.func_or_class)
+        config = dep.config.model_dump(mode="json")
+        definition = {
+            "func_or_class": reference(dep.func_or_class) if reference else dep.func_or_class,
+            "args": to_handle(list(node.args)),
+            "kwargs": to_handle(dict(node.kwargs)),
+            # The live options are read from the app record, so changing them keeps the version.
+            "config": {k: v for k, v in config.items() if k not in LIVE_OPTIONS},
+        }
+        pickled, sig = dumps_signed(definition, secret)
+        version = hashlib.sha256(pickled).hexdigest()[:16]
+        specs[names.spec(name, dep_name, version)] = messages.pack(
+            {"pickled": pickled, "sig": sig, "sys_path": sys_path}
+        )
+        deployments[dep_name] = {
+            "version": version,
+            "queue": names.request_queue(name, dep_name),
+            "num_replicas": dep.config.target_replicas(),
+            "graceful_shutdown_timeout_s": dep.config.graceful_shutdown_timeout_s,
+            "config": config,
+            "user_config_hash": user_config_hash(config.get("user_config")),
+        }
+    ingress = dep_names[id(app)]
+    record = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
+              "version": app_version(route_prefix, deployments), "deployments": deployments,
+              "deployed_at": now()}
+    return record, specs
+
+
+def driver_paths() -> list[str]:
+    """Where a replica looks for modules the driver imported by reference."""
+    paths = [os.getcwd()]
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file:
+        paths.insert(0, os.path.dirname(os.path.abspath(main_file)))
+    return paths
+
+
+def pickle_user_module_by_value(target: Any) -> None:
+    """Ship the user's own module inside the pickle, so a worker on another host needs no copy.
+
+    `__main__` is always pickled by value. Installed packages are left to import by name.
+    """
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    path = getattr(module, "__file__", None)
+    if module is None or module.__name__ == "__main__" or path is None:
+        return
+    if module.__name__.split(".")[0] == "broker_serve":
+        return
+    installed = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    if any(os.path.abspath(path).startswith(os.path.abspath(p)) for p in installed):
+        return
+    cloudpickle.register_pickle_by_value(module)

@@ -1,0 +1,266 @@
+"""Deployment handles: call a deployment's methods from a driver or from another replica.
+
+A call is one `call` message on the deployment's queue (docs/protocol.md); its reply events come
+back on this process's single reply queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from ..context import _request_id
+from ..exceptions import RayServeException
+from ..protocol import messages
+from ..protocol.call_values import carries_value, pack_call, unpack_value
+from ..transport.cancellation import cancel
+from .runtime import Runtime, current_runtime, get_runtime
+
+_DONE = object()
+_background: set[asyncio.Future[None]] = set()
+
+# The handle calls made while a replica handles one request, so that cancelling the request
+# cancels them too. Each request runs in its own task, so this is per request.
+calls_of_current_request: contextvars.ContextVar[list[_Call] | None] = contextvars.ContextVar(
+    "broker_serve_calls_of_current_request", default=None)
+
+
+class DeploymentHandle:
+    """A handle to one deployment. `.remote()` calls it; `.options()` changes how."""
+
+    def __init__(self, deployment_name: str | None, app_name: str, *,
+                 method_name: str = "__call__",
+                 stream: bool = False, multiplexed_model_id: str = "") -> None:
+        self.deployment_name = deployment_name
+        self.app_name = app_name
+        self.method_name = method_name
+        self.stream = stream
+        self.multiplexed_model_id = multiplexed_model_id
+
+    def options(self, *, method_name: str | None = None, stream: bool | None = None,
+                multiplexed_model_id: str | None = None,
+                use_new_handle_api: bool | None = None) -> DeploymentHandle:
+        return DeploymentHandle(
+            self.deployment_name, self.app_name,
+            method_name=method_name if method_name is not None else self.method_name,
+            stream=stream if stream is not None else self.stream,
+            multiplexed_model_id=(multiplexed_model_id if multiplexed_model_id is not None
+                                  else self.multiplexed_model_id),
+        )
+
+    def __getattr__(self, name: str) -> DeploymentHandle:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self.options(method_name=name)
+
+    def remote(self, *args: Any, **kwargs: Any) -> DeploymentResponse | DeploymentResponseGenerator:
+        runtime = current_runtime() or get_runtime()
+        call = _Call(runtime, self, args, kwargs)
+        if self.stream:
+            return DeploymentResponseGenerator(call)
+        return DeploymentResponse(call)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_handle, (self.deployment_name, self.app_name, self.method_name,
+                                  self.stream, self.multiplexed_model_id))
+
+    def __repr__(self) -> str:
+        return f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r})"
+
+
+def _rebuild_handle(deployment: str, app: str, method: str, stream: bool,
+                    model_id: str) -> DeploymentHandle:
+    return DeploymentHandle(deployment, app, method_name=method, stream=stream,
+                            multiplexed_model_id=model_id)
+
+
+class _Call:
+    """One in-flight call: publishes on first use and yields decoded results."""
+
+    def __init__(self, runtime: Runtime, handle: DeploymentHandle, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> None:
+        self.runtime = runtime
+        self.handle = handle
+        self.args = args
+        self.kwargs = kwargs
+        self.request_id = runtime.next_request_id()
+        # Read here, in the caller's context: a sync method's call runs in a worker thread.
+        self.parent_request_id = _request_id.get()
+        self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.published = False
+        made_by = calls_of_current_request.get()
+        if made_by is not None:
+            made_by.append(self)
+        self.task: concurrent.futures.Future[None] | asyncio.Task[None] = (
+            asyncio.run_coroutine_threadsafe(self._run(), runtime.loop)
+            if not runtime.in_loop_thread()
+            else asyncio.ensure_future(self._run())
+        )
+
+    async def _run(self) -> None:
+        runtime, handle = self.runtime, self.handle
+        if handle.deployment_name is None:  # from get_app_handle inside a replica
+            try:
+                handle.deployment_name = await runtime.ingress_of(handle.app_name)
+            except ValueError as exc:
+                self.items.put_nowait(RayServeException(str(exc)))
+                self.items.put_nowait(_DONE)
+                return
+        model_id = handle.multiplexed_model_id
+        queue = runtime.names.request_queue(handle.app_name, handle.deployment_name)
+        affinity, chosen = runtime.affinity, None
+        events = runtime.router.register(self.request_id)
+        try:
+            # Inside the try: a failed argument or an unpicklable one fails the response.
+            args = [await _resolve(a) for a in self.args]
+            kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
+            payload = {"method": handle.method_name,
+                       **pack_call(tuple(args), kwargs, runtime.secret)}
+            if model_id:
+                payload["multiplexed_model_id"] = model_id
+            message: dict[str, Any] = dict(
+                routing_key=queue, body=messages.pack(payload), type=messages.KIND_CALL,
+                correlation_id=self.request_id, reply_to=runtime.router.queue_name,
+                headers=messages.request_headers(published_us=messages.now_us(),
+                                                 request_id=self.parent_request_id),
+                mandatory=True,
+            )
+            accepted = True
+            if await runtime.is_bounded(handle.app_name, handle.deployment_name):
+                # A full bounded queue refuses the call, and the caller must hear it.
+                accepted = await runtime.broker.publish_confirmed(**message)
+            else:
+                if model_id and affinity.knows(queue):
+                    chosen = affinity.pick(queue, model_id)
+                    if chosen is not None:
+                        message["routing_key"] = runtime.names.affinity_queue(chosen)
+                await runtime.broker.publish(**message)
+            self.published = accepted
+            if not accepted:
+                raise RayServeException(
+                    f"deployment {handle.app_name}/{handle.deployment_name} has "
+                    "max_queued_requests waiting already; retry later",
+                    deployment=f"{handle.app_name}/{handle.deployment_name}",
+                    error_type="QueueFull")
+            first = True
+            while True:
+                kind, event = await events.get()
+                if first and (chosen is not None or "models" in event):
+                    affinity.observe(queue, chosen, event)
+                first = False
+                if kind == messages.ERROR:
+                    self.items.put_nowait(self._error(event))
+                    return
+                if kind != messages.RESULT:
+                    continue
+                if carries_value(event):
+                    self.items.put_nowait(unpack_value(event, runtime.secret))
+                if not event.get("more", False):
+                    return
+        except asyncio.CancelledError:
+            if self.published:  # stop the callee too, wherever it runs or waits
+                task = asyncio.ensure_future(
+                    cancel(runtime.broker, runtime.store, [self.request_id]))
+                _background.add(task)
+                task.add_done_callback(_background.discard)
+            self.items.put_nowait(RayServeException("call cancelled"))
+            raise
+        except Exception as exc:  # handed to whoever awaits the response
+            self.items.put_nowait(exc)
+        finally:
+            if chosen is not None:
+                affinity.done(queue, chosen)
+            runtime.router.unregister(self.request_id)
+            self.items.put_nowait(_DONE)
+
+    def _error(self, event: dict[str, Any]) -> RayServeException:
+        name = f"{self.handle.app_name}/{self.handle.deployment_name}"
+        error_type = str(event.get("error", "Error"))
+        message = f"{error_type} in deployment {name}: {event.get('message', '')}"
+        return RayServeException(message, deployment=name, error_type=error_type)
+
+    async def next_item(self) -> Any:
+        item = await self.items.get()
+        if isinstance(item, BaseException):
+            self.items.put_nowait(_DONE)
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        # A concurrent future from run_coroutine_threadsafe passes the cancel on to its task.
+        self.task.cancel()
+
+
+class DeploymentResponse:
+    """The future result of a unary call. Await it in async code, `.result()` in sync code."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._outcome: asyncio.Future[Any] | None = None
+
+    async def _get(self) -> Any:
+        # One reader of the call's items; every awaiter (chained calls, a retried .result())
+        # shares its outcome, value or exception.
+        if self._outcome is None:
+            self._outcome = asyncio.ensure_future(self._call.next_item())
+        try:
+            item = await asyncio.shield(self._outcome)
+        except asyncio.CancelledError:
+            self._call.cancel()  # the awaiting request was cancelled: so is this call
+            raise
+        return None if item is _DONE else item
+
+    def __await__(self) -> Any:
+        if not self._call.runtime.in_loop_thread():
+            raise RuntimeError("await a DeploymentResponse on the event loop of its runtime")
+        return self._get().__await__()
+
+    def result(self, *, timeout_s: float | None = None) -> Any:
+        return self._call.runtime.run_sync(self._get(), timeout_s)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    @property
+    def request_id(self) -> str:
+        return self._call.request_id
+
+
+class DeploymentResponseGenerator:
+    """The results of a streaming call (`handle.options(stream=True)`), as they are produced."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await self._call.next_item()
+        if item is _DONE:
+            self._call.items.put_nowait(_DONE)
+            raise StopAsyncIteration
+        return item
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._call.runtime.run_sync(self._call.next_item())
+        if item is _DONE:
+            self._call.items.put_nowait(_DONE)
+            raise StopIteration
+        return item
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+async def _resolve(value: Any) -> Any:
+    """A response passed as an argument is resolved before the call is sent (chaining)."""
+    if isinstance(value, DeploymentResponse):
+        return await value._get()
+    return value

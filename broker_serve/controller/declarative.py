@@ -1,0 +1,250 @@
+"""Applying a config: the REST API's PUT, DELETE and scale (docs/architecture.md,
+"Declarative configs and the REST API").
+
+Each application of a config is built in a subprocess (`_build_app.py`) and written with the
+same `state.apps.write_app` that `serve.run` uses. Applications the config does not list are deleted.
+A build that fails marks its application DEPLOY_FAILED in `app_builds` and is not retried until
+the next PUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from ..config import HTTPOptions
+from ..protocol import messages
+from ..schema import ServeApplicationSchema, ServeDeploySchema
+from ..settings import Settings
+from ..state.apps import app_version, write_app
+from ..state.store import Store, now
+from .api_token import ENV_VAR as TOKEN_VAR
+
+log = logging.getLogger("broker_serve.controller.rest")
+
+BUILD_TIMEOUT_S = float(os.environ.get("BROKER_SERVE_BUILD_TIMEOUT_S", "300"))
+DELETE_TIMEOUT_S = 60.0
+LOCK_TTL_S = BUILD_TIMEOUT_S + 60
+_STDERR_TAIL = 4000
+_RELEASE = """if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0"""
+
+
+class BuildFailed(Exception):
+    pass
+
+
+class UnknownTarget(LookupError):
+    """No such application or deployment (404)."""
+
+
+class Refused(Exception):
+    """The request conflicts with the state of the cluster (409)."""
+
+
+# PUT --------------------------------------------------------------------------------------------
+async def apply_config(store: Store, settings: Settings,
+                       config: ServeDeploySchema) -> dict[str, Any]:
+    """Make `config` the cluster's applications. Returns each one's result and the deleted."""
+    names = store.names
+    async with _deploy_lock(store):
+        secret = await store.secret()
+        wanted = {app.name for app in config.applications}
+        for app in config.applications:
+            await store.put(names.app_builds, app.name, {
+                "status": "DEPLOYING", "message": "building the application from its config",
+                "deployed_at": now(), "expires": now() + LOCK_TTL_S,
+            })
+        await store.redis.set(names.deploy_config, config.model_dump_json(exclude_unset=True))
+        await _apply_http_options(store, config)
+        gone = sorted(set(await store.apps()) - wanted)
+        stale = sorted(set(await store.get_all(names.app_builds)) - wanted)
+        await store.delete_field(names.apps, *gone)
+        await store.delete_field(names.app_builds, *stale)
+        await store.announce("apps")
+        if gone:
+            log.info("config applied: deleting application(s) %s", ", ".join(gone))
+        limit = asyncio.Semaphore(os.cpu_count() or 1)
+        results = await asyncio.gather(*(
+            _deploy_one(store, settings, secret, app, wanted, limit)
+            for app in config.applications))
+    return {"applications": dict(results), "deleted": gone}
+
+
+async def _deploy_one(store: Store, settings: Settings, secret: bytes,
+                      app: ServeApplicationSchema, replacing: set[str],
+                      limit: asyncio.Semaphore) -> tuple[str, dict[str, str]]:
+    try:
+        async with limit:
+            record, specs = await build_application(settings, secret, app)
+        await write_app(store, record, specs, replacing)
+    except Exception as exc:
+        if isinstance(exc, (BuildFailed, ValueError)):
+            log.warning("application %s failed to deploy: %s", app.name, exc)
+        else:
+            log.exception("deploying application %s failed", app.name)
+        await store.put(store.names.app_builds, app.name, {
+            "status": "DEPLOY_FAILED", "message": str(exc), "deployed_at": now()})
+        await store.announce("apps")
+        return app.name, {"result": "failed", "message": str(exc)}
+    log.info("application %s built from %s (version %s)", app.name, app.import_path,
+             record["version"])
+    return app.name, {"result": "built", "message": ""}
+
+
+async def build_application(settings: Settings, secret: bytes,
+                            app: ServeApplicationSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The app record and specs, built by `python -m broker_serve.client.config_build`."""
+    import_dir, from_working_dir = import_directory(settings, app)
+    request = orjson.dumps({
+        "app": app.model_dump(mode="json", exclude_unset=True), "cluster": settings.cluster,
+        "secret": secret.hex(), "import_dir": import_dir, "working_dir": from_working_dir,
+    })
+    # User code runs there: it gets the cluster's settings, not the REST API's token.
+    env = {k: v for k, v in {**os.environ, **settings.env()}.items() if k != TOKEN_VAR}
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker_serve.client.config_build", cwd=import_dir, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise BuildFailed(f"cannot start the build of application {app.name!r} in "
+                          f"{import_dir}: {exc}") from exc
+    try:
+        out, err = await asyncio.wait_for(process.communicate(request), BUILD_TIMEOUT_S)
+    except TimeoutError:
+        raise BuildFailed(f"building application {app.name!r} took more than "
+                          f"{BUILD_TIMEOUT_S:.0f}s (BROKER_SERVE_BUILD_TIMEOUT_S)") from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = err.decode(errors="replace").strip()
+    if output:
+        log.info("the build of %s said:\n%s", app.name, output[-_STDERR_TAIL:])
+    try:
+        result = messages.unpack(out) if out else None
+    except Exception:
+        result = None
+    if not isinstance(result, dict):
+        raise BuildFailed(f"the build of application {app.name!r} exited with code "
+                          f"{process.returncode}:\n{output[-_STDERR_TAIL:]}")
+    if "error" in result:
+        raise BuildFailed(result["error"])
+    return result["record"], result["specs"]
+
+
+def import_directory(settings: Settings, app: ServeApplicationSchema) -> tuple[str, bool]:
+    """Where the application is imported from, and whether that is its `working_dir`."""
+    app_dir = os.path.abspath(settings.app_dir or os.getcwd())
+    unsupported = sorted(k for k, v in app.runtime_env.items() if k != "working_dir" and v)
+    if unsupported:
+        raise BuildFailed(f"runtime_env {unsupported} of application {app.name!r} is not "
+                          "supported: only a local working_dir is")
+    working_dir = app.runtime_env.get("working_dir")
+    if not working_dir:
+        return app_dir, False
+    if not isinstance(working_dir, str) or "://" in working_dir:
+        raise BuildFailed(f"runtime_env.working_dir {working_dir!r} of application "
+                          f"{app.name!r} must be a local directory")
+    path = os.path.join(app_dir, os.path.expanduser(working_dir))
+    if not os.path.isdir(path):
+        raise BuildFailed(f"runtime_env.working_dir {path} of application {app.name!r} is not a "
+                          "directory on the controller's host")
+    return os.path.abspath(path), True
+
+
+async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
+    """The config's http_options and proxy_location, where it sets them, join the stored
+    options; proxies read them when they start."""
+    changes: dict[str, Any] = {}
+    if "http_options" in config.model_fields_set:
+        changes.update(config.http_options.model_dump(exclude_unset=True))
+    if "proxy_location" in config.model_fields_set:
+        changes["location"] = config.proxy_location
+    if not changes:
+        return
+    raw = await store.redis.get(store.names.http_options)
+    current = HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+    updated = HTTPOptions.model_validate({**current.model_dump(), **changes})
+    await store.redis.set(store.names.http_options, updated.model_dump_json())
+
+
+# DELETE -----------------------------------------------------------------------------------------
+async def delete_all(store: Store) -> list[str]:
+    """Delete every application and the stored config; wait until their statuses are gone."""
+    names = store.names
+    async with _deploy_lock(store):
+        apps = sorted(await store.apps())
+        await store.delete_field(names.apps, *apps)
+        await store.redis.delete(names.app_builds, names.deploy_config)
+        await store.announce("apps")
+    deadline = time.monotonic() + DELETE_TIMEOUT_S
+    while await store.redis.hlen(names.key("app_status")) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return apps
+
+
+# scale -----------------------------------------------------------------------------------------
+async def scale(store: Store, app: str, deployment: str, num_replicas: int) -> None:
+    """Set one deployment's `num_replicas` in place: a live option, so nothing restarts."""
+    names = store.names
+    async with _deploy_lock(store):
+        record = await store.get_one(names.apps, app)
+        if record is None:
+            raise UnknownTarget(f"there is no application {app!r}")
+        dep = record["deployments"].get(deployment)
+        if dep is None:
+            raise UnknownTarget(f"application {app!r} has no deployment {deployment!r}; it "
+                                f"has {sorted(record['deployments'])}")
+        if dep["config"].get("autoscaling_config"):
+            raise Refused(f"deployment {deployment!r} autoscales: change its autoscaling_config "
+                          "instead")
+        dep["num_replicas"] = dep["config"]["num_replicas"] = num_replicas
+        record["version"] = app_version(record["route_prefix"], record["deployments"])
+        await store.put(names.apps, app, record)
+        await store.announce("apps")
+        if record.get("source") == "declarative":
+            await _scale_stored_config(store, app, deployment, num_replicas)
+    log.info("deployment %s of %s scaled to %d replica(s)", deployment, app, num_replicas)
+
+
+async def _scale_stored_config(store: Store, app: str, deployment: str, n: int) -> None:
+    raw = await store.redis.get(store.names.deploy_config)
+    if not raw:
+        return
+    config = orjson.loads(raw)
+    for entry in config.get("applications", []):
+        if entry.get("name", "default") == app:
+            overrides = entry.setdefault("deployments", [])
+            override = next((d for d in overrides if d["name"] == deployment), None)
+            if override is None:
+                overrides.append({"name": deployment, "num_replicas": n})
+            else:
+                override["num_replicas"] = n
+    await store.redis.set(store.names.deploy_config, orjson.dumps(config))
+
+
+# the lock --------------------------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def _deploy_lock(store: Store) -> AsyncIterator[None]:
+    """One config change at a time across every controller of the cluster."""
+    key, token = store.names.deploy_lock, secrets.token_hex(8)
+    deadline = time.monotonic() + LOCK_TTL_S
+    while not await store.redis.set(key, token, nx=True, px=int(LOCK_TTL_S * 1000)):
+        if time.monotonic() > deadline:
+            raise Refused("another deploy has held the lock for too long")
+        await asyncio.sleep(0.1)
+    try:
+        yield
+    finally:
+        await store.redis.eval(_RELEASE, 1, key, token)

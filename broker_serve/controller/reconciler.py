@@ -1,0 +1,577 @@
+"""The controller: turns desired applications into replicas on worker nodes, and publishes the
+route table and statuses.
+
+It is a reconcile loop over the state in Redis, run on every change event and once a second, so a
+restarted or standby controller picks up where the last one stopped. Only the holder of the
+Redis lease acts. Nothing here is on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+import orjson
+
+from ..config import AutoscalingConfig, DeploymentConfig
+from ..lifecycle import heartbeat_loop, stop_on_signals
+from ..observability.metrics import ControllerMetrics
+from ..settings import Settings
+from ..state.liveness import process_id
+from ..state.store import Store, now
+from ..transport.broker import Broker, connection_name
+from .autoscaler import Autoscaler
+from .reseed import StateCopy
+from .rest import serve_rest_api
+
+log = logging.getLogger("broker_serve.controller.reconciler")
+
+LEASE_MS = 4_000  # a standby takes over within about this long
+RECONCILE_PERIOD_S = 1.0
+MAX_START_FAILURES = 3
+HEARTBEAT_GRACE_S = 12.0
+REDECLARE_EVERY_S = 10.0
+AMQP_TIMEOUT_S = 10.0
+SHUTDOWN_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+@dataclass
+class StartFailures:
+    """How often the replicas one deploy started for a deployment failed to start.
+
+    Only replicas started for the application's current deploy (its record's `deploy_id`)
+    count: a leftover of an earlier deploy, such as the replica record of a killed script's
+    run, never makes the wanted one fail.
+    """
+    deploy_id: str | None
+    count: int = 0
+    last_error: str = ""
+
+
+class Controller:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.controller_id = process_id()
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "controller", self.controller_id),
+                             cancel_exchange=self.names.cancel_exchange)
+        self.leader = False
+        self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._failures: dict[tuple[str, str], StartFailures] = {}
+        self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
+        self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
+        self._state = StateCopy()
+        self._copied_at = -1e9
+        # After writing the state back, heartbeats need a moment to reappear.
+        self._restored_at = -1e9
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.metrics = ControllerMetrics()  # served at /metrics by the REST API
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> None:
+        stop_on_signals(self._stopping)
+        await self.startup()
+        main = asyncio.create_task(
+            self.store.watch_events(self._on_event, RECONCILE_PERIOD_S, self._stopping)
+        )
+        beat = asyncio.create_task(heartbeat_loop(self._heartbeat, HEARTBEAT_INTERVAL_S,
+                                                  self._stopping))
+        await self._stopping.wait()
+        # A reconcile may be stuck on an unreachable broker or Redis: cancel it, don't wait.
+        main.cancel()
+        await asyncio.gather(main, beat, return_exceptions=True)
+        await asyncio.wait_for(self.shutdown(), SHUTDOWN_TIMEOUT_S)
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self._heartbeat()
+        await self.store.secret()
+        await self.broker.connect()  # declares the cancel exchange
+        channel = await self.broker.channel()
+        await channel.declare_queue(self.names.dead_letters, durable=True)
+        self._channel = channel
+        # Waits for its port in the background while another controller on this host has it.
+        self._rest = await serve_rest_api(
+            self.settings, self.store, lambda: self.metrics.render(self._ready_messages))
+        log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
+
+    async def _heartbeat(self) -> None:
+        # Its value, this process's stamp, lets a driver or controller on this machine see at
+        # once that the lease holder died (_liveness.py).
+        await self.store.heartbeat(self.names.controller_alive(self.controller_id))
+
+    async def shutdown(self) -> None:
+        await self._rest.stop()
+        try:
+            if self.leader and await self.store.redis.get(self.names.controller_lease) == \
+                    self.controller_id.encode():
+                await self.store.redis.delete(self.names.controller_lease)
+            await self.store.redis.delete(self.names.controller_alive(self.controller_id))
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self.broker.close(), AMQP_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
+        await self.store.close()
+
+    async def _on_event(self, event: str | None) -> None:
+        async with self._lock:
+            try:
+                if await self._hold_lease():
+                    if await self._state.restore_if_lost(self.store):
+                        self._restored_at = time.monotonic()
+                    await self.reconcile()
+                if time.monotonic() - self._copied_at >= RECONCILE_PERIOD_S:
+                    self._copied_at = time.monotonic()
+                    await self._state.take(self.store)
+            except Exception:
+                log.exception("reconcile failed; retrying on the next tick")
+
+    async def _hold_lease(self) -> bool:
+        redis, key = self.store.redis, self.names.controller_lease
+        taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+        holder = self.controller_id if taken else await self.store.lease_holder()
+        if holder is None:  # the holder was found dead and let go: take over now
+            taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+            holder = self.controller_id if taken else None
+        if taken:
+            log.info("controller %s is now the leader", self.controller_id)
+        elif holder == self.controller_id:
+            await redis.pexpire(key, LEASE_MS)
+        self.leader = holder == self.controller_id
+        self.metrics.set_leader(self.leader)
+        return self.leader
+
+    # reconcile ---------------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        apps = await self.store.apps()
+        nodes = await self._live_nodes()
+        replicas = await self._live_replicas(nodes, apps)
+        by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for record in replicas.values():
+            by_deployment[(record["app"], record["deployment"])].append(record)
+
+        statuses: dict[str, dict[str, Any]] = {}
+        for app_name, app in apps.items():
+            statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment, nodes)
+        await self._remove_deleted_apps(apps, by_deployment)
+        await self._write_statuses(statuses)
+        self.metrics.set_deployments(apps, statuses)
+        await self._write_routes(apps, statuses)
+        await self._forget_dead_proxies()
+        await self.store.redis.zremrangebyscore(self.names.tombstones, "-inf",
+                                                int(time.time() * 1000))
+
+    async def _forget_dead_proxies(self) -> None:
+        proxies = await self.store.get_all(self.names.proxies)
+        alive = await self.store.alive([self.names.proxy_alive(p) for p in proxies])
+        dead = [proxy for proxy, ok in zip(proxies, alive) if not ok]
+        await self.store.delete_field(self.names.proxies, *dead)
+
+    async def _live_nodes(self) -> dict[str, dict[str, Any]]:
+        nodes = await self.store.get_all(self.names.nodes)
+        alive = await self.store.alive([self.names.node_alive(n) for n in nodes])
+        live = {}
+        settling = time.monotonic() - self._restored_at < HEARTBEAT_GRACE_S
+        for (node_id, record), is_alive in zip(nodes.items(), alive):
+            if is_alive or settling:
+                live[node_id] = record
+                continue
+            log.warning("worker node %s is gone (its process ended or its heartbeats stopped);"
+                        " dropping it and its replicas", node_id)
+            await self.store.delete_field(self.names.nodes, node_id)
+            await self.store.redis.delete(self.names.node_assignments(node_id))
+        return live
+
+    async def _live_replicas(self, nodes: dict[str, Any], apps: dict[str, Any]
+                             ) -> dict[str, dict[str, Any]]:
+        """Replica records that still count, after removing dead and failed ones."""
+        records = await self.store.get_all(self.names.replicas)
+        assigned: dict[str, str] = {}
+        for node_id in nodes:
+            for replica_id in await self.store.redis.hkeys(self.names.node_assignments(node_id)):
+                assigned[replica_id.decode()] = node_id
+        beats = await self.store.heartbeats([self.names.replica_alive(r) for r in records])
+        live = {}
+        for (replica_id, record), beat in zip(records.items(), beats):
+            is_alive = beat is not None
+            record["ongoing"] = int(beat) if beat is not None and beat.isdigit() else 0
+            state = record.get("state")
+            stale = (state == "RUNNING" and not is_alive
+                     and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S
+                     and time.monotonic() - self._restored_at > HEARTBEAT_GRACE_S)
+            if "app" not in record or "deployment" not in record:
+                # Written only in part (a node marked a record the controller had just
+                # removed): it names no deployment, so drop it rather than trip on it.
+                await self._remove_replica(replica_id, record, assigned.get(replica_id))
+                continue
+            if state in ("FAILED", "DEAD", "UNHEALTHY") or replica_id not in assigned or stale:
+                if state == "UNHEALTHY":
+                    log.warning("replica %s is unhealthy (%s); replacing it", replica_id,
+                                record.get("message"))
+                elif state == "FAILED":
+                    log.warning("replica %s failed: %s", replica_id, record.get("message"))
+                    self._count_failure(record, apps.get(record["app"]))
+                elif stale:
+                    log.warning("replica %s stopped heartbeating; replacing it", replica_id)
+                await self._remove_replica(replica_id, record, assigned.get(replica_id))
+                continue
+            live[replica_id] = record
+        return live
+
+    def _count_failure(self, record: dict[str, Any], app: dict[str, Any] | None) -> None:
+        """Count a replica's failure to start against its deployment, if it was started for
+        the deploy that is wanted now."""
+        if app is None or record.get("deploy_id") != app.get("deploy_id") \
+                or record["deployment"] not in app["deployments"]:
+            return
+        failures = self._start_failures(record["app"], record["deployment"], app.get("deploy_id"))
+        failures.count += 1
+        failures.last_error = record.get("message", "")
+
+    def _start_failures(self, app: str, deployment: str, deploy_id: str | None) -> StartFailures:
+        failures = self._failures.get((app, deployment))
+        if failures is None or failures.deploy_id != deploy_id:
+            failures = self._failures[(app, deployment)] = StartFailures(deploy_id)
+        return failures
+
+    async def _remove_replica(self, replica_id: str, record: dict[str, Any],
+                              node_id: str | None) -> None:
+        node_id = node_id or record.get("node")
+        if node_id:
+            await self.store.delete_field(self.names.node_assignments(node_id), replica_id)
+            await self.store.announce(f"node:{node_id}")
+        await self.store.delete_field(self.names.replicas, replica_id)
+
+    async def _reconcile_app(self, app_name: str, app: dict[str, Any],
+                             by_deployment: dict[tuple[str, str], list[dict[str, Any]]],
+                             nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        deployments: dict[str, Any] = {}
+        for dep_name, dep in app["deployments"].items():
+            bound = int(dep.get("config", {}).get("max_queued_requests", -1))
+            queue_problem = await self._declare(dep["queue"], bound)
+            mine = by_deployment.get((app_name, dep_name), [])
+            deployments[dep_name] = await self._reconcile_deployment(
+                app_name, dep_name, dep, app.get("deploy_id"), mine, nodes
+            )
+            if queue_problem:
+                deployments[dep_name].update(status="UPDATING", message=queue_problem)
+        return {
+            "name": app_name,
+            "version": app["version"],
+            # Echoed so that serve.run waits for the status of its own deploy, never for one
+            # an earlier run of the same code left behind.
+            "deploy_id": app.get("deploy_id"),
+            "route_prefix": app.get("route_prefix"),
+            "ingress": app["ingress"],
+            "last_deployed_time_s": app.get("deployed_at", 0.0),
+            "deployments": deployments,
+            **_app_status(deployments),
+        }
+
+    async def _reconcile_deployment(self, app: str, name: str, dep: dict[str, Any],
+                                    deploy_id: str | None, mine: list[dict[str, Any]],
+                                    nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        version, target = dep["version"], int(dep["num_replicas"])
+        current = [r for r in mine if r.get("version") == version]
+        old = [r for r in mine if r.get("version") != version]
+        autoscaler = await self._autoscale(app, name, dep, mine)
+        if autoscaler is not None:
+            target = autoscaler.target
+        failures = self._start_failures(app, name, deploy_id)
+        failed = failures.count >= MAX_START_FAILURES
+        message = ""
+        if failed:
+            message = (f"The deployment failed to start {failures.count} times in a row. "
+                       f"Last error: {failures.last_error}")
+        elif len(current) < target:
+            if not nodes:
+                message = "Waiting for a worker node to place replicas on."
+            for _ in range(target - len(current)):
+                record, why = await self._start_replica(app, name, version, deploy_id, dep,
+                                                        nodes)
+                if record is None:
+                    message = message or why
+                    break
+                current.append(record)
+                mine.append(record)
+        if message != self._unplaceable.get((app, name), "") and not failed:
+            if message:
+                log.warning("%s/%s: %s", app, name, message)
+            self._unplaceable[(app, name)] = message
+        for extra in sorted(current, key=lambda r: r.get("state") == "RUNNING")[target:]:
+            await self._remove_replica(extra["replica_id"], extra, None)
+            current.remove(extra)
+            mine.remove(extra)
+        running = sum(1 for r in current if r.get("state") == "RUNNING")
+        # A new user_config is applied by reconfigure() on the live replicas; until each says
+        # so, the deployment is UPDATING.
+        reconfiguring = any(r.get("user_config_hash") != dep.get("user_config_hash")
+                            for r in current if r.get("state") == "RUNNING")
+        if running >= target:
+            for record in old:
+                await self._remove_replica(record["replica_id"], record, None)
+                mine.remove(record)
+            old = []
+            failures.count = 0
+        settled = running >= target and not old and not reconfiguring
+        status = "UNHEALTHY" if failed else ("HEALTHY" if settled else "UPDATING")
+        scaling: dict[str, Any] = {}
+        if autoscaler is not None:
+            if status == "UPDATING" and not old and not reconfiguring:
+                status = "UPSCALING" if running < target else "DOWNSCALING"
+            scaling = {"autoscaling": {"target_replicas": target, "last_decision":
+                                       autoscaler.reason},
+                       "status_trigger": "AUTOSCALING"}
+            message = message or autoscaler.reason
+        return {
+            "name": name,
+            "status": status,
+            "message": message,
+            "replica_states": dict(Counter(r.get("state", "PENDING") for r in mine)),
+            # An autoscaled deployment takes requests at zero replicas: they wait in its
+            # queue, and the wait starts a replica.
+            "ready": autoscaler is not None or any(r.get("state") == "RUNNING" for r in mine),
+            "target_replicas": target,
+            **scaling,
+        }
+
+    async def _autoscale(self, app: str, name: str, dep: dict[str, Any],
+                         mine: list[dict[str, Any]]) -> Autoscaler | None:
+        """Sample the deployment's load when due and return its autoscaler, if it has one."""
+        raw = dep.get("config", {}).get("autoscaling_config")
+        key = (app, name)
+        if raw is None:
+            self._autoscalers.pop(key, None)
+            return None
+        config = AutoscalingConfig.model_validate(raw)
+        autoscaler = self._autoscalers.get(key)
+        if autoscaler is None or autoscaler.config != config:
+            if autoscaler is not None:
+                start = autoscaler.target
+            elif mine:  # a controller taking over: keep what runs
+                start = len(mine)
+            else:
+                start = config.initial_replicas if config.initial_replicas is not None \
+                    else config.min_replicas
+            start = max(config.min_replicas, min(config.max_replicas, start))
+            autoscaler = self._autoscalers[key] = Autoscaler(config, start)
+        clock = time.monotonic()
+        if autoscaler.due(clock):
+            try:
+                queued = await self._ready_messages(dep["queue"])
+            except Exception as exc:  # no sample this time; the broker is away
+                log.warning("could not read the depth of %s: %s", dep["queue"], exc)
+                return autoscaler
+            ongoing = sum(int(r.get("ongoing", 0)) for r in mine)
+            before = autoscaler.target
+            autoscaler.observe(clock, queued, ongoing)
+            autoscaler.decide(clock)
+            if autoscaler.target != before:
+                log.info("autoscaling %s/%s: %s", app, name, autoscaler.reason)
+                self.metrics.autoscaled(app, name, "up" if autoscaler.target > before else "down")
+        return autoscaler
+
+    async def _start_replica(self, app: str, deployment: str, version: str,
+                             deploy_id: str | None, dep: dict[str, Any],
+                             nodes: dict[str, dict[str, Any]]
+                             ) -> tuple[dict[str, Any] | None, str]:
+        """Assign a new replica to a node; or None and why it fits on none."""
+        request = DeploymentConfig.model_validate(dep["config"]).replica_resources()
+        node_id, why = await self._place(nodes, app, deployment, request)
+        if node_id is None:
+            return None, why
+        replica_id = f"{app}#{deployment}#{secrets.token_urlsafe(6)}"
+        assignment = {"app": app, "deployment": deployment, "version": version,
+                      "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0),
+                      "resources": request}
+        record = {"replica_id": replica_id, "app": app, "deployment": deployment,
+                  "version": version, "deploy_id": deploy_id, "node": node_id,
+                  "state": "PENDING", "start_time": now(), "updated": now()}
+        await self.store.put(self.names.replicas, replica_id, record)
+        await self.store.put(self.names.node_assignments(node_id), replica_id, assignment)
+        await self.store.announce(f"node:{node_id}")
+        log.info("starting replica %s on node %s", replica_id, node_id)
+        return record, ""
+
+    async def _place(self, nodes: dict[str, dict[str, Any]], app: str, deployment: str,
+                     request: dict[str, float]) -> tuple[str | None, str]:
+        """Among the live nodes with `request` free, the one with the fewest replicas of this
+        deployment, then the fewest replicas: spreads a deployment across nodes."""
+        if not nodes:
+            return None, "Waiting for a worker node to place replicas on."
+        chosen, chosen_rank = None, None
+        frees = {}
+        for node_id, node in nodes.items():
+            assigned = await self.store.get_all(self.names.node_assignments(node_id))
+            free = dict(node.get("resources", {}))
+            same = 0
+            for assignment in assigned.values():
+                for name, amount in (assignment.get("resources") or {}).items():
+                    free[name] = free.get(name, 0.0) - amount
+                same += (assignment["app"], assignment["deployment"]) == (app, deployment)
+            frees[node_id] = free
+            if all(free.get(name, 0.0) >= amount - 1e-9 for name, amount in request.items()):
+                rank = (same, len(assigned), node_id)
+                if chosen_rank is None or rank < chosen_rank:
+                    chosen, chosen_rank = node_id, rank
+        if chosen is not None:
+            return chosen, ""
+        free_text = "; ".join(
+            f"{node_id}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()))
+            for node_id, free in sorted(frees.items()))
+        wanted = ", ".join(f"{k}={v:g}" for k, v in sorted(request.items()))
+        return None, (f"Waiting for resources: a replica needs {wanted}, and no live node has "
+                      f"that free ({free_text}).")
+
+    async def _declare(self, queue: str, bound: int) -> str:
+        """Declare a request queue with its arguments; returns why it could not, or "".
+
+        RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
+        queue has, so the arguments this cluster declared each queue with are kept in Redis
+        (`queue_arguments`), and a changed max_queued_requests re-creates the queue once no
+        request waits in it; the new version's replicas consume the new queue."""
+        arguments: dict[str, Any] = {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.names.dead_letters,
+        }
+        if bound > 0:  # max_queued_requests: past it RabbitMQ nacks the publish
+            arguments.update({"x-max-length": bound, "x-overflow": "reject-publish"})
+        declared_at, declared_with = self._declared.get(queue, (-1e9, None))
+        if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
+            return ""
+        raw = await self.store.redis.hget(self.names.queue_arguments, queue)
+        recorded = orjson.loads(raw) if raw else None
+        try:
+            if recorded is not None and recorded != arguments:
+                waiting = await self._depth(queue)
+                if waiting:
+                    return (f"waiting for {waiting} queued request(s) to drain before applying "
+                            f"the new max_queued_requests")
+                await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                log.info("re-creating queue %s with %s", queue, arguments)
+            await self._declare_on_own_channel(queue, arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            # Declared with other arguments by a cluster whose record Redis lost.
+            log.error("queue %s exists with other arguments than %s and Redis has no record "
+                      "of them; delete the queue to apply max_queued_requests", queue, arguments)
+            return "the queue exists with other arguments; delete it to apply the change"
+        await self.store.redis.hset(self.names.queue_arguments, queue, orjson.dumps(arguments))
+        self._declared[queue] = (time.monotonic(), arguments)
+        return ""
+
+    async def _declare_on_own_channel(self, queue: str, arguments: dict[str, Any]) -> None:
+        """On a channel of its own, closed after: the controller's channel must not re-declare
+        the queue with these arguments after a reconnect, when they may have changed."""
+        channel = await self.broker.channel()
+        try:
+            await asyncio.wait_for(channel.declare_queue(queue, durable=True,
+                                                         arguments=arguments), AMQP_TIMEOUT_S)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _ready_messages(self, queue: str) -> int:
+        """Requests waiting in a queue this controller declared (autoscaling, metrics)."""
+        if queue not in self._declared:  # a passive declare of a missing one: a channel error
+            raise LookupError(f"queue {queue} is not declared (any more)")
+        return await self._depth(queue)
+
+    async def _depth(self, queue: str) -> int:
+        channel = await self.broker.channel()
+        try:
+            existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
+                                              AMQP_TIMEOUT_S)
+            return int(existing.declaration_result.message_count or 0)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _remove_deleted_apps(self, apps: dict[str, Any],
+                                   by_deployment: dict[tuple[str, str], list[dict[str, Any]]]
+                                   ) -> None:
+        leftovers = {app for app, _ in by_deployment} - set(apps)
+        for key in [key for key in self._autoscalers if key[0] not in apps]:
+            del self._autoscalers[key]
+        for (app, _), records in by_deployment.items():
+            if app not in apps:
+                for record in records:
+                    await self._remove_replica(record["replica_id"], record, None)
+        old_statuses = await self.store.app_statuses()
+        for app_name, status in old_statuses.items():
+            if app_name in apps or app_name in leftovers:
+                continue
+            if await self.store.redis.hexists(self.names.apps, app_name):
+                continue  # deployed again since this reconcile read `apps`: next tick's work
+            for dep_name in status.get("deployments", {}):
+                queue = self.names.request_queue(app_name, dep_name)
+                self._declared.pop(queue, None)
+                try:
+                    await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                    await self.store.redis.hdel(self.names.queue_arguments, queue)
+                except Exception as exc:  # the app is gone either way; say what was left behind
+                    log.warning("could not delete queue %s (%s); delete it by hand", queue,
+                                exc or type(exc).__name__)
+            await self.store.delete_field(self.names.key("app_status"), app_name)
+            # Not a plain delete: a spec that a record written meanwhile names must stay.
+            await self.store.delete_unnamed_specs(app_name)
+            for key in [key for key in self._failures if key[0] == app_name]:
+                del self._failures[key]
+            log.info("application %s deleted", app_name)
+
+    async def _write_statuses(self, statuses: dict[str, dict[str, Any]]) -> None:
+        for app_name, status in statuses.items():
+            await self.store.put_app_status(app_name, status)
+
+    async def _write_routes(self, apps: dict[str, Any], statuses: dict[str, Any]) -> None:
+        routes = {}
+        for app_name, app in apps.items():
+            prefix = app.get("route_prefix")
+            if prefix is None:
+                continue
+            status = statuses[app_name]
+            ingress = status["deployments"][app["ingress"]]
+            routes[prefix] = {
+                "app": app_name,
+                "deployment": app["ingress"],
+                "queue": app["deployments"][app["ingress"]]["queue"],
+                "status": status["status"],
+                "message": status["message"],
+                "ready": ingress["ready"],
+                # Publishes to a bounded queue wait for the broker's confirm (503 when full).
+                "bounded": app["deployments"][app["ingress"]]["config"].get(
+                    "max_queued_requests", -1) > 0,
+            }
+        current = await self.store.routes()
+        if current.get("routes") != routes:
+            table = {"version": int(current.get("version", 0)) + 1, "routes": routes}
+            await self.store.redis.set(self.names.routes, orjson.dumps(table))
+            await self.store.announce("routes")
+
+
+def _app_status(deployments: dict[str, Any]) -> dict[str, str]:
+    states = [d["status"] for d in deployments.values()]
+    if "UNHEALTHY" in states:
+        failed = next(d for d in deployments.values() if d["status"] == "UNHEALTHY")
+        return {"status": "DEPLOY_FAILED",
+                "message": f"Deployment {failed['name']!r} failed: {failed['message']}"}
+    if all(state in ("HEALTHY", "UPSCALING", "DOWNSCALING") for state in states):
+        return {"status": "RUNNING", "message": ""}
+    waiting = [d["message"] for d in deployments.values() if d["message"]]
+    return {"status": "DEPLOYING", "message": waiting[0] if waiting else ""}
+
+
+
+def main(settings: Settings | None = None) -> None:
+    asyncio.run(Controller(settings or Settings.from_env()).run())

@@ -1,0 +1,286 @@
+"""The REST API (Ray Serve's V1 and V2), served by every controller with a bearer token.
+
+    PUT|GET|DELETE  /api/serve/applications/
+    PATCH           /api/serve/applications/{app}/deployments/{deployment}   {"num_replicas": N}
+    PUT|GET|DELETE  /api/serve/deployments/
+    GET             /api/serve/deployments/status
+    GET             /metrics   (the controller's Prometheus metrics; no token)
+
+Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
+(CVE-2023-48022); every call here but /metrics needs `Authorization: Bearer <token>`
+(`_token.py`). The
+server runs in the controller's event loop and leaves signals to the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import orjson
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..lifecycle import sleep_or_stop
+from ..schema import ServeApplicationSchema, ServeDeploySchema
+from ..settings import Settings
+from ..state.status import read_details, stored_config, v1_status
+from ..state.store import Store
+from . import declarative
+from .api_token import server_token
+
+log = logging.getLogger("broker_serve.controller.rest")
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+LISTEN_RETRY_S = 5.0
+V1_APP_NAME = "default"
+M = TypeVar("M", bound=BaseModel)
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: PositiveInt
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+# authentication ---------------------------------------------------------------------------------
+class BearerAuth:
+    """Refuses (401) every HTTP request without the token, but those for `/metrics`, which
+    only read counters (Prometheus scrapes them)."""
+
+    PUBLIC = frozenset({"/metrics"})
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
+                not self._authorized(Headers(scope=scope)):
+            response = JSONResponse(
+                {"detail": "missing or wrong bearer token"}, status_code=401,
+                headers={"WWW-Authenticate": 'Bearer realm="broker-serve"'})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), self.token)
+
+
+# endpoints --------------------------------------------------------------------------------------
+Endpoint = Callable[[Request], Awaitable[Response]]
+# The controller's Prometheus exposition (`_metrics.ControllerMetrics`).
+Metrics = Callable[[], Awaitable[bytes]]
+
+
+def create_app(store: Store, settings: Settings, token: str,
+               metrics: Metrics | None = None) -> ASGIApp:
+    api = _Endpoints(store, settings)
+    routes = [
+        Route("/api/serve/applications/", _guard(api.get_applications), methods=["GET"]),
+        Route("/api/serve/applications/", _guard(api.put_applications), methods=["PUT"]),
+        Route("/api/serve/applications/", _guard(api.delete_applications), methods=["DELETE"]),
+        Route("/api/serve/applications/{app}/deployments/{deployment}", _guard(api.scale),
+              methods=["PATCH"]),
+        Route("/api/serve/deployments/", _guard(api.get_v1_config), methods=["GET"]),
+        Route("/api/serve/deployments/", _guard(api.put_v1), methods=["PUT"]),
+        Route("/api/serve/deployments/", _guard(api.delete_applications), methods=["DELETE"]),
+        Route("/api/serve/deployments/status", _guard(api.get_v1_status), methods=["GET"]),
+    ]
+    if metrics is not None:
+        async def exposition(request: Request) -> Response:
+            return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
+
+        routes.append(Route("/metrics", exposition, methods=["GET"]))
+    return BearerAuth(Starlette(routes=routes), token)
+
+
+class _Endpoints:
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.settings = settings
+
+    async def get_applications(self, request: Request) -> Response:
+        details = await read_details(self.store)
+        return _json(details.model_dump(mode="json"))
+
+    async def put_applications(self, request: Request) -> Response:
+        config = await _parse(request, ServeDeploySchema)
+        return _json(await declarative.apply_config(self.store, self.settings, config))
+
+    async def delete_applications(self, request: Request) -> Response:
+        return _json({"deleted": await declarative.delete_all(self.store)})
+
+    async def scale(self, request: Request) -> Response:
+        body = await _parse(request, ScaleRequest)
+        app, deployment = request.path_params["app"], request.path_params["deployment"]
+        await declarative.scale(self.store, app, deployment, body.num_replicas)
+        return _json({"app": app, "deployment": deployment, "num_replicas": body.num_replicas})
+
+    async def put_v1(self, request: Request) -> Response:
+        app = await _parse(request, ServeApplicationSchema)
+        config = ServeDeploySchema(applications=[app])
+        return _json(await declarative.apply_config(self.store, self.settings, config))
+
+    async def get_v1_config(self, request: Request) -> Response:
+        config = await stored_config(self.store)
+        app = config.application(V1_APP_NAME) if config else None
+        return _json(app.model_dump(mode="json", exclude_unset=True) if app else {})
+
+    async def get_v1_status(self, request: Request) -> Response:
+        details = await read_details(self.store)
+        return _json(v1_status(details, V1_APP_NAME).model_dump(mode="json"))
+
+
+def _guard(endpoint: Endpoint) -> Endpoint:
+    """Every failure becomes a JSON answer with the right status."""
+
+    async def guarded(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except HTTPError as exc:
+            return _json({"detail": exc.detail}, exc.status)
+        except declarative.UnknownTarget as exc:
+            return _json({"detail": str(exc)}, 404)
+        except declarative.Refused as exc:
+            return _json({"detail": str(exc)}, 409)
+        except RedisError as exc:
+            log.warning("REST %s %s: Redis is unavailable: %s", request.method,
+                        request.url.path, exc)
+            return _json({"detail": f"the cluster's Redis is unavailable: {exc}"}, 503)
+        except Exception:
+            log.exception("REST %s %s failed", request.method, request.url.path)
+            return _json({"detail": "internal error; see the controller's log"}, 500)
+
+    return guarded
+
+
+async def _parse(request: Request, model: type[M]) -> M:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise HTTPError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(400, f"the body is not JSON: {exc}") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPError(422, orjson.loads(exc.json(include_url=False))) from exc
+
+
+def _json(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+# the server ------------------------------------------------------------------------------------
+class _Server(uvicorn.Server):
+    """uvicorn inside the controller: the controller owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def install_signal_handlers(self) -> None:  # uvicorn before 0.29
+        pass
+
+
+class RestServer:
+    """Serves the API on the dashboard address. While another controller on this host holds
+    that address, it waits and retries, so a standby takes the API over with the lead."""
+
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.server: _Server | None = None
+        self._retrying = False
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Returns once the API is served, or its address was found taken."""
+        app = create_app(self.store, self.settings, server_token(self.settings.cluster),
+                         self.metrics)
+        self._task = task = asyncio.create_task(self._serve(app))
+        while not (self.server and self.server.started or self._retrying or task.done()):
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self.server is not None:
+            self.server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except TimeoutError:
+                log.warning("the REST API did not stop within 10s")
+
+    async def _serve(self, app: ASGIApp) -> None:
+        host, port = self.settings.dashboard_host, self.settings.dashboard_port
+        while not self._stopping.is_set():
+            try:
+                sock = _listen(host, port)
+            except OSError as exc:
+                if not self._retrying:
+                    log.warning("not serving the REST API yet: cannot listen on %s:%d (%s); "
+                                "retrying every %.0fs", host, port, exc, LISTEN_RETRY_S)
+                self._retrying = True
+                await sleep_or_stop(self._stopping, LISTEN_RETRY_S)
+                continue
+            config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
+                                    log_level="warning", log_config=None,  # the root's format
+                                    timeout_graceful_shutdown=3)
+            self.server = _Server(config)
+            log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
+            try:
+                await self.server.serve(sockets=[sock])
+            except SystemExit:  # uvicorn exits on a startup failure; the controller must not
+                log.error("the REST API failed to start")
+            return
+
+
+async def serve_rest_api(settings: Settings, store: Store,
+                         metrics: Metrics | None = None) -> RestServer:
+    server = RestServer(settings, store, metrics)
+    await server.start()
+    return server
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock

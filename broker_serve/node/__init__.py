@@ -1,0 +1,1 @@
+"""A worker node: registers its capacity and supervises the replica processes assigned to it."""

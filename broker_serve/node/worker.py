@@ -1,0 +1,253 @@
+"""A worker node: registers its capacity and runs the replica processes assigned to it.
+
+The controller writes assignments to `node:<id>:assign`; the node starts a process for each
+assignment it is not running and stops (SIGTERM, then SIGKILL after the graceful timeout) each
+process no longer assigned. When a replica process exits, the node marks its record DEAD, or
+FAILED if it never became RUNNING, so the controller replaces it. Replica processes die with
+their node (PR_SET_PDEATHSIG), so a killed node leaves no orphans serving stale code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import HTTPOptions, ProxyLocation
+from ..lifecycle import die_with_parent, heartbeat_loop, stop_on_signals
+from ..observability.metrics import NodeMetricsServer
+from ..settings import Settings
+from ..state.liveness import process_id
+from ..state.store import Store, now
+
+log = logging.getLogger("broker_serve.node.worker")
+
+SYNC_PERIOD_S = 1.0
+HEARTBEAT_INTERVAL_S = 2.0
+KILL_MARGIN_S = 5.0
+PROXY_RESTART_S = 5.0  # a node proxy that exits is started again at most this often
+
+
+@dataclass
+class ReplicaProcess:
+    replica_id: str
+    process: subprocess.Popen[bytes]
+    graceful_s: float
+    stop_sent: float | None = None
+    assignment: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerNode:
+    def __init__(self, settings: Settings, node_id: str | None = None,
+                 num_cpus: float | None = None, resources: dict[str, float] | None = None,
+                 proxy: bool | None = None, proxy_port: int | None = None) -> None:
+        self.settings = settings
+        self.node_id = node_id or process_id()
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.resources = {"CPU": float(num_cpus if num_cpus is not None else os.cpu_count() or 1),
+                          **(resources or {})}
+        self.processes: dict[str, ReplicaProcess] = {}
+        # None: run a proxy if the cluster's proxy location is EveryNode; True: always (unless
+        # Disabled); False: never (the local cluster runs its own).
+        self.wants_proxy = proxy
+        self.proxy_port = proxy_port
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self._proxy_started = -PROXY_RESTART_S
+        self._exited: set[str] = set()
+        self._stopping = asyncio.Event()
+        self._lock = asyncio.Lock()
+        # The replicas' metrics, at :9500/metrics (docs/architecture.md, "Observability").
+        self.metrics = NodeMetricsServer(settings.metrics_host, settings.metrics_port)
+        self.metrics_port: int | None = None
+
+    async def run(self) -> None:
+        stop_on_signals(self._stopping)
+        await self.startup()
+        beat = lambda: self.store.heartbeat(self.names.node_alive(self.node_id))  # noqa: E731
+        tasks = [
+            asyncio.create_task(self.store.watch_events(self._on_event, SYNC_PERIOD_S,
+                                                        self._stopping)),
+            asyncio.create_task(heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)),
+            asyncio.create_task(self._reap_loop()),
+        ]
+        await self._stopping.wait()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.shutdown()
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self.store.heartbeat(self.names.node_alive(self.node_id))
+        self.metrics_port = self.metrics.start()
+        await self._register()
+        log.info("worker node %s joined cluster %r with %s", self.node_id,
+                 self.settings.cluster, self.resources)
+        await self.store.announce("nodes")
+
+    async def _register(self) -> None:
+        await self.store.put(self.names.nodes, self.node_id, {
+            "node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "resources": self.resources, "started": now(), "metrics_port": self.metrics_port,
+        })
+
+    async def shutdown(self) -> None:
+        log.info("worker node %s stopping %d replica(s)", self.node_id, len(self.processes))
+        await self._stop_proxy()
+        for replica in self.processes.values():
+            self._terminate(replica)
+        deadline = time.monotonic() + max([r.graceful_s for r in self.processes.values()] or [0])
+        while any(r.process.poll() is None for r in self.processes.values()):
+            if time.monotonic() > deadline + KILL_MARGIN_S:
+                for replica in self.processes.values():
+                    if replica.process.poll() is None:
+                        replica.process.kill()
+            await asyncio.sleep(0.05)
+        await self._reap()
+        try:
+            await self.store.delete_field(self.names.nodes, self.node_id)
+            await self.store.redis.delete(self.names.node_alive(self.node_id),
+                                          self.names.node_assignments(self.node_id))
+            await self.store.announce("nodes")
+        except Exception as exc:
+            log.warning("could not deregister: %s", exc)
+        self.metrics.stop()
+        await self.store.close()
+
+    async def _reap_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._reap()
+                self._kill_overdue()
+            except Exception:
+                log.exception("reaping replica processes failed")
+            await asyncio.sleep(0.2)
+
+    async def _on_event(self, event: str | None) -> None:
+        if event not in (None, f"node:{self.node_id}"):
+            return
+        async with self._lock:
+            try:
+                await self._sync()
+            except Exception:
+                log.exception("syncing assignments failed; retrying on the next tick")
+
+    async def _sync(self) -> None:
+        await self._sync_proxy()
+        if not await self.store.redis.exists(self.names.seeded):
+            # Redis restarted empty (or no controller ever led): stop nothing until a
+            # controller writes the state back, and be a node it can see meanwhile.
+            await self._register()
+            return
+        assigned = await self.store.get_all(self.names.node_assignments(self.node_id))
+        for replica_id, assignment in assigned.items():
+            if replica_id not in self.processes and replica_id not in self._exited:
+                await self._spawn(replica_id, assignment)
+        for replica_id, replica in self.processes.items():
+            if replica_id not in assigned and replica.stop_sent is None:
+                log.info("stopping replica %s", replica_id)
+                self._terminate(replica)
+        self._exited &= set(assigned)
+
+    async def _spawn(self, replica_id: str, assignment: dict[str, Any]) -> None:
+        command = [sys.executable, "-m", "broker_serve.replica",
+                   "--app", assignment["app"], "--deployment", assignment["deployment"],
+                   "--replica-id", replica_id, "--version", assignment["version"]]
+        # A config's code is imported by reference from the app dir (docs/architecture.md,
+        # "Declarative configs and the REST API"); replicas run there, as Ray's working_dir.
+        app_dir = os.path.abspath(self.settings.app_dir or os.getcwd())
+        env = {**os.environ, **self.settings.env(), **self.metrics.env()}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_dir, env.get("PYTHONPATH")]))
+        try:
+            process = subprocess.Popen(command, env=env, cwd=app_dir, preexec_fn=die_with_parent)
+        except OSError as exc:
+            log.error("could not start replica %s: %s", replica_id, exc)
+            await self.store.update(self.names.replicas, replica_id, state="FAILED",
+                                    message=f"could not start the process: {exc}")
+            self._exited.add(replica_id)
+            return
+        log.info("started replica %s (pid %d)", replica_id, process.pid)
+        self.processes[replica_id] = ReplicaProcess(
+            replica_id, process, float(assignment.get("graceful_shutdown_timeout_s", 20.0)),
+            assignment=assignment,
+        )
+
+    async def _sync_proxy(self) -> None:
+        """Run this node's proxy or not, as `--proxy` and the cluster's `location` say."""
+        raw = await self.store.redis.get(self.names.http_options)
+        options = HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+        wanted = options.location != ProxyLocation.Disabled and (
+            self.wants_proxy or (self.wants_proxy is None
+                                 and options.location == ProxyLocation.EveryNode))
+        running = self.proxy is not None and self.proxy.poll() is None
+        if running and not wanted:
+            log.info("stopping this node's proxy (proxy location %s)", options.location.value)
+            await self._stop_proxy()
+        elif wanted and not running and time.monotonic() - self._proxy_started > PROXY_RESTART_S:
+            if self.proxy is not None:
+                log.warning("this node's proxy exited (code %s); starting it again",
+                            self.proxy.returncode)
+            port = self.proxy_port if self.proxy_port is not None else options.port
+            self._proxy_started = time.monotonic()
+            self.proxy = subprocess.Popen(
+                [sys.executable, "-m", "broker_serve", "proxy", "--host", options.host,
+                 "--port", str(port)],
+                env={**os.environ, **self.settings.env()}, preexec_fn=die_with_parent)
+            log.info("started this node's proxy on %s:%d (pid %d)", options.host, port,
+                     self.proxy.pid)
+
+    async def _stop_proxy(self) -> None:
+        proxy, self.proxy = self.proxy, None
+        if proxy is not None and proxy.poll() is None:
+            proxy.terminate()
+            try:  # uvicorn finishes open requests first
+                await asyncio.to_thread(proxy.wait, 35)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+
+    def _terminate(self, replica: ReplicaProcess) -> None:
+        if replica.process.poll() is None and replica.stop_sent is None:
+            replica.process.terminate()
+        replica.stop_sent = replica.stop_sent or time.monotonic()
+
+    def _kill_overdue(self) -> None:
+        for replica in self.processes.values():
+            if replica.stop_sent is None or replica.process.poll() is not None:
+                continue
+            if time.monotonic() - replica.stop_sent > replica.graceful_s + KILL_MARGIN_S:
+                log.warning("replica %s ignored SIGTERM; killing it", replica.replica_id)
+                replica.process.kill()
+
+    async def _reap(self) -> None:
+        for replica_id, replica in list(self.processes.items()):
+            code = replica.process.poll()
+            if code is None:
+                continue
+            del self.processes[replica_id]
+            self._exited.add(replica_id)
+            self.metrics.process_exited(replica.process.pid)
+            record = await self.store.get_one(self.names.replicas, replica_id)
+            if record is None:
+                continue  # the controller already let it go
+            if record.get("state") in ("PENDING", "STARTING", "FAILED") and code != 0:
+                message = record.get("message") or f"the process exited with code {code}"
+                await self.store.update(self.names.replicas, replica_id, state="FAILED",
+                                        message=message, updated=now())
+            else:
+                if replica.stop_sent is None:
+                    log.warning("replica %s exited unexpectedly (code %s)", replica_id, code)
+                await self.store.update(self.names.replicas, replica_id, state="DEAD",
+                                        updated=now())
+            await self.store.announce("replicas")
+
+
+def main(settings: Settings | None = None, node_id: str | None = None,
+         num_cpus: float | None = None, resources: dict[str, float] | None = None,
+         proxy: bool | None = None, proxy_port: int | None = None) -> None:
+    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources,
+                           proxy, proxy_port).run())

@@ -1,0 +1,1 @@
+"""Metrics, logs and the latency statistics of `broker-serve stats`."""

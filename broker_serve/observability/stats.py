@@ -1,0 +1,248 @@
+"""`broker-serve stats`: latency percentiles per deployment over sliding windows.
+
+The command reads the cluster's Prometheus endpoints itself: every worker node's `/metrics`
+(replica processing time per deployment), every proxy's `/-/metrics` (latency per route) and
+the controller's `/metrics` (queue depth). It samples them every `interval` seconds and keeps
+the samples, so a window's percentiles come from the difference of the histogram buckets
+between the newest sample and the one a window earlier, as Prometheus' `histogram_quantile`
+over `rate()` does. No process keeps windows for it: until the command has run for a
+window's length, that window covers only the time since its first sample (marked `*`).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..protocol.names import Names
+from ..settings import Settings
+
+QUANTILES = (0.5, 0.9, 0.95)
+FETCH_TIMEOUT_S = 3.0
+_WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+Key = tuple[str, str]  # (application, deployment) or (application, route)
+
+
+@dataclass
+class Histogram:
+    """Cumulative bucket counts by upper bound, as in the exposition."""
+
+    buckets: dict[float, float] = field(default_factory=dict)
+
+    def minus(self, earlier: Histogram | None) -> Histogram:
+        if earlier is None:
+            return self
+        delta = {le: count - earlier.buckets.get(le, 0.0) for le, count in self.buckets.items()}
+        if any(value < 0 for value in delta.values()):  # the process restarted in between
+            return self
+        return Histogram(delta)
+
+    def add(self, other: Histogram) -> None:
+        for le, count in other.buckets.items():
+            self.buckets[le] = self.buckets.get(le, 0.0) + count
+
+    @property
+    def count(self) -> float:
+        return self.buckets.get(float("inf"), 0.0)
+
+    def quantile(self, q: float) -> float | None:
+        """Linear interpolation inside the bucket holding the rank, as histogram_quantile."""
+        total = self.count
+        if total <= 0:
+            return None
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for le in sorted(self.buckets):
+            count = self.buckets[le]
+            if count >= rank:
+                if le == float("inf"):
+                    return lower
+                inside = count - below
+                return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
+            lower, below = le, count
+        return lower
+
+
+@dataclass
+class Sample:
+    """One reading of every endpoint: histograms per (endpoint, table, key, series)."""
+
+    at: float
+    histograms: dict[tuple[str, str, Key, tuple[Any, ...]], Histogram]
+    queued: dict[Key, float]
+    unreachable: list[str]
+
+
+# endpoints --------------------------------------------------------------------------------------
+def discover(settings: Settings) -> list[str]:
+    """The cluster's endpoints, from the proxy and worker node records in Redis."""
+    names = Names(settings.cluster)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        proxies = client.hgetall(names.proxies)
+        nodes = client.hgetall(names.nodes)
+    finally:
+        client.close()
+    urls = []
+    for raw in proxies.values():
+        record = orjson.loads(raw)
+        host = _reachable(record.get("host"), record.get("hostname"))
+        urls.append(f"http://{host}:{record['port']}/-/metrics")
+    for raw in nodes.values():
+        record = orjson.loads(raw)
+        if record.get("metrics_port"):
+            host = _reachable(None, record.get("host"))
+            urls.append(f"http://{host}:{record['metrics_port']}/metrics")
+    host = _reachable(settings.dashboard_host, socket.gethostname())
+    urls.append(f"http://{host}:{settings.dashboard_port}/metrics")
+    return sorted(set(urls))
+
+
+def _reachable(bound: str | None, hostname: str | None) -> str:
+    """Where to connect to a server bound to `bound` on the host called `hostname`."""
+    if bound and bound not in _WILDCARDS:
+        return f"[{bound}]" if ":" in bound else bound
+    if not hostname or hostname == socket.gethostname():
+        return "127.0.0.1"
+    return hostname
+
+
+def _fetch(url: str) -> str | None:
+    try:
+        answer = requests.get(url, timeout=FETCH_TIMEOUT_S)
+    except requests.RequestException:
+        return None
+    return answer.text if answer.status_code == 200 else None
+
+
+def read(urls: Iterable[str]) -> Sample:
+    urls = list(urls)
+    at = time.monotonic()
+    with ThreadPoolExecutor(max(1, min(16, len(urls)))) as pool:
+        texts = list(pool.map(_fetch, urls))
+    sample = Sample(at, {}, {}, [])
+    for url, text in zip(urls, texts):
+        if text is None:
+            sample.unreachable.append(url)
+        else:
+            _parse(url, text, sample)
+    return sample
+
+
+def _parse(url: str, text: str, sample: Sample) -> None:
+    for family in text_string_to_metric_families(text):
+        if family.name == "broker_serve_controller_queue_depth":
+            for s in family.samples:
+                key = (s.labels["application"], s.labels["deployment"])
+                sample.queued[key] = max(sample.queued.get(key, 0.0), s.value)
+            continue
+        table = _TABLES.get(family.name)
+        if table is None:
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_bucket") or s.labels.get("method") == "websocket":
+                continue
+            labels = dict(s.labels)
+            le = float(labels.pop("le"))
+            key = (labels.get("application", ""),
+                   labels.get("deployment", labels.get("route", "")))
+            series = (url, table, key, tuple(sorted(labels.items())))
+            sample.histograms.setdefault(series, Histogram()).buckets[le] = s.value
+
+
+# Histogram families shown, and the table each goes to.
+_TABLES = {
+    "broker_serve_replica_processing_seconds": "deployments",
+    "broker_serve_proxy_request_duration_seconds": "routes",
+}
+
+
+# windows ----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    key: Key
+    window: float
+    covered: float
+    requests: float
+    quantiles: list[float | None]
+
+
+def window_rows(samples: list[Sample], table: str, window: float) -> list[Row]:
+    """Per key of `table`: requests and percentiles between the newest sample and the newest
+    one at least `window` older (or the oldest there is)."""
+    newest = samples[-1]
+    base = next((s for s in reversed(samples[:-1]) if newest.at - s.at >= window - 1e-6),
+                samples[0])
+    totals: dict[Key, Histogram] = {}
+    for series, histogram in newest.histograms.items():
+        if series[1] != table:
+            continue
+        delta = histogram.minus(base.histograms.get(series))
+        totals.setdefault(series[2], Histogram()).add(delta)
+    covered = newest.at - base.at
+    return [Row(key, window, covered, h.count, [h.quantile(q) for q in QUANTILES])
+            for key, h in sorted(totals.items())]
+
+
+def render(samples: list[Sample], windows: list[float]) -> str:
+    newest = samples[-1]
+    lines = [(f"broker-serve stats at {time.strftime('%H:%M:%S')}: percentiles in ms; * = "
+              "the command has run for less than that window")]
+    if newest.unreachable:
+        lines.append("unreachable: " + ", ".join(newest.unreachable))
+    for table, title, second in (("deployments", "Processing time per deployment (replicas)",
+                                  "deployment"),
+                                 ("routes", "Latency per route (proxies, end to end)", "route")):
+        rows = [row for window in windows for row in window_rows(samples, table, window)]
+        rows.sort(key=lambda r: (r.key, r.window))
+        header = ["application", second, "window", "requests", "req/s", "p50", "p90", "p95"]
+        if table == "deployments":
+            header.append("queued")
+        body = []
+        for row in rows:
+            partial = row.covered + 1e-6 < row.window
+            cells = [row.key[0], row.key[1], f"{row.window:g}s{'*' if partial else ''}",
+                     f"{row.requests:.0f}",
+                     f"{row.requests / row.covered:.1f}" if row.covered > 0 else "-",
+                     *(f"{q * 1000:.2f}" if q is not None else "-" for q in row.quantiles)]
+            if table == "deployments":
+                queued = newest.queued.get(row.key)
+                cells.append(f"{queued:.0f}" if queued is not None else "-")
+            body.append(cells)
+        lines += ["", title, *(_table(header, body) if body else ["(no requests seen)"])]
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cells[i]) for cells in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) if i < 3 else cell.rjust(width)
+                      for i, (cell, width) in enumerate(zip(cells, widths))).rstrip()
+            for cells in [header, *rows]]
+
+
+def run(settings: Settings, urls: list[str], interval: float, windows: list[float],
+        count: int | None, echo: Callable[[str], None]) -> None:
+    """Sample every `interval` seconds and print the tables, `count` times (or forever)."""
+    history: deque[Sample] = deque()
+    keep = max(windows) + 2 * interval
+    printed = 0
+    while count is None or printed < count:
+        history.append(read(urls or discover(settings)))
+        while len(history) > 2 and history[-1].at - history[1].at >= keep:
+            history.popleft()
+        if len(history) > 1:
+            echo(render(list(history), windows) + "\n")
+            printed += 1
+        if count is None or printed < count:
+            time.sleep(max(0.0, interval - (time.monotonic() - history[-1].at)))

@@ -1,0 +1,1 @@
+"""The HTTP proxy: each HTTP request or WebSocket session becomes messages on request queues."""

@@ -1,0 +1,656 @@
+"""The HTTP proxy: a stateless ASGI app that turns each HTTP request into one message.
+
+Request path: match the longest route prefix, publish one `http` message to the ingress
+deployment's queue, and stream the reply events to the client as they arrive. The route table is
+cached in memory and refreshed from Redis on change events and periodically; nothing on the
+request path calls Redis or opens a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import socket
+import time
+from typing import Any
+
+import orjson
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..config import HTTPOptions
+from ..exceptions import ClusterUnavailable
+from ..observability.logging import AccessLog
+from ..observability.metrics import ProxyMetrics
+from ..protocol import messages as protocol
+from ..settings import CHUNK_BYTES, Settings
+from ..state.liveness import process_id
+from ..state.store import Store, now
+from ..transport.affinity import AffinityTable
+from ..transport.broker import Broker, Mailbox, ReplyRouter, connection_name
+from ..transport.cancellation import cancel
+from .websocket import WebSocketSession
+
+log = logging.getLogger("broker_serve.proxy.http")
+
+ROUTE_REFRESH_S = 2.0
+# What a replica may send ahead of a client, per response (docs/protocol.md, "Flow control").
+# Two chunks keep the pipe full; a stalled client costs the proxy at most about this much.
+FLOW_WINDOW_BYTES = 2 * CHUNK_BYTES
+# A client's X-Request-Id is taken as the request's id if it is this (printable ASCII, no
+# spaces, at most 128 bytes); otherwise the proxy's own id is.
+_CLIENT_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+class QueueFull(Exception):
+    """The deployment's queue is at its max_queued_requests."""
+
+
+class ReplicaChanged(Exception):
+    """The response had started when another replica took the request over; it cannot be
+    taken back, so the client connection is closed."""
+
+
+class RouteTable:
+    def __init__(self) -> None:
+        self.version = 0
+        self.routes: dict[str, dict[str, Any]] = {}
+        self._by_length: list[tuple[str, dict[str, Any]]] = []
+
+    def load(self, table: dict[str, Any]) -> None:
+        self.version = int(table.get("version", 0))
+        self.routes = dict(table.get("routes", {}))
+        self._by_length = sorted(self.routes.items(), key=lambda item: len(item[0]), reverse=True)
+
+    def match(self, path: str) -> tuple[str, dict[str, Any]] | None:
+        for prefix, entry in self._by_length:
+            if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+                return prefix, entry
+        return None
+
+
+class Proxy:
+    def __init__(self, settings: Settings, options: HTTPOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.proxy_id = process_id()
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "proxy", self.proxy_id),
+                             cancel_exchange=self.names.cancel_exchange)
+        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"))
+        self.table = RouteTable()
+        self.affinity = AffinityTable()
+        self.max_body = min(options.max_body_bytes, settings.max_body_bytes)
+        self._ids = itertools.count()
+        self._stopping = asyncio.Event()
+        self._watcher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
+        self.metrics = ProxyMetrics()
+        self._inflight = self._streams = self._websockets = 0
+        self.metrics.inflight.set_function(lambda: self._inflight)
+        self.metrics.open_streams.set_function(lambda: self._streams)
+        self.metrics.open_websockets.set_function(lambda: self._websockets)
+        self.access = AccessLog(_access_text, _access_fields)
+        self._internal = Starlette(routes=[
+            Route("/-/healthz", self._healthz),
+            Route("/-/metrics", self._metrics),
+            Route("/-/routes", self._routes),
+            Route("/-/routes/detail", self._routes_detail),
+        ])
+
+    # lifecycle -----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self.broker.connect()
+        await self.router.start()
+        await self._refresh(None)
+        self._watcher = asyncio.create_task(
+            self.store.watch_events(self._refresh, ROUTE_REFRESH_S, self._stopping)
+        )
+        log.info("proxy %s serving on %s:%d", self.proxy_id, self.options.host, self.options.port)
+
+    async def shutdown(self) -> None:
+        self._stopping.set()
+        self.access.flush()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        try:
+            await self.store.delete_field(self.names.proxies, self.proxy_id)
+            await self.store.redis.delete(self.names.proxy_alive(self.proxy_id))
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self.broker.close(), 5)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
+        await self.store.close()
+
+    async def _refresh(self, event: str | None) -> None:
+        if event not in (None, "routes"):
+            return
+        try:
+            table = await self.store.routes()
+            # No table at all: Redis restarted empty. Keep serving the cached routes until a
+            # controller writes them back.
+            if table.get("version", 0) and table["version"] != self.table.version:
+                self.table.load(table)
+                log.info("routes v%d: %s", self.table.version, sorted(self.table.routes))
+            await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
+            await self.store.put(self.names.proxies, self.proxy_id, {
+                "proxy_id": self.proxy_id, "host": self.options.host, "port": self.options.port,
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(), "routes_version": self.table.version, "updated": now(),
+            })
+        except Exception as exc:  # keep serving the cached routes while Redis is away
+            log.warning("could not refresh routes: %s", exc)
+
+    # ASGI ------------------------------------------------------------------------------------
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] == "websocket":
+            await self._forward_websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if scope["path"].startswith("/-/"):
+            await self._internal(scope, receive, send)
+            return
+        exchange = _Exchange(send)
+        self._inflight += 1
+        try:
+            await self._forward(scope, receive, exchange)
+        except ReplicaChanged:
+            raise
+        except ClusterUnavailable as exc:
+            await _plain(exchange, 503, f"Service Unavailable: {exc}")
+        except QueueFull as exc:
+            self.metrics.rejected(exchange.app)
+            await _plain(exchange, 503, f"Service Unavailable: application {exc} has "
+                                        "max_queued_requests waiting already; retry later.",
+                         extra_headers=[(b"retry-after", b"1")])
+        finally:
+            self._inflight -= 1
+            self._finished(scope, exchange)
+
+    def _finished(self, scope: dict[str, Any], exchange: _Exchange) -> None:
+        """One request's metrics and log line: a counter, a histogram, a list append."""
+        seconds = time.perf_counter() - exchange.arrived
+        status = exchange.status or 499  # nothing was sent: the client left first
+        self.metrics.observe(exchange.app, exchange.route, status, seconds)
+        if self.access.enabled:
+            self.access.add((scope["method"], scope["path"], status, seconds,
+                             exchange.request_id, exchange.app, exchange.route))
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _match(self, scope: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        root_path = scope.get("root_path", "")
+        path = scope["path"][len(root_path):] if scope["path"].startswith(root_path) else scope["path"]
+        return self.table.match(path or "/")
+
+    async def _forward(self, scope: dict[str, Any], receive: Any, exchange: _Exchange) -> None:
+        # The correlation id is always the proxy's own, so it is unique; a client's
+        # X-Request-Id, if it sent one, is the id logged, returned and passed on.
+        request_id = f"{self.proxy_id}-{next(self._ids)}"
+        length, client_id = _scan_headers(scope["headers"])
+        exchange.request_id = client_id or request_id
+        matched = self._match(scope)
+        if matched is None:
+            await _plain(exchange, 404, f"Not Found: no application serves {scope['path']!r}.")
+            return
+        prefix, route = matched
+        exchange.route, exchange.app = prefix, route["app"]
+        if not route.get("ready"):
+            reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
+            await _plain(exchange, 503, f"Service Unavailable: {reason}")
+            return
+        if length is not None and length > self.max_body:
+            await _plain(exchange, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
+            return
+        try:
+            first, more_body = await _read_chunk(receive)
+        except ClientGone:
+            return  # nothing was published, so there is nothing to cancel
+        events = self.router.register(request_id)
+        timeout = self.options.request_timeout_s
+        watch = _DisconnectWatch(receive) if not more_body else None
+        queue, chosen = route["queue"], None
+        if self.affinity.knows(queue) and not route.get("bounded"):
+            model_id = protocol.model_id_from_headers(scope["headers"])
+            chosen = self.affinity.pick(queue, model_id) if model_id else None
+        try:
+            await self._publish(scope, route, prefix, request_id, first, more_body, timeout,
+                                self.names.affinity_queue(chosen) if chosen else queue,
+                                client_id)
+            relay = self._relay(events, receive, exchange, more_body, len(first), request_id,
+                                queue, chosen)
+            if timeout is None:
+                await relay
+            else:
+                async with asyncio.timeout(timeout):
+                    await relay
+        except TimeoutError:
+            self._cancel(request_id)
+            if exchange.started:
+                raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
+            await _plain(exchange, 408, f"Request Timeout: no complete response within {timeout}s.")
+        except asyncio.CancelledError:
+            if watch is None or not watch.client_gone:
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            self._cancel(request_id)  # the client left: stop the work it asked for
+        finally:
+            if watch is not None:
+                watch.stop()
+            if chosen is not None:
+                self.affinity.done(queue, chosen)
+            self.router.unregister(request_id)
+
+    async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Pin a WebSocket session to the replica that accepts it and carry its frames."""
+        matched = self._match(scope)
+        if matched is None or not matched[1].get("ready"):
+            await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
+            return
+        prefix, route = matched
+        request_id = f"{self.proxy_id}-{next(self._ids)}"
+        events = self.router.register(request_id)
+        session = WebSocketSession(self.broker, request_id, receive, send)
+        arrived = time.perf_counter()
+        self._websockets += 1
+        try:
+            payload = {"scope": {**_request_scope(scope, prefix),
+                                 "subprotocols": scope.get("subprotocols", [])}}
+            await receive()  # websocket.connect: answered once the app accepts or refuses
+            await self.broker.publish(
+                route["queue"], protocol.pack(payload), type=protocol.KIND_WEBSOCKET,
+                correlation_id=request_id, reply_to=self.router.queue_name,
+                headers=protocol.request_headers(published_us=protocol.now_us()),
+                mandatory=True,
+            )
+            await session.relay(events)
+        except ClusterUnavailable:
+            await session.close(1011)
+        finally:
+            self._websockets -= 1
+            await session.stop()
+            self.router.unregister(request_id)
+            if self.access.enabled:
+                self.access.add(("WEBSOCKET", scope["path"], 101 if session.accepted else 403,
+                                 time.perf_counter() - arrived, request_id, route["app"],
+                                 prefix))
+
+    def _cancel(self, request_id: str) -> None:
+        task = asyncio.ensure_future(cancel(self.broker, self.store, [request_id]))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
+                       request_id: str, body: bytes, more_body: bool,
+                       timeout: float | None, queue: str, client_id: str | None) -> None:
+        payload = {
+            "scope": {"method": scope["method"], **_request_scope(scope, prefix)},
+            "body": body,
+            "more_body": more_body,
+            "window": FLOW_WINDOW_BYTES,
+        }
+        deadline = expiration = None
+        if timeout is not None:  # a request that outlives its deadline in the queue never runs
+            deadline = int((time.time() + timeout) * 1000)
+            expiration = str(int(timeout * 1000))
+        headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
+                                           request_id=client_id)
+        body = protocol.pack(payload)
+        if route.get("bounded"):
+            if not await self.broker.publish_confirmed(
+                queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
+                reply_to=self.router.queue_name, headers=headers, expiration=expiration,
+                mandatory=True,
+            ):
+                raise QueueFull(route["app"])
+            return
+        await self.broker.publish(
+            queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
+            reply_to=self.router.queue_name, headers=headers, expiration=expiration,
+            mandatory=True,
+        )
+
+    async def _relay(self, events: Mailbox, receive: Any, exchange: _Exchange,
+                     more_body: bool, sent_bytes: int, request_id: str, queue: str,
+                     chosen: str | None) -> None:
+        """Pass reply events to the client; upload the rest of the body once a replica asks.
+
+        `queue` is the deployment's queue, and `chosen` the replica whose affinity queue the
+        request went to, if any: the first event tells what that replica and others hold."""
+        send = exchange.send
+        replica: str | None = None
+        started = streaming = False
+        upload: asyncio.Task[str | None] | None = None
+        try:
+            while True:
+                kind, event = await events.get()
+                if replica is not None and event.get("replica", replica) != replica:
+                    # RabbitMQ redelivered the request after its replica died.
+                    if started:
+                        raise ReplicaChanged(f"replica {replica} died mid-response")
+                    if upload is not None:
+                        await _plain(exchange, 502, "Bad Gateway: the replica died while "
+                                                    "receiving the request body.")
+                        return
+                if replica is None and (chosen is not None or "models" in event):
+                    self.affinity.observe(queue, chosen, event)
+                replica = event.get("replica", replica)
+                if kind == protocol.ACCEPTED and more_body and upload is None:
+                    upload = asyncio.create_task(
+                        self._upload(receive, event["inbox"], request_id, sent_bytes)
+                    )
+                elif kind == protocol.START:
+                    started = True
+                    credit = _Credit(self.broker, event.get("inbox"), request_id)
+                    await send(exchange.start(event["status"],
+                                              [tuple(h) for h in event.get("headers", ())]))
+                    body = event.get("body", b"")
+                    await send({"type": "http.response.body", "body": body,
+                                "more_body": event.get("more_body", False)})
+                    if not event.get("more_body", False):
+                        return
+                    streaming = True
+                    self._streams += 1
+                    await credit.passed_on(len(body))
+                elif kind == protocol.BODY and started:
+                    body, more = _take_waiting_bodies(events, event, replica)
+                    await send({"type": "http.response.body", "body": body, "more_body": more})
+                    if not more:
+                        return
+                    await credit.passed_on(len(body))
+                elif kind == protocol.ERROR:
+                    if started:
+                        raise ReplicaChanged(f"response cut short: {event.get('message')}")
+                    failed = _upload_error(upload)
+                    if failed is not None:
+                        await _plain(exchange, 413, failed)
+                    else:
+                        await _error_response(exchange, event)
+                    return
+        finally:
+            if streaming:
+                self._streams -= 1
+            if upload is not None and not upload.done():
+                upload.cancel()
+
+    async def _upload(self, receive: Any, inbox: str, request_id: str, sent: int) -> str | None:
+        """Stream the rest of the request body to the replica's inbox. Returns an error text."""
+        more = True
+        while more:
+            try:
+                chunk, more = await _read_chunk(receive)
+            except ClientGone:
+                await self._send_disconnect(inbox, request_id)
+                return "Client Closed Request"
+            sent += len(chunk)
+            if sent > self.max_body:
+                await self._send_disconnect(inbox, request_id)
+                return f"Payload Too Large: the limit is {self.max_body} bytes."
+            await self.broker.publish(inbox, protocol.pack({"body": chunk, "more_body": more}),
+                                      type=protocol.BODY, correlation_id=request_id)
+        return None
+
+    async def _send_disconnect(self, inbox: str, request_id: str) -> None:
+        await self.broker.publish(inbox, protocol.pack({}), type=protocol.DISCONNECT,
+                                  correlation_id=request_id)
+
+    # internal endpoints --------------------------------------------------------------------
+    async def _healthz(self, request: Request) -> Response:
+        connection = self.broker.connection
+        if connection is None or connection.is_closed:
+            return PlainTextResponse("RabbitMQ connection is down", status_code=503)
+        return PlainTextResponse("success")
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def _routes(self, request: Request) -> Response:
+        return JSONResponse({prefix: r["app"] for prefix, r in self.table.routes.items()})
+
+    async def _routes_detail(self, request: Request) -> Response:
+        return Response(orjson.dumps({"version": self.table.version, "routes": self.table.routes}),
+                        media_type="application/json")
+
+
+def _request_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The `scope` map of a request message (docs/protocol.md): the client's ASGI scope with
+    the matched route prefix added to its root path."""
+    root_path = scope.get("root_path", "")
+    return {
+        "path": scope["path"],
+        "raw_path": scope.get("raw_path"),
+        "query_string": scope["query_string"],
+        "headers": scope["headers"],
+        "root_path": root_path + prefix if prefix != "/" else root_path,
+        "http_version": scope.get("http_version", "1.1"),
+        "scheme": scope["scheme"],
+        "client": scope.get("client"),
+        "server": scope.get("server"),
+    }
+
+
+def _take_waiting_bodies(events: Mailbox, event: dict[str, Any],
+                         replica: str | None) -> tuple[bytes, bool]:
+    """This body event joined with the body events of the same replica already waiting: a
+    client that reads slower than the replica writes gets fewer, larger writes."""
+    parts = [event.get("body", b"")]
+    more = bool(event.get("more_body", False))
+    while more:
+        waiting = events.peek()
+        if waiting is None or waiting[0] != protocol.BODY or \
+                waiting[1].get("replica", replica) != replica:
+            break
+        _, following = events.get_nowait()
+        parts.append(following.get("body", b""))
+        more = bool(following.get("more_body", False))
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), more
+
+
+class _Credit:
+    """Grants a streaming replica more window as the client takes what it sent: the proxy
+    never holds much more than FLOW_WINDOW_BYTES of one response."""
+
+    def __init__(self, broker: Broker, inbox: str | None, request_id: str) -> None:
+        self.broker = broker
+        self.inbox = inbox
+        self.request_id = request_id
+        self.owed = 0
+
+    async def passed_on(self, size: int) -> None:
+        self.owed += size
+        if self.inbox and self.owed >= FLOW_WINDOW_BYTES // 2:
+            owed, self.owed = self.owed, 0
+            await self.broker.publish(self.inbox, protocol.pack({"bytes": owed}),
+                                            type=protocol.CREDIT,
+                                            correlation_id=self.request_id)
+
+
+class _Exchange:
+    """One HTTP request at the proxy: its status once the response starts (a timeout must not
+    answer twice), and what its metrics and log line need."""
+
+    __slots__ = ("app", "arrived", "request_id", "route", "send", "status")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.arrived = time.perf_counter()
+        self.status = 0
+        self.app = self.route = self.request_id = ""
+
+    @property
+    def started(self) -> bool:
+        return self.status != 0
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+        """The `http.response.start` message. Every response carries the request's id as
+        `X-Request-Id`, unless the app set one."""
+        self.status = status
+        for name, _ in headers:
+            if name == b"x-request-id":
+                break
+        else:
+            headers.append((b"x-request-id", self.request_id.encode()))
+        return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _access_text(line: tuple[Any, ...]) -> str:
+    method, path, status, seconds, request_id, app, _ = line
+    return (f"{method} {path} {status} {seconds * 1000:.2f}ms request_id={request_id} "
+            f"application={app}")
+
+
+def _access_fields(line: tuple[Any, ...]) -> dict[str, Any]:
+    method, path, status, seconds, request_id, app, route = line
+    return {"method": method, "path": path, "status": status,
+            "duration_ms": round(seconds * 1000, 3), "request_id": request_id,
+            "application": app, "route": route}
+
+
+class _DisconnectWatch:
+    """Notices a client that leaves while its response is pending, and cancels the request.
+
+    Most requests are answered in about a millisecond, so the watch starts only after 50 ms:
+    a fast request costs a timer, not a task.
+    """
+
+    DELAY_S = 0.05
+
+    def __init__(self, receive: Any) -> None:
+        self._receive = receive
+        self._request_task = asyncio.current_task()
+        self._watch: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(self.DELAY_S, self._start)
+        self.client_gone = False
+
+    def _start(self) -> None:
+        self._watch = asyncio.ensure_future(self._wait_for_disconnect())
+
+    async def _wait_for_disconnect(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.client_gone = True
+        if self._request_task is not None:
+            self._request_task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+async def _read_chunk(receive: Any) -> tuple[bytes, bool]:
+    """Read request body messages until a chunk's worth (or the end) has arrived."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        body = message.get("body", b"")
+        if body:
+            parts.append(body)
+            size += len(body)
+        more = message.get("more_body", False)
+        if not more or size >= CHUNK_BYTES:
+            return (parts[0] if len(parts) == 1 else b"".join(parts)), more
+
+
+def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
+    if upload is None or not upload.done() or upload.cancelled() or upload.exception():
+        return None
+    return upload.result()
+
+
+def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
+    """The request's content-length, and the client's X-Request-Id if it is usable."""
+    length = client_id = None
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                pass
+        elif name == b"x-request-id" and _CLIENT_REQUEST_ID.fullmatch(value):
+            client_id = value.decode("ascii")
+    return length, client_id
+
+
+async def _plain(exchange: _Exchange, status: int, text: str,
+                 extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = text.encode()
+    await exchange.send(exchange.start(status, [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra_headers or ()),
+    ]))
+    await exchange.send({"type": "http.response.body", "body": body})
+
+
+async def _error_response(exchange: _Exchange, event: dict[str, Any]) -> None:
+    status = int(event.get("status", 500))
+    if status == 500:  # a user exception: its details stay in the replica's log
+        text = "Internal Server Error"
+    else:
+        text = str(event.get("message", ""))
+    await _plain(exchange, status, text)
+
+
+def with_middlewares(app: Any, options: HTTPOptions) -> Any:
+    """The proxy wrapped in the user's Starlette middlewares, the first one outermost."""
+    for spec in reversed(options.middlewares):
+        try:
+            middleware = spec.load()
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(f"cannot import middleware {spec.import_path!r}: {exc}") from exc
+        app = middleware(app, *spec.args, **spec.kwargs)
+    return app
+
+
+def resolve_keep_alive(options: HTTPOptions) -> float:
+    """`BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S` wins over the config, as Ray's variable does."""
+    value = os.environ.get("BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
+    return float(value) if value else options.keep_alive_timeout_s
+
+
+async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
+    proxy = Proxy(settings, options)
+    await proxy.startup()
+    config = uvicorn.Config(
+        with_middlewares(proxy, options), host=options.host, port=options.port, loop="none", http="httptools",
+        lifespan="off", access_log=False, log_level="warning",
+        log_config=None,  # uvicorn's records go through our handler and format
+        timeout_keep_alive=resolve_keep_alive(options),  # type: ignore[arg-type]
+        timeout_graceful_shutdown=30,
+    )
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    finally:
+        await proxy.shutdown()

@@ -1,0 +1,644 @@
+"""A replica: one OS process that runs one deployment instance and consumes its queue.
+
+Lifecycle: `startup` loads the signed definition from Redis and constructs the user's object,
+then consumes the deployment's queue with prefetch = max_ongoing_requests. `main_loop` keeps
+the heartbeat. `shutdown` (on SIGTERM) stops consuming, lets in-flight requests finish within
+`graceful_shutdown_timeout_s`, and closes the connection, so RabbitMQ requeues whatever is left.
+
+Message policy: a request is acked once its terminal event is published. A message without
+`reply_to` cannot be answered and is rejected without requeue, which dead-letters it. Acks and
+rejects of one channel go out in order through its `Settler` (`_acks.py`).
+
+Poison requests: a request whose replicas died with it three times is answered 502 on its 4th
+delivery and dead-lettered. Only deaths count. A live replica that loses a channel, or stops
+before finishing a request, writes down the requests it released, and their redeliveries are
+not counted against them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import inspect
+import logging
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+
+from ..client.handle import calls_of_current_request
+from ..client.runtime import install_replica_runtime
+from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
+from ..context import ReplicaContext, _request_id, _set_replica_context
+from ..exceptions import ProtocolError, RayServeException
+from ..lifecycle import heartbeat_loop, sleep_or_stop, stop_on_signals
+from ..observability import metrics
+from ..observability.logging import AccessLog, setup_logging
+from ..protocol import messages as protocol
+from ..protocol.call_values import loads_signed
+from ..settings import Settings
+from ..state.store import Store, now
+from ..transport import affinity
+from ..transport.acks import Settler
+from ..transport.broker import Broker, DeliveryCallback, Subscription, connection_name, subscribe
+from ..transport.cancellation import CancelledSet
+from . import ingress, multiplex
+from .execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
+from .threads import ThreadRunner
+
+log = logging.getLogger("broker_serve.replica.replica")
+
+HEARTBEAT_INTERVAL_S = 2.0
+CONFIG_REFRESH_S = 5.0
+# A request delivered this often died with its replica every time: it is not tried again.
+MAX_DELIVERIES = 4
+DELIVERY_COUNT_TTL_S = 3600
+
+
+class Replica:
+    def __init__(self, settings: Settings, app: str, deployment: str, replica_id: str,
+                 version: str) -> None:
+        self.settings = settings
+        self.app = app
+        self.deployment = deployment
+        self.replica_id = replica_id
+        self.version = version
+        self.store = Store(settings.redis_url, settings.cluster)
+        self.names = self.store.names
+        self.broker = Broker(settings.amqp_url,
+                             connection_name(settings.cluster, "replica", replica_id),
+                             cancel_exchange=self.names.cancel_exchange)
+        self.inbox_name = self.names.inbox(replica_id)
+        self.servable: Servable | None = None
+        self.config = DeploymentConfig()
+        self.user_config_hash = ""
+        self._reconfiguring = asyncio.Lock()
+        self.secret = b""
+        self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._settler: Settler | None = None  # of the request channel now open
+        self._journals: set[asyncio.Task[None]] = set()
+        self._cancelled = CancelledSet()
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancelling: set[str] = set()
+        self._cancel_queue: Any = None
+        self._windows: dict[str, FlowWindow] = {}
+        self._stopping = asyncio.Event()
+        self._consumers: list[Subscription] = []
+        self._inbox: Any = None
+        self._affinity_queue: Any = None
+        # For a multiplexed class: adds what the replica holds to a request's first reply event.
+        self._advertise_models: Any = None
+        self.metrics = metrics.ReplicaMetrics(app, deployment, replica_id)
+        self.access = AccessLog(functools.partial(_access_text, f"{app}/{deployment}"),
+                                functools.partial(_access_fields, app, deployment, replica_id))
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def run(self) -> int:
+        stop_on_signals(self._stopping)
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.error("replica %s failed to start:\n%s", self.replica_id, traceback.format_exc())
+            await self._report_failure(exc)
+            return 1
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 0
+
+    async def startup(self) -> None:
+        await self.store.ping()
+        await self._write_record("STARTING")
+        self.secret = await self.store.secret()
+        spec_blob = await self.store.spec(self.app, self.deployment, self.version)
+        if spec_blob is None:
+            raise RuntimeError(f"no definition stored for {self.app}/{self.deployment} "
+                               f"version {self.version}")
+        spec = protocol.unpack(spec_blob)
+        for path in reversed(spec.get("sys_path", [])):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        definition = loads_signed(spec["pickled"], spec["sig"], self.secret)
+        # The live options come from the app record: they change without a new version.
+        self.config = DeploymentConfig.model_validate(
+            {**definition["config"], **await self._live_options()})
+        self.user_config_hash = user_config_hash(self.config.model_dump(mode="json")["user_config"])
+        metrics.set_replica_metrics(self.metrics)  # for @serve.batch and @serve.multiplexed
+        threads = max(4, self.config.max_ongoing_requests)
+        # Requests' sync code runs in the ThreadRunner; lifecycle calls (reconfigure,
+        # check_health) and the user's own asyncio.to_thread in the default executor.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=threads, thread_name_prefix="user-lifecycle"))
+        self.broker.on_channel_lost(self.metrics.channels_lost.inc)
+        await self.broker.connect()
+        # Before the constructor: handles passed to it, or made in it, must work.
+        await install_replica_runtime(self.settings, self.broker)
+        self.servable = await self._construct(definition, ThreadRunner(threads))
+
+        inbox_channel = await self.broker.channel()
+        # Held strongly: aio-pika re-declares it after a reconnect.
+        self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
+                                                        auto_delete=True)
+        await subscribe(self.broker, inbox_channel, self.inbox_name, self._on_inbox,
+                        no_ack=True)
+        # Cancellations: the live tombstones first, then the broadcast, before any request.
+        await self._cancelled.load(self.store)
+        cancel_queue = self.names.cancel_queue(self.replica_id)
+        self._cancel_queue = await inbox_channel.declare_queue(cancel_queue, exclusive=True,
+                                                               auto_delete=True)
+        await self._cancel_queue.bind(self.names.cancel_exchange)
+        await subscribe(self.broker, inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
+        await self._consume_requests()
+        await self._write_record("RUNNING")
+        await self.store.announce("replicas")
+        log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
+                 self.deployment, os.getpid())
+
+    async def _consume_requests(self) -> None:
+        """Consume the deployment's queue with prefetch = max_ongoing_requests.
+
+        Model affinity (docs/architecture.md): a multiplexed replica also consumes its own
+        queue, on the same channel and within one channel-wide prefetch, so it still runs at
+        most max_ongoing_requests."""
+        assert self.servable is not None
+        capacity = self.config.max_ongoing_requests
+        queue = self.names.request_queue(self.app, self.deployment)
+        if not await self._live_options():
+            raise RuntimeError(f"application {self.app!r} was deleted while this replica "
+                               "started")
+        multiplexed = not self.servable.is_function and multiplex.is_multiplexed(
+            type(self.servable.target))
+        channel = await self.broker.channel(prefetch=capacity, global_qos=multiplexed)
+        await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
+        queues = [queue]
+        if multiplexed:
+            name = self.names.affinity_queue(self.replica_id)
+            # Held strongly: aio-pika re-declares it after a reconnect.
+            self._affinity_queue = await channel.declare_queue(
+                name, durable=True, arguments=affinity.queue_arguments(queue))
+            queues.insert(0, name)
+
+            def advertise(fields: dict[str, Any]) -> None:
+                fields["models"] = multiplex.loaded_model_ids()
+                fields["capacity"] = capacity
+
+            self._advertise_models = advertise
+        self._consumers.append(await Subscription(
+            self.broker, channel, queues, self._on_request_channel, no_ack=False).start())
+
+    def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
+        """A (re)opened request channel: its deliveries are settled by a settler of its own."""
+        settler = Settler(raw, self.broker.frame_writer(raw),
+                          prefetch=self.config.max_ongoing_requests)
+        self._settler = settler
+        raw.closing.add_done_callback(lambda _: self._channel_closed(settler))
+        return functools.partial(self._on_request, settler)
+
+    def _channel_closed(self, settler: Settler) -> None:
+        """RabbitMQ requeues what this channel had not settled; this replica is alive, so
+        those redeliveries are not deaths. (Stopping, `shutdown` writes them down itself.)"""
+        released = [cid for _, _, cid in settler.ledger.unsettled()]
+        if released and not self._stopping.is_set():
+            task = asyncio.ensure_future(self._journal_released(released))
+            self._journals.add(task)
+            task.add_done_callback(self._journals.discard)
+
+    async def _construct(self, definition: dict[str, Any], threads: ThreadRunner) -> Servable:
+        target = definition["func_or_class"]
+        is_function = not inspect.isclass(target)
+        asgi_app = ingress.asgi_app_of(target)
+        if is_function:
+            instance = target
+        else:
+            instance = target(*definition["args"], **definition["kwargs"])
+            if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
+                instance = await instance
+        ingress.set_servable(instance)
+        if asgi_app is not None and not is_function:
+            ingress.drop_other_views(asgi_app, target)
+        _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id, instance))
+        user_config = self.config.user_config
+        if user_config is not None and hasattr(instance, "reconfigure"):
+            result = instance.reconfigure(user_config)
+            if inspect.isawaitable(result):
+                await result
+        return Servable(instance, is_function, asgi_app, threads)
+
+    async def main_loop(self) -> None:
+        async def beat() -> None:
+            self._cancelled.prune()
+            # Its value is the number of requests running: the autoscaler's ongoing load.
+            await self.store.heartbeat(self.names.replica_alive(self.replica_id),
+                                       str(len(self._tasks)))
+
+        watchers = [
+            asyncio.create_task(self.store.watch_events(self._on_event, CONFIG_REFRESH_S,
+                                                        self._stopping)),
+            asyncio.create_task(self._health_loop()),
+            asyncio.create_task(self.metrics.flush_loop(lambda: len(self._tasks),
+                                                        self._stopping)),
+        ]
+        try:
+            auto = self.config.autoscaling_config
+            interval = min(HEARTBEAT_INTERVAL_S, auto.metrics_interval_s if auto else 1e9)
+            await heartbeat_loop(beat, interval, self._stopping)
+        finally:
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+
+    # live options and health -------------------------------------------------------------------
+    async def _live_options(self) -> dict[str, Any]:
+        record = await self.store.get_one(self.names.apps, self.app) or {}
+        config = record.get("deployments", {}).get(self.deployment, {}).get("config", {})
+        return {k: v for k, v in config.items() if k in LIVE_OPTIONS}
+
+    async def _on_event(self, event: str | None) -> None:
+        """Take on changed live options; a new user_config goes to `reconfigure()`."""
+        if event not in (None, "apps"):
+            return
+        live = await self._live_options()
+        if not live:
+            return  # the app is being deleted: the controller stops this replica
+        async with self._reconfiguring:
+            config = DeploymentConfig.model_validate(
+                {**self.config.model_dump(exclude=set(LIVE_OPTIONS)), **live})
+            wanted = user_config_hash(config.model_dump(mode="json")["user_config"])
+            self.config = config
+            if wanted == self.user_config_hash:
+                return
+            try:
+                await self._call_user("reconfigure", config.user_config)
+            except Exception as exc:
+                log.error("reconfigure() failed:\n%s", traceback.format_exc())
+                await self._unhealthy(f"reconfigure() failed: {type(exc).__name__}: {exc}")
+                return
+            self.user_config_hash = wanted
+            log.info("replica %s took the new user_config", self.replica_id)
+            await self._write_record("RUNNING")
+            await self.store.announce("replicas")
+
+    async def _call_user(self, method: str, *args: Any) -> Any:
+        """Call a lifecycle method of the user's class, if it has it; sync ones off the loop."""
+        assert self.servable is not None
+        func = None if self.servable.is_function else getattr(self.servable.target, method, None)
+        if func is None:
+            return None
+        if inspect.iscoroutinefunction(func):
+            return await func(*args)
+        result = await asyncio.get_running_loop().run_in_executor(None, func, *args)
+        return await result if inspect.isawaitable(result) else result
+
+    async def _health_loop(self) -> None:
+        """Call `check_health()` every health_check_period_s; a failure or a timeout gets this
+        replica replaced."""
+        assert self.servable is not None
+        if self.servable.is_function or not hasattr(self.servable.target, "check_health"):
+            return
+        while not self._stopping.is_set():
+            await sleep_or_stop(self._stopping, self.config.health_check_period_s)
+            if self._stopping.is_set():
+                return
+            timeout = self.config.health_check_timeout_s
+            try:
+                await asyncio.wait_for(self._call_user("check_health"), timeout)
+            except TimeoutError:
+                await self._unhealthy(f"check_health() did not return within {timeout}s")
+                return
+            except Exception as exc:
+                await self._unhealthy(f"check_health() failed: {type(exc).__name__}: {exc}")
+                return
+
+    async def _unhealthy(self, message: str) -> None:
+        """Ask to be replaced: the controller starts another replica and stops this one."""
+        log.error("replica %s is unhealthy: %s", self.replica_id, message)
+        await self._safe_record("UNHEALTHY", message[:500])
+        try:
+            await self.store.announce("replicas")
+        except Exception:
+            pass
+
+    async def shutdown(self) -> None:
+        log.info("replica %s stopping", self.replica_id)
+        await self._safe_record("STOPPING")
+        for consumer in self._consumers:
+            try:
+                await asyncio.wait_for(consumer.cancel(), 5)
+            except Exception as exc:  # broker away: closing the connection below stops it too
+                log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
+        deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
+        while self._tasks and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.05, self.config.graceful_shutdown_wait_loop_s))
+        stragglers = list(self._tasks)
+        for task in stragglers:
+            task.cancel()
+        if stragglers:
+            log.warning("cancelled %d unfinished request(s); RabbitMQ requeues them",
+                        len(stragglers))
+            await asyncio.gather(*stragglers, return_exceptions=True)
+        settler = self._settler
+        if settler is not None:
+            try:
+                await asyncio.wait_for(settler.drain(), 5)
+            except Exception as exc:
+                log.warning("could not send the last acks: %s", exc)
+            await self._journal_released([cid for _, _, cid in settler.ledger.unsettled()])
+        try:
+            await asyncio.wait_for(self.broker.close(), 5)
+        except Exception as exc:
+            log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
+        try:
+            await self.store.redis.delete(self.names.replica_alive(self.replica_id))
+        except Exception:
+            pass
+        if self.servable is not None:
+            self.servable.threads.shutdown()
+        self.metrics.flush(0)
+        self.access.flush()
+        await self.store.close()
+
+    # records -----------------------------------------------------------------------------------
+    async def _write_record(self, state: str, message: str = "") -> None:
+        await self.store.update(
+            self.names.replicas, self.replica_id, replica_id=self.replica_id, app=self.app,
+            deployment=self.deployment, version=self.version, state=state, message=message,
+            pid=os.getpid(), updated=now(), user_config_hash=self.user_config_hash,
+        )
+
+    async def _safe_record(self, state: str, message: str = "") -> None:
+        try:
+            await self._write_record(state, message)
+        except Exception as exc:
+            log.warning("could not record state %s: %s", state, exc)
+
+    async def _report_failure(self, exc: BaseException) -> None:
+        await self._safe_record("FAILED", f"{type(exc).__name__}: {exc}"[:500])
+        try:
+            await self.store.announce("replicas")
+        except Exception:
+            pass
+        await self.broker.close()
+        await self.store.close()
+
+    # messages ----------------------------------------------------------------------------------
+    async def _on_request(self, settler: Settler, message: DeliveredMessage) -> None:
+        """Runs in the task aiormq starts for each delivery; aiormq cancels it if the channel
+        closes, and then RabbitMQ gives the request to a replica that has one."""
+        delivery = cast(Basic.Deliver, message.delivery)  # a consumer gets only deliveries
+        tag = cast(int, delivery.delivery_tag)
+        settler.delivered(tag, message.header.properties.correlation_id or "")
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        self._tasks.add(task)
+        try:
+            await self._handle(message, tag, bool(delivery.redelivered), settler)
+        finally:
+            self._tasks.discard(task)
+
+    async def _on_inbox(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        correlation_id = properties.correlation_id or ""
+        try:
+            fields = protocol.decode_map(message.body)
+        except ProtocolError:
+            fields = {}
+        if properties.message_type == protocol.CREDIT:
+            window = self._windows.get(correlation_id)
+            if window is not None and isinstance(fields.get("bytes"), int):
+                window.grant(fields["bytes"])
+            return
+        queue = self._inboxes.get(correlation_id)
+        if queue is None:
+            return
+        queue.put_nowait((properties.message_type or "", fields))
+
+    async def _on_cancel(self, message: DeliveredMessage) -> None:
+        try:
+            fields = protocol.decode_map(message.body)
+            ids = self._cancelled.add(list(fields.get("ids") or ()), int(fields["expires"]))
+        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a malformed cancel message: %s", exc)
+            return
+        for request_id in ids:
+            task = self._running.get(request_id)
+            if task is not None:
+                self._cancelling.add(request_id)
+                task.cancel()
+
+    async def _handle(self, message: DeliveredMessage, tag: int, redelivered: bool,
+                      settler: Settler) -> None:
+        properties = message.header.properties
+        reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
+        self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
+        calls_of_current_request.set([])  # this task's own context: the calls it makes
+        headers = properties.headers or {}
+        request_id = headers.get(protocol.HEADER_REQUEST_ID)
+        if request_id.__class__ is not str or len(request_id) > protocol.MAX_ID_LENGTH:
+            request_id = correlation_id
+        _request_id.set(request_id)  # the handle calls it makes carry it on
+        published = headers.get(protocol.HEADER_PUBLISHED)
+        if redelivered:
+            self.metrics.redeliveries.inc()
+        elif published.__class__ is int:
+            self.metrics.waited(max(0.0, time.time() - published / 1e6))
+        started = time.perf_counter()
+        try:
+            stream = await self._handle_running(message, tag, redelivered, reply_to,
+                                                correlation_id, settler)
+        finally:
+            self._running.pop(correlation_id, None)
+            self._cancelling.discard(correlation_id)
+        if stream is not None:
+            self._finished(stream, time.perf_counter() - started, request_id)
+
+    def _finished(self, stream: ReplyStream, seconds: float, request_id: str) -> None:
+        """One request's metrics and log line."""
+        self.metrics.finished(stream.method, seconds, stream.status,
+                              stream.failed or stream.status >= 500)
+        if self.access.enabled:
+            self.access.add((stream.method, stream.http, stream.status, seconds, request_id))
+
+    async def _handle_running(self, message: DeliveredMessage, tag: int, redelivered: bool,
+                              reply_to: str | None, correlation_id: str,
+                              settler: Settler) -> ReplyStream | None:
+        """Run the request; returns its stream once it is settled (None: no reply_to)."""
+        properties = message.header.properties
+        if not reply_to:
+            log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
+            settler.rejected(tag)
+            return None
+
+        advertise = self._advertise_models
+
+        async def publish(event: str, fields: dict[str, Any]) -> None:
+            nonlocal advertise
+            fields["replica"] = self.replica_id
+            if advertise is not None:  # the first event of a multiplexed replica's reply
+                advertise(fields)
+                advertise = None
+            await self.broker.publish(reply_to, protocol.pack(fields), type=event,
+                                      correlation_id=correlation_id)
+
+        stream = ReplyStream(publish)
+        stream.method = _METHOD_OF_KIND.get(properties.message_type or "", "unknown")
+        if redelivered and await self._delivered_too_often(correlation_id):
+            await stream.error(502, "RequestKilledReplicas",
+                               f"the request ran {MAX_DELIVERIES - 1} times and its replica "
+                               "died each time; it was dead-lettered, not retried")
+            settler.rejected(tag)
+            return stream
+        try:
+            if correlation_id in self._cancelled:
+                raise ProtocolError("the request was cancelled before it ran", status=499,
+                                    error="Cancelled")
+            await self._dispatch(message, stream, correlation_id)
+        except ProtocolError as exc:
+            await stream.error(exc.status, exc.error, str(exc))
+        except asyncio.CancelledError:
+            if correlation_id in self._cancelling:  # cancelled by its caller: done, not retried
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                for call in calls_of_current_request.get() or ():
+                    call.cancel()  # cascade to the handle calls it made
+                await stream.error(499, "Cancelled", "the request was cancelled")
+            elif not stream.started:
+                raise  # shutdown: left unacked, RabbitMQ gives it to another replica
+            else:  # a started response cannot move to another replica: end it for the caller
+                await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
+        except Exception as exc:
+            log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
+            kind = properties.message_type
+            detail = str(exc) if kind == protocol.KIND_CALL else "Internal Server Error"
+            # A callee's error passing through keeps its original type, however many hops.
+            error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
+                          else type(exc).__name__)
+            await stream.error(500, error_type, detail[:2000])
+        finally:
+            self._inboxes.pop(correlation_id, None)
+        if stream.finished:
+            settler.finished(tag)
+        else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
+            settler.rejected(tag)
+        return stream
+
+    async def _delivered_too_often(self, correlation_id: str) -> bool:
+        """Count a redelivery, and tell whether the request's replicas died with it
+        MAX_DELIVERIES - 1 times. Only redeliveries pay this Redis round trip."""
+        key = self.names.deliveries(correlation_id)
+        try:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(key, "redelivered", 1)
+                pipe.hget(key, "released")
+                pipe.expire(key, DELIVERY_COUNT_TTL_S)
+                redelivered, released, _ = await pipe.execute()
+        except Exception as exc:  # Redis away: serving goes on without the bound
+            log.warning("could not count the deliveries of %s: %s", correlation_id, exc)
+            return False
+        deaths = int(redelivered) - int(released or 0)
+        if deaths + 1 >= MAX_DELIVERIES:
+            log.error("request %s was delivered %d times, %d of them to replicas that died; "
+                      "dead-lettering it", correlation_id, int(redelivered) + 1, deaths)
+            return True
+        return False
+
+    async def _journal_released(self, correlation_ids: list[str]) -> None:
+        """Write down requests this live replica gives back to RabbitMQ unfinished, so that
+        their redeliveries do not count as deaths."""
+        if not correlation_ids:
+            return
+        try:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for correlation_id in correlation_ids:
+                    key = self.names.deliveries(correlation_id)
+                    pipe.hincrby(key, "released", 1)
+                    pipe.expire(key, DELIVERY_COUNT_TTL_S)
+                await pipe.execute()
+        except Exception as exc:
+            log.warning("could not write down %d released request(s): %s",
+                        len(correlation_ids), exc)
+
+    async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
+                        correlation_id: str) -> None:
+        properties = message.header.properties
+        headers = properties.headers or {}
+        protocol.check_version(headers)
+        deadline = headers.get(protocol.HEADER_DEADLINE)
+        if isinstance(deadline, int) and deadline < time.time() * 1000:
+            raise ProtocolError("the request's deadline passed before a replica took it",
+                                status=408, error="DeadlineExceeded")
+        if len(correlation_id) > protocol.MAX_ID_LENGTH:
+            raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
+        payload = protocol.decode_map(message.body)
+        assert self.servable is not None
+        kind = properties.message_type
+        if kind == protocol.KIND_HTTP:
+            inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+            if payload.get("more_body"):  # the rest of the body will come to the inbox
+                inbox = self._inboxes[correlation_id] = asyncio.Queue()
+            window = None
+            if isinstance(payload.get("window"), int) and payload["window"] > 0:
+                window = self._windows[correlation_id] = FlowWindow(payload["window"])
+            try:
+                await run_http(self.servable, stream, payload, inbox, self.inbox_name,
+                               self.settings.max_body_bytes, window)
+            finally:
+                self._windows.pop(correlation_id, None)
+        elif kind == protocol.KIND_CALL:
+            await run_call(self.servable, stream, payload, self.secret)
+        elif kind == protocol.KIND_WEBSOCKET:
+            session = self._inboxes[correlation_id] = asyncio.Queue()
+            await run_websocket(self.servable, stream, payload, session, self.inbox_name)
+        else:
+            raise ProtocolError(f"unknown request kind {kind!r}")
+
+
+# The metrics' `method` label of a request until its method is known (a call that fails
+# before its method is resolved says "unknown").
+_METHOD_OF_KIND = {protocol.KIND_HTTP: "__call__", protocol.KIND_WEBSOCKET: "websocket"}
+
+
+def _access_text(name: str, line: tuple[Any, ...]) -> str:
+    method, http, status, seconds, request_id = line
+    what = f"{http[0]} {http[1]}" if http else f"call {method}"
+    return f"{name} {what} {status} {seconds * 1000:.2f}ms request_id={request_id}"
+
+
+def _access_fields(app: str, deployment: str, replica_id: str,
+                   line: tuple[Any, ...]) -> dict[str, Any]:
+    method, http, status, seconds, request_id = line
+    fields = {"application": app, "deployment": deployment, "replica": replica_id,
+              "method": method, "status": status, "duration_ms": round(seconds * 1000, 3),
+              "request_id": request_id}
+    if http:
+        fields["http_method"], fields["path"] = http
+    return fields
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m broker_serve.replica")
+    parser.add_argument("--app", required=True)
+    parser.add_argument("--deployment", required=True)
+    parser.add_argument("--replica-id", required=True)
+    parser.add_argument("--version", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    setup_logging(settings.log_level, f"replica {args.replica_id}")
+    _use_uvloop()
+    replica = Replica(settings, args.app, args.deployment, args.replica_id, args.version)
+    sys.exit(asyncio.run(replica.run()))
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+

@@ -1,0 +1,1 @@
+"""The cluster's control state in Redis: the store and its records, liveness, and status views."""

@@ -1,0 +1,203 @@
+"""One view of the cluster's applications, read from Redis: `serve.status()`, the REST API's
+GET and `broker-serve status` all show this.
+
+Per application it joins the desired record (`apps`), the controller's status (`app_status`),
+a config build in flight or failed (`app_builds`), the stored config (`deploy_config`) and the
+replica records.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..config import HTTPOptions
+from ..schema import (
+    ApplicationDetails,
+    ApplicationStatus,
+    ApplicationStatusInfo,
+    DeploymentDetails,
+    DeploymentSchema,
+    DeploymentStatusInfo,
+    HTTPOptionsSchema,
+    ProxyDetails,
+    ProxyStatus,
+    ReplicaDetails,
+    ServeActorDetails,
+    ServeDeploySchema,
+    ServeInstanceDetails,
+    ServeStatus,
+    ServeStatusSchema,
+    status_trigger,
+)
+from .store import Store, now
+
+# Replica records the controller is about to drop: not shown.
+_GONE_STATES = frozenset({"DEAD", "FAILED"})
+
+
+async def read_status(store: Store) -> ServeStatus:
+    """What `serve.status()` returns: the controller's statuses (and replica counts), with
+    config builds and deletions overlaid."""
+    apps = await store.apps()
+    statuses = await store.app_statuses()
+    builds = await _live_builds(store)
+    records = {}
+    for name in sorted(apps.keys() | statuses.keys() | builds.keys()):
+        state, message = _application_status(apps.get(name), statuses.get(name), builds.get(name))
+        deployed_at = (apps.get(name) or builds.get(name) or {}).get("deployed_at", 0.0)
+        records[name] = {"last_deployed_time_s": deployed_at, **(statuses.get(name) or {}),
+                         "status": state.value, "message": message}
+    proxies = await store.get_all(store.names.proxies)
+    alive = await store.alive([store.names.proxy_alive(p) for p in proxies])
+    return ServeStatus.from_records(records, dict(zip(proxies, alive)))
+
+
+async def _live_builds(store: Store) -> dict[str, dict[str, Any]]:
+    """Failed config builds, and those in flight (a mark whose controller died expires)."""
+    builds = await store.get_all(store.names.app_builds)
+    return {name: build for name, build in builds.items()
+            if build.get("status") == "DEPLOY_FAILED" or build.get("expires", 0) > now()}
+
+
+async def read_details(store: Store) -> ServeInstanceDetails:
+    names = store.names
+    apps = await store.apps()
+    statuses = await store.app_statuses()
+    builds = await _live_builds(store)
+    replicas = await store.get_all(names.replicas)
+    config = await stored_config(store)
+    by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in replicas.values():
+        if record.get("state") not in _GONE_STATES:
+            by_deployment.setdefault((record["app"], record["deployment"]), []).append(record)
+
+    applications = {}
+    for name in sorted(apps.keys() | statuses.keys() | builds.keys()):
+        applications[name] = _application(name, apps.get(name), statuses.get(name),
+                                          builds.get(name), config, by_deployment)
+    http_raw = await store.redis.get(names.http_options)
+    http = HTTPOptions.model_validate_json(http_raw) if http_raw else HTTPOptions()
+    return ServeInstanceDetails(
+        controller_info=await _controller_info(store),
+        proxy_location=(config.proxy_location if config and "proxy_location"
+                        in config.model_fields_set else http.location),
+        http_options=HTTPOptionsSchema(
+            host=http.host, port=http.port, root_path=http.root_path,
+            request_timeout_s=http.request_timeout_s,
+            keep_alive_timeout_s=http.keep_alive_timeout_s),
+        grpc_options=config.grpc_options if config else None,
+        proxies=await _proxies(store),
+        applications=applications,
+        target_capacity=config.target_capacity if config else None,
+    )
+
+
+async def stored_config(store: Store) -> ServeDeploySchema | None:
+    raw = await store.redis.get(store.names.deploy_config)
+    return ServeDeploySchema.model_validate_json(raw) if raw else None
+
+
+def _application(name: str, record: dict[str, Any] | None, status: dict[str, Any] | None,
+                 build: dict[str, Any] | None, config: ServeDeploySchema | None,
+                 replicas: dict[tuple[str, str], list[dict[str, Any]]]) -> ApplicationDetails:
+    state, message = _application_status(record, status, build)
+    declarative = build is not None or (record or {}).get("source") == "declarative"
+    app_config = config.application(name) if config and declarative else None
+    deployments = {}
+    dep_records = (record or {}).get("deployments") or (status or {}).get("deployments", {})
+    for dep_name, dep in dep_records.items():
+        dep_status = (status or {}).get("deployments", {}).get(dep_name, {})
+        deployments[dep_name] = DeploymentDetails(
+            name=dep_name,
+            status=dep_status.get("status", "UPDATING"),
+            status_trigger=status_trigger(dep_status),
+            message=dep_status.get("message", ""),
+            deployment_config=_deployment_schema(dep_name, dep.get("config", {})),
+            target_num_replicas=dep_status.get("target_replicas", dep.get("num_replicas", 0)),
+            replicas=[_replica(r) for r in replicas.get((name, dep_name), [])],
+            autoscaling=dep_status.get("autoscaling"),
+        )
+    return ApplicationDetails(
+        name=name,
+        route_prefix=(record["route_prefix"] if record
+                      else app_config.route_prefix if app_config else None),
+        status=state,
+        message=message,
+        last_deployed_time_s=(status or {}).get(
+            "last_deployed_time_s", (record or build or {}).get("deployed_at", 0.0)),
+        deployed_app_config=app_config,
+        source="declarative" if declarative else "imperative",
+        deployments=deployments,
+    )
+
+
+def _application_status(record: dict[str, Any] | None, status: dict[str, Any] | None,
+                        build: dict[str, Any] | None) -> tuple[ApplicationStatus, str]:
+    if build is not None:  # a config build in flight or failed says more than the last status
+        return ApplicationStatus(build["status"]), build.get("message", "")
+    if record is None:
+        return ApplicationStatus.DELETING, ""
+    if status is None:
+        return ApplicationStatus.DEPLOYING, "waiting for the controller"
+    return ApplicationStatus(status["status"]), status.get("message", "")
+
+
+def _deployment_schema(name: str, config: dict[str, Any]) -> DeploymentSchema:
+    fields = {k: v for k, v in config.items() if k in DeploymentSchema.model_fields}
+    if fields.get("autoscaling_config") is not None:
+        fields.pop("num_replicas", None)
+    try:
+        return DeploymentSchema.model_validate({"name": name, **fields})
+    except ValidationError:  # options newer than the schema: show them as they are
+        return DeploymentSchema.model_construct(name=name, **fields)
+
+
+def _replica(record: dict[str, Any]) -> ReplicaDetails:
+    return ReplicaDetails(
+        replica_id=record["replica_id"], state=record.get("state", "PENDING"),
+        pid=record.get("pid"), start_time_s=record.get("start_time", 0.0),
+        node_id=record.get("node"), actor_id=record["replica_id"],
+        actor_name=f"{record['app']}#{record['deployment']}",
+    )
+
+
+async def _proxies(store: Store) -> dict[str, ProxyDetails]:
+    names = store.names
+    records = await store.get_all(names.proxies)
+    alive = await store.alive([names.proxy_alive(p) for p in records])
+    return {
+        proxy_id: ProxyDetails(
+            status=ProxyStatus.HEALTHY if ok else ProxyStatus.UNHEALTHY,
+            node_id=record.get("host"), node_ip=record.get("host"), actor_id=proxy_id,
+            actor_name=f"proxy {record.get('host')}:{record.get('port')}",
+        )
+        for (proxy_id, record), ok in zip(records.items(), alive)
+    }
+
+
+async def _controller_info(store: Store) -> ServeActorDetails:
+    leader = await store.redis.get(store.names.controller_lease)
+    leader_id = leader.decode() if isinstance(leader, bytes) else leader
+    # The id is `<host>-<pid>` of the controller holding the lease.
+    return ServeActorDetails(node_id=leader_id.rsplit("-", 1)[0] if leader_id else None,
+                             actor_id=leader_id, actor_name="controller")
+
+
+def v1_status(details: ServeInstanceDetails, name: str = "default") -> ServeStatusSchema:
+    """`GET /api/serve/deployments/status`: one application, NOT_STARTED if there is none."""
+    app = details.applications.get(name)
+    if app is None:
+        return ServeStatusSchema(
+            name=name, app_status=ApplicationStatusInfo(status=ApplicationStatus.NOT_STARTED))
+    return ServeStatusSchema(
+        name=name,
+        app_status=ApplicationStatusInfo(status=app.status, message=app.message,
+                                         deployment_timestamp=app.last_deployed_time_s),
+        deployment_statuses=[
+            DeploymentStatusInfo(name=d.name, status=d.status, message=d.message,
+                                 status_trigger=d.status_trigger)
+            for d in app.deployments.values()
+        ],
+    )

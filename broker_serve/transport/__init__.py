@@ -1,0 +1,1 @@
+"""AMQP: the connection and its channels, publishing, consuming, acks, and cancellation broadcasts."""

@@ -1,0 +1,386 @@
+"""One AMQP connection per process, long-lived channels, and the reply router.
+
+aio-pika's robust connection owns every channel: it opens them, and after a lost connection it
+reconnects, reopens them and re-declares their queues and exchanges. Nothing here opens or
+reopens a channel behind its back, and nothing on the request path opens one at all.
+
+The hot consumers (reply queues, a replica's request queue and inbox) consume on the aiormq
+channel under a robust channel (`Subscription`), skipping aio-pika's per-message objects and
+tasks; they subscribe again from the channel's public `reopen_callbacks`. Publishes and a
+replica's acks are encoded by `frames.py` and written through `aiormq_adapter.py`, the one
+module that goes below aiormq's public API; only confirmed publishes use aiormq's
+`basic_publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
+from pamqp.commands import Basic
+
+from ..exceptions import ClusterUnavailable, ProtocolError
+from ..protocol import messages as protocol
+from . import aiormq_adapter, frames
+
+log = logging.getLogger("broker_serve.broker")
+
+ReturnHandler = Callable[[str, str], None]
+DeliveryCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, None]]
+
+# Publishes return without waiting for the socket to drain: that wait is a full turn of the
+# event loop per message. After this many bytes one publish waits, so a slow broker still
+# pushes back and unsent data stays bounded.
+UNDRAINED_LIMIT_BYTES = 256 * 1024
+_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+def connection_name(cluster: str, role: str, ident: str) -> str:
+    """The name RabbitMQ shows (and logs) for a process's connection. tests/conftest.py
+    reads RabbitMQ's log by this prefix: any channel or connection error on a connection so
+    named fails the test."""
+    return f"broker-serve {cluster} {role} {ident}"
+
+
+class Broker:
+    def __init__(self, url: str, name: str, cancel_exchange: str | None = None) -> None:
+        self.url = url
+        self.name = name
+        self.connection: AbstractRobustConnection | None = None
+        self._cancel_exchange = cancel_exchange
+        self._publisher: AbstractRobustChannel | None = None
+        self._confirming: AbstractRobustChannel | None = None
+        self._raw: aiormq.Channel | None = None
+        self._writer: aiormq_adapter.FrameWriter | None = None
+        self._return_handlers: list[ReturnHandler] = []
+        self._undrained = 0
+        self._closing = False
+        # Channels the broker closed while this process meant to use them: always a bug of
+        # ours or a lost connection (docs/architecture.md, "The AMQP transport").
+        self.channels_lost = 0
+        self._lost_callbacks: list[Callable[[], None]] = []
+
+    async def connect(self) -> None:
+        """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
+        try:
+            self.connection = await aio_pika.connect_robust(
+                self.url, client_properties={"connection_name": self.name}, timeout=10
+            )
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+            raise ClusterUnavailable(f"cannot reach RabbitMQ at {_safe(self.url)}: {exc}") from exc
+        self._publisher = await self.channel()
+        self._publisher.return_callbacks.add(self._on_return)
+        if self._cancel_exchange:
+            # Whoever publishes cancels declares the exchange too: a publish to a missing
+            # exchange would close the publishing channel. aio-pika re-declares it after a
+            # reconnect.
+            await self._publisher.declare_exchange(self._cancel_exchange, "fanout", durable=True)
+        self._confirming = await self.connection.channel(publisher_confirms=True)
+        self._confirming.return_callbacks.add(self._on_return)
+
+    async def channel(self, prefetch: int = 0, global_qos: bool = False) -> AbstractRobustChannel:
+        """A robust channel; aio-pika restores its QoS and queues after a reconnect."""
+        assert self.connection is not None, "connect() first"
+        channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=False)
+        if prefetch:
+            await channel.set_qos(prefetch_count=prefetch, global_=global_qos)
+        return channel
+
+    async def close(self) -> None:
+        self._closing = True
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    def watch(self, raw: aiormq.abc.AbstractChannel) -> None:
+        """Count `raw` in `channels_lost` if it closes while this process still uses it."""
+        raw.closing.add_done_callback(self._on_channel_closed)
+
+    def on_channel_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` each time a channel is counted in `channels_lost`."""
+        self._lost_callbacks.append(callback)
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        if self._closing or closing.cancelled():
+            return
+        exc = closing.exception()
+        if isinstance(exc, aiormq.exceptions.ChannelClosed) and exc.args[:1] == (None,):
+            return  # closed by this process (Channel.CloseOk from the broker)
+        self.channels_lost += 1
+        log.warning("channel of %s lost: %r", self.name, exc)
+        for callback in self._lost_callbacks:
+            callback()
+
+    def on_return(self, handler: ReturnHandler) -> None:
+        """Call `handler(correlation_id, routing_key)` for a mandatory message nobody could take."""
+        self._return_handlers.append(handler)
+
+    def _on_return(self, _sender: Any, message: AbstractIncomingMessage) -> None:
+        for handler in self._return_handlers:
+            handler(message.correlation_id or "", message.routing_key or "")
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        type: str,
+        correlation_id: str,
+        reply_to: str | None = None,
+        headers: dict[str, Any] | None = None,
+        expiration: str | None = None,
+        mandatory: bool = False,
+        exchange: str = "",
+    ) -> None:
+        """Publish without waiting for the socket: the frames go to the connection's writer at
+        the end of this loop turn, with everything else written in it (`FrameWriter`). Every
+        256 KiB one publish waits until the socket took them, so a slow broker pushes back."""
+        raw = await self._channel()
+        try:
+            payload = frames.publish(
+                raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
+                message_type=type, correlation_id=correlation_id, reply_to=reply_to,
+                message_id=correlation_id if reply_to else None, headers=headers,
+                expiration=expiration, mandatory=mandatory, exchange=exchange,
+                max_body_frame=aiormq_adapter.max_body_frame(raw),
+            )
+            writer = self.frame_writer(raw)
+            writer.write(raw, payload)
+            self._undrained += len(payload)
+            if self._undrained >= UNDRAINED_LIMIT_BYTES:
+                self._undrained = 0
+                await writer.drain()
+        except _CHANNEL_ERRORS as exc:
+            self._raw = None
+            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+
+    def frame_writer(self, raw: aiormq.abc.AbstractChannel) -> aiormq_adapter.FrameWriter:
+        """The writer of the connection `raw` belongs to: one per connection, so that this
+        process's frames reach the socket in the order it wrote them."""
+        writer = self._writer
+        if writer is None or writer.connection is not raw.connection:
+            writer = self._writer = aiormq_adapter.FrameWriter(raw.connection)
+        return writer
+
+    async def publish_confirmed(self, routing_key: str, body: bytes, *, type: str,
+                                correlation_id: str, reply_to: str | None = None,
+                                headers: dict[str, Any] | None = None,
+                                expiration: str | None = None, mandatory: bool = False) -> bool:
+        """Publish and wait for the broker's confirm. False: the broker refused the message
+        (a bounded queue is full). Only publishes to bounded queues pay for this wait."""
+        if self._confirming is None:
+            raise ClusterUnavailable("not connected to RabbitMQ")
+        properties = Basic.Properties(
+            content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
+            message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
+            expiration=expiration, delivery_mode=1,
+        )
+        try:
+            raw = await self._confirming.get_underlay_channel()
+            await raw.basic_publish(body, routing_key=routing_key, properties=properties,
+                                    mandatory=mandatory)
+        except aiormq.exceptions.DeliveryError:
+            return False  # nacked: the queue is at its bound
+        except _CHANNEL_ERRORS as exc:
+            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+        return True
+
+    async def _channel(self) -> aiormq.Channel:
+        """The open aiormq channel under the publishing channel."""
+        raw = self._raw
+        if raw is not None and not raw.is_closed:
+            return raw
+        if self._publisher is None:
+            raise ClusterUnavailable("not connected to RabbitMQ")
+        try:
+            raw = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
+        except aiormq.exceptions.AMQPError as exc:
+            raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
+        if raw.is_closed:
+            raise ClusterUnavailable("RabbitMQ connection is down")
+        if raw is not self._raw:
+            self.watch(raw)
+            self._raw = raw
+        return raw
+
+
+class Subscription:
+    """Consumers of some queues on the aiormq channel under one robust channel.
+
+    `on_channel(raw)` gives the delivery callback for each underlay channel: delivery tags
+    belong to one channel, so a replica settles each channel's deliveries separately. When
+    aio-pika reopens the channel (after a lost connection), the queues are consumed again on
+    the new underlay channel, from the channel's public `reopen_callbacks`.
+    """
+
+    def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
+                 on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
+                 no_ack: bool) -> None:
+        self.broker = broker
+        self.channel = channel
+        self.queues = queues
+        self.on_channel = on_channel
+        self.no_ack = no_ack
+        self._raw: aiormq.abc.AbstractChannel | None = None
+        self._tags: list[str] = []
+        self._cancelled = False
+
+    async def start(self) -> Subscription:
+        await self._register()
+        self.channel.reopen_callbacks.add(self._on_reopen)
+        return self
+
+    async def _on_reopen(self, *_: Any) -> None:
+        if self._cancelled:
+            return
+        try:
+            await self._register()
+        except _CHANNEL_ERRORS as exc:  # closed again already: the next reopen comes back here
+            log.warning("could not consume %s again: %s", self.queues, exc)
+
+    async def _register(self) -> None:
+        raw = await self.channel.get_underlay_channel()
+        if raw is self._raw:
+            return
+        self._raw, self._tags = raw, []
+        self.broker.watch(raw)
+        callback = self.on_channel(raw)
+        for queue in self.queues:
+            result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
+            if result.consumer_tag:
+                self._tags.append(result.consumer_tag)
+
+    async def cancel(self) -> None:
+        """Stop consuming. Deliveries already received are still handed to the callback."""
+        self._cancelled = True
+        self.channel.reopen_callbacks.discard(self._on_reopen)
+        raw = self._raw
+        if raw is not None and not raw.is_closed:
+            for tag in self._tags:
+                await raw.basic_cancel(tag)
+
+
+async def subscribe(broker: Broker, channel: AbstractRobustChannel, queue: str,
+                    callback: DeliveryCallback, *, no_ack: bool) -> Subscription:
+    """Consume one queue with the same callback on every underlay channel."""
+    return await Subscription(broker, channel, [queue], lambda _raw: callback, no_ack).start()
+
+
+Event = tuple[str, dict[str, Any]]
+
+
+class Mailbox:
+    """The reply events of one request, in order, for its one reader.
+
+    Unlike an asyncio.Queue it lets the reader see what has already arrived, so the proxy can
+    pass several waiting body chunks to the client in one write.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Event) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Event:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def peek(self) -> Event | None:
+        return self._items[0] if self._items else None
+
+    def get_nowait(self) -> Event:
+        return self._items.popleft()
+
+
+class ReplyRouter:
+    """Consumes this process's reply queue and hands each event to the request waiting for it."""
+
+    def __init__(self, broker: Broker, queue_name: str) -> None:
+        self.broker = broker
+        self.queue_name = queue_name
+        self._waiting: dict[str, Mailbox] = {}
+        self._queue: aio_pika.abc.AbstractRobustQueue | None = None
+
+    async def start(self) -> None:
+        channel = await self.broker.channel()
+        # Held strongly: aio-pika re-declares it after a reconnect.
+        self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
+        await subscribe(self.broker, channel, self.queue_name, self._on_message, no_ack=True)
+        self.broker.on_return(self._on_return)
+        assert self.broker.connection is not None
+        self.broker.connection.close_callbacks.add(self._on_connection_lost)
+        self.broker.on_channel_lost(self._on_channel_lost)
+
+    def register(self, correlation_id: str) -> Mailbox:
+        queue = Mailbox()
+        self._waiting[correlation_id] = queue
+        return queue
+
+    def unregister(self, correlation_id: str) -> None:
+        self._waiting.pop(correlation_id, None)
+
+    async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
+        properties = message.header.properties
+        queue = self._waiting.get(properties.correlation_id or "")
+        if queue is None:
+            return  # the caller gave up (timeout, disconnect); late events are dropped
+        try:
+            event = protocol.decode_map(message.body)
+        except ProtocolError as exc:
+            event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
+            queue.put_nowait((protocol.ERROR, event))
+            return
+        queue.put_nowait((properties.message_type or "", event))
+
+    def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
+        """Replies to this queue may be lost with the connection: fail the waiting requests
+        now rather than let them hang. aio-pika reconnects in the background."""
+        self._fail_waiting("BrokerConnectionLost", f"the connection to RabbitMQ was lost ({exc})")
+
+    def _on_channel_lost(self) -> None:
+        """A lost channel may have taken a request's publish or its replies with it (frames
+        for a closed channel are dropped): fail the waiting requests rather than let them
+        hang. aio-pika reopens the channel."""
+        self._fail_waiting("BrokerChannelLost", "a channel to RabbitMQ was lost")
+
+    def _fail_waiting(self, error: str, what: str) -> None:
+        if not self._waiting:
+            return
+        log.warning("%s; failing %d waiting request(s)", what, len(self._waiting))
+        event = {"status": 503, "error": error,
+                 "message": f"{what}; the request may not have run"}
+        for queue in self._waiting.values():
+            queue.put_nowait((protocol.ERROR, dict(event)))
+
+    def _on_return(self, correlation_id: str, routing_key: str) -> None:
+        queue = self._waiting.get(correlation_id)
+        if queue is not None:
+            message = f"no queue {routing_key!r}: the deployment does not exist (any more)"
+            queue.put_nowait((protocol.ERROR, {"status": 503, "error": "NoSuchDeployment",
+                                               "message": message}))
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://{rest.split('@', 1)[1]}"
