@@ -275,12 +275,12 @@ def test_load_balancer_fronts_every_proxy_on_port_8000(compose):
     (published,) = balancer["ports"]
     host_port, container_port = (int(p) for p in str(published).split(":"))
     assert host_port == 8000
-    assert re.search(rf"^\s*bind\s+:{container_port}\s*$", config, re.M)
-    template = re.search(r"^\s*server-template\s+\S+\s+(\d+)\s+([\w.-]+):(\d+)", config, re.M)
+    assert re.search(rf"^\s*bind\s+:{container_port}\s*$", config, re.MULTILINE)
+    template = re.search(r"^\s*server-template\s+\S+\s+(\d+)\s+([\w.-]+):(\d+)", config, re.MULTILINE)
     assert template, "no server-template for the scaled proxies"
     assert template.group(2) == "proxy"
     assert int(template.group(3)) == _port_flag(services["proxy"]["command"])
-    assert re.search(r"^\s*nameserver\s+\S+\s+127\.0\.0\.11:53", config, re.M)  # Docker's DNS
+    assert re.search(r"^\s*nameserver\s+\S+\s+127\.0\.0\.11:53", config, re.MULTILINE)  # Docker's DNS
     assert "/-/healthz" in config
 
 

@@ -83,7 +83,7 @@ def test_containers_become_lists() -> None:
 def test_scalars_like_fastapi() -> None:
     value = [
         Color.RED,
-        decimal.Decimal("10"),
+        decimal.Decimal(10),
         decimal.Decimal("1E+2"),
         decimal.Decimal("1.5"),
         uuid.UUID(int=1),
@@ -106,7 +106,7 @@ def test_scalars_like_fastapi() -> None:
 
 
 def test_integral_decimal_stays_an_int() -> None:
-    assert json_dumps(decimal.Decimal("12345678901234567890")) == b"12345678901234567890"
+    assert json_dumps(decimal.Decimal(12345678901234567890)) == b"12345678901234567890"
 
 
 def test_nested_bytes_are_decoded_as_utf8() -> None:

@@ -157,7 +157,7 @@ def test_a_request_that_kills_its_replicas_is_dead_lettered_on_its_fourth_delive
         assert event.body["error"] == "RequestKilledReplicas"
         assert _count(runs, "p") == 3  # three replicas died running it; the fourth refused it
         dead = dead_letter_queue(cluster.name)
-        method, properties, _ = wait_for(
+        _, properties, _ = wait_for(
             lambda: (got := client.channel.basic_get(dead, auto_ack=True))[0] and got, timeout=10)
         assert properties.message_id == request_id
     finally:
