@@ -202,10 +202,10 @@ def test_a_spec_that_a_live_record_names_is_never_deleted(cluster):
             await store.put_app({**record, "deployments": {"D": {"version": "v2"}}},
                                 {new: b"new"})  # the next run deploys again
             await store.delete_unnamed_specs("app")  # the controller catches up with the delete
-            kept = [await store.redis.exists(old), await store.redis.exists(new)]
+            kept = [await store.spec("app", "D", "v1"), await store.spec("app", "D", "v2")]
             await store.delete_field(names.apps, "app")
             await store.delete_unnamed_specs("app")
-            return bool(kept[0]), bool(kept[1]), bool(await store.redis.exists(new))
+            return bool(kept[0]), bool(kept[1]), bool(await store.spec("app", "D", "v2"))
         finally:
             await store.close()
 
@@ -213,7 +213,7 @@ def test_a_spec_that_a_live_record_names_is_never_deleted(cluster):
 
 
 def test_a_stamp_tells_a_process_of_this_machine_that_ended():
-    source = ("import sys; from broker_serve import _liveness; "
+    source = ("import sys; from broker_serve.state import liveness; "
               "print(liveness.stamp().decode(), flush=True); sys.stdin.read()")
     child = subprocess.Popen([sys.executable, "-c", source], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
