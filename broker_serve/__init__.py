@@ -5,11 +5,16 @@
 
 from . import serve
 from .exceptions import (
+    BackPressureError,
     BrokerServeError,
+    BuildFailed,
     ClusterUnavailable,
     DeployFailed,
     ProtocolError,
     RayServeException,
+    RequestCancelledError,
+    StateError,
+    TransportError,
     UndecodableValue,
     UntrustedPayload,
 )
@@ -17,11 +22,16 @@ from .exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackPressureError",
     "BrokerServeError",
+    "BuildFailed",
     "ClusterUnavailable",
     "DeployFailed",
     "ProtocolError",
     "RayServeException",
+    "RequestCancelledError",
+    "StateError",
+    "TransportError",
     "UndecodableValue",
     "UntrustedPayload",
     "__version__",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib
-import os
 from typing import Any
 
 import orjson
@@ -21,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class ProxyLocation(str, enum.Enum):
@@ -141,14 +141,22 @@ class MiddlewareSpec(BaseModel):
         return target
 
 
+class _DefaultProxyAddress(BaseSettings):
+    """BROKER_SERVE_HTTP_HOST and BROKER_SERVE_HTTP_PORT let an operator (or a test) move the
+    default proxy without editing code. Read here, not in `settings`, which sits above this
+    module: HTTPOptions are built in every layer."""
+
+    model_config = SettingsConfigDict(env_prefix="BROKER_SERVE_HTTP_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
 class HTTPOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # The variables let an operator (or a test) move the default proxy without editing code.
-    host: str = Field(default_factory=lambda: os.environ.get("BROKER_SERVE_HTTP_HOST",
-                                                             "127.0.0.1"))
-    port: int = Field(default_factory=lambda: int(os.environ.get("BROKER_SERVE_HTTP_PORT", 8000)),
-                      ge=0, le=65535)
+    host: str = Field(default_factory=lambda: _DefaultProxyAddress().host)
+    port: int = Field(default_factory=lambda: _DefaultProxyAddress().port, ge=0, le=65535)
     root_path: str = ""
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 5.0
@@ -179,7 +187,7 @@ def _as_spec(item: Any) -> Any:
             "args": list(getattr(item, "args", ())), "kwargs": dict(getattr(item, "kwargs", {}))}
 
 
-class gRPCOptions(BaseModel):  # noqa: N801 - Ray's name
+class gRPCOptions(BaseModel):  # Ray's name, lower-case g and all
     model_config = ConfigDict(extra="forbid")
 
     port: int = 9000

@@ -1,14 +1,21 @@
 """Errors raised by broker-serve.
 
     BrokerServeError
-     ├── RayServeException        an error in a deployment, re-raised in the caller
-     ├── ProtocolError             a message broke docs/protocol.md
-     │    ├── UntrustedPayload     a signed payload whose signature does not verify
-     │    └── UndecodableValue     a typed value that does not decode to what it claims
-     ├── ClusterUnavailable        RabbitMQ or Redis cannot be reached
-     └── DeployFailed              serve.run could not bring an application up
+     ├── RayServeException          an error in a deployment, re-raised in the caller
+     │    ├── BackPressureError     the deployment's queue is at its max_queued_requests
+     │    └── RequestCancelledError the request was cancelled before it finished
+     ├── ProtocolError              a message broke docs/protocol.md
+     │    ├── UntrustedPayload      a signed payload whose signature does not verify
+     │    └── UndecodableValue      a typed value that does not decode to what it claims
+     ├── ClusterUnavailable         RabbitMQ or Redis cannot be reached
+     ├── TransportError             RabbitMQ refused an operation (it closed the channel)
+     ├── StateError                 Redis refused or failed a read or write of the state
+     └── DeployFailed               serve.run could not bring an application up
+          └── BuildFailed           an application could not be built from its config
 
-Errors from aio-pika and redis are translated at the boundary with ``raise ... from exc``.
+The names of Ray Serve's `ray.serve.exceptions` are kept, so `except` clauses port unchanged.
+Errors from aio-pika and aiormq are translated in `transport/errors.py`, those from redis in
+`state/`, each with one table, raising ours ``from`` theirs.
 """
 
 from __future__ import annotations
@@ -28,6 +35,26 @@ class RayServeException(BrokerServeError):
         super().__init__(message)
         self.deployment = deployment
         self.error_type = error_type
+
+
+class BackPressureError(RayServeException):
+    """The deployment's queue holds its max_queued_requests already, so the call was refused.
+
+    Retry later. Its `error_type` stays "QueueFull", what it was before it had its own class.
+    """
+
+    def __init__(self, message: str, *, deployment: str = "", error_type: str = "QueueFull"
+                 ) -> None:
+        super().__init__(message, deployment=deployment, error_type=error_type)
+
+
+class RequestCancelledError(RayServeException):
+    """The request was cancelled (`response.cancel()`, a timeout or a client that left)
+    before it finished."""
+
+    def __init__(self, message: str, *, deployment: str = "", error_type: str = "Cancelled"
+                 ) -> None:
+        super().__init__(message, deployment=deployment, error_type=error_type)
 
 
 class ProtocolError(BrokerServeError):
@@ -51,5 +78,19 @@ class ClusterUnavailable(BrokerServeError):
     pass
 
 
+class StateError(BrokerServeError):
+    """Redis answered, but refused or failed a read or write of the cluster's state."""
+
+
+class TransportError(BrokerServeError):
+    """RabbitMQ refused an operation and closed its channel: a queue or exchange that is
+    missing, or declared already with other arguments."""
+
+
 class DeployFailed(BrokerServeError):
     pass
+
+
+class BuildFailed(DeployFailed):
+    """An application could not be built from its config: its import path, its builder or
+    the config's options for its deployments."""

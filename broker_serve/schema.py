@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import (
@@ -230,7 +231,7 @@ class HTTPOptionsSchema(BaseModel):
     keep_alive_timeout_s: NonNegativeFloat = 5
 
 
-class gRPCOptionsSchema(BaseModel):  # noqa: N801 - Ray's name
+class gRPCOptionsSchema(BaseModel):  # Ray's name
     model_config = ConfigDict(extra="forbid")
 
     port: int = Field(default=9000, ge=0, le=65535)
@@ -333,7 +334,7 @@ class ServeStatus(BaseModel):
         return data
 
 
-def status_trigger(record: dict[str, Any]) -> str:
+def status_trigger(record: Mapping[str, Any]) -> str:
     """Ray's status_trigger, from the controller's record or else from the status."""
     if record.get("status_trigger"):
         return str(record["status_trigger"])

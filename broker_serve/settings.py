@@ -1,16 +1,20 @@
-"""Process-wide settings read from the environment.
+"""Process-wide settings read from the environment (`BROKER_SERVE_<FIELD>`).
 
 Every process of a cluster (driver, controller, proxy, worker node, replica) reads the same
 variables, so a cluster is fully described by its broker URL, Redis URL and cluster name.
+Settings are read when a process needs them, never at import, so a test's (or a parent's)
+environment applies.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -24,11 +28,18 @@ DEFAULT_METRICS_PORT = 9500
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
 
+LOG_FORMATS = ("text", "json")
+
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
-@dataclass(frozen=True)
-class Settings:
+def _default_state_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "broker-serve"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BROKER_SERVE_", frozen=True, extra="ignore")
+
     amqp_url: str = DEFAULT_AMQP_URL
     redis_url: str = DEFAULT_REDIS_URL
     cluster: str = DEFAULT_CLUSTER
@@ -44,26 +55,56 @@ class Settings:
     # port 0 turns that off.
     metrics_host: str = DEFAULT_METRICS_HOST
     metrics_port: int = DEFAULT_METRICS_PORT
-    extra: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    # How long `serve.run` waits for an application to run, and a config's build may take.
+    deploy_timeout_s: float = 300.0
+    build_timeout_s: float = 300.0
+    # Wins over `http_options.keep_alive_timeout_s`, as Ray's variable does.
+    http_keep_alive_timeout_s: float | None = None
+    log_format: Literal["text", "json"] = "text"
+    # Off turns the per-request log lines off, and with them their cost.
+    access_log: bool = True
+    # Pids and logs of `broker-serve start`, and the REST API's token file.
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    # The REST API's bearer token; unset, the controller generates one into the state dir.
+    api_token: str | None = None
+
+    @field_validator("app_dir", "http_keep_alive_timeout_s", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return value or None
+
+    @field_validator("api_token", mode="before")
+    @classmethod
+    def _stripped_token(cls, value: Any) -> Any:
+        return (value.strip() or None) if isinstance(value, str) else value
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _blank_state_dir(cls, value: Any) -> Any:
+        return value or _default_state_dir()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _known_log_format(cls, value: Any) -> Any:
+        value = str(value).lower()
+        if value not in LOG_FORMATS:
+            raise ValueError(f"BROKER_SERVE_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, "
+                             f"not {value!r}")
+        return value
+
+    @field_validator("access_log", mode="before")
+    @classmethod
+    def _access_log_unless_off(cls, value: Any) -> Any:
+        # Any value but these keeps the lines on, as the variable always did.
+        return str(value).lower() not in ("0", "false", "no") if isinstance(value, str) else value
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        env = os.environ
-        values: dict[str, object] = {
-            "amqp_url": env.get("BROKER_SERVE_AMQP_URL", DEFAULT_AMQP_URL),
-            "redis_url": env.get("BROKER_SERVE_REDIS_URL", DEFAULT_REDIS_URL),
-            "cluster": env.get("BROKER_SERVE_CLUSTER", DEFAULT_CLUSTER),
-            "max_body_bytes": int(env.get("BROKER_SERVE_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
-            "log_level": env.get("BROKER_SERVE_LOG_LEVEL", "INFO"),
-            "dashboard_host": env.get("BROKER_SERVE_DASHBOARD_HOST", DEFAULT_DASHBOARD_HOST),
-            "dashboard_port": int(env.get("BROKER_SERVE_DASHBOARD_PORT",
-                                          DEFAULT_DASHBOARD_PORT)),
-            "app_dir": env.get("BROKER_SERVE_APP_DIR") or None,
-            "metrics_host": env.get("BROKER_SERVE_METRICS_HOST", DEFAULT_METRICS_HOST),
-            "metrics_port": int(env.get("BROKER_SERVE_METRICS_PORT", DEFAULT_METRICS_PORT)),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        settings = cls(**values)  # type: ignore[arg-type]
+        """The environment's settings; overrides that are not None win over it."""
+        values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        settings = cls(**values)
         if not _CLUSTER_NAME.match(settings.cluster):
             raise ValueError(
                 f"invalid cluster name {settings.cluster!r}: use 1-64 letters, digits, '_' or '-'"
@@ -87,7 +128,5 @@ class Settings:
 
 
 def state_dir(cluster: str) -> Path:
-    base = os.environ.get("BROKER_SERVE_STATE_DIR") or os.path.join(
-        tempfile.gettempdir(), "broker-serve"
-    )
-    return Path(base) / cluster
+    """Where this cluster's pids, logs and token file live on this machine."""
+    return Settings().state_dir / cluster

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from broker_serve import RayServeException, serve
+from broker_serve import BackPressureError, RayServeException, serve
 
 
 @serve.deployment(max_ongoing_requests=1, max_queued_requests=2)
@@ -48,6 +48,7 @@ def test_a_handle_call_past_the_bound_raises(cluster):
             outcomes.append(response.result(timeout_s=30))
         except RayServeException as exc:
             outcomes.append(exc.error_type)
+            assert isinstance(exc, BackPressureError), exc  # Ray's name for it
     assert "QueueFull" in outcomes and "done" in outcomes
     assert set(outcomes) == {"QueueFull", "done"}
 

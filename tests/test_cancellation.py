@@ -140,8 +140,8 @@ def test_a_replica_that_starts_later_loads_live_tombstones(cluster):
     async def scenario() -> tuple[bool, bool, bool]:
         store = Store(cluster.env["BROKER_SERVE_REDIS_URL"], cluster.name)
         now_ms = int(time.time() * 1000)
-        await store.redis.zadd(store.names.tombstones, {"live": now_ms + 60_000,
-                                                        "expired": now_ms - 1})
+        await store.add_tombstones(["live"], now_ms + 60_000)
+        await store.add_tombstones(["expired"], now_ms - 1)
         late_replica = CancelledSet()
         await late_replica.load(store)
         await store.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import requests
 from starlette.requests import Request
 
-from broker_serve import serve
+from broker_serve import RayServeException, RequestCancelledError, serve
 
 from .test_cancellation import wait_for_file
 
@@ -58,3 +59,6 @@ def test_deployment_response_cancel_stops_the_callee(cluster, tmp_path):
     assert wait_for_file(tmp_path / "driver.started")
     response.cancel()
     assert wait_for_file(tmp_path / "driver.cancelled")
+    with pytest.raises(RequestCancelledError, match="was cancelled") as info:
+        response.result(timeout_s=10)
+    assert isinstance(info.value, RayServeException)  # as in Ray, where it subclasses it

@@ -108,3 +108,27 @@ def test_python_dash_m_is_the_same_command():
     for command in ("start", "stop", "run", "status", "controller", "proxy", "worker",
                     "shutdown"):
         assert command in result.stdout
+
+
+def test_an_unreachable_cluster_is_one_error_line(cluster):
+    env = {**cluster.env, "BROKER_SERVE_REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing there
+    result = subprocess.run([*BROKER_SERVE, "status"], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith("Error: "), result.stderr
+    assert "Redis" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_shutdown_of_an_unreachable_cluster_raises(cluster):
+    """Not a silent no-op: the applications may still be running."""
+    env = {**cluster.env, "BROKER_SERVE_REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing there
+    script = ("from broker_serve import ClusterUnavailable, serve\n"
+              "try:\n"
+              "    serve.shutdown()\n"
+              "except ClusterUnavailable as exc:\n"
+              "    print('raised:', exc)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("raised: cannot reach Redis"), result.stdout

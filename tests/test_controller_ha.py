@@ -23,8 +23,7 @@ class Echo:
 
 def leader() -> str | None:
     runtime = api._connect()
-    value = runtime.run_sync(runtime.store.redis.get(runtime.names.controller_lease))
-    return value.decode() if value else None
+    return runtime.run_sync(runtime.store.lease_value())
 
 
 def test_standby_takes_over_and_requests_keep_succeeding(cluster):

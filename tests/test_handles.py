@@ -1,5 +1,7 @@
 """The handle `serve.run` returns, and handles bound into another deployment."""
 
+import asyncio
+
 import pytest
 import requests
 import starlette.requests
@@ -79,3 +81,23 @@ def test_get_app_handle_inside_a_replica(cluster):
     serve.run(Adder.bind(1000), name="adders", route_prefix=None)
     serve.run(FindsByName.bind(), name="finder", route_prefix="/find")
     assert requests.get(f"{cluster.url}/find").json() == [1001, 1002]
+
+
+@serve.deployment
+class SharesItsHandle:
+    def __init__(self) -> None:
+        self.adders = serve.get_app_handle("adders")
+
+    async def __call__(self) -> dict:
+        sums = await asyncio.gather(*(self.adders.remote(x) for x in range(3)))
+        return {"sums": list(sums), "deployment_name": self.adders.deployment_name}
+
+
+def test_calls_find_the_ingress_without_changing_the_shared_handle(cluster):
+    """A call finds the ingress without rewriting the handle every request shares: it stays
+    as get_app_handle made it (it only remembers the ingress it found)."""
+    serve.run(Adder.bind(1000), name="adders", route_prefix=None)
+    serve.run(SharesItsHandle.bind(), name="sharer", route_prefix="/share")
+    for _ in range(2):
+        assert requests.get(f"{cluster.url}/share").json() == {
+            "sums": [1000, 1001, 1002], "deployment_name": None}

@@ -267,3 +267,37 @@ def no_argument() -> str:
 def test_function_deployment_without_argument(cluster):
     serve.run(no_argument.bind())
     assert requests.get(cluster.url).text == "no request needed"
+
+
+def test_a_bug_in_the_proxy_answers_500_and_is_logged_once(caplog):
+    """The proxy's ASGI entry is a boundary: an error nothing else handles ends that one
+    request with a 500, not a hang or a dropped connection."""
+    from prometheus_client import CollectorRegistry
+
+    from broker_serve.observability.logging import AccessLog
+    from broker_serve.observability.metrics import ProxyMetrics
+    from broker_serve.proxy.http import Proxy
+
+    proxy = Proxy.__new__(Proxy)  # only what __call__ uses: no Redis, no RabbitMQ
+    proxy._inflight = 0
+    proxy.metrics = ProxyMetrics(CollectorRegistry())
+    proxy.access = AccessLog(lambda line: "", lambda line: {})
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the proxy")
+
+    proxy._forward = broken
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+    asyncio.run(proxy(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 500
+    assert sent[1]["body"] == b"Internal Server Error"
+    failed = [r for r in caplog.records if "failed in the proxy" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].exc_info is not None

@@ -24,8 +24,7 @@ def store_call(method: str, *args):
 
 
 def replicas_by_node(deployment: str) -> Counter[str]:
-    runtime = api._connect()
-    records = store_call("get_all", runtime.names.replicas)
+    records = store_call("replicas")
     return Counter(r.get("node") for r in records.values()
                    if r["deployment"] == deployment and r.get("state") == "RUNNING")
 
@@ -36,9 +35,7 @@ def deploy_without_waiting(target, name: str) -> None:
     record, specs = build_application(target, name, None, runtime.names, runtime.secret)
 
     async def write() -> None:
-        for key, blob in specs.items():
-            await runtime.store.redis.set(key, blob)
-        await runtime.store.put(runtime.names.apps, name, record)
+        await runtime.store.put_app(record, specs)
         await runtime.store.announce("apps")
 
     runtime.run_sync(write())
@@ -64,13 +61,13 @@ class Huge:
 
 def test_two_nodes_share_replicas_by_resources_and_a_dead_node_is_replaced(cluster):
     serve.run(Spread.bind())  # also starts the local cluster and its worker node
-    (first,) = store_call("get_all", api._connect().names.nodes)
+    (first,) = store_call("nodes")
     second = subprocess.Popen(
         [sys.executable, "-m", "broker_serve", "worker", "--node-id", "second",
          "--num-cpus", "1", "--resources", '{"special": 2}'],
         env=cluster.env, start_new_session=True)
     try:
-        wait_for(lambda: "second" in store_call("get_all", api._connect().names.nodes))
+        wait_for(lambda: "second" in store_call("nodes"))
         serve.delete("default")
         serve.run(Spread.bind())
         assert replicas_by_node("Spread") == {first: 2, "second": 2}

@@ -1,10 +1,10 @@
-"""How a replica turns ASGI body chunks into reply events (broker_serve/_execution.py)."""
+"""How a replica turns ASGI body chunks into reply events (broker_serve/replica/execution.py)."""
 
 import asyncio
 import time
 
 from broker_serve.protocol import messages
-from broker_serve.replica.execution import COALESCE_S, HttpExchange, ReplyStream
+from broker_serve.replica.execution import COALESCE_S, HttpBridge, ReplyStream
 
 
 class Recorder:
@@ -15,11 +15,11 @@ class Recorder:
         self.events.append((event, dict(fields), time.monotonic()))
 
 
-def exchange(recorder: Recorder) -> HttpExchange:
-    return HttpExchange(ReplyStream(recorder.publish), b"", False, None, 1 << 20, "inbox")
+def bridge(recorder: Recorder) -> HttpBridge:
+    return HttpBridge(ReplyStream(recorder.publish), b"", False, None, 1 << 20, "inbox")
 
 
-async def respond(ex: HttpExchange, chunks, pause: float | None) -> list[float]:
+async def respond(ex: HttpBridge, chunks, pause: float | None) -> list[float]:
     sent = []
     await ex.send({"type": "http.response.start", "status": 200, "headers": []})
     for chunk in chunks:
@@ -38,7 +38,7 @@ def body_of(events) -> bytes:
 def test_tight_loop_shares_messages_but_the_first_chunk_goes_alone():
     recorder = Recorder()
     chunks = [f"{i:05d}".encode() for i in range(5000)]
-    asyncio.run(respond(exchange(recorder), chunks, pause=None))
+    asyncio.run(respond(bridge(recorder), chunks, pause=None))
     kinds = [kind for kind, _, _ in recorder.events]
     assert kinds[0] == messages.START and set(kinds[1:]) == {messages.BODY}
     assert recorder.events[0][1]["body"] == chunks[0]  # not held back for the rest
@@ -51,7 +51,7 @@ def test_tight_loop_shares_messages_but_the_first_chunk_goes_alone():
 def test_spaced_chunks_each_leave_within_the_window():
     recorder = Recorder()
     chunks = [b"a", b"b", b"c", b"d"]
-    sent = asyncio.run(respond(exchange(recorder), chunks, pause=0.02))
+    sent = asyncio.run(respond(bridge(recorder), chunks, pause=0.02))
     bodies = [f["body"] for _, f, _ in recorder.events if f.get("body")]
     assert bodies == chunks  # one message per chunk: no joining across a quiet period
     published = [at for _, f, at in recorder.events if f.get("body")]
@@ -63,7 +63,7 @@ def test_unary_response_is_one_start_event():
     recorder = Recorder()
 
     async def unary() -> None:
-        ex = exchange(recorder)
+        ex = bridge(recorder)
         await ex.send({"type": "http.response.start", "status": 201, "headers": [(b"a", b"b")]})
         await ex.send({"type": "http.response.body", "body": b"done"})
 

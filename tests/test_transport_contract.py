@@ -228,10 +228,10 @@ async def test_requests_waiting_when_a_channel_is_lost_fail_instead_of_hanging(
     never have left: every waiting request is answered 503."""
     router = ReplyRouter(broker, f"bs.contract.reply.{secrets.token_hex(4)}")
     await router.start()
-    mailbox = router.register("c-1")
+    events = router.register("c-1")
     lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     lost.set_exception(aiormq.exceptions.ChannelPreconditionFailed("as RabbitMQ closes it"))
     broker._on_channel_closed(lost)  # what a watched channel's `closing` does
-    kind, event = await asyncio.wait_for(mailbox.get(), 1)
+    kind, event = await asyncio.wait_for(events.get(), 1)
     assert (kind, event["status"], event["error"]) == ("error", 503, "BrokerChannelLost")
     assert broker.channels_lost == 1

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import traceback
 from typing import Any
 
 import click
 import orjson
 import yaml
 
+from ..exceptions import BrokerServeError
+from ..lifecycle import die_with_parent_if_asked
+from ..observability.entry_point import run_entry_point
 from ..observability.logging import setup_logging
 from ..settings import Settings
 
@@ -90,24 +94,25 @@ def proxy(host: str | None, port: int | None) -> None:
     updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
     options = HTTPOptions.model_validate({**options.model_dump(), **updates})
     _use_uvloop()
-    asyncio.run(serve_proxy(settings, options))
+    run_entry_point(serve_proxy(settings, options), "proxy")
 
 
 def _stored_http_options(settings: Settings) -> Any:
     """The http_options `serve.start` stored for the cluster, if any."""
-    import redis
+    from ..exceptions import ClusterUnavailable, StateError
+    from ..state.store import Store
 
-    from ..config import HTTPOptions
-    from ..protocol.names import Names
+    async def stored() -> Any:
+        store = Store(settings.redis_url, settings.cluster)
+        try:
+            return await store.http_options()
+        finally:
+            await store.close()
 
-    client = redis.Redis.from_url(settings.redis_url)
     try:
-        raw = client.get(Names(settings.cluster).http_options)
-    except redis.RedisError as exc:
+        return asyncio.run(stored())
+    except (ClusterUnavailable, StateError) as exc:
         raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
-    finally:
-        client.close()
-    return HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
 
 
 @cli.command(help="Run a worker node that hosts replica processes.")
@@ -155,6 +160,8 @@ def worker(node_id: str | None, num_cpus: float | None, num_gpus: float, resourc
 @_log_format_option
 def start(http_host: str, http_port: int, dashboard_port: int | None,
           app_dir: str | None) -> None:
+    from redis.exceptions import RedisError
+
     from ..client.local_cluster import LocalCluster
     from ..settings import state_dir
 
@@ -164,7 +171,7 @@ def start(http_host: str, http_port: int, dashboard_port: int | None,
     cluster = LocalCluster(settings, http_host, http_port, detached=True)
     try:
         cluster.start()
-    except Exception as exc:
+    except (OSError, RedisError) as exc:  # ours, such as ClusterUnavailable, reach main()
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Started cluster {settings.cluster!r}: proxy on http://{http_host}:{http_port}, "
                f"REST API on http://{settings.dashboard_host}:{settings.dashboard_port}, "
@@ -185,8 +192,7 @@ def stop() -> None:
 
 def _controller_running(settings: Settings) -> bool:
     """Whether a controller holds the lease (a killed one of this machine does not count)."""
-    from redis.exceptions import RedisError
-
+    from ..exceptions import ClusterUnavailable, StateError
     from ..state.store import Store
 
     async def holder() -> str | None:
@@ -198,7 +204,7 @@ def _controller_running(settings: Settings) -> bool:
 
     try:
         return asyncio.run(holder()) is not None
-    except (RedisError, OSError) as exc:
+    except (ClusterUnavailable, StateError) as exc:
         raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
 
 
@@ -218,10 +224,10 @@ def run(import_path: str, name: str, route_prefix: str | None, host: str | None,
     target = _import_app(import_path)
     if host or port:
         serve.start(http_options={k: v for k, v in {"host": host, "port": port}.items() if v})
-    kwargs = {"route_prefix": route_prefix} if route_prefix is not None else {}
+    kwargs: dict[str, Any] = {"route_prefix": route_prefix} if route_prefix is not None else {}
     try:
         serve.run(target, name=name, **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # pickling the user's code may raise anything: say it plainly
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Application {name!r} is running. Press Ctrl-C to stop.")
     try:
@@ -326,11 +332,10 @@ def _read_config(path: str) -> Any:
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @_api_options
 def deploy(config_file: str, address: str | None, token: str | None) -> None:
-    from ..controller.declarative import BUILD_TIMEOUT_S
-
     config = _read_config(config_file)
     answer = _call(address, token, "PUT", "/api/serve/applications/",
-                   config.model_dump(mode="json", exclude_unset=True), BUILD_TIMEOUT_S + 120)
+                   config.model_dump(mode="json", exclude_unset=True),
+                   _settings().build_timeout_s + 120)
     click.echo("Sent deploy request successfully.")
     for name in answer.get("deleted", []):
         click.echo(f"Application {name!r} is not in the config: deleting it.")
@@ -374,10 +379,7 @@ def status(name: str | None, address: str | None, token: str | None) -> None:
     else:
         from .. import serve
 
-        try:
-            result = serve.status()
-        except Exception as exc:
-            raise click.ClickException(str(exc)) from exc
+        result = serve.status()  # ours, such as ClusterUnavailable, reach main()
     data = result.for_display()
     if name is not None:
         data["applications"] = {k: v for k, v in data["applications"].items() if k == name}
@@ -469,8 +471,7 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
 @click.option("--count", type=click.IntRange(min=1), default=None,
               help="Stop after this many tables [default: run until Ctrl-C].")
 def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | None) -> None:
-    import redis
-
+    from ..exceptions import ClusterUnavailable, StateError
     from ..observability import stats
 
     try:
@@ -484,10 +485,20 @@ def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | Non
         stats.run(settings, list(urls), interval, lengths, count, click.echo)
     except KeyboardInterrupt:
         pass
-    except redis.RedisError as exc:
+    except (ClusterUnavailable, StateError) as exc:
         raise click.ClickException(f"cannot reach Redis at {settings.redis_url} to find the "
                                    f"endpoints (or pass --url): {exc}") from exc
 
 
 def main() -> None:
-    cli(prog_name="broker-serve")
+    die_with_parent_if_asked()
+    try:
+        cli(prog_name="broker-serve")
+    except BrokerServeError as exc:  # expected trouble, such as an unreachable cluster
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except Exception:  # noqa: BLE001 - the CLI's catch-all: a bug still ends in one clear line
+        traceback.print_exc()
+        click.echo("Error: broker-serve failed unexpectedly; the traceback above says where.",
+                   err=True)
+        sys.exit(1)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import os
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
 
 from ..config import HTTPOptions, ProxyLocation
 from ..context import _in_replica
-from ..exceptions import DeployFailed
-from ..schema import ServeStatus, check_app_name, check_route_prefix
+from ..exceptions import BrokerServeError, DeployFailed
+from ..schema import ApplicationStatus, ServeStatus, check_app_name, check_route_prefix
 from ..state.apps import write_app
+from ..state.records import AppRecord, AppStatusRecord
 from ..state.status import read_status
 from .application import Application, Deployment
 from .build import build_application
@@ -33,7 +36,8 @@ log = logging.getLogger("broker_serve")
 
 DEFAULT_APP_NAME = "default"
 _DEFAULT_PREFIX = object()
-DEPLOY_TIMEOUT_S = float(os.environ.get("BROKER_SERVE_DEPLOY_TIMEOUT_S", "300"))
+POLL_S = 0.05
+PROXY_ROUTES_TIMEOUT_S = 30.0
 
 _local_cluster: LocalCluster | None = None
 _started_apps: set[str] = set()
@@ -48,9 +52,7 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
         return runtime
     with _cluster_lock:
         if http_options is not None:
-            runtime.run_sync(runtime.store.redis.set(
-                runtime.names.http_options, http_options.model_dump_json()
-            ))
+            runtime.run_sync(runtime.store.put_http_options(http_options))
         # A lease left by a controller that was killed on this machine does not count.
         leader = runtime.run_sync(runtime.store.lease_holder())
         if leader is None and _local_cluster is None and start_if_missing:
@@ -65,8 +67,7 @@ def _may_start_local_cluster() -> bool:
 def _start_local_cluster(runtime: Runtime, http_options: HTTPOptions | None) -> None:
     global _local_cluster
     if http_options is None:
-        stored = runtime.run_sync(runtime.store.redis.get(runtime.names.http_options))
-        http_options = HTTPOptions.model_validate_json(stored) if stored else HTTPOptions()
+        http_options = runtime.run_sync(runtime.store.http_options())
     log.info("no broker-serve cluster %r answers; starting a local one", runtime.settings.cluster)
     cluster = LocalCluster(runtime.settings, http_options.host, http_options.port,
                            proxy=http_options.location != ProxyLocation.Disabled)
@@ -84,13 +85,13 @@ def _stop_local_cluster() -> None:
     try:
         for name in list(_started_apps):
             delete(name, _blocking=False)
-    except Exception:
-        pass
+    except BrokerServeError as exc:  # the cluster stops below, its apps with it
+        log.warning("could not delete the applications of this script: %s", exc)
     cluster.stop()
     try:
         reset_runtime()
-    except Exception:
-        pass
+    except (BrokerServeError, TimeoutError) as exc:  # the process is leaving anyway
+        log.warning("could not close the connections to the cluster: %s", exc)
 
 
 # serve.start / run ------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
     runtime = _connect()
     record, specs = build_application(target, name, route_prefix, runtime.names, runtime.secret)
     try:
-        runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
+        _deploy_and_wait(runtime, record, specs)
     except _ControllerGone:
         # The controller this driver found (a dying one, say, of a script just killed) went
         # away: start a local cluster and deploy again, as if none had answered at first.
@@ -140,7 +141,7 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
         log.info("the controller of cluster %r went away; starting a local one",
                  runtime.settings.cluster)
         runtime = _connect()
-        runtime.run_sync(_deploy(runtime, record, specs), DEPLOY_TIMEOUT_S + 30)
+        _deploy_and_wait(runtime, record, specs)
     _started_apps.add(name)
     handle = DeploymentHandle(record["ingress"], name)
     if blocking:
@@ -152,36 +153,58 @@ class _ControllerGone(DeployFailed):
     """No controller leads any more while a deploy waits for one."""
 
 
-async def _deploy(runtime: Runtime, record: dict[str, Any], specs: dict[str, bytes]) -> None:
+def _deploy_and_wait(runtime: Runtime, record: AppRecord, specs: dict[str, bytes]) -> None:
+    """Deploy from this (sync) thread; a deploy that hangs past its timeouts is DeployFailed."""
+    timeout_s = runtime.settings.deploy_timeout_s + PROXY_ROUTES_TIMEOUT_S
+    try:
+        runtime.run_sync(_deploy(runtime, record, specs), timeout_s)
+    except TimeoutError:
+        raise DeployFailed(f"application {record['name']!r} was not deployed within "
+                           f"{timeout_s:.0f}s") from None
+
+
+def _poll(timeout_s: float, on_timeout: Callable[[RetryCallState], Any]) -> AsyncRetrying:
+    """Calls a check every POLL_S until it returns True; after `timeout_s`, `on_timeout`."""
+    return AsyncRetrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(POLL_S),
+                         retry=retry_if_result(lambda done: not done),
+                         retry_error_callback=on_timeout)
+
+
+async def _deploy(runtime: Runtime, record: AppRecord, specs: dict[str, bytes]) -> None:
     await write_app(runtime.store, record, specs)
     await _wait_running(runtime, record)
     if record["route_prefix"] is not None:
         await _wait_proxies(runtime, record["name"], record["route_prefix"])
 
 
-async def _wait_running(runtime: Runtime, record: dict[str, Any]) -> None:
+async def _wait_running(runtime: Runtime, record: AppRecord) -> None:
     """Wait for the status of this very deploy: a status an earlier deploy left (a killed run
     of the same script, say) may carry the same version and say RUNNING."""
     name = record["name"]
-    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    timeout_s = runtime.settings.deploy_timeout_s
     store = runtime.store
-    while time.monotonic() < deadline:
-        status = await store.get_one(store.names.key("app_status"), name)
+
+    async def running() -> bool:
+        status = await store.app_status(name)
         if status and _describes_deploy(status, record):
-            if status["status"] == "RUNNING":
-                return
-            if status["status"] == "DEPLOY_FAILED":
+            if status["status"] == ApplicationStatus.RUNNING:
+                return True
+            if status["status"] == ApplicationStatus.DEPLOY_FAILED:
                 raise DeployFailed(f"application {name!r} failed to deploy: {status['message']}")
         if await store.lease_holder() is None:
             await asyncio.sleep(1.0)
             if await store.lease_holder() is None:
                 raise _ControllerGone("no controller is running for cluster "
                                       f"{runtime.settings.cluster!r}")
-        await asyncio.sleep(0.05)
-    raise DeployFailed(f"application {name!r} was not running after {DEPLOY_TIMEOUT_S:.0f}s")
+        return False
+
+    def not_running(state: RetryCallState) -> NoReturn:
+        raise DeployFailed(f"application {name!r} was not running after {timeout_s:.0f}s")
+
+    await _poll(timeout_s, not_running)(running)
 
 
-def _describes_deploy(status: dict[str, Any], record: dict[str, Any]) -> bool:
+def _describes_deploy(status: AppStatusRecord, record: AppRecord) -> bool:
     """Whether an app status describes this record's deploy."""
     if "deploy_id" in status:
         return bool(status["deploy_id"] == record["deploy_id"])
@@ -192,8 +215,8 @@ async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None
     """Wait until every live proxy routes `prefix` to the app (or, with no prefix, routes
     nothing to it any more), so the next request sees the change."""
     store, names = runtime.store, runtime.names
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+
+    async def seen() -> bool:
         table = await store.routes()
         if prefix is None:
             settled = all(route["app"] != name for route in table["routes"].values())
@@ -201,13 +224,17 @@ async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None
             route = table["routes"].get(prefix)
             settled = bool(route and route["app"] == name and route["ready"])
         if settled:
-            proxies = await store.get_all(names.proxies)
+            proxies = await store.proxies()
             alive = await store.alive([names.proxy_alive(p) for p in proxies])
             versions = [p["routes_version"] for p, ok in zip(proxies.values(), alive) if ok]
-            if all(v >= table["version"] for v in versions):
-                return
-        await asyncio.sleep(0.05)
-    log.warning("not every proxy saw the routes of %r change within 30s", name)
+            return all(v >= table["version"] for v in versions)
+        return False
+
+    def unseen(state: RetryCallState) -> None:
+        log.warning("not every proxy saw the routes of %r change within %.0fs", name,
+                    PROXY_ROUTES_TIMEOUT_S)
+
+    await _poll(PROXY_ROUTES_TIMEOUT_S, unseen)(seen)
 
 
 def _block_forever() -> None:
@@ -223,22 +250,25 @@ def delete(name: str, _blocking: bool = True) -> None:
     """Delete an application: its replicas stop and its route goes away."""
     runtime = _connect(start_if_missing=False)
 
+    async def removed() -> bool:
+        store = runtime.store
+        if await store.app_status(name) is None:
+            await _wait_proxies(runtime, name, None)
+            return True
+        if await store.lease_holder() is None:
+            # No controller to act on it now: the next one to lead will.
+            log.warning("no controller is running; application %r is deleted from the "
+                        "desired state and stops when a controller leads again", name)
+            return True
+        return False
+
     async def remove() -> None:
         store = runtime.store
         await store.delete_field(store.names.apps, name)
         await store.delete_field(store.names.app_builds, name)
         await store.announce("apps")
-        deadline = time.monotonic() + DEPLOY_TIMEOUT_S
-        while _blocking and time.monotonic() < deadline:
-            if await store.get_one(store.names.key("app_status"), name) is None:
-                await _wait_proxies(runtime, name, None)
-                return
-            if await store.lease_holder() is None:
-                # No controller to act on it now: the next one to lead will.
-                log.warning("no controller is running; application %r is deleted from the "
-                            "desired state and stops when a controller leads again", name)
-                return
-            await asyncio.sleep(0.05)
+        if _blocking:  # a controller that does not act in time leaves it deleted later
+            await _poll(runtime.settings.deploy_timeout_s, lambda state: None)(removed)
 
     runtime.run_sync(remove())
     _started_apps.discard(name)
@@ -251,13 +281,12 @@ def status() -> ServeStatus:
 
 
 def shutdown() -> None:
-    """Delete every application. A local cluster this script started is stopped too."""
-    runtime = current_runtime()
-    if runtime is None:
-        try:
-            runtime = get_runtime()
-        except Exception:
-            return
+    """Delete every application. A local cluster this script started is stopped too.
+
+    Raises ClusterUnavailable if Redis or RabbitMQ cannot be reached: the applications may
+    still be running, so saying nothing would mislead.
+    """
+    runtime = current_runtime() or get_runtime()
     apps = runtime.run_sync(runtime.store.apps())
     for name in apps:
         delete(name)

@@ -20,6 +20,7 @@ from ..protocol import messages
 from ..protocol.call_values import dumps_signed
 from ..protocol.names import Names
 from ..state.apps import app_version
+from ..state.records import AppRecord, DeploymentEntry
 from ..state.store import now
 from .application import Application
 from .handle import DeploymentHandle
@@ -27,7 +28,7 @@ from .handle import DeploymentHandle
 
 def build_application(app: Application, name: str, route_prefix: str | None, names: Names, secret: bytes,
            *, reference: Callable[[Any], Any] | None = None, sys_path: list[str] | None = None
-           ) -> tuple[dict[str, Any], dict[str, bytes]]:
+           ) -> tuple[AppRecord, dict[str, bytes]]:
     """The application record and the signed definition of each deployment.
 
     A driver's own modules travel by value. An application a config names (`_build_app.py`)
@@ -59,7 +60,7 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
         return value
 
     sys_path = driver_paths() if sys_path is None else sys_path
-    deployments: dict[str, Any] = {}
+    deployments: dict[str, DeploymentEntry] = {}
     specs: dict[str, bytes] = {}
     for node in nodes:
         dep_name, dep = dep_names[id(node)], node.deployment
@@ -87,9 +88,9 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
             "user_config_hash": user_config_hash(config.get("user_config")),
         }
     ingress = dep_names[id(app)]
-    record = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
-              "version": app_version(route_prefix, deployments), "deployments": deployments,
-              "deployed_at": now()}
+    record: AppRecord = {"name": name, "route_prefix": route_prefix, "ingress": ingress,
+                         "version": app_version(route_prefix, deployments),
+                         "deployments": deployments, "deployed_at": now()}
     return record, specs
 
 

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import BaseModel
 
+from ..exceptions import BuildFailed
 from ..protocol import messages
 from ..protocol.names import Names
 from ..schema import ServeApplicationSchema
@@ -32,18 +33,15 @@ from .build import build_application
 from .imports import by_reference, code_digest, import_attr
 
 
-class BuildError(Exception):
-    """A mistake in the config or the code it names, reported without a traceback."""
-
-
 def main() -> None:
     answer = _claim_stdout()
     request = orjson.loads(sys.stdin.buffer.read())
     try:
         result: dict[str, Any] = build(request)
-    except BuildError as exc:
+    except BuildFailed as exc:  # a mistake in the config or the code it names: no traceback
         result = {"error": str(exc)}
-    except BaseException as exc:  # SystemExit or KeyboardInterrupt from user code too
+    # User code may raise anything; it becomes the answer.
+    except BaseException as exc:  # noqa: BLE001
         name = request.get("app", {}).get("name", "default")
         path = request.get("app", {}).get("import_path", "?")
         result = {"error": f"Building application {name!r} from {path!r} failed:\n"
@@ -95,13 +93,13 @@ def load_application(config: ServeApplicationSchema) -> Application:
     target = import_attr(config.import_path)
     if isinstance(target, (Application, Deployment)):
         if config.args:
-            raise BuildError(f"{config.import_path} is an application, not a builder "
+            raise BuildFailed(f"{config.import_path} is an application, not a builder "
                              "function: it cannot take `args`")
         app = target.bind() if isinstance(target, Deployment) else target
     elif callable(target):
         app = _call_builder(target, config.args)
     else:
-        raise BuildError(f"{config.import_path} is a {type(target).__name__}, not an "
+        raise BuildFailed(f"{config.import_path} is a {type(target).__name__}, not an "
                          "application, a deployment or an application builder")
     apply_overrides(app, config)
     return app
@@ -116,7 +114,7 @@ def _call_builder(builder: Any, args: dict[str, Any]) -> Application:
     else:
         try:
             hint = typing.get_type_hints(builder).get(parameters[0].name)
-        except Exception:
+        except Exception:  # noqa: BLE001 - unresolvable user hints mean no hint
             hint = None
         value: Any = args
         if isinstance(hint, type) and issubclass(hint, BaseModel):
@@ -125,7 +123,7 @@ def _call_builder(builder: Any, args: dict[str, Any]) -> Application:
     if isinstance(result, Deployment):
         result = result.bind()
     if not isinstance(result, Application):
-        raise BuildError(f"the application builder returned a {type(result).__name__}, not "
+        raise BuildFailed(f"the application builder returned a {type(result).__name__}, not "
                          "an application (call .bind())")
     return result
 
@@ -137,13 +135,13 @@ def apply_overrides(app: Application, config: ServeApplicationSchema) -> None:
     for override in config.deployments:
         nodes = by_name.get(override.name)
         if not nodes:
-            raise BuildError(f"deployment {override.name!r} is not in application "
+            raise BuildFailed(f"deployment {override.name!r} is not in application "
                              f"{config.name!r}; it has {sorted(by_name)}")
         for node in nodes:
             try:
                 node.deployment = node.deployment.options(**override.options())
             except (TypeError, ValueError) as exc:
-                raise BuildError(f"the config's options for deployment {override.name!r} of "
+                raise BuildFailed(f"the config's options for deployment {override.name!r} of "
                                  f"application {config.name!r} are invalid: {exc}") from exc
 
 

@@ -13,14 +13,21 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..context import _request_id
-from ..exceptions import RayServeException
+from ..exceptions import BackPressureError, RayServeException, RequestCancelledError
 from ..protocol import messages
 from ..protocol.call_values import carries_value, pack_call, unpack_value
+from ..transport.broker import ReplyEvents
 from ..transport.cancellation import cancel
 from .runtime import Runtime, current_runtime, get_runtime
 
 _DONE = object()
 _background: set[asyncio.Future[None]] = set()
+# The error events whose type Ray Serve has its own exception for: a callee's cancelled or
+# refused call reaches the caller of the caller as the same class.
+_RAISED_AS: dict[str, type[RayServeException]] = {
+    "Cancelled": RequestCancelledError,
+    "QueueFull": BackPressureError,
+}
 
 # The handle calls made while a replica handles one request, so that cancelling the request
 # cancels them too. Each request runs in its own task, so this is per request.
@@ -39,6 +46,9 @@ class DeploymentHandle:
         self.method_name = method_name
         self.stream = stream
         self.multiplexed_model_id = multiplexed_model_id
+        # A handle from get_app_handle inside a replica learns its app's ingress on its first
+        # call and keeps it, so later calls cost no Redis round trip.
+        self.resolved_ingress: str | None = None
 
     def options(self, *, method_name: str | None = None, stream: bool | None = None,
                 multiplexed_model_id: str | None = None,
@@ -91,6 +101,11 @@ class _Call:
         self.parent_request_id = _request_id.get()
         self.items: asyncio.Queue[Any] = asyncio.Queue()
         self.published = False
+        # Per call, not on the shared handle: a handle from get_app_handle inside a replica
+        # learns its ingress only when called.
+        self.deployment_name = handle.deployment_name
+        self.queue = ""
+        self.chosen: str | None = None  # the replica whose affinity queue the call went to
         made_by = calls_of_current_request.get()
         if made_by is not None:
             made_by.append(self)
@@ -101,86 +116,105 @@ class _Call:
         )
 
     async def _run(self) -> None:
-        runtime, handle = self.runtime, self.handle
-        if handle.deployment_name is None:  # from get_app_handle inside a replica
-            try:
-                handle.deployment_name = await runtime.ingress_of(handle.app_name)
-            except ValueError as exc:
-                self.items.put_nowait(RayServeException(str(exc)))
-                self.items.put_nowait(_DONE)
-                return
-        model_id = handle.multiplexed_model_id
-        queue = runtime.names.request_queue(handle.app_name, handle.deployment_name)
-        affinity, chosen = runtime.affinity, None
+        runtime = self.runtime
         events = runtime.router.register(self.request_id)
         try:
-            # Inside the try: a failed argument or an unpicklable one fails the response.
-            args = [await _resolve(a) for a in self.args]
-            kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
-            payload = {"method": handle.method_name,
-                       **pack_call(tuple(args), kwargs, runtime.secret)}
-            if model_id:
-                payload["multiplexed_model_id"] = model_id
-            message: dict[str, Any] = dict(
-                routing_key=queue, body=messages.pack(payload), type=messages.KIND_CALL,
-                correlation_id=self.request_id, reply_to=runtime.router.queue_name,
-                headers=messages.request_headers(published_us=messages.now_us(),
-                                                 request_id=self.parent_request_id),
-                mandatory=True,
-            )
-            accepted = True
-            if await runtime.is_bounded(handle.app_name, handle.deployment_name):
-                # A full bounded queue refuses the call, and the caller must hear it.
-                accepted = await runtime.broker.publish_confirmed(**message)
-            else:
-                if model_id and affinity.knows(queue):
-                    chosen = affinity.pick(queue, model_id)
-                    if chosen is not None:
-                        message["routing_key"] = runtime.names.affinity_queue(chosen)
-                await runtime.broker.publish(**message)
-            self.published = accepted
-            if not accepted:
-                raise RayServeException(
-                    f"deployment {handle.app_name}/{handle.deployment_name} has "
-                    "max_queued_requests waiting already; retry later",
-                    deployment=f"{handle.app_name}/{handle.deployment_name}",
-                    error_type="QueueFull")
-            first = True
-            while True:
-                kind, event = await events.get()
-                if first and (chosen is not None or "models" in event):
-                    affinity.observe(queue, chosen, event)
-                first = False
-                if kind == messages.ERROR:
-                    self.items.put_nowait(self._error(event))
-                    return
-                if kind != messages.RESULT:
-                    continue
-                if carries_value(event):
-                    self.items.put_nowait(unpack_value(event, runtime.secret))
-                if not event.get("more", False):
-                    return
+            if self.deployment_name is None:
+                self.deployment_name = self.handle.resolved_ingress or await self._ingress()
+                self.handle.resolved_ingress = self.deployment_name
+            await self._publish()
+            await self._receive(events)
         except asyncio.CancelledError:
             if self.published:  # stop the callee too, wherever it runs or waits
-                task = asyncio.ensure_future(
-                    cancel(runtime.broker, runtime.store, [self.request_id]))
-                _background.add(task)
-                task.add_done_callback(_background.discard)
-            self.items.put_nowait(RayServeException("call cancelled"))
+                self._cancel_callee()
+            self.items.put_nowait(RequestCancelledError(
+                f"request {self.request_id} was cancelled",
+                deployment=f"{self.handle.app_name}/{self.deployment_name}"))
             raise
-        except Exception as exc:  # handed to whoever awaits the response
+        # User arguments may raise anything: the response does.
+        except Exception as exc:  # noqa: BLE001
             self.items.put_nowait(exc)
         finally:
-            if chosen is not None:
-                affinity.done(queue, chosen)
+            if self.chosen is not None:
+                runtime.affinity.done(self.queue, self.chosen)
             runtime.router.unregister(self.request_id)
             self.items.put_nowait(_DONE)
 
+    async def _ingress(self) -> str:
+        try:
+            return await self.runtime.ingress_of(self.handle.app_name)
+        except ValueError as exc:
+            raise RayServeException(str(exc)) from None
+
+    async def _publish(self) -> None:
+        """Publish the call message: with a broker confirm if the deployment's queue is
+        bounded, else to the affinity queue of a replica holding the call's model, if known."""
+        runtime, handle, deployment = self.runtime, self.handle, self.deployment_name
+        assert deployment is not None
+        # A failed argument or an unpicklable one fails the response.
+        args = [await _resolve(a) for a in self.args]
+        kwargs = {k: await _resolve(v) for k, v in self.kwargs.items()}
+        payload = {"method": handle.method_name, **pack_call(tuple(args), kwargs, runtime.secret)}
+        model_id = handle.multiplexed_model_id
+        if model_id:
+            payload["multiplexed_model_id"] = model_id
+        self.queue = runtime.names.request_queue(handle.app_name, deployment)
+        message: dict[str, Any] = {
+            "routing_key": self.queue, "body": messages.pack(payload),
+            "type": messages.KIND_CALL, "correlation_id": self.request_id,
+            "reply_to": runtime.router.queue_name,
+            "headers": messages.request_headers(published_us=messages.now_us(),
+                                                request_id=self.parent_request_id),
+            "mandatory": True,
+        }
+        if await runtime.is_bounded(handle.app_name, deployment):
+            # A full bounded queue refuses the call, and the caller must hear it.
+            self.published = await runtime.broker.publish_confirmed(**message)
+            if not self.published:
+                raise BackPressureError(
+                    f"deployment {handle.app_name}/{deployment} has "
+                    "max_queued_requests waiting already; retry later",
+                    deployment=f"{handle.app_name}/{deployment}")
+            return
+        if model_id and runtime.affinity.knows(self.queue):
+            self.chosen = runtime.affinity.pick(self.queue, model_id)
+            if self.chosen is not None:
+                message["routing_key"] = runtime.names.affinity_queue(self.chosen)
+        await runtime.broker.publish(**message)
+        self.published = True
+
+    async def _receive(self, events: ReplyEvents) -> None:
+        """Hand the call's results to its response, up to the last one or an error."""
+        kind, event = await events.get()
+        # The first event tells which models the replica that took the call holds.
+        if self.chosen is not None or "models" in event:
+            self.runtime.affinity.observe(self.queue, self.chosen, event)
+        while not self._take(kind, event):
+            kind, event = await events.get()
+
+    def _take(self, kind: str, event: dict[str, Any]) -> bool:
+        """Queue what one reply event carries; True if it ends the call."""
+        if kind == messages.ERROR:
+            self.items.put_nowait(self._error(event))
+            return True
+        if kind != messages.RESULT:
+            return False
+        if carries_value(event):
+            self.items.put_nowait(unpack_value(event, self.runtime.secret))
+        return not event.get("more", False)
+
+    def _cancel_callee(self) -> None:
+        task = asyncio.ensure_future(
+            cancel(self.runtime.broker, self.runtime.store, [self.request_id]))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
     def _error(self, event: dict[str, Any]) -> RayServeException:
-        name = f"{self.handle.app_name}/{self.handle.deployment_name}"
+        name = f"{self.handle.app_name}/{self.deployment_name}"
         error_type = str(event.get("error", "Error"))
         message = f"{error_type} in deployment {name}: {event.get('message', '')}"
-        return RayServeException(message, deployment=name, error_type=error_type)
+        raised_as = _RAISED_AS.get(error_type, RayServeException)
+        return raised_as(message, deployment=name, error_type=error_type)
 
     async def next_item(self) -> Any:
         item = await self.items.get()

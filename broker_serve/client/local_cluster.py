@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import redis
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from ..exceptions import ClusterUnavailable
-from ..lifecycle import die_with_parent
+from ..lifecycle import die_with_parent_env
 from ..protocol.names import Names
 from ..settings import Settings, state_dir
 from ..state.liveness import process_id
@@ -61,10 +63,10 @@ class LocalCluster:
         command = [sys.executable, "-m", "broker_serve", *args]
         env = {**os.environ, **self.settings.env()}
         if not self.detached:
-            return subprocess.Popen(command, env=env, preexec_fn=die_with_parent)
-        log = open(directory / f"{role}.log", "ab")
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+            return subprocess.Popen(command, env={**env, **die_with_parent_env()})
+        with open(directory / f"{role}.log", "ab") as log:  # the child has its own copy
+            return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self) -> None:
         """Wait until this cluster's own controller leads, its node has joined and its proxy
@@ -72,26 +74,30 @@ class LocalCluster:
         names = Names(self.settings.cluster)
         ids = {role: process_id(process.pid) for role, process in self.processes.items()}
         client = redis.Redis.from_url(self.settings.redis_url)
-        deadline = time.monotonic() + READY_TIMEOUT_S
+
+        def ready() -> bool:
+            for role, process in self.processes.items():
+                if process.poll() is not None:
+                    raise ClusterUnavailable(
+                        f"the local {role} exited with code {process.returncode} while "
+                        f"starting; see its log above"
+                        + (f" or in {state_dir(self.settings.cluster)}" if self.detached
+                           else "")
+                    )
+            leader = client.get(names.controller_lease) == ids["controller"].encode()
+            node = client.hexists(names.nodes, ids["worker"])
+            proxy = "proxy" not in ids or client.hexists(names.proxies, ids["proxy"])
+            return bool(leader and node and proxy)
+
+        def not_ready(state: RetryCallState) -> NoReturn:
+            raise ClusterUnavailable("the local cluster did not become ready in time")
+
         try:
-            while time.monotonic() < deadline:
-                for role, process in self.processes.items():
-                    if process.poll() is not None:
-                        raise ClusterUnavailable(
-                            f"the local {role} exited with code {process.returncode} while "
-                            f"starting; see its log above"
-                            + (f" or in {state_dir(self.settings.cluster)}" if self.detached
-                               else "")
-                        )
-                leader = client.get(names.controller_lease) == ids["controller"].encode()
-                node = client.hexists(names.nodes, ids["worker"])
-                proxy = "proxy" not in ids or client.hexists(names.proxies, ids["proxy"])
-                if leader and node and proxy:
-                    return
-                time.sleep(0.1)
+            Retrying(stop=stop_after_delay(READY_TIMEOUT_S), wait=wait_fixed(0.1),
+                     retry=retry_if_result(lambda done: not done),
+                     retry_error_callback=not_ready)(ready)
         finally:
             client.close()
-        raise ClusterUnavailable("the local cluster did not become ready in time")
 
     def stop(self, timeout: float = 30.0) -> None:
         for process in self.processes.values():
@@ -119,10 +125,10 @@ def stop_detached(cluster: str, timeout: float = 30.0) -> list[str]:
             stopped.append(role)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + timeout
+    Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.05),
+             retry=retry_if_result(lambda alive: alive), retry_error_callback=lambda state: None
+             )(lambda: any(_alive(pid) for pid in pids.values()))
     for pid in pids.values():
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)

@@ -1,21 +1,27 @@
 """The per-process client side of a cluster: one Redis client, one AMQP connection and one reply
 queue, shared by every handle and by the serve API in this process.
 
-In a driver script the runtime runs its own event loop in a daemon thread, so sync code
-(`serve.run`, `response.result()`) can use it. Inside a replica it shares the replica's loop and
-broker connection.
+In a driver script the runtime runs its own event loop in the thread of an anyio blocking
+portal, so sync code (`serve.run`, `response.result()`) can use it. Inside a replica it shares
+the replica's loop and broker connection, with a portal on that loop for sync methods, which run
+in worker threads. A forked child does not inherit it: it starts its own on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
 import threading
 from collections.abc import Coroutine
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ..exceptions import BrokerServeError, ClusterUnavailable
 from ..settings import Settings
 from ..state.store import Store
 from ..transport.affinity import AffinityTable
@@ -24,16 +30,20 @@ from ..transport.broker import Broker, ReplyRouter, connection_name
 T = TypeVar("T")
 
 BOUNDED_REFRESH_S = 10.0
+START_TIMEOUT_S = 30.0
 
 _lock = threading.Lock()
 _runtime: Runtime | None = None
+_portal_hosts: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
 
 
 class Runtime:
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop,
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop, portal: BlockingPortal,
                  broker: Broker | None = None) -> None:
         self.settings = settings
         self.loop = loop
+        self.portal = portal  # runs coroutines on `loop` for other threads
+        self.pid = os.getpid()
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
@@ -45,7 +55,8 @@ class Runtime:
         self.secret = b""
         self.affinity = AffinityTable()  # which replicas hold which multiplexed models
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
+        # The driver's portal thread, closed by reset_runtime; None inside a replica.
+        self._portal_thread: contextlib.ExitStack | None = None
         self._bounded: dict[tuple[str, str], tuple[float, bool]] = {}
 
     async def start(self) -> None:
@@ -59,7 +70,7 @@ class Runtime:
         try:
             if self._owns_broker:
                 await asyncio.wait_for(self.broker.close(), 5)
-        except Exception:
+        except (BrokerServeError, TimeoutError):
             pass  # the broker is away: the process is leaving anyway
         finally:
             await self.store.close()
@@ -72,14 +83,15 @@ class Runtime:
         now = self.loop.time()
         if cached is not None and now - cached[0] < BOUNDED_REFRESH_S:
             return cached[1]
-        record = await self.store.get_one(self.names.apps, app) or {}
-        config = record.get("deployments", {}).get(deployment, {}).get("config", {})
+        record = await self.store.app(app)
+        entry = record["deployments"].get(deployment) if record else None
+        config = entry["config"] if entry else {}
         bounded = int(config.get("max_queued_requests", -1)) > 0
         self._bounded[key] = (now, bounded)
         return bounded
 
     async def ingress_of(self, app: str) -> str:
-        record = await self.store.get_one(self.names.apps, app)
+        record = await self.store.app(app)
         if record is None:
             raise ValueError(f"no application named {app!r}")
         return str(record["ingress"])
@@ -94,32 +106,43 @@ class Runtime:
             return False
 
     def run_sync(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        """Run `coro` on the runtime's loop from another thread and wait for it."""
+        """Run `coro` on the runtime's loop from another thread and wait for it. After
+        `timeout` seconds it raises TimeoutError, and `coro` goes on running."""
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError(
                 "This is a blocking call and cannot run inside the event loop; use `await`."
             )
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        done: Future[T] = self.portal.start_task_soon(_awaited, coro)
+        return done.result(timeout)
+
+
+async def _awaited(coro: Coroutine[Any, Any, T]) -> T:
+    return await coro
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
     """The runtime of this process, started on first use."""
     global _runtime
     with _lock:
-        if _runtime is not None:
-            return _runtime
+        runtime = current_runtime()
+        if runtime is not None:
+            return runtime
         settings = settings or Settings.from_env()
-        loop = asyncio.new_event_loop()
-        thread = threading.Thread(target=loop.run_forever, name="broker-serve-client", daemon=True)
-        thread.start()
-        runtime = Runtime(settings, loop)
+        portal_thread = contextlib.ExitStack()
+        portal = portal_thread.enter_context(start_blocking_portal())
         try:
-            asyncio.run_coroutine_threadsafe(runtime.start(), loop).result(30)
+            runtime = Runtime(settings, portal.call(asyncio.get_running_loop), portal)
+            portal.start_task_soon(runtime.start).result(START_TIMEOUT_S)
+        except TimeoutError:
+            _close_portal(portal, portal_thread)
+            raise ClusterUnavailable(
+                f"RabbitMQ or Redis did not answer within {START_TIMEOUT_S:.0f}s (see "
+                "BROKER_SERVE_AMQP_URL and BROKER_SERVE_REDIS_URL)") from None
         except BaseException:
-            loop.call_soon_threadsafe(loop.stop)
+            _close_portal(portal, portal_thread)
             raise
-        runtime._thread = thread
+        runtime._portal_thread = portal_thread
         _runtime = runtime
         return runtime
 
@@ -127,25 +150,49 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
 async def install_replica_runtime(settings: Settings, broker: Broker) -> Runtime:
     """Inside a replica: share its loop and connection."""
     global _runtime
-    runtime = Runtime(settings, asyncio.get_running_loop(), broker)
+    runtime = Runtime(settings, asyncio.get_running_loop(), await _portal_on_this_loop(), broker)
     await runtime.start()
     _runtime = runtime
     return runtime
 
 
+async def _portal_on_this_loop() -> BlockingPortal:
+    """A portal into the running loop, hosted by a task of its own that lasts as long as the
+    loop does (a portal's task group must be left by the task that entered it)."""
+    opened: asyncio.Future[BlockingPortal] = asyncio.get_running_loop().create_future()
+
+    async def host() -> None:
+        async with BlockingPortal() as portal:
+            opened.set_result(portal)
+            await portal.sleep_until_stopped()
+
+    _portal_hosts.add(asyncio.ensure_future(host()))
+    return await opened
+
+
 def current_runtime() -> Runtime | None:
-    return _runtime
+    """This process's runtime; one a forked child inherited does not count."""
+    runtime = _runtime
+    return runtime if runtime is not None and runtime.pid == os.getpid() else None
 
 
 def reset_runtime() -> None:
     """Stop and forget this process's runtime (serve.shutdown, tests)."""
     global _runtime
     with _lock:
-        runtime, _runtime = _runtime, None
-    if runtime is None or runtime._thread is None:
+        runtime, _runtime = current_runtime(), None
+    if runtime is None or runtime._portal_thread is None:
         return
     try:
-        asyncio.run_coroutine_threadsafe(runtime.stop(), runtime.loop).result(10)
+        runtime.portal.start_task_soon(runtime.stop).result(10)
     finally:
-        runtime.loop.call_soon_threadsafe(runtime.loop.stop)
-        runtime._thread.join(5)
+        _close_portal(runtime.portal, runtime._portal_thread)
+
+
+def _close_portal(portal: BlockingPortal, portal_thread: contextlib.ExitStack) -> None:
+    """Stop the portal's loop, cancelling what still runs there (a call whose result() timed
+    out, say), and join its thread."""
+    try:
+        portal.call(portal.stop, True)
+    finally:
+        portal_thread.close()

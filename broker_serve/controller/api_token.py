@@ -13,7 +13,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from ..settings import state_dir
+from ..settings import Settings, state_dir
 
 log = logging.getLogger("broker_serve.controller.rest")
 
@@ -27,7 +27,7 @@ def token_file(cluster: str) -> Path:
 
 def server_token(cluster: str) -> str:
     """The token the controller accepts, creating the token file if needed."""
-    from_env = os.environ.get(ENV_VAR, "").strip()
+    from_env = Settings().api_token
     if from_env:
         return from_env
     path = token_file(cluster)
@@ -50,7 +50,7 @@ def client_token(cluster: str, given: str | None = None) -> str | None:
     """The token a client sends: the given one, the variable, or the file's."""
     if given:
         return given.strip()
-    return os.environ.get(ENV_VAR, "").strip() or _read_private(token_file(cluster))
+    return Settings().api_token or _read_private(token_file(cluster))
 
 
 def _read_private(path: Path) -> str | None:

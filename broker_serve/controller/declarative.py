@@ -15,39 +15,34 @@ import logging
 import os
 import secrets
 import sys
-import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
 
 from ..config import HTTPOptions
+from ..exceptions import BrokerServeError, BuildFailed, ProtocolError
 from ..protocol import messages
-from ..schema import ServeApplicationSchema, ServeDeploySchema
+from ..schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
 from ..settings import Settings
 from ..state.apps import app_version, write_app
+from ..state.records import AppRecord
 from ..state.store import Store, now
 from .api_token import ENV_VAR as TOKEN_VAR
 
 log = logging.getLogger("broker_serve.controller.rest")
 
-BUILD_TIMEOUT_S = float(os.environ.get("BROKER_SERVE_BUILD_TIMEOUT_S", "300"))
 DELETE_TIMEOUT_S = 60.0
-LOCK_TTL_S = BUILD_TIMEOUT_S + 60
+POLL_S = 0.1
 _STDERR_TAIL = 4000
-_RELEASE = """if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0"""
 
 
-class BuildFailed(Exception):
-    pass
-
-
-class UnknownTarget(LookupError):
+class UnknownTarget(BrokerServeError, LookupError):
     """No such application or deployment (404)."""
 
 
-class Refused(Exception):
+class Refused(BrokerServeError):
     """The request conflicts with the state of the cluster (409)."""
 
 
@@ -60,14 +55,15 @@ async def apply_config(store: Store, settings: Settings,
         secret = await store.secret()
         wanted = {app.name for app in config.applications}
         for app in config.applications:
-            await store.put(names.app_builds, app.name, {
-                "status": "DEPLOYING", "message": "building the application from its config",
-                "deployed_at": now(), "expires": now() + LOCK_TTL_S,
+            await store.put_app_build(app.name, {
+                "status": ApplicationStatus.DEPLOYING,
+                "message": "building the application from its config",
+                "deployed_at": now(), "expires": now() + _lock_ttl_s(),
             })
-        await store.redis.set(names.deploy_config, config.model_dump_json(exclude_unset=True))
+        await store.put_deploy_config(config)
         await _apply_http_options(store, config)
         gone = sorted(set(await store.apps()) - wanted)
-        stale = sorted(set(await store.get_all(names.app_builds)) - wanted)
+        stale = sorted(set(await store.app_builds()) - wanted)
         await store.delete_field(names.apps, *gone)
         await store.delete_field(names.app_builds, *stale)
         await store.announce("apps")
@@ -87,13 +83,13 @@ async def _deploy_one(store: Store, settings: Settings, secret: bytes,
         async with limit:
             record, specs = await build_application(settings, secret, app)
         await write_app(store, record, specs, replacing)
-    except Exception as exc:
+    except Exception as exc:  # one application's failure, whatever it is, must not fail the rest
         if isinstance(exc, (BuildFailed, ValueError)):
             log.warning("application %s failed to deploy: %s", app.name, exc)
         else:
             log.exception("deploying application %s failed", app.name)
-        await store.put(store.names.app_builds, app.name, {
-            "status": "DEPLOY_FAILED", "message": str(exc), "deployed_at": now()})
+        await store.put_app_build(app.name, {
+            "status": ApplicationStatus.DEPLOY_FAILED, "message": str(exc), "deployed_at": now()})
         await store.announce("apps")
         return app.name, {"result": "failed", "message": str(exc)}
     log.info("application %s built from %s (version %s)", app.name, app.import_path,
@@ -102,7 +98,7 @@ async def _deploy_one(store: Store, settings: Settings, secret: bytes,
 
 
 async def build_application(settings: Settings, secret: bytes,
-                            app: ServeApplicationSchema) -> tuple[dict[str, Any], dict[str, Any]]:
+                            app: ServeApplicationSchema) -> tuple[AppRecord, dict[str, bytes]]:
     """The app record and specs, built by `python -m broker_serve.client.config_build`."""
     import_dir, from_working_dir = import_directory(settings, app)
     request = orjson.dumps({
@@ -120,10 +116,11 @@ async def build_application(settings: Settings, secret: bytes,
         raise BuildFailed(f"cannot start the build of application {app.name!r} in "
                           f"{import_dir}: {exc}") from exc
     try:
-        out, err = await asyncio.wait_for(process.communicate(request), BUILD_TIMEOUT_S)
+        out, err = await asyncio.wait_for(process.communicate(request), settings.build_timeout_s)
     except TimeoutError:
         raise BuildFailed(f"building application {app.name!r} took more than "
-                          f"{BUILD_TIMEOUT_S:.0f}s (BROKER_SERVE_BUILD_TIMEOUT_S)") from None
+                          f"{settings.build_timeout_s:.0f}s (BROKER_SERVE_BUILD_TIMEOUT_S)"
+                          ) from None
     finally:
         if process.returncode is None:
             process.kill()
@@ -133,7 +130,7 @@ async def build_application(settings: Settings, secret: bytes,
         log.info("the build of %s said:\n%s", app.name, output[-_STDERR_TAIL:])
     try:
         result = messages.unpack(out) if out else None
-    except Exception:
+    except ProtocolError:  # the build died mid-answer: its stderr below says why
         result = None
     if not isinstance(result, dict):
         raise BuildFailed(f"the build of application {app.name!r} exited with code "
@@ -173,10 +170,9 @@ async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
         changes["location"] = config.proxy_location
     if not changes:
         return
-    raw = await store.redis.get(store.names.http_options)
-    current = HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+    current = await store.http_options()
     updated = HTTPOptions.model_validate({**current.model_dump(), **changes})
-    await store.redis.set(store.names.http_options, updated.model_dump_json())
+    await store.put_http_options(updated)
 
 
 # DELETE -----------------------------------------------------------------------------------------
@@ -186,20 +182,22 @@ async def delete_all(store: Store) -> list[str]:
     async with _deploy_lock(store):
         apps = sorted(await store.apps())
         await store.delete_field(names.apps, *apps)
-        await store.redis.delete(names.app_builds, names.deploy_config)
+        await store.forget_config()
         await store.announce("apps")
-    deadline = time.monotonic() + DELETE_TIMEOUT_S
-    while await store.redis.hlen(names.key("app_status")) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
+    async def statuses_gone() -> bool:
+        return not await store.app_status_count()
+
+    await AsyncRetrying(stop=stop_after_delay(DELETE_TIMEOUT_S), wait=wait_fixed(POLL_S),
+                        retry=retry_if_result(lambda gone: not gone),
+                        retry_error_callback=lambda state: None)(statuses_gone)
     return apps
 
 
 # scale -----------------------------------------------------------------------------------------
 async def scale(store: Store, app: str, deployment: str, num_replicas: int) -> None:
     """Set one deployment's `num_replicas` in place: a live option, so nothing restarts."""
-    names = store.names
     async with _deploy_lock(store):
-        record = await store.get_one(names.apps, app)
+        record = await store.app(app)
         if record is None:
             raise UnknownTarget(f"there is no application {app!r}")
         dep = record["deployments"].get(deployment)
@@ -211,7 +209,7 @@ async def scale(store: Store, app: str, deployment: str, num_replicas: int) -> N
                           "instead")
         dep["num_replicas"] = dep["config"]["num_replicas"] = num_replicas
         record["version"] = app_version(record["route_prefix"], record["deployments"])
-        await store.put(names.apps, app, record)
+        await store.replace_app(record)
         await store.announce("apps")
         if record.get("source") == "declarative":
             await _scale_stored_config(store, app, deployment, num_replicas)
@@ -219,10 +217,9 @@ async def scale(store: Store, app: str, deployment: str, num_replicas: int) -> N
 
 
 async def _scale_stored_config(store: Store, app: str, deployment: str, n: int) -> None:
-    raw = await store.redis.get(store.names.deploy_config)
-    if not raw:
+    config = await store.deploy_config_document()
+    if not config:
         return
-    config = orjson.loads(raw)
     for entry in config.get("applications", []):
         if entry.get("name", "default") == app:
             overrides = entry.setdefault("deployments", [])
@@ -231,20 +228,28 @@ async def _scale_stored_config(store: Store, app: str, deployment: str, n: int) 
                 overrides.append({"name": deployment, "num_replicas": n})
             else:
                 override["num_replicas"] = n
-    await store.redis.set(store.names.deploy_config, orjson.dumps(config))
+    await store.put_deploy_config(config)
 
 
 # the lock --------------------------------------------------------------------------------------
+def _lock_ttl_s() -> float:
+    """A deploy holds the lock while its applications build, and a minute more."""
+    return Settings().build_timeout_s + 60
+
+
 @contextlib.asynccontextmanager
 async def _deploy_lock(store: Store) -> AsyncIterator[None]:
     """One config change at a time across every controller of the cluster."""
     key, token = store.names.deploy_lock, secrets.token_hex(8)
-    deadline = time.monotonic() + LOCK_TTL_S
-    while not await store.redis.set(key, token, nx=True, px=int(LOCK_TTL_S * 1000)):
-        if time.monotonic() > deadline:
-            raise Refused("another deploy has held the lock for too long")
-        await asyncio.sleep(0.1)
+    ttl_s = _lock_ttl_s()
+
+    def held_too_long(state: RetryCallState) -> NoReturn:
+        raise Refused("another deploy has held the lock for too long")
+
+    await AsyncRetrying(stop=stop_after_delay(ttl_s), wait=wait_fixed(POLL_S),
+                        retry=retry_if_result(lambda taken: not taken),
+                        retry_error_callback=held_too_long)(store.take_lock, key, token, ttl_s)
     try:
         yield
     finally:
-        await store.redis.eval(_RELEASE, 1, key, token)
+        await store.release_lock(key, token)

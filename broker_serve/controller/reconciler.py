@@ -17,15 +17,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-import orjson
 
 from ..config import AutoscalingConfig, DeploymentConfig
+from ..exceptions import BrokerServeError
 from ..lifecycle import heartbeat_loop, stop_on_signals
+from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
+from ..schema import ApplicationStatus, DeploymentStatus, ReplicaState
 from ..settings import Settings
 from ..state.liveness import process_id
+from ..state.records import (
+    AppRecord,
+    AppStatusRecord,
+    Assignment,
+    DeploymentEntry,
+    DeploymentStatusRecord,
+    NodeRecord,
+    ReplicaEndState,
+    ReplicaRecord,
+    Route,
+    RouteTableRecord,
+)
 from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
+from ..transport.errors import map_amqp_errors
 from .autoscaler import Autoscaler
 from .reseed import StateCopy
 from .rest import serve_rest_api
@@ -40,6 +55,11 @@ REDECLARE_EVERY_S = 10.0
 AMQP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 2.0
+# A replica in one of these is replaced.
+_ENDED_STATES = tuple(ReplicaEndState)
+# A deployment in one of these serves at its target (or scales towards it).
+_SERVING_STATES = (DeploymentStatus.HEALTHY, DeploymentStatus.UPSCALING,
+                   DeploymentStatus.DOWNSCALING)
 
 
 @dataclass
@@ -53,6 +73,30 @@ class StartFailures:
     deploy_id: str | None
     count: int = 0
     last_error: str = ""
+
+
+@dataclass
+class _DeploymentRound:
+    """One deployment in one reconcile: its entry in the app record, its replica target
+    (`num_replicas`, or the autoscaler's), and its live replicas (including those started or
+    stopped in this round)."""
+    app: str
+    name: str
+    spec: DeploymentEntry
+    version: str  # the spec's
+    deploy_id: str | None
+    replicas: list[ReplicaRecord]
+    target: int
+
+    def current(self) -> list[ReplicaRecord]:
+        """The replicas of the wanted version."""
+        return [r for r in self.replicas if r.get("version") == self.version]
+
+    def old(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas if r.get("version") != self.version]
+
+    def running(self) -> int:
+        return sum(1 for r in self.current() if r.get("state") == ReplicaState.RUNNING)
 
 
 class Controller:
@@ -113,15 +157,14 @@ class Controller:
     async def shutdown(self) -> None:
         await self._rest.stop()
         try:
-            if self.leader and await self.store.redis.get(self.names.controller_lease) == \
-                    self.controller_id.encode():
-                await self.store.redis.delete(self.names.controller_lease)
-            await self.store.redis.delete(self.names.controller_alive(self.controller_id))
-        except Exception:
-            pass
+            if self.leader:
+                await self.store.release_lease(self.controller_id)
+            await self.store.drop_heartbeat(self.names.controller_alive(self.controller_id))
+        except BrokerServeError as exc:  # the lease and the liveness key expire on their own
+            log.warning("could not give up the lease of %s: %s", self.controller_id, exc)
         try:
             await asyncio.wait_for(self.broker.close(), AMQP_TIMEOUT_S)
-        except Exception as exc:
+        except (BrokerServeError, TimeoutError) as exc:
             log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         await self.store.close()
 
@@ -135,20 +178,19 @@ class Controller:
                 if time.monotonic() - self._copied_at >= RECONCILE_PERIOD_S:
                     self._copied_at = time.monotonic()
                     await self._state.take(self.store)
-            except Exception:
+            except Exception:  # one failed tick must not stop the controller
                 log.exception("reconcile failed; retrying on the next tick")
 
     async def _hold_lease(self) -> bool:
-        redis, key = self.store.redis, self.names.controller_lease
-        taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+        taken = await self.store.take_lease(self.controller_id, LEASE_MS)
         holder = self.controller_id if taken else await self.store.lease_holder()
         if holder is None:  # the holder was found dead and let go: take over now
-            taken = await redis.set(key, self.controller_id, nx=True, px=LEASE_MS)
+            taken = await self.store.take_lease(self.controller_id, LEASE_MS)
             holder = self.controller_id if taken else None
         if taken:
             log.info("controller %s is now the leader", self.controller_id)
         elif holder == self.controller_id:
-            await redis.pexpire(key, LEASE_MS)
+            await self.store.extend_lease(LEASE_MS)
         self.leader = holder == self.controller_id
         self.metrics.set_leader(self.leader)
         return self.leader
@@ -158,11 +200,11 @@ class Controller:
         apps = await self.store.apps()
         nodes = await self._live_nodes()
         replicas = await self._live_replicas(nodes, apps)
-        by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        by_deployment: dict[tuple[str, str], list[ReplicaRecord]] = defaultdict(list)
         for record in replicas.values():
             by_deployment[(record["app"], record["deployment"])].append(record)
 
-        statuses: dict[str, dict[str, Any]] = {}
+        statuses: dict[str, AppStatusRecord] = {}
         for app_name, app in apps.items():
             statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment, nodes)
         await self._remove_deleted_apps(apps, by_deployment)
@@ -170,17 +212,16 @@ class Controller:
         self.metrics.set_deployments(apps, statuses)
         await self._write_routes(apps, statuses)
         await self._forget_dead_proxies()
-        await self.store.redis.zremrangebyscore(self.names.tombstones, "-inf",
-                                                int(time.time() * 1000))
+        await self.store.prune_tombstones(int(time.time() * 1000))
 
     async def _forget_dead_proxies(self) -> None:
-        proxies = await self.store.get_all(self.names.proxies)
+        proxies = await self.store.proxies()
         alive = await self.store.alive([self.names.proxy_alive(p) for p in proxies])
         dead = [proxy for proxy, ok in zip(proxies, alive) if not ok]
         await self.store.delete_field(self.names.proxies, *dead)
 
-    async def _live_nodes(self) -> dict[str, dict[str, Any]]:
-        nodes = await self.store.get_all(self.names.nodes)
+    async def _live_nodes(self) -> dict[str, NodeRecord]:
+        nodes = await self.store.nodes()
         alive = await self.store.alive([self.names.node_alive(n) for n in nodes])
         live = {}
         settling = time.monotonic() - self._restored_at < HEARTBEAT_GRACE_S
@@ -191,24 +232,24 @@ class Controller:
             log.warning("worker node %s is gone (its process ended or its heartbeats stopped);"
                         " dropping it and its replicas", node_id)
             await self.store.delete_field(self.names.nodes, node_id)
-            await self.store.redis.delete(self.names.node_assignments(node_id))
+            await self.store.drop_assignments(node_id)
         return live
 
-    async def _live_replicas(self, nodes: dict[str, Any], apps: dict[str, Any]
-                             ) -> dict[str, dict[str, Any]]:
+    async def _live_replicas(self, nodes: dict[str, NodeRecord], apps: dict[str, AppRecord]
+                             ) -> dict[str, ReplicaRecord]:
         """Replica records that still count, after removing dead and failed ones."""
-        records = await self.store.get_all(self.names.replicas)
+        records = await self.store.replicas()
         assigned: dict[str, str] = {}
         for node_id in nodes:
-            for replica_id in await self.store.redis.hkeys(self.names.node_assignments(node_id)):
-                assigned[replica_id.decode()] = node_id
+            for replica_id in await self.store.assigned_replica_ids(node_id):
+                assigned[replica_id] = node_id
         beats = await self.store.heartbeats([self.names.replica_alive(r) for r in records])
         live = {}
         for (replica_id, record), beat in zip(records.items(), beats):
             is_alive = beat is not None
             record["ongoing"] = int(beat) if beat is not None and beat.isdigit() else 0
             state = record.get("state")
-            stale = (state == "RUNNING" and not is_alive
+            stale = (state == ReplicaState.RUNNING and not is_alive
                      and now() - record.get("updated", 0) > HEARTBEAT_GRACE_S
                      and time.monotonic() - self._restored_at > HEARTBEAT_GRACE_S)
             if "app" not in record or "deployment" not in record:
@@ -216,11 +257,11 @@ class Controller:
                 # removed): it names no deployment, so drop it rather than trip on it.
                 await self._remove_replica(replica_id, record, assigned.get(replica_id))
                 continue
-            if state in ("FAILED", "DEAD", "UNHEALTHY") or replica_id not in assigned or stale:
-                if state == "UNHEALTHY":
+            if state in _ENDED_STATES or replica_id not in assigned or stale:
+                if state == ReplicaEndState.UNHEALTHY:
                     log.warning("replica %s is unhealthy (%s); replacing it", replica_id,
                                 record.get("message"))
-                elif state == "FAILED":
+                elif state == ReplicaEndState.FAILED:
                     log.warning("replica %s failed: %s", replica_id, record.get("message"))
                     self._count_failure(record, apps.get(record["app"]))
                 elif stale:
@@ -230,7 +271,7 @@ class Controller:
             live[replica_id] = record
         return live
 
-    def _count_failure(self, record: dict[str, Any], app: dict[str, Any] | None) -> None:
+    def _count_failure(self, record: ReplicaRecord, app: AppRecord | None) -> None:
         """Count a replica's failure to start against its deployment, if it was started for
         the deploy that is wanted now."""
         if app is None or record.get("deploy_id") != app.get("deploy_id") \
@@ -246,7 +287,7 @@ class Controller:
             failures = self._failures[(app, deployment)] = StartFailures(deploy_id)
         return failures
 
-    async def _remove_replica(self, replica_id: str, record: dict[str, Any],
+    async def _remove_replica(self, replica_id: str, record: ReplicaRecord,
                               node_id: str | None) -> None:
         node_id = node_id or record.get("node")
         if node_id:
@@ -254,19 +295,21 @@ class Controller:
             await self.store.announce(f"node:{node_id}")
         await self.store.delete_field(self.names.replicas, replica_id)
 
-    async def _reconcile_app(self, app_name: str, app: dict[str, Any],
-                             by_deployment: dict[tuple[str, str], list[dict[str, Any]]],
-                             nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        deployments: dict[str, Any] = {}
+    async def _reconcile_app(self, app_name: str, app: AppRecord,
+                             by_deployment: dict[tuple[str, str], list[ReplicaRecord]],
+                             nodes: dict[str, NodeRecord]) -> AppStatusRecord:
+        deployments: dict[str, DeploymentStatusRecord] = {}
         for dep_name, dep in app["deployments"].items():
             bound = int(dep.get("config", {}).get("max_queued_requests", -1))
             queue_problem = await self._declare(dep["queue"], bound)
-            mine = by_deployment.get((app_name, dep_name), [])
-            deployments[dep_name] = await self._reconcile_deployment(
-                app_name, dep_name, dep, app.get("deploy_id"), mine, nodes
-            )
+            deployment = _DeploymentRound(
+                app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
+                replicas=by_deployment.get((app_name, dep_name), []),
+                target=int(dep["num_replicas"]))
+            status = deployments[dep_name] = await self._reconcile_deployment(deployment, nodes)
             if queue_problem:
-                deployments[dep_name].update(status="UPDATING", message=queue_problem)
+                status["status"], status["message"] = DeploymentStatus.UPDATING, queue_problem
+        app_status, message = _app_status(deployments)
         return {
             "name": app_name,
             "version": app["version"],
@@ -277,78 +320,71 @@ class Controller:
             "ingress": app["ingress"],
             "last_deployed_time_s": app.get("deployed_at", 0.0),
             "deployments": deployments,
-            **_app_status(deployments),
+            "status": app_status,
+            "message": message,
         }
 
-    async def _reconcile_deployment(self, app: str, name: str, dep: dict[str, Any],
-                                    deploy_id: str | None, mine: list[dict[str, Any]],
-                                    nodes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        version, target = dep["version"], int(dep["num_replicas"])
-        current = [r for r in mine if r.get("version") == version]
-        old = [r for r in mine if r.get("version") != version]
-        autoscaler = await self._autoscale(app, name, dep, mine)
+    async def _reconcile_deployment(self, deployment: _DeploymentRound,
+                                    nodes: dict[str, NodeRecord]) -> DeploymentStatusRecord:
+        """Start and stop replicas of one deployment towards its target; its status."""
+        autoscaler = await self._autoscale(deployment.app, deployment.name, deployment.spec,
+                                           deployment.replicas)
         if autoscaler is not None:
-            target = autoscaler.target
-        failures = self._start_failures(app, name, deploy_id)
+            deployment.target = autoscaler.target
+        failures = self._start_failures(deployment.app, deployment.name, deployment.deploy_id)
         failed = failures.count >= MAX_START_FAILURES
-        message = ""
         if failed:
             message = (f"The deployment failed to start {failures.count} times in a row. "
                        f"Last error: {failures.last_error}")
-        elif len(current) < target:
-            if not nodes:
-                message = "Waiting for a worker node to place replicas on."
-            for _ in range(target - len(current)):
-                record, why = await self._start_replica(app, name, version, deploy_id, dep,
-                                                        nodes)
-                if record is None:
-                    message = message or why
-                    break
-                current.append(record)
-                mine.append(record)
-        if message != self._unplaceable.get((app, name), "") and not failed:
-            if message:
-                log.warning("%s/%s: %s", app, name, message)
-            self._unplaceable[(app, name)] = message
-        for extra in sorted(current, key=lambda r: r.get("state") == "RUNNING")[target:]:
-            await self._remove_replica(extra["replica_id"], extra, None)
-            current.remove(extra)
-            mine.remove(extra)
-        running = sum(1 for r in current if r.get("state") == "RUNNING")
-        # A new user_config is applied by reconfigure() on the live replicas; until each says
-        # so, the deployment is UPDATING.
-        reconfiguring = any(r.get("user_config_hash") != dep.get("user_config_hash")
-                            for r in current if r.get("state") == "RUNNING")
-        if running >= target:
-            for record in old:
-                await self._remove_replica(record["replica_id"], record, None)
-                mine.remove(record)
-            old = []
+        else:
+            message = await self._start_missing(deployment, nodes)
+            self._note_unplaceable(deployment, message)
+        await self._stop_extra(deployment)
+        if deployment.running() >= deployment.target:
+            await self._stop_old(deployment)
             failures.count = 0
-        settled = running >= target and not old and not reconfiguring
-        status = "UNHEALTHY" if failed else ("HEALTHY" if settled else "UPDATING")
-        scaling: dict[str, Any] = {}
-        if autoscaler is not None:
-            if status == "UPDATING" and not old and not reconfiguring:
-                status = "UPSCALING" if running < target else "DOWNSCALING"
-            scaling = {"autoscaling": {"target_replicas": target, "last_decision":
-                                       autoscaler.reason},
-                       "status_trigger": "AUTOSCALING"}
-            message = message or autoscaler.reason
-        return {
-            "name": name,
-            "status": status,
-            "message": message,
-            "replica_states": dict(Counter(r.get("state", "PENDING") for r in mine)),
-            # An autoscaled deployment takes requests at zero replicas: they wait in its
-            # queue, and the wait starts a replica.
-            "ready": autoscaler is not None or any(r.get("state") == "RUNNING" for r in mine),
-            "target_replicas": target,
-            **scaling,
-        }
+        return _deployment_status(deployment, autoscaler, failed, message)
 
-    async def _autoscale(self, app: str, name: str, dep: dict[str, Any],
-                         mine: list[dict[str, Any]]) -> Autoscaler | None:
+    async def _start_missing(self, deployment: _DeploymentRound,
+                             nodes: dict[str, NodeRecord]) -> str:
+        """Start replicas of the wanted version up to the target; why not all fit, or ""."""
+        missing = deployment.target - len(deployment.current())
+        if missing <= 0:
+            return ""
+        message = "" if nodes else "Waiting for a worker node to place replicas on."
+        for _ in range(missing):
+            record, why = await self._start_replica(
+                deployment.app, deployment.name, deployment.version, deployment.deploy_id,
+                deployment.spec, nodes)
+            if record is None:
+                return message or why
+            deployment.replicas.append(record)
+        return message
+
+    def _note_unplaceable(self, deployment: _DeploymentRound, message: str) -> None:
+        """Log why replicas cannot be placed when that changes, not on every tick."""
+        key = (deployment.app, deployment.name)
+        if message != self._unplaceable.get(key, ""):
+            if message:
+                log.warning("%s/%s: %s", deployment.app, deployment.name, message)
+            self._unplaceable[key] = message
+
+    async def _stop_extra(self, deployment: _DeploymentRound) -> None:
+        """Stop replicas of the wanted version past the target, those not running first."""
+        current = deployment.current()
+        running_last = sorted(current, key=lambda r: r.get("state") == ReplicaState.RUNNING)
+        for extra in running_last[deployment.target:]:
+            await self._remove_replica(extra["replica_id"], extra, None)
+            deployment.replicas.remove(extra)
+
+    async def _stop_old(self, deployment: _DeploymentRound) -> None:
+        """Stop the replicas of earlier versions, once the wanted version's are running."""
+        for record in deployment.old():
+            await self._remove_replica(record["replica_id"], record, None)
+            deployment.replicas.remove(record)
+
+    async def _autoscale(self, app: str, name: str, dep: DeploymentEntry,
+                         mine: list[ReplicaRecord]) -> Autoscaler | None:
         """Sample the deployment's load when due and return its autoscaler, if it has one."""
         raw = dep.get("config", {}).get("autoscaling_config")
         key = (app, name)
@@ -371,7 +407,7 @@ class Controller:
         if autoscaler.due(clock):
             try:
                 queued = await self._ready_messages(dep["queue"])
-            except Exception as exc:  # no sample this time; the broker is away
+            except (LookupError, TimeoutError, BrokerServeError) as exc:  # no sample this time
                 log.warning("could not read the depth of %s: %s", dep["queue"], exc)
                 return autoscaler
             ongoing = sum(int(r.get("ongoing", 0)) for r in mine)
@@ -384,28 +420,32 @@ class Controller:
         return autoscaler
 
     async def _start_replica(self, app: str, deployment: str, version: str,
-                             deploy_id: str | None, dep: dict[str, Any],
-                             nodes: dict[str, dict[str, Any]]
-                             ) -> tuple[dict[str, Any] | None, str]:
+                             deploy_id: str | None, dep: DeploymentEntry,
+                             nodes: dict[str, NodeRecord]
+                             ) -> tuple[ReplicaRecord | None, str]:
         """Assign a new replica to a node; or None and why it fits on none."""
         request = DeploymentConfig.model_validate(dep["config"]).replica_resources()
         node_id, why = await self._place(nodes, app, deployment, request)
         if node_id is None:
             return None, why
         replica_id = f"{app}#{deployment}#{secrets.token_urlsafe(6)}"
-        assignment = {"app": app, "deployment": deployment, "version": version,
-                      "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0),
-                      "resources": request}
-        record = {"replica_id": replica_id, "app": app, "deployment": deployment,
-                  "version": version, "deploy_id": deploy_id, "node": node_id,
-                  "state": "PENDING", "start_time": now(), "updated": now()}
-        await self.store.put(self.names.replicas, replica_id, record)
-        await self.store.put(self.names.node_assignments(node_id), replica_id, assignment)
+        assignment: Assignment = {
+            "app": app, "deployment": deployment, "version": version,
+            "graceful_shutdown_timeout_s": dep.get("graceful_shutdown_timeout_s", 20.0),
+            "resources": request}
+        # The state's value, not the member: it is a key of `replica_states`, and orjson
+        # writes only plain str keys.
+        record: ReplicaRecord = {
+            "replica_id": replica_id, "app": app, "deployment": deployment, "version": version,
+            "deploy_id": deploy_id, "node": node_id, "state": ReplicaState.PENDING.value,
+            "start_time": now(), "updated": now()}
+        await self.store.put_replica(record)
+        await self.store.put_assignment(node_id, replica_id, assignment)
         await self.store.announce(f"node:{node_id}")
         log.info("starting replica %s on node %s", replica_id, node_id)
         return record, ""
 
-    async def _place(self, nodes: dict[str, dict[str, Any]], app: str, deployment: str,
+    async def _place(self, nodes: dict[str, NodeRecord], app: str, deployment: str,
                      request: dict[str, float]) -> tuple[str | None, str]:
         """Among the live nodes with `request` free, the one with the fewest replicas of this
         deployment, then the fewest replicas: spreads a deployment across nodes."""
@@ -414,7 +454,7 @@ class Controller:
         chosen, chosen_rank = None, None
         frees = {}
         for node_id, node in nodes.items():
-            assigned = await self.store.get_all(self.names.node_assignments(node_id))
+            assigned = await self.store.assignments(node_id)
             free = dict(node.get("resources", {}))
             same = 0
             for assignment in assigned.values():
@@ -451,8 +491,7 @@ class Controller:
         declared_at, declared_with = self._declared.get(queue, (-1e9, None))
         if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
             return ""
-        raw = await self.store.redis.hget(self.names.queue_arguments, queue)
-        recorded = orjson.loads(raw) if raw else None
+        recorded = await self.store.queue_arguments(queue)
         try:
             if recorded is not None and recorded != arguments:
                 waiting = await self._depth(queue)
@@ -467,7 +506,7 @@ class Controller:
             log.error("queue %s exists with other arguments than %s and Redis has no record "
                       "of them; delete the queue to apply max_queued_requests", queue, arguments)
             return "the queue exists with other arguments; delete it to apply the change"
-        await self.store.redis.hset(self.names.queue_arguments, queue, orjson.dumps(arguments))
+        await self.store.put_queue_arguments(queue, arguments)
         self._declared[queue] = (time.monotonic(), arguments)
         return ""
 
@@ -490,16 +529,17 @@ class Controller:
 
     async def _depth(self, queue: str) -> int:
         channel = await self.broker.channel()
-        try:
-            existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
-                                              AMQP_TIMEOUT_S)
-            return int(existing.declaration_result.message_count or 0)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        with map_amqp_errors(f"cannot read the depth of {queue}"):
+            try:
+                existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
+                                                  AMQP_TIMEOUT_S)
+                return int(existing.declaration_result.message_count or 0)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
 
-    async def _remove_deleted_apps(self, apps: dict[str, Any],
-                                   by_deployment: dict[tuple[str, str], list[dict[str, Any]]]
+    async def _remove_deleted_apps(self, apps: dict[str, AppRecord],
+                                   by_deployment: dict[tuple[str, str], list[ReplicaRecord]]
                                    ) -> None:
         leftovers = {app for app, _ in by_deployment} - set(apps)
         for key in [key for key in self._autoscalers if key[0] not in apps]:
@@ -512,15 +552,17 @@ class Controller:
         for app_name, status in old_statuses.items():
             if app_name in apps or app_name in leftovers:
                 continue
-            if await self.store.redis.hexists(self.names.apps, app_name):
+            if await self.store.app_exists(app_name):
                 continue  # deployed again since this reconcile read `apps`: next tick's work
             for dep_name in status.get("deployments", {}):
                 queue = self.names.request_queue(app_name, dep_name)
                 self._declared.pop(queue, None)
                 try:
-                    await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
-                    await self.store.redis.hdel(self.names.queue_arguments, queue)
-                except Exception as exc:  # the app is gone either way; say what was left behind
+                    with map_amqp_errors(f"cannot delete queue {queue}"):
+                        await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                    await self.store.delete_queue_arguments(queue)
+                except (BrokerServeError, TimeoutError) as exc:  # the app is gone either way;
+                    # say what was left behind
                     log.warning("could not delete queue %s (%s); delete it by hand", queue,
                                 exc or type(exc).__name__)
             await self.store.delete_field(self.names.key("app_status"), app_name)
@@ -530,12 +572,13 @@ class Controller:
                 del self._failures[key]
             log.info("application %s deleted", app_name)
 
-    async def _write_statuses(self, statuses: dict[str, dict[str, Any]]) -> None:
+    async def _write_statuses(self, statuses: dict[str, AppStatusRecord]) -> None:
         for app_name, status in statuses.items():
             await self.store.put_app_status(app_name, status)
 
-    async def _write_routes(self, apps: dict[str, Any], statuses: dict[str, Any]) -> None:
-        routes = {}
+    async def _write_routes(self, apps: dict[str, AppRecord],
+                            statuses: dict[str, AppStatusRecord]) -> None:
+        routes: dict[str, Route] = {}
         for app_name, app in apps.items():
             prefix = app.get("route_prefix")
             if prefix is None:
@@ -555,23 +598,60 @@ class Controller:
             }
         current = await self.store.routes()
         if current.get("routes") != routes:
-            table = {"version": int(current.get("version", 0)) + 1, "routes": routes}
-            await self.store.redis.set(self.names.routes, orjson.dumps(table))
+            table: RouteTableRecord = {"version": int(current.get("version", 0)) + 1,
+                                       "routes": routes}
+            await self.store.put_routes(table)
             await self.store.announce("routes")
 
 
-def _app_status(deployments: dict[str, Any]) -> dict[str, str]:
+def _deployment_status(deployment: _DeploymentRound, autoscaler: Autoscaler | None,
+                       failed: bool, message: str) -> DeploymentStatusRecord:
+    running, target, old = deployment.running(), deployment.target, deployment.old()
+    # A new user_config is applied by reconfigure() on the live replicas; until each says so,
+    # the deployment is UPDATING.
+    reconfiguring = any(r.get("user_config_hash") != deployment.spec.get("user_config_hash")
+                        for r in deployment.current() if r.get("state") == ReplicaState.RUNNING)
+    settled = running >= target and not old and not reconfiguring
+    status = DeploymentStatus.UNHEALTHY if failed else (
+        DeploymentStatus.HEALTHY if settled else DeploymentStatus.UPDATING)
+    if autoscaler is not None:
+        if status == DeploymentStatus.UPDATING and not old and not reconfiguring:
+            status = DeploymentStatus.UPSCALING if running < target \
+                else DeploymentStatus.DOWNSCALING
+        message = message or autoscaler.reason
+    replicas = deployment.replicas
+    record: DeploymentStatusRecord = {
+        "name": deployment.name,
+        "status": status,
+        "message": message,
+        "replica_states": dict(Counter(r.get("state", ReplicaState.PENDING.value)
+                                       for r in replicas)),
+        # An autoscaled deployment takes requests at zero replicas: they wait in its
+        # queue, and the wait starts a replica.
+        "ready": autoscaler is not None or any(r.get("state") == ReplicaState.RUNNING
+                                               for r in replicas),
+        "target_replicas": target,
+    }
+    if autoscaler is not None:
+        record["autoscaling"] = {"target_replicas": target, "last_decision": autoscaler.reason}
+        record["status_trigger"] = "AUTOSCALING"
+    return record
+
+
+def _app_status(deployments: dict[str, DeploymentStatusRecord]
+                ) -> tuple[ApplicationStatus, str]:
     states = [d["status"] for d in deployments.values()]
-    if "UNHEALTHY" in states:
-        failed = next(d for d in deployments.values() if d["status"] == "UNHEALTHY")
-        return {"status": "DEPLOY_FAILED",
-                "message": f"Deployment {failed['name']!r} failed: {failed['message']}"}
-    if all(state in ("HEALTHY", "UPSCALING", "DOWNSCALING") for state in states):
-        return {"status": "RUNNING", "message": ""}
+    if DeploymentStatus.UNHEALTHY in states:
+        failed = next(d for d in deployments.values()
+                      if d["status"] == DeploymentStatus.UNHEALTHY)
+        return (ApplicationStatus.DEPLOY_FAILED,
+                f"Deployment {failed['name']!r} failed: {failed['message']}")
+    if all(state in _SERVING_STATES for state in states):
+        return ApplicationStatus.RUNNING, ""
     waiting = [d["message"] for d in deployments.values() if d["message"]]
-    return {"status": "DEPLOYING", "message": waiting[0] if waiting else ""}
+    return ApplicationStatus.DEPLOYING, waiting[0] if waiting else ""
 
 
 
 def main(settings: Settings | None = None) -> None:
-    asyncio.run(Controller(settings or Settings.from_env()).run())
+    run_entry_point(Controller(settings or Settings.from_env()).run(), "controller")

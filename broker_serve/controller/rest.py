@@ -32,12 +32,14 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
+from ..exceptions import BrokerServeError, ClusterUnavailable, StateError
 from ..lifecycle import sleep_or_stop
 from ..schema import ServeApplicationSchema, ServeDeploySchema
 from ..settings import Settings
-from ..state.status import read_details, stored_config, v1_status
+from ..state.status import read_details, v1_status
 from ..state.store import Store
 from . import declarative
 from .api_token import server_token
@@ -56,7 +58,9 @@ class ScaleRequest(BaseModel):
     num_replicas: PositiveInt
 
 
-class HTTPError(Exception):
+class HTTPError(BrokerServeError):
+    """A request the API refuses: answered with `status` and `{"detail": detail}`."""
+
     def __init__(self, status: int, detail: Any) -> None:
         super().__init__(detail)
         self.status = status
@@ -91,7 +95,6 @@ class BearerAuth:
 
 
 # endpoints --------------------------------------------------------------------------------------
-Endpoint = Callable[[Request], Awaitable[Response]]
 # The controller's Prometheus exposition (`_metrics.ControllerMetrics`).
 Metrics = Callable[[], Awaitable[bytes]]
 
@@ -100,22 +103,22 @@ def create_app(store: Store, settings: Settings, token: str,
                metrics: Metrics | None = None) -> ASGIApp:
     api = _Endpoints(store, settings)
     routes = [
-        Route("/api/serve/applications/", _guard(api.get_applications), methods=["GET"]),
-        Route("/api/serve/applications/", _guard(api.put_applications), methods=["PUT"]),
-        Route("/api/serve/applications/", _guard(api.delete_applications), methods=["DELETE"]),
-        Route("/api/serve/applications/{app}/deployments/{deployment}", _guard(api.scale),
+        Route("/api/serve/applications/", api.get_applications, methods=["GET"]),
+        Route("/api/serve/applications/", api.put_applications, methods=["PUT"]),
+        Route("/api/serve/applications/", api.delete_applications, methods=["DELETE"]),
+        Route("/api/serve/applications/{app}/deployments/{deployment}", api.scale,
               methods=["PATCH"]),
-        Route("/api/serve/deployments/", _guard(api.get_v1_config), methods=["GET"]),
-        Route("/api/serve/deployments/", _guard(api.put_v1), methods=["PUT"]),
-        Route("/api/serve/deployments/", _guard(api.delete_applications), methods=["DELETE"]),
-        Route("/api/serve/deployments/status", _guard(api.get_v1_status), methods=["GET"]),
+        Route("/api/serve/deployments/", api.get_v1_config, methods=["GET"]),
+        Route("/api/serve/deployments/", api.put_v1, methods=["PUT"]),
+        Route("/api/serve/deployments/", api.delete_applications, methods=["DELETE"]),
+        Route("/api/serve/deployments/status", api.get_v1_status, methods=["GET"]),
     ]
     if metrics is not None:
         async def exposition(request: Request) -> Response:
             return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
 
         routes.append(Route("/metrics", exposition, methods=["GET"]))
-    return BearerAuth(Starlette(routes=routes), token)
+    return BearerAuth(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), token)
 
 
 class _Endpoints:
@@ -146,7 +149,7 @@ class _Endpoints:
         return _json(await declarative.apply_config(self.store, self.settings, config))
 
     async def get_v1_config(self, request: Request) -> Response:
-        config = await stored_config(self.store)
+        config = await self.store.deploy_config()
         app = config.application(V1_APP_NAME) if config else None
         return _json(app.model_dump(mode="json", exclude_unset=True) if app else {})
 
@@ -155,27 +158,41 @@ class _Endpoints:
         return _json(v1_status(details, V1_APP_NAME).model_dump(mode="json"))
 
 
-def _guard(endpoint: Endpoint) -> Endpoint:
-    """Every failure becomes a JSON answer with the right status."""
+# errors -----------------------------------------------------------------------------------------
+# Every failure of an endpoint becomes a JSON answer with the right status.
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPError)
+    return _json({"detail": exc.detail}, exc.status)
 
-    async def guarded(request: Request) -> Response:
-        try:
-            return await endpoint(request)
-        except HTTPError as exc:
-            return _json({"detail": exc.detail}, exc.status)
-        except declarative.UnknownTarget as exc:
-            return _json({"detail": str(exc)}, 404)
-        except declarative.Refused as exc:
-            return _json({"detail": str(exc)}, 409)
-        except RedisError as exc:
-            log.warning("REST %s %s: Redis is unavailable: %s", request.method,
-                        request.url.path, exc)
-            return _json({"detail": f"the cluster's Redis is unavailable: {exc}"}, 503)
-        except Exception:
-            log.exception("REST %s %s failed", request.method, request.url.path)
-            return _json({"detail": "internal error; see the controller's log"}, 500)
 
-    return guarded
+def _answer(status: int) -> ExceptionHandler:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return _json({"detail": str(exc)}, status)
+
+    return handler
+
+
+async def _redis_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("REST %s %s: Redis is unavailable: %s", request.method, request.url.path, exc)
+    return _json({"detail": f"the cluster's Redis is unavailable: {exc}"}, 503)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # Starlette raises the error again after this answer, and uvicorn logs its traceback.
+    log.error("REST %s %s failed: %s: %s", request.method, request.url.path,
+              type(exc).__name__, exc)
+    return _json({"detail": "internal error; see the controller's log"}, 500)
+
+
+EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
+    HTTPError: _refused,
+    declarative.UnknownTarget: _answer(404),
+    declarative.Refused: _answer(409),
+    RedisError: _redis_unavailable,
+    ClusterUnavailable: _redis_unavailable,
+    StateError: _redis_unavailable,
+    Exception: _internal_error,
+}
 
 
 async def _parse(request: Request, model: type[M]) -> M:
@@ -200,14 +217,21 @@ def _json(content: Any, status: int = 200) -> Response:
 
 # the server ------------------------------------------------------------------------------------
 class _Server(uvicorn.Server):
-    """uvicorn inside the controller: the controller owns SIGTERM and SIGINT."""
+    """uvicorn inside the controller, which owns SIGTERM and SIGINT. uvicorn has no public
+    switch for its signal handlers; `serve` installs them in `capture_signals` (since 0.29),
+    so this adapter makes that a no-op. tests/test_dependency_contracts.py pins it."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
 
-    def install_signal_handlers(self) -> None:  # uvicorn before 0.29
-        pass
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self._on_started()
 
 
 class RestServer:
@@ -219,17 +243,18 @@ class RestServer:
         self.store = store
         self.metrics = metrics
         self.server: _Server | None = None
-        self._retrying = False
         self._stopping = asyncio.Event()
+        # Set once the API is served, its address was found taken, or serving ended.
+        self._settled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Returns once the API is served, or its address was found taken."""
         app = create_app(self.store, self.settings, server_token(self.settings.cluster),
                          self.metrics)
-        self._task = task = asyncio.create_task(self._serve(app))
-        while not (self.server and self.server.started or self._retrying or task.done()):
-            await asyncio.sleep(0.01)
+        self._task = asyncio.create_task(self._serve(app))
+        self._task.add_done_callback(lambda _: self._settled.set())
+        await self._settled.wait()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -243,26 +268,32 @@ class RestServer:
 
     async def _serve(self, app: ASGIApp) -> None:
         host, port = self.settings.dashboard_host, self.settings.dashboard_port
-        while not self._stopping.is_set():
-            try:
-                sock = _listen(host, port)
-            except OSError as exc:
-                if not self._retrying:
-                    log.warning("not serving the REST API yet: cannot listen on %s:%d (%s); "
-                                "retrying every %.0fs", host, port, exc, LISTEN_RETRY_S)
-                self._retrying = True
-                await sleep_or_stop(self._stopping, LISTEN_RETRY_S)
-                continue
-            config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
-                                    log_level="warning", log_config=None,  # the root's format
-                                    timeout_graceful_shutdown=3)
-            self.server = _Server(config)
-            log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
-            try:
-                await self.server.serve(sockets=[sock])
-            except SystemExit:  # uvicorn exits on a startup failure; the controller must not
-                log.error("the REST API failed to start")
+
+        async def listen() -> socket.socket | None:
+            return None if self._stopping.is_set() else _listen(host, port)
+
+        def retrying(state: RetryCallState) -> None:
+            if state.attempt_number == 1:
+                exc = state.outcome.exception() if state.outcome else None
+                log.warning("not serving the REST API yet: cannot listen on %s:%d (%s); "
+                            "retrying every %.0fs", host, port, exc, LISTEN_RETRY_S)
+                self._settled.set()
+
+        sock: socket.socket | None = await AsyncRetrying(
+            retry=retry_if_exception_type(OSError), wait=wait_fixed(LISTEN_RETRY_S),
+            sleep=lambda seconds: sleep_or_stop(self._stopping, seconds),
+            before_sleep=retrying)(listen)
+        if sock is None:
             return
+        config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
+                                log_level="warning", log_config=None,  # the root's format
+                                timeout_graceful_shutdown=3)
+        self.server = _Server(config, on_started=self._settled.set)
+        log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
+        try:
+            await self.server.serve(sockets=[sock])
+        except SystemExit:  # uvicorn exits on a startup failure; the controller must not
+            log.error("the REST API failed to start")
 
 
 async def serve_rest_api(settings: Settings, store: Store,

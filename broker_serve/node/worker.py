@@ -16,14 +16,20 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
 
-from ..config import HTTPOptions, ProxyLocation
-from ..lifecycle import die_with_parent, heartbeat_loop, stop_on_signals
+from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, stop_never, wait_fixed
+
+from ..config import ProxyLocation
+from ..exceptions import BrokerServeError
+from ..lifecycle import die_with_parent_env, heartbeat_loop, stop_on_signals
+from ..observability.entry_point import run_entry_point
 from ..observability.metrics import NodeMetricsServer
+from ..schema import ReplicaState
 from ..settings import Settings
 from ..state.liveness import process_id
+from ..state.records import Assignment, ReplicaEndState
 from ..state.store import Store, now
 
 log = logging.getLogger("broker_serve.node.worker")
@@ -32,6 +38,8 @@ SYNC_PERIOD_S = 1.0
 HEARTBEAT_INTERVAL_S = 2.0
 KILL_MARGIN_S = 5.0
 PROXY_RESTART_S = 5.0  # a node proxy that exits is started again at most this often
+# An exit in these states is a failure to start.
+_STARTING_STATES = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaEndState.FAILED)
 
 
 @dataclass
@@ -40,7 +48,19 @@ class ReplicaProcess:
     process: subprocess.Popen[bytes]
     graceful_s: float
     stop_sent: float | None = None
-    assignment: dict[str, Any] = field(default_factory=dict)
+    assignment: Assignment | None = None
+
+
+async def _until_exited(replicas: Iterable[ReplicaProcess], timeout_s: float | None) -> bool:
+    """Whether every process exited within `timeout_s` (None: however long it takes), looking
+    every 50 ms."""
+    async def exited() -> bool:
+        return all(r.process.poll() is not None for r in replicas)
+
+    stop = stop_never if timeout_s is None else stop_after_delay(timeout_s)
+    return bool(await AsyncRetrying(stop=stop, wait=wait_fixed(0.05),
+                                    retry=retry_if_result(lambda done: not done),
+                                    retry_error_callback=lambda state: False)(exited))
 
 
 class WorkerNode:
@@ -70,7 +90,7 @@ class WorkerNode:
     async def run(self) -> None:
         stop_on_signals(self._stopping)
         await self.startup()
-        beat = lambda: self.store.heartbeat(self.names.node_alive(self.node_id))  # noqa: E731
+        beat = lambda: self.store.heartbeat(self.names.node_alive(self.node_id))
         tasks = [
             asyncio.create_task(self.store.watch_events(self._on_event, SYNC_PERIOD_S,
                                                         self._stopping)),
@@ -91,7 +111,7 @@ class WorkerNode:
         await self.store.announce("nodes")
 
     async def _register(self) -> None:
-        await self.store.put(self.names.nodes, self.node_id, {
+        await self.store.put_node({
             "node_id": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
             "resources": self.resources, "started": now(), "metrics_port": self.metrics_port,
         })
@@ -101,20 +121,17 @@ class WorkerNode:
         await self._stop_proxy()
         for replica in self.processes.values():
             self._terminate(replica)
-        deadline = time.monotonic() + max([r.graceful_s for r in self.processes.values()] or [0])
-        while any(r.process.poll() is None for r in self.processes.values()):
-            if time.monotonic() > deadline + KILL_MARGIN_S:
-                for replica in self.processes.values():
-                    if replica.process.poll() is None:
-                        replica.process.kill()
-            await asyncio.sleep(0.05)
+        grace_s = max([r.graceful_s for r in self.processes.values()] or [0]) + KILL_MARGIN_S
+        if not await _until_exited(self.processes.values(), grace_s):
+            for replica in self.processes.values():
+                if replica.process.poll() is None:
+                    replica.process.kill()
+            await _until_exited(self.processes.values(), None)
         await self._reap()
         try:
-            await self.store.delete_field(self.names.nodes, self.node_id)
-            await self.store.redis.delete(self.names.node_alive(self.node_id),
-                                          self.names.node_assignments(self.node_id))
+            await self.store.deregister_node(self.node_id)
             await self.store.announce("nodes")
-        except Exception as exc:
+        except BrokerServeError as exc:  # the node's liveness key expires on its own
             log.warning("could not deregister: %s", exc)
         self.metrics.stop()
         await self.store.close()
@@ -124,7 +141,7 @@ class WorkerNode:
             try:
                 await self._reap()
                 self._kill_overdue()
-            except Exception:
+            except Exception:  # one failed pass must not stop the reaping
                 log.exception("reaping replica processes failed")
             await asyncio.sleep(0.2)
 
@@ -134,17 +151,17 @@ class WorkerNode:
         async with self._lock:
             try:
                 await self._sync()
-            except Exception:
+            except Exception:  # one failed tick must not stop the node
                 log.exception("syncing assignments failed; retrying on the next tick")
 
     async def _sync(self) -> None:
         await self._sync_proxy()
-        if not await self.store.redis.exists(self.names.seeded):
+        if not await self.store.is_seeded():
             # Redis restarted empty (or no controller ever led): stop nothing until a
             # controller writes the state back, and be a node it can see meanwhile.
             await self._register()
             return
-        assigned = await self.store.get_all(self.names.node_assignments(self.node_id))
+        assigned = await self.store.assignments(self.node_id)
         for replica_id, assignment in assigned.items():
             if replica_id not in self.processes and replica_id not in self._exited:
                 await self._spawn(replica_id, assignment)
@@ -154,7 +171,7 @@ class WorkerNode:
                 self._terminate(replica)
         self._exited &= set(assigned)
 
-    async def _spawn(self, replica_id: str, assignment: dict[str, Any]) -> None:
+    async def _spawn(self, replica_id: str, assignment: Assignment) -> None:
         command = [sys.executable, "-m", "broker_serve.replica",
                    "--app", assignment["app"], "--deployment", assignment["deployment"],
                    "--replica-id", replica_id, "--version", assignment["version"]]
@@ -164,11 +181,13 @@ class WorkerNode:
         env = {**os.environ, **self.settings.env(), **self.metrics.env()}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_dir, env.get("PYTHONPATH")]))
         try:
-            process = subprocess.Popen(command, env=env, cwd=app_dir, preexec_fn=die_with_parent)
+            # fork and exec off the loop: a node starting many replicas keeps beating
+            process = await asyncio.to_thread(
+                subprocess.Popen, command, env={**env, **die_with_parent_env()}, cwd=app_dir)
         except OSError as exc:
             log.error("could not start replica %s: %s", replica_id, exc)
-            await self.store.update(self.names.replicas, replica_id, state="FAILED",
-                                    message=f"could not start the process: {exc}")
+            await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
+                                            message=f"could not start the process: {exc}")
             self._exited.add(replica_id)
             return
         log.info("started replica %s (pid %d)", replica_id, process.pid)
@@ -179,8 +198,7 @@ class WorkerNode:
 
     async def _sync_proxy(self) -> None:
         """Run this node's proxy or not, as `--proxy` and the cluster's `location` say."""
-        raw = await self.store.redis.get(self.names.http_options)
-        options = HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+        options = await self.store.http_options()
         wanted = options.location != ProxyLocation.Disabled and (
             self.wants_proxy or (self.wants_proxy is None
                                  and options.location == ProxyLocation.EveryNode))
@@ -194,10 +212,11 @@ class WorkerNode:
                             self.proxy.returncode)
             port = self.proxy_port if self.proxy_port is not None else options.port
             self._proxy_started = time.monotonic()
-            self.proxy = subprocess.Popen(
+            self.proxy = await asyncio.to_thread(
+                subprocess.Popen,
                 [sys.executable, "-m", "broker_serve", "proxy", "--host", options.host,
                  "--port", str(port)],
-                env={**os.environ, **self.settings.env()}, preexec_fn=die_with_parent)
+                env={**os.environ, **self.settings.env(), **die_with_parent_env()})
             log.info("started this node's proxy on %s:%d (pid %d)", options.host, port,
                      self.proxy.pid)
 
@@ -231,23 +250,23 @@ class WorkerNode:
             del self.processes[replica_id]
             self._exited.add(replica_id)
             self.metrics.process_exited(replica.process.pid)
-            record = await self.store.get_one(self.names.replicas, replica_id)
+            record = await self.store.replica(replica_id)
             if record is None:
                 continue  # the controller already let it go
-            if record.get("state") in ("PENDING", "STARTING", "FAILED") and code != 0:
+            if record.get("state") in _STARTING_STATES and code != 0:
                 message = record.get("message") or f"the process exited with code {code}"
-                await self.store.update(self.names.replicas, replica_id, state="FAILED",
-                                        message=message, updated=now())
+                await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
+                                                message=message, updated=now())
             else:
                 if replica.stop_sent is None:
                     log.warning("replica %s exited unexpectedly (code %s)", replica_id, code)
-                await self.store.update(self.names.replicas, replica_id, state="DEAD",
-                                        updated=now())
+                await self.store.update_replica(replica_id, state=ReplicaEndState.DEAD,
+                                                updated=now())
             await self.store.announce("replicas")
 
 
 def main(settings: Settings | None = None, node_id: str | None = None,
          num_cpus: float | None = None, resources: dict[str, float] | None = None,
          proxy: bool | None = None, proxy_port: int | None = None) -> None:
-    asyncio.run(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources,
-                           proxy, proxy_port).run())
+    run_entry_point(WorkerNode(settings or Settings.from_env(), node_id, num_cpus, resources,
+                               proxy, proxy_port).run(), "worker node")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +19,8 @@ from typing import Any, TextIO
 
 import orjson
 
-FORMATS = ("text", "json")
+from ..settings import Settings
+
 ACCESS_LOGGER = "broker_serve.access"
 
 _output: _Output | None = None
@@ -69,17 +69,10 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(line).decode()
 
 
-def log_format_from_env() -> str:
-    value = os.environ.get("BROKER_SERVE_LOG_FORMAT", "text").lower()
-    if value not in FORMATS:
-        raise ValueError(f"BROKER_SERVE_LOG_FORMAT must be one of {', '.join(FORMATS)}, "
-                         f"not {value!r}")
-    return value
-
-
 def setup_logging(level: str, component: str, log_format: str | None = None) -> None:
     global _output
-    _output = _Output(component, log_format or log_format_from_env(), sys.stderr)
+    settings = Settings()
+    _output = _Output(component, log_format or settings.log_format, sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     if _output.json:
         handler.setFormatter(_JsonFormatter(_output))
@@ -91,8 +84,8 @@ def setup_logging(level: str, component: str, log_format: str | None = None) -> 
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # BROKER_SERVE_ACCESS_LOG=0 turns the per-request lines off, and with them their cost.
-    access_on = os.environ.get("BROKER_SERVE_ACCESS_LOG", "1").lower() not in ("0", "false", "no")
-    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if access_on else logging.WARNING)
+    logging.getLogger(ACCESS_LOGGER).setLevel(
+        logging.NOTSET if settings.access_log else logging.WARNING)
     # aio-pika logs every reconnect attempt at length; our own reconnect warnings are enough.
     logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiormq").setLevel(max(logging.WARNING, root.level))

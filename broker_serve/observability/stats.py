@@ -11,6 +11,7 @@ window's length, that window covers only the time since its first sample (marked
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections import deque
@@ -19,13 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..protocol.names import Names
 from ..settings import Settings
+from ..state.records import NodeRecord, ProxyRecord
+from ..state.store import Store
 
 QUANTILES = (0.5, 0.9, 0.95)
 FETCH_TIMEOUT_S = 3.0
@@ -85,22 +85,22 @@ class Sample:
 
 
 # endpoints --------------------------------------------------------------------------------------
+async def _records(settings: Settings) -> tuple[dict[str, ProxyRecord], dict[str, NodeRecord]]:
+    store = Store(settings.redis_url, settings.cluster)
+    try:
+        return await store.proxies(), await store.nodes()
+    finally:
+        await store.close()
+
+
 def discover(settings: Settings) -> list[str]:
     """The cluster's endpoints, from the proxy and worker node records in Redis."""
-    names = Names(settings.cluster)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-    try:
-        proxies = client.hgetall(names.proxies)
-        nodes = client.hgetall(names.nodes)
-    finally:
-        client.close()
+    proxies, nodes = asyncio.run(_records(settings))
     urls = []
-    for raw in proxies.values():
-        record = orjson.loads(raw)
-        host = _reachable(record.get("host"), record.get("hostname"))
-        urls.append(f"http://{host}:{record['port']}/-/metrics")
-    for raw in nodes.values():
-        record = orjson.loads(raw)
+    for proxy in proxies.values():
+        host = _reachable(proxy.get("host"), proxy.get("hostname"))
+        urls.append(f"http://{host}:{proxy['port']}/-/metrics")
+    for record in nodes.values():
         if record.get("metrics_port"):
             host = _reachable(None, record.get("host"))
             urls.append(f"http://{host}:{record['metrics_port']}/metrics")

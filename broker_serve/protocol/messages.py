@@ -69,7 +69,9 @@ def pack(value: Any) -> bytes:
 def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False)
-    except Exception as exc:  # msgpack raises several unrelated types for bad input
+    # msgpack's own errors and ValueError (incomplete input, a non-string map key, bad
+    # UTF-8); TypeError for what its C unpacker cannot build.
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise ProtocolError(f"body is not valid msgpack: {exc}") from exc
 
 

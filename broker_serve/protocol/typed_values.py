@@ -22,7 +22,7 @@ import cloudpickle
 import msgpack
 from pydantic import BaseModel, RootModel
 
-from ..exceptions import UndecodableValue
+from ..exceptions import BrokerServeError, UndecodableValue
 
 TUPLE = 1
 NDARRAY = 2
@@ -36,7 +36,7 @@ _SCRIPT_MODULES = frozenset({"__main__", "__mp_main__"})
 _FLAT_DTYPE_KINDS = frozenset("biufcmMSUV")
 
 
-class Unrepresentable(TypeError):
+class Unrepresentable(BrokerServeError, TypeError):
     """The value has no typed form here; it has to travel as a signed pickle."""
 
 

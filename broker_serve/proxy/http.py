@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -26,7 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..config import HTTPOptions
-from ..exceptions import ClusterUnavailable
+from ..exceptions import BackPressureError, BrokerServeError, ClusterUnavailable, TransportError
 from ..observability.logging import AccessLog
 from ..observability.metrics import ProxyMetrics
 from ..protocol import messages as protocol
@@ -34,7 +35,7 @@ from ..settings import CHUNK_BYTES, Settings
 from ..state.liveness import process_id
 from ..state.store import Store, now
 from ..transport.affinity import AffinityTable
-from ..transport.broker import Broker, Mailbox, ReplyRouter, connection_name
+from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import cancel
 from .websocket import WebSocketSession
 
@@ -49,11 +50,7 @@ FLOW_WINDOW_BYTES = 2 * CHUNK_BYTES
 _CLIENT_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
-class QueueFull(Exception):
-    """The deployment's queue is at its max_queued_requests."""
-
-
-class ReplicaChanged(Exception):
+class ReplicaChanged(BrokerServeError):
     """The response had started when another replica took the request over; it cannot be
     taken back, so the client connection is closed."""
 
@@ -64,7 +61,7 @@ class RouteTable:
         self.routes: dict[str, dict[str, Any]] = {}
         self._by_length: list[tuple[str, dict[str, Any]]] = []
 
-    def load(self, table: dict[str, Any]) -> None:
+    def load(self, table: Mapping[str, Any]) -> None:
         self.version = int(table.get("version", 0))
         self.routes = dict(table.get("routes", {}))
         self._by_length = sorted(self.routes.items(), key=lambda item: len(item[0]), reverse=True)
@@ -125,12 +122,12 @@ class Proxy:
             await asyncio.gather(self._watcher, return_exceptions=True)
         try:
             await self.store.delete_field(self.names.proxies, self.proxy_id)
-            await self.store.redis.delete(self.names.proxy_alive(self.proxy_id))
-        except Exception:
-            pass
+            await self.store.drop_heartbeat(self.names.proxy_alive(self.proxy_id))
+        except BrokerServeError as exc:  # its record expires on its own
+            log.warning("could not remove proxy %s from Redis: %s", self.proxy_id, exc)
         try:
             await asyncio.wait_for(self.broker.close(), 5)
-        except Exception as exc:
+        except (BrokerServeError, TimeoutError) as exc:
             log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         await self.store.close()
 
@@ -145,12 +142,12 @@ class Proxy:
                 self.table.load(table)
                 log.info("routes v%d: %s", self.table.version, sorted(self.table.routes))
             await self.store.heartbeat(self.names.proxy_alive(self.proxy_id))
-            await self.store.put(self.names.proxies, self.proxy_id, {
+            await self.store.put_proxy({
                 "proxy_id": self.proxy_id, "host": self.options.host, "port": self.options.port,
                 "hostname": socket.gethostname(),
                 "pid": os.getpid(), "routes_version": self.table.version, "updated": now(),
             })
-        except Exception as exc:  # keep serving the cached routes while Redis is away
+        except BrokerServeError as exc:  # keep serving the cached routes while Redis is away
             log.warning("could not refresh routes: %s", exc)
 
     # ASGI ------------------------------------------------------------------------------------
@@ -166,31 +163,36 @@ class Proxy:
         if scope["path"].startswith("/-/"):
             await self._internal(scope, receive, send)
             return
-        exchange = _Exchange(send)
+        request = _ProxyRequest(receive, send)
         self._inflight += 1
         try:
-            await self._forward(scope, receive, exchange)
+            await self._forward(scope, request)
         except ReplicaChanged:
-            raise
-        except ClusterUnavailable as exc:
-            await _plain(exchange, 503, f"Service Unavailable: {exc}")
-        except QueueFull as exc:
-            self.metrics.rejected(exchange.app)
-            await _plain(exchange, 503, f"Service Unavailable: application {exc} has "
-                                        "max_queued_requests waiting already; retry later.",
+            raise  # uvicorn closes the connection: a started response cannot be taken back
+        except (ClusterUnavailable, TransportError) as exc:
+            await _plain(request, 503, f"Service Unavailable: {exc}")
+        except BackPressureError:
+            self.metrics.rejected(request.app)
+            await _plain(request, 503, f"Service Unavailable: application {request.app} has "
+                                       "max_queued_requests waiting already; retry later.",
                          extra_headers=[(b"retry-after", b"1")])
+        except Exception:  # the proxy's boundary: a bug here must cost one request, not hang it
+            if request.started:
+                raise  # uvicorn logs it once and closes the connection
+            log.exception("request %s failed in the proxy", request.request_id)
+            await _plain(request, 500, "Internal Server Error")
         finally:
             self._inflight -= 1
-            self._finished(scope, exchange)
+            self._finished(scope, request)
 
-    def _finished(self, scope: dict[str, Any], exchange: _Exchange) -> None:
+    def _finished(self, scope: dict[str, Any], request: _ProxyRequest) -> None:
         """One request's metrics and log line: a counter, a histogram, a list append."""
-        seconds = time.perf_counter() - exchange.arrived
-        status = exchange.status or 499  # nothing was sent: the client left first
-        self.metrics.observe(exchange.app, exchange.route, status, seconds)
+        seconds = time.perf_counter() - request.arrived
+        status = request.status or 499  # nothing was sent: the client left first
+        self.metrics.observe(request.app, request.route, status, seconds)
         if self.access.enabled:
             self.access.add((scope["method"], scope["path"], status, seconds,
-                             exchange.request_id, exchange.app, exchange.route))
+                             request.request_id, request.app, request.route))
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -203,66 +205,79 @@ class Proxy:
 
     def _match(self, scope: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
         root_path = scope.get("root_path", "")
-        path = scope["path"][len(root_path):] if scope["path"].startswith(root_path) else scope["path"]
-        return self.table.match(path or "/")
+        return self.table.match(scope["path"].removeprefix(root_path) or "/")
 
-    async def _forward(self, scope: dict[str, Any], receive: Any, exchange: _Exchange) -> None:
+    async def _forward(self, scope: dict[str, Any], request: _ProxyRequest) -> None:
         # The correlation id is always the proxy's own, so it is unique; a client's
         # X-Request-Id, if it sent one, is the id logged, returned and passed on.
-        request_id = f"{self.proxy_id}-{next(self._ids)}"
+        request.correlation_id = f"{self.proxy_id}-{next(self._ids)}"
         length, client_id = _scan_headers(scope["headers"])
-        exchange.request_id = client_id or request_id
+        request.request_id = client_id or request.correlation_id
         matched = self._match(scope)
         if matched is None:
-            await _plain(exchange, 404, f"Not Found: no application serves {scope['path']!r}.")
+            await _plain(request, 404, f"Not Found: no application serves {scope['path']!r}.")
             return
         prefix, route = matched
-        exchange.route, exchange.app = prefix, route["app"]
-        if not route.get("ready"):
-            reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
-            await _plain(exchange, 503, f"Service Unavailable: {reason}")
-            return
-        if length is not None and length > self.max_body:
-            await _plain(exchange, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
+        request.route, request.app = prefix, route["app"]
+        refusal = self._refusal(route, length)
+        if refusal is not None:
+            await _plain(request, *refusal)
             return
         try:
-            first, more_body = await _read_chunk(receive)
+            first, request.more_body = await _read_chunk(request.receive)
         except ClientGone:
             return  # nothing was published, so there is nothing to cancel
-        events = self.router.register(request_id)
+        request.body_sent = len(first)
+        request.events = self.router.register(request.correlation_id)
+        request.queue, request.chosen = route["queue"], self._pick_replica(scope, route)
+        watch = _DisconnectWatch(request.receive) if not request.more_body else None
         timeout = self.options.request_timeout_s
-        watch = _DisconnectWatch(receive) if not more_body else None
-        queue, chosen = route["queue"], None
-        if self.affinity.knows(queue) and not route.get("bounded"):
-            model_id = protocol.model_id_from_headers(scope["headers"])
-            chosen = self.affinity.pick(queue, model_id) if model_id else None
         try:
-            await self._publish(scope, route, prefix, request_id, first, more_body, timeout,
-                                self.names.affinity_queue(chosen) if chosen else queue,
-                                client_id)
-            relay = self._relay(events, receive, exchange, more_body, len(first), request_id,
-                                queue, chosen)
+            await self._publish(scope, request, route=route, prefix=prefix, body=first,
+                                client_id=client_id)
+            relay = self._relay(request)
             if timeout is None:
                 await relay
             else:
                 async with asyncio.timeout(timeout):
                     await relay
         except TimeoutError:
-            self._cancel(request_id)
-            if exchange.started:
+            self._cancel(request.correlation_id)
+            if request.started:
                 raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
-            await _plain(exchange, 408, f"Request Timeout: no complete response within {timeout}s.")
+            await _plain(request, 408, f"Request Timeout: no complete response within {timeout}s.")
         except asyncio.CancelledError:
             if watch is None or not watch.client_gone:
                 raise
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            self._cancel(request_id)  # the client left: stop the work it asked for
+            self._cancel(request.correlation_id)  # the client left: stop the work it asked for
         finally:
-            if watch is not None:
-                watch.stop()
-            if chosen is not None:
-                self.affinity.done(queue, chosen)
-            self.router.unregister(request_id)
+            self._release(request, watch)
+
+    def _refusal(self, route: dict[str, Any], length: int | None) -> tuple[int, str] | None:
+        """The status and text to answer at once with, if the request cannot go on."""
+        if not route.get("ready"):
+            reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
+            return 503, f"Service Unavailable: {reason}"
+        if length is not None and length > self.max_body:
+            return 413, f"Payload Too Large: the limit is {self.max_body} bytes."
+        return None
+
+    def _pick_replica(self, scope: dict[str, Any], route: dict[str, Any]) -> str | None:
+        """The replica holding the request's multiplexed model, if one is known; never for a
+        bounded queue, whose confirms say when it is full."""
+        queue = route["queue"]
+        if not self.affinity.knows(queue) or route.get("bounded"):
+            return None
+        model_id = protocol.model_id_from_headers(scope["headers"])
+        return self.affinity.pick(queue, model_id) if model_id else None
+
+    def _release(self, request: _ProxyRequest, watch: _DisconnectWatch | None) -> None:
+        if watch is not None:
+            watch.stop()
+        if request.chosen is not None:
+            self.affinity.done(request.queue, request.chosen)
+        self.router.unregister(request.correlation_id)
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Pin a WebSocket session to the replica that accepts it and carry its frames."""
@@ -287,7 +302,10 @@ class Proxy:
                 mandatory=True,
             )
             await session.relay(events)
-        except ClusterUnavailable:
+        except (ClusterUnavailable, TransportError):
+            await session.close(1011)
+        except Exception:  # the proxy's boundary: a bug here must close one session, not hang it
+            log.exception("WebSocket session %s failed in the proxy", request_id)
             await session.close(1011)
         finally:
             self._websockets -= 1
@@ -303,15 +321,17 @@ class Proxy:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _publish(self, scope: dict[str, Any], route: dict[str, Any], prefix: str,
-                       request_id: str, body: bytes, more_body: bool,
-                       timeout: float | None, queue: str, client_id: str | None) -> None:
+    async def _publish(self, scope: dict[str, Any], request: _ProxyRequest, *,
+                       route: dict[str, Any], prefix: str, body: bytes,
+                       client_id: str | None) -> None:
         payload = {
             "scope": {"method": scope["method"], **_request_scope(scope, prefix)},
             "body": body,
-            "more_body": more_body,
+            "more_body": request.more_body,
             "window": FLOW_WINDOW_BYTES,
         }
+        timeout, request_id = self.options.request_timeout_s, request.correlation_id
+        queue = self.names.affinity_queue(request.chosen) if request.chosen else request.queue
         deadline = expiration = None
         if timeout is not None:  # a request that outlives its deadline in the queue never runs
             deadline = int((time.time() + timeout) * 1000)
@@ -325,7 +345,8 @@ class Proxy:
                 reply_to=self.router.queue_name, headers=headers, expiration=expiration,
                 mandatory=True,
             ):
-                raise QueueFull(route["app"])
+                raise BackPressureError(
+                    f"application {route['app']!r} has max_queued_requests waiting already")
             return
         await self.broker.publish(
             queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
@@ -333,40 +354,32 @@ class Proxy:
             mandatory=True,
         )
 
-    async def _relay(self, events: Mailbox, receive: Any, exchange: _Exchange,
-                     more_body: bool, sent_bytes: int, request_id: str, queue: str,
-                     chosen: str | None) -> None:
+    async def _relay(self, request: _ProxyRequest) -> None:
         """Pass reply events to the client; upload the rest of the body once a replica asks.
 
-        `queue` is the deployment's queue, and `chosen` the replica whose affinity queue the
-        request went to, if any: the first event tells what that replica and others hold."""
-        send = exchange.send
+        The first event tells what the replica the request went to holds (affinity)."""
+        events, send, chosen = request.events, request.send, request.chosen
         replica: str | None = None
         started = streaming = False
         upload: asyncio.Task[str | None] | None = None
         try:
             while True:
                 kind, event = await events.get()
-                if replica is not None and event.get("replica", replica) != replica:
-                    # RabbitMQ redelivered the request after its replica died.
-                    if started:
-                        raise ReplicaChanged(f"replica {replica} died mid-response")
-                    if upload is not None:
-                        await _plain(exchange, 502, "Bad Gateway: the replica died while "
-                                                    "receiving the request body.")
-                        return
+                if replica is not None and event.get("replica", replica) != replica \
+                        and await _answer_redelivery(request, replica, started, upload):
+                    return
                 if replica is None and (chosen is not None or "models" in event):
-                    self.affinity.observe(queue, chosen, event)
+                    self.affinity.observe(request.queue, chosen, event)
                 replica = event.get("replica", replica)
-                if kind == protocol.ACCEPTED and more_body and upload is None:
-                    upload = asyncio.create_task(
-                        self._upload(receive, event["inbox"], request_id, sent_bytes)
-                    )
+                if kind == protocol.ACCEPTED and request.more_body and upload is None:
+                    upload = asyncio.create_task(self._upload(
+                        request.receive, event["inbox"], request.correlation_id,
+                        request.body_sent))
                 elif kind == protocol.START:
                     started = True
-                    credit = _Credit(self.broker, event.get("inbox"), request_id)
-                    await send(exchange.start(event["status"],
-                                              [tuple(h) for h in event.get("headers", ())]))
+                    credit = _Credit(self.broker, event.get("inbox"), request.correlation_id)
+                    await send(request.start(event["status"],
+                                             [tuple(h) for h in event.get("headers", ())]))
                     body = event.get("body", b"")
                     await send({"type": "http.response.body", "body": body,
                                 "more_body": event.get("more_body", False)})
@@ -382,13 +395,7 @@ class Proxy:
                         return
                     await credit.passed_on(len(body))
                 elif kind == protocol.ERROR:
-                    if started:
-                        raise ReplicaChanged(f"response cut short: {event.get('message')}")
-                    failed = _upload_error(upload)
-                    if failed is not None:
-                        await _plain(exchange, 413, failed)
-                    else:
-                        await _error_response(exchange, event)
+                    await _answer_error(request, event, started, upload)
                     return
         finally:
             if streaming:
@@ -452,7 +459,7 @@ def _request_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
     }
 
 
-def _take_waiting_bodies(events: Mailbox, event: dict[str, Any],
+def _take_waiting_bodies(events: ReplyEvents, event: dict[str, Any],
                          replica: str | None) -> tuple[bytes, bool]:
     """This body event joined with the body events of the same replica already waiting: a
     client that reads slower than the replica writes gets fewer, larger writes."""
@@ -488,13 +495,23 @@ class _Credit:
                                             correlation_id=self.request_id)
 
 
-class _Exchange:
-    """One HTTP request at the proxy: its status once the response starts (a timeout must not
-    answer twice), and what its metrics and log line need."""
+class _ProxyRequest:
+    """One HTTP request at the proxy: where it went and how its relay reads replies; its status
+    once the response starts (a timeout must not answer twice); and what its metrics and log
+    line need. One object per request, so its relay takes no long argument list."""
 
-    __slots__ = ("app", "arrived", "request_id", "route", "send", "status")
+    __slots__ = ("app", "arrived", "body_sent", "chosen", "correlation_id", "events",
+                 "more_body", "queue", "receive", "request_id", "route", "send", "status")
+    # Set by Proxy._forward before the request is published:
+    correlation_id: str
+    more_body: bool  # the rest of the body waits for a replica's `accepted`
+    body_sent: int  # request body bytes sent so far
+    events: ReplyEvents
+    queue: str  # the deployment's queue
+    chosen: str | None  # the replica whose affinity queue the request went to
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, receive: Any, send: Any) -> None:
+        self.receive = receive
         self.send = send
         self.arrived = time.perf_counter()
         self.status = 0
@@ -561,7 +578,7 @@ class _DisconnectWatch:
             self._watch.cancel()
 
 
-class ClientGone(Exception):
+class ClientGone(BrokerServeError):
     """The client disconnected before its request body was complete."""
 
 
@@ -602,24 +619,46 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str |
     return length, client_id
 
 
-async def _plain(exchange: _Exchange, status: int, text: str,
+async def _plain(request: _ProxyRequest, status: int, text: str,
                  extra_headers: list[tuple[bytes, bytes]] | None = None) -> None:
     body = text.encode()
-    await exchange.send(exchange.start(status, [
+    await request.send(request.start(status, [
         (b"content-type", b"text/plain; charset=utf-8"),
         (b"content-length", str(len(body)).encode()),
         *(extra_headers or ()),
     ]))
-    await exchange.send({"type": "http.response.body", "body": body})
+    await request.send({"type": "http.response.body", "body": body})
 
 
-async def _error_response(exchange: _Exchange, event: dict[str, Any]) -> None:
+async def _answer_redelivery(request: _ProxyRequest, replica: str, started: bool,
+                             upload: asyncio.Task[str | None] | None) -> bool:
+    """RabbitMQ redelivered the request after its replica died. A started response cannot be
+    taken back; a body half sent to the dead replica ends the request with a 502 (True);
+    otherwise the new replica takes it from the start (False)."""
+    if started:
+        raise ReplicaChanged(f"replica {replica} died mid-response")
+    if upload is None:
+        return False
+    await _plain(request, 502, "Bad Gateway: the replica died while receiving the request body.")
+    return True
+
+
+async def _answer_error(request: _ProxyRequest, event: dict[str, Any], started: bool,
+                        upload: asyncio.Task[str | None] | None) -> None:
+    """Answer an error event: with 413 if the body outgrew the limit while uploading, else
+    with the replica's status."""
+    if started:
+        raise ReplicaChanged(f"response cut short: {event.get('message')}")
+    failed = _upload_error(upload)
+    if failed is not None:
+        await _plain(request, 413, failed)
+        return
     status = int(event.get("status", 500))
     if status == 500:  # a user exception: its details stay in the replica's log
         text = "Internal Server Error"
     else:
         text = str(event.get("message", ""))
-    await _plain(exchange, status, text)
+    await _plain(request, status, text)
 
 
 def with_middlewares(app: Any, options: HTTPOptions) -> Any:
@@ -633,10 +672,11 @@ def with_middlewares(app: Any, options: HTTPOptions) -> Any:
     return app
 
 
-def resolve_keep_alive(options: HTTPOptions) -> float:
+def resolve_keep_alive(settings: Settings, options: HTTPOptions) -> float:
     """`BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S` wins over the config, as Ray's variable does."""
-    value = os.environ.get("BROKER_SERVE_HTTP_KEEP_ALIVE_TIMEOUT_S")
-    return float(value) if value else options.keep_alive_timeout_s
+    if settings.http_keep_alive_timeout_s is not None:
+        return settings.http_keep_alive_timeout_s
+    return options.keep_alive_timeout_s
 
 
 async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
@@ -646,7 +686,7 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
         with_middlewares(proxy, options), host=options.host, port=options.port, loop="none", http="httptools",
         lifespan="off", access_log=False, log_level="warning",
         log_config=None,  # uvicorn's records go through our handler and format
-        timeout_keep_alive=resolve_keep_alive(options),  # type: ignore[arg-type]
+        timeout_keep_alive=resolve_keep_alive(settings, options),  # type: ignore[arg-type]
         timeout_graceful_shutdown=30,
     )
     server = uvicorn.Server(config)

@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from ..protocol import messages
-from ..transport.broker import Broker, Mailbox
+from ..transport.broker import Broker, ReplyEvents
 
 
 class WebSocketSession:
@@ -27,9 +27,9 @@ class WebSocketSession:
         self.accepted = False
         self.closed = False
         self._from_client: asyncio.Task[None] | None = None
-        self._events: Mailbox | None = None
+        self._events: ReplyEvents | None = None
 
-    async def relay(self, events: Mailbox) -> None:
+    async def relay(self, events: ReplyEvents) -> None:
         self._events = events
         while not self.closed:
             kind, event = await events.get()
@@ -84,8 +84,8 @@ class WebSocketSession:
             self.closed = True
             try:
                 await self.send({"type": "websocket.close", "code": code, "reason": reason})
-            except Exception:  # the client is already gone
-                pass
+            except (OSError, RuntimeError):  # gone already: uvicorn's ClientDisconnected, or
+                pass  # "Unexpected ASGI message" for a session it closed
 
     async def stop(self) -> None:
         if self._from_client is not None and not self._from_client.done():

@@ -66,7 +66,7 @@ class _BatchQueue:
                     f"a @serve.batch function must return a list as long as its input "
                     f"({len(batch)}), got {type(results).__name__}"
                     + (f" of {len(results)}" if isinstance(results, list) else ""))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - user code: every caller gets its error
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..exceptions import ProtocolError
+from ..exceptions import BrokerServeError, ProtocolError
 from ..protocol import messages as protocol
 from ..protocol.call_values import pack_value, unpack_call
 from ..settings import CHUNK_BYTES
@@ -29,6 +29,9 @@ from .threads import ThreadRunner
 log = logging.getLogger("broker_serve.replica.replica")
 
 Publish = Callable[[str, dict[str, Any]], Awaitable[None]]
+# What the caller sent one request through the replica's inbox (body chunks, WebSocket frames,
+# a disconnect), sorted out by correlation id.
+CallerMessages = asyncio.Queue[tuple[str, dict[str, Any]]]
 
 # A caller that stops sending body chunks must not hold a replica slot forever.
 BODY_CHUNK_TIMEOUT_S = 30.0
@@ -77,8 +80,8 @@ class Servable:
         self.asgi_app = asgi_app
         self.threads = threads
         # A deployment called only through handles may have no `__call__`.
-        self._http_entry = None if asgi_app else (
-            target if is_function else getattr(target, "__call__", None))
+        self._http_entry = None if asgi_app or not callable(target) else (
+            target if is_function else target.__call__)
         self._takes_request = self._http_entry is not None and _takes_argument(self._http_entry)
 
     def _resolve(self, method: str) -> Callable[..., Any]:
@@ -147,25 +150,26 @@ class FlowWindow:
             self._granted.clear()
             try:
                 await asyncio.wait_for(self._granted.wait(), BODY_CHUNK_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise ProtocolError(f"the caller granted no credit for "
                                     f"{BODY_CHUNK_TIMEOUT_S:.0f}s", status=504,
                                     error="CreditTimeout") from None
         self.available -= size
 
 
-class HttpExchange:
-    """ASGI receive/send for one `http` request message."""
+class HttpBridge:
+    """ASGI receive/send for one `http` request message. `inbox` is the name of the replica's
+    inbox, where the caller sends the rest of the body and its credits."""
 
     def __init__(self, stream: ReplyStream, first_body: bytes, more_body: bool,
-                 inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
-                 max_body_bytes: int, inbox_name: str, window: FlowWindow | None = None) -> None:
+                 from_caller: CallerMessages | None,
+                 max_body_bytes: int, inbox: str, window: FlowWindow | None = None) -> None:
         self.stream = stream
-        self._inbox_name = inbox_name
+        self._inbox = inbox
         self._window = window
         self._pending_body: bytes | None = first_body
         self._more_body = more_body
-        self._inbox = inbox
+        self._from_caller = from_caller
         self._received = len(first_body)
         self._max_body = max_body_bytes
         self._start: dict[str, Any] | None = None
@@ -182,10 +186,11 @@ class HttpExchange:
         if self._pending_body is not None:
             body, self._pending_body = self._pending_body, None
             return {"type": "http.request", "body": body, "more_body": self._more_body}
-        if self._more_body and self._inbox is not None:
+        if self._more_body and self._from_caller is not None:
             try:
-                kind, fields = await asyncio.wait_for(self._inbox.get(), BODY_CHUNK_TIMEOUT_S)
-            except asyncio.TimeoutError:
+                kind, fields = await asyncio.wait_for(self._from_caller.get(),
+                                                      BODY_CHUNK_TIMEOUT_S)
+            except TimeoutError:
                 raise ProtocolError(
                     f"no request body chunk arrived for {BODY_CHUNK_TIMEOUT_S:.0f}s",
                     status=408, error="BodyIncomplete",
@@ -206,7 +211,7 @@ class HttpExchange:
         kind = message["type"]
         if kind == "http.response.start":
             self._start = {
-                "inbox": self._inbox_name,
+                "inbox": self._inbox,
                 "status": message["status"],
                 "headers": [[bytes(k), bytes(v)] for k, v in message.get("headers", ())],
             }
@@ -277,7 +282,8 @@ class HttpExchange:
             self._last_flush = time.monotonic()
             try:
                 await self._publish_body(data, more_body=not final)
-            except Exception as exc:  # seen by the app at its next send
+            except BrokerServeError as exc:  # a lost broker or no credit: the app's next
+                # send raises it
                 self._flush_error = exc
 
     async def _publish_body(self, body: bytes, more_body: bool) -> None:
@@ -298,8 +304,7 @@ class HttpExchange:
 
 
 async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
-                   inbox_queue: asyncio.Queue[tuple[str, dict[str, Any]]] | None,
-                   inbox_name: str, max_body_bytes: int,
+                   from_caller: CallerMessages | None, inbox: str, max_body_bytes: int,
                    window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
     stream.http = (scope["method"], scope["path"])  # the replica set the method label
@@ -308,24 +313,22 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
     if len(first_body) > max_body_bytes:
         raise ProtocolError("request body too large", status=413, error="BodyTooLarge")
     if more_body:
-        await stream.send(protocol.ACCEPTED, {"inbox": inbox_name})
-    exchange = HttpExchange(stream, first_body, more_body, inbox_queue, max_body_bytes,
-                            inbox_name, window)
-    await servable.handle_http(scope, exchange.receive, exchange.send)
-    await exchange.finish()
+        await stream.send(protocol.ACCEPTED, {"inbox": inbox})
+    bridge = HttpBridge(stream, first_body, more_body, from_caller, max_body_bytes, inbox, window)
+    await servable.handle_http(scope, bridge.receive, bridge.send)
+    await bridge.finish()
     if not stream.finished:
         await stream.error(500, "NoResponse", "the application returned without a response")
 
 
-class WebSocketExchange:
-    """ASGI receive/send for one `websocket` session: client frames come from the replica's
+class WebSocketBridge:
+    """ASGI receive/send for one `websocket` session: client frames come through the replica's
     inbox, the app's frames go out as reply events (docs/protocol.md, `websocket`)."""
 
-    def __init__(self, stream: ReplyStream, inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
-                 inbox_name: str) -> None:
+    def __init__(self, stream: ReplyStream, from_caller: CallerMessages, inbox: str) -> None:
         self.stream = stream
+        self._from_caller = from_caller
         self._inbox = inbox
-        self._inbox_name = inbox_name
         self._connected = False
         self.accepted = False
 
@@ -333,7 +336,7 @@ class WebSocketExchange:
         if not self._connected:
             self._connected = True
             return {"type": "websocket.connect"}
-        kind, fields = await self._inbox.get()
+        kind, fields = await self._from_caller.get()
         if kind == protocol.WS_RECEIVE:
             if fields.get("bytes") is not None:
                 return {"type": "websocket.receive", "bytes": bytes(fields["bytes"])}
@@ -347,7 +350,7 @@ class WebSocketExchange:
             self.stream.status = 101
             headers = [[bytes(k), bytes(v)] for k, v in message.get("headers") or ()]
             await self.stream.send(protocol.WS_ACCEPT, {
-                "inbox": self._inbox_name, "subprotocol": message.get("subprotocol"),
+                "inbox": self._inbox, "subprotocol": message.get("subprotocol"),
                 "headers": headers})
         elif kind == "websocket.send":
             data = message.get("bytes")
@@ -363,15 +366,14 @@ class WebSocketExchange:
 
 
 async def run_websocket(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
-                        inbox: asyncio.Queue[tuple[str, dict[str, Any]]],
-                        inbox_name: str) -> None:
+                        from_caller: CallerMessages, inbox: str) -> None:
     scope = protocol.websocket_scope(payload)
     stream.http = ("WEBSOCKET", scope["path"])
     if servable.asgi_app is None:
         raise ProtocolError("WebSockets need an ASGI ingress (@serve.ingress with a FastAPI "
                             "or Starlette app)", status=404, error="NoSuchMethod")
-    exchange = WebSocketExchange(stream, inbox, inbox_name)
-    await servable.asgi_app(scope, exchange.receive, exchange.send)
+    bridge = WebSocketBridge(stream, from_caller, inbox)
+    await servable.asgi_app(scope, bridge.receive, bridge.send)
     if not stream.finished:  # the app returned without closing: close for it
         await stream.send(protocol.WS_CLOSE, {"code": 1000, "reason": ""}, final=True)
 

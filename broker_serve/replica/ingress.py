@@ -9,6 +9,8 @@ class.
 from __future__ import annotations
 
 import copyreg
+import dataclasses
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -43,7 +45,7 @@ def ingress(app: ASGIApp) -> Callable[[_C], _C]:
             raise TypeError("serve.ingress decorates a class")
         if _is_fastapi(app):
             _bind_class_routes(app, cls)
-            _register_fastapi_reducers()
+        _register_reducers()
         # staticmethod: a plain-function ASGI app must not become a bound method
         # when read from an instance.
         setattr(cls, _APP_ATTRIBUTE, staticmethod(app))
@@ -185,28 +187,51 @@ def _rebuilt(route: APIRoute | APIWebSocketRoute, app: FastAPI) -> APIRoute | AP
     return type(route)(route.path, route.endpoint, **kwargs)
 
 
-# Replicas receive the class, and so its app, through cloudpickle. Two pieces of
-# Starlette and FastAPI apps do not survive that as they are; these reducers mend them.
+# Replicas receive the class, and so its app, through cloudpickle: a class of the driver's own
+# modules travels by value, with its `_bs_asgi_app`. Two pieces of Starlette and FastAPI apps do
+# not survive that as they are. The reducers below mend them through public interfaces only;
+# copyreg is process-wide, so they are registered when an ingress is declared, not at import.
+# tests/test_dependency_contracts.py pins both.
+
+
+def _register_reducers() -> None:
+    copyreg.pickle(State, _reduce_state)
+    if "fastapi" in sys.modules:
+        included = _lazily_included_router_type()
+        if included is not None:
+            copyreg.pickle(included, _reduce_dataclass_route)
 
 
 def _reduce_state(state: State) -> tuple[type[State], tuple[dict[str, Any]]]:
-    # Unpickling looks up __setstate__ before `_state` exists, and State's
-    # __getattr__ then recurses on `self._state` forever.
-    return State, (dict(state._state),)
+    # As it is, unpickling looks up __setstate__ on a State without its dict, and State's
+    # __getattr__ recurses forever. Rebuilt from its items instead.
+    return State, ({key: state[key] for key in state},)
 
 
-copyreg.pickle(State, _reduce_state)
+@functools.cache  # one probe a process
+def _lazily_included_router_type() -> type | None:
+    """The route type `include_router` adds instead of copies of the router's routes, if it
+    is a dataclass (recent FastAPI includes routers lazily, through a route holding a lock)."""
+    from fastapi import APIRouter, FastAPI
+    from fastapi.routing import APIRoute
+
+    async def endpoint() -> None:
+        pass
+
+    probe, router = FastAPI(), APIRouter()
+    before = {id(route) for route in probe.router.routes}
+    router.add_api_route("/probe", endpoint)
+    probe.include_router(router)
+    added = {type(route) for route in probe.router.routes if id(route) not in before}
+    lazy = [kind for kind in added - {APIRoute} if dataclasses.is_dataclass(kind)]
+    return lazy[0] if len(lazy) == 1 else None
 
 
-def _register_fastapi_reducers() -> None:
-    from fastapi import routing
-
-    # Recent FastAPI includes routers lazily, through a route holding a lock.
-    included_router = getattr(routing, "_IncludedRouter", None)
-    if included_router is not None:
-        copyreg.pickle(included_router, _reduce_included_router)
-
-
-def _reduce_included_router(route: Any) -> tuple[type, tuple[Any, Any]]:
-    # The lock only guards caches, which rebuild themselves on first use.
-    return type(route), (route.original_router, route.include_context)
+def _reduce_dataclass_route(route: Any) -> tuple[Callable[..., Any], tuple[()]]:
+    # Rebuilt from the fields its constructor requires: the others (the lock, and the caches
+    # it guards) start again empty and fill themselves on first use.
+    required = {field.name: getattr(route, field.name) for field in dataclasses.fields(route)
+                if field.init and field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING}
+    kind: type = type(route)
+    return functools.partial(kind, **required), ()

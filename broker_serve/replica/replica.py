@@ -32,25 +32,37 @@ from typing import Any, cast
 import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixed
 
 from ..client.handle import calls_of_current_request
 from ..client.runtime import install_replica_runtime
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..context import ReplicaContext, _request_id, _set_replica_context
-from ..exceptions import ProtocolError, RayServeException
-from ..lifecycle import heartbeat_loop, sleep_or_stop, stop_on_signals
+from ..exceptions import BrokerServeError, ProtocolError, RayServeException
+from ..lifecycle import die_with_parent_if_asked, heartbeat_loop, sleep_or_stop, stop_on_signals
 from ..observability import metrics
+from ..observability.entry_point import run_entry_point
 from ..observability.logging import AccessLog, setup_logging
 from ..protocol import messages as protocol
 from ..protocol.call_values import loads_signed
+from ..schema import ReplicaState
 from ..settings import Settings
+from ..state.records import ReplicaEndState, ReplicaRecordState
 from ..state.store import Store, now
 from ..transport import affinity
 from ..transport.acks import Settler
 from ..transport.broker import Broker, DeliveryCallback, Subscription, connection_name, subscribe
 from ..transport.cancellation import CancelledSet
 from . import ingress, multiplex
-from .execution import FlowWindow, ReplyStream, Servable, run_call, run_http, run_websocket
+from .execution import (
+    CallerMessages,
+    FlowWindow,
+    ReplyStream,
+    Servable,
+    run_call,
+    run_http,
+    run_websocket,
+)
 from .threads import ThreadRunner
 
 log = logging.getLogger("broker_serve.replica.replica")
@@ -81,7 +93,7 @@ class Replica:
         self.user_config_hash = ""
         self._reconfiguring = asyncio.Lock()
         self.secret = b""
-        self._inboxes: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
+        self._caller_messages: dict[str, CallerMessages] = {}  # by correlation id
         self._tasks: set[asyncio.Task[None]] = set()
         self._settler: Settler | None = None  # of the request channel now open
         self._journals: set[asyncio.Task[None]] = set()
@@ -105,7 +117,7 @@ class Replica:
         stop_on_signals(self._stopping)
         try:
             await self.startup()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - user constructors may raise anything
             log.error("replica %s failed to start:\n%s", self.replica_id, traceback.format_exc())
             await self._report_failure(exc)
             return 1
@@ -117,7 +129,7 @@ class Replica:
 
     async def startup(self) -> None:
         await self.store.ping()
-        await self._write_record("STARTING")
+        await self._write_record(ReplicaState.STARTING)
         self.secret = await self.store.secret()
         spec_blob = await self.store.spec(self.app, self.deployment, self.version)
         if spec_blob is None:
@@ -158,7 +170,7 @@ class Replica:
         await self._cancel_queue.bind(self.names.cancel_exchange)
         await subscribe(self.broker, inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
         await self._consume_requests()
-        await self._write_record("RUNNING")
+        await self._write_record(ReplicaState.RUNNING)
         await self.store.announce("replicas")
         log.info("replica %s of %s/%s is running (pid %d)", self.replica_id, self.app,
                  self.deployment, os.getpid())
@@ -258,8 +270,9 @@ class Replica:
 
     # live options and health -------------------------------------------------------------------
     async def _live_options(self) -> dict[str, Any]:
-        record = await self.store.get_one(self.names.apps, self.app) or {}
-        config = record.get("deployments", {}).get(self.deployment, {}).get("config", {})
+        record = await self.store.app(self.app)
+        deployment = record["deployments"].get(self.deployment) if record else None
+        config = deployment["config"] if deployment else {}
         return {k: v for k, v in config.items() if k in LIVE_OPTIONS}
 
     async def _on_event(self, event: str | None) -> None:
@@ -278,13 +291,13 @@ class Replica:
                 return
             try:
                 await self._call_user("reconfigure", config.user_config)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - user code: reported as unhealthy
                 log.error("reconfigure() failed:\n%s", traceback.format_exc())
                 await self._unhealthy(f"reconfigure() failed: {type(exc).__name__}: {exc}")
                 return
             self.user_config_hash = wanted
             log.info("replica %s took the new user_config", self.replica_id)
-            await self._write_record("RUNNING")
+            await self._write_record(ReplicaState.RUNNING)
             await self.store.announce("replicas")
 
     async def _call_user(self, method: str, *args: Any) -> Any:
@@ -314,30 +327,42 @@ class Replica:
             except TimeoutError:
                 await self._unhealthy(f"check_health() did not return within {timeout}s")
                 return
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - user code: reported as unhealthy
                 await self._unhealthy(f"check_health() failed: {type(exc).__name__}: {exc}")
                 return
 
     async def _unhealthy(self, message: str) -> None:
         """Ask to be replaced: the controller starts another replica and stops this one."""
         log.error("replica %s is unhealthy: %s", self.replica_id, message)
-        await self._safe_record("UNHEALTHY", message[:500])
+        await self._safe_record(ReplicaEndState.UNHEALTHY, message[:500])
         try:
             await self.store.announce("replicas")
-        except Exception:
-            pass
+        except BrokerServeError as exc:  # the controller's periodic pass sees the record
+            log.warning("could not announce that replica %s is unhealthy: %s",
+                        self.replica_id, exc)
+
+    async def _until_requests_done(self) -> None:
+        """Give running requests graceful_shutdown_timeout_s to finish, looking every
+        graceful_shutdown_wait_loop_s (at most 50 ms)."""
+        async def done() -> bool:
+            return not self._tasks
+
+        await AsyncRetrying(
+            stop=stop_after_delay(self.config.graceful_shutdown_timeout_s),
+            wait=wait_fixed(min(0.05, self.config.graceful_shutdown_wait_loop_s)),
+            retry=retry_if_result(lambda finished: not finished),
+            retry_error_callback=lambda state: None)(done)
 
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)
-        await self._safe_record("STOPPING")
+        await self._safe_record(ReplicaState.STOPPING)
         for consumer in self._consumers:
             try:
                 await asyncio.wait_for(consumer.cancel(), 5)
-            except Exception as exc:  # broker away: closing the connection below stops it too
+            except (BrokerServeError, TimeoutError) as exc:  # broker away: closing the
+                # connection below stops it too
                 log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
-        deadline = time.monotonic() + self.config.graceful_shutdown_timeout_s
-        while self._tasks and time.monotonic() < deadline:
-            await asyncio.sleep(min(0.05, self.config.graceful_shutdown_wait_loop_s))
+        await self._until_requests_done()
         stragglers = list(self._tasks)
         for task in stragglers:
             task.cancel()
@@ -349,17 +374,17 @@ class Replica:
         if settler is not None:
             try:
                 await asyncio.wait_for(settler.drain(), 5)
-            except Exception as exc:
+            except (BrokerServeError, TimeoutError) as exc:
                 log.warning("could not send the last acks: %s", exc)
             await self._journal_released([cid for _, _, cid in settler.ledger.unsettled()])
         try:
             await asyncio.wait_for(self.broker.close(), 5)
-        except Exception as exc:
+        except (BrokerServeError, TimeoutError) as exc:
             log.warning("could not close the RabbitMQ connection cleanly: %s", exc)
         try:
-            await self.store.redis.delete(self.names.replica_alive(self.replica_id))
-        except Exception:
-            pass
+            await self.store.drop_heartbeat(self.names.replica_alive(self.replica_id))
+        except BrokerServeError as exc:  # the key expires on its own
+            log.warning("could not remove the liveness key of %s: %s", self.replica_id, exc)
         if self.servable is not None:
             self.servable.threads.shutdown()
         self.metrics.flush(0)
@@ -367,25 +392,25 @@ class Replica:
         await self.store.close()
 
     # records -----------------------------------------------------------------------------------
-    async def _write_record(self, state: str, message: str = "") -> None:
-        await self.store.update(
-            self.names.replicas, self.replica_id, replica_id=self.replica_id, app=self.app,
+    async def _write_record(self, state: ReplicaRecordState, message: str = "") -> None:
+        await self.store.update_replica(
+            self.replica_id, replica_id=self.replica_id, app=self.app,
             deployment=self.deployment, version=self.version, state=state, message=message,
             pid=os.getpid(), updated=now(), user_config_hash=self.user_config_hash,
         )
 
-    async def _safe_record(self, state: str, message: str = "") -> None:
+    async def _safe_record(self, state: ReplicaRecordState, message: str = "") -> None:
         try:
             await self._write_record(state, message)
-        except Exception as exc:
-            log.warning("could not record state %s: %s", state, exc)
+        except BrokerServeError as exc:
+            log.warning("could not record state %s: %s", state.value, exc)
 
     async def _report_failure(self, exc: BaseException) -> None:
-        await self._safe_record("FAILED", f"{type(exc).__name__}: {exc}"[:500])
+        await self._safe_record(ReplicaEndState.FAILED, f"{type(exc).__name__}: {exc}"[:500])
         try:
             await self.store.announce("replicas")
-        except Exception:
-            pass
+        except BrokerServeError as err:  # the controller's periodic pass sees the record
+            log.warning("could not announce that replica %s failed: %s", self.replica_id, err)
         await self.broker.close()
         await self.store.close()
 
@@ -404,6 +429,14 @@ class Replica:
             self._tasks.discard(task)
 
     async def _on_inbox(self, message: DeliveredMessage) -> None:
+        try:
+            self._take_from_inbox(message)
+        except Exception:  # a consumer callback's boundary: one bad message, not the consumer
+            log.exception("could not take inbox message %s of request %s",
+                          message.header.properties.message_type,
+                          message.header.properties.correlation_id)
+
+    def _take_from_inbox(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
         correlation_id = properties.correlation_id or ""
         try:
@@ -415,10 +448,10 @@ class Replica:
             if window is not None and isinstance(fields.get("bytes"), int):
                 window.grant(fields["bytes"])
             return
-        queue = self._inboxes.get(correlation_id)
-        if queue is None:
+        from_caller = self._caller_messages.get(correlation_id)
+        if from_caller is None:
             return
-        queue.put_nowait((properties.message_type or "", fields))
+        from_caller.put_nowait((properties.message_type or "", fields))
 
     async def _on_cancel(self, message: DeliveredMessage) -> None:
         try:
@@ -497,9 +530,9 @@ class Replica:
             return stream
         try:
             if correlation_id in self._cancelled:
-                raise ProtocolError("the request was cancelled before it ran", status=499,
-                                    error="Cancelled")
-            await self._dispatch(message, stream, correlation_id)
+                await stream.error(499, "Cancelled", "the request was cancelled before it ran")
+            else:
+                await self._dispatch(message, stream, correlation_id)
         except ProtocolError as exc:
             await stream.error(exc.status, exc.error, str(exc))
         except asyncio.CancelledError:
@@ -512,7 +545,7 @@ class Replica:
                 raise  # shutdown: left unacked, RabbitMQ gives it to another replica
             else:  # a started response cannot move to another replica: end it for the caller
                 await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - user code: the caller gets an error event
             log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
             kind = properties.message_type
             detail = str(exc) if kind == protocol.KIND_CALL else "Internal Server Error"
@@ -521,7 +554,7 @@ class Replica:
                           else type(exc).__name__)
             await stream.error(500, error_type, detail[:2000])
         finally:
-            self._inboxes.pop(correlation_id, None)
+            self._caller_messages.pop(correlation_id, None)
         if stream.finished:
             settler.finished(tag)
         else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
@@ -531,17 +564,13 @@ class Replica:
     async def _delivered_too_often(self, correlation_id: str) -> bool:
         """Count a redelivery, and tell whether the request's replicas died with it
         MAX_DELIVERIES - 1 times. Only redeliveries pay this Redis round trip."""
-        key = self.names.deliveries(correlation_id)
         try:
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                pipe.hincrby(key, "redelivered", 1)
-                pipe.hget(key, "released")
-                pipe.expire(key, DELIVERY_COUNT_TTL_S)
-                redelivered, released, _ = await pipe.execute()
-        except Exception as exc:  # Redis away: serving goes on without the bound
+            redelivered, released = await self.store.count_redelivery(correlation_id,
+                                                                      DELIVERY_COUNT_TTL_S)
+        except BrokerServeError as exc:  # Redis away: serving goes on without the bound
             log.warning("could not count the deliveries of %s: %s", correlation_id, exc)
             return False
-        deaths = int(redelivered) - int(released or 0)
+        deaths = redelivered - released
         if deaths + 1 >= MAX_DELIVERIES:
             log.error("request %s was delivered %d times, %d of them to replicas that died; "
                       "dead-lettering it", correlation_id, int(redelivered) + 1, deaths)
@@ -554,13 +583,8 @@ class Replica:
         if not correlation_ids:
             return
         try:
-            async with self.store.redis.pipeline(transaction=False) as pipe:
-                for correlation_id in correlation_ids:
-                    key = self.names.deliveries(correlation_id)
-                    pipe.hincrby(key, "released", 1)
-                    pipe.expire(key, DELIVERY_COUNT_TTL_S)
-                await pipe.execute()
-        except Exception as exc:
+            await self.store.count_released(correlation_ids, DELIVERY_COUNT_TTL_S)
+        except BrokerServeError as exc:
             log.warning("could not write down %d released request(s): %s",
                         len(correlation_ids), exc)
 
@@ -571,30 +595,31 @@ class Replica:
         protocol.check_version(headers)
         deadline = headers.get(protocol.HEADER_DEADLINE)
         if isinstance(deadline, int) and deadline < time.time() * 1000:
-            raise ProtocolError("the request's deadline passed before a replica took it",
-                                status=408, error="DeadlineExceeded")
+            await stream.error(408, "DeadlineExceeded",
+                               "the request's deadline passed before a replica took it")
+            return
         if len(correlation_id) > protocol.MAX_ID_LENGTH:
             raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
         payload = protocol.decode_map(message.body)
         assert self.servable is not None
         kind = properties.message_type
         if kind == protocol.KIND_HTTP:
-            inbox: asyncio.Queue[tuple[str, dict[str, Any]]] | None = None
+            from_caller: CallerMessages | None = None
             if payload.get("more_body"):  # the rest of the body will come to the inbox
-                inbox = self._inboxes[correlation_id] = asyncio.Queue()
+                from_caller = self._caller_messages[correlation_id] = asyncio.Queue()
             window = None
             if isinstance(payload.get("window"), int) and payload["window"] > 0:
                 window = self._windows[correlation_id] = FlowWindow(payload["window"])
             try:
-                await run_http(self.servable, stream, payload, inbox, self.inbox_name,
+                await run_http(self.servable, stream, payload, from_caller, self.inbox_name,
                                self.settings.max_body_bytes, window)
             finally:
                 self._windows.pop(correlation_id, None)
         elif kind == protocol.KIND_CALL:
             await run_call(self.servable, stream, payload, self.secret)
         elif kind == protocol.KIND_WEBSOCKET:
-            session = self._inboxes[correlation_id] = asyncio.Queue()
-            await run_websocket(self.servable, stream, payload, session, self.inbox_name)
+            frames = self._caller_messages[correlation_id] = asyncio.Queue()
+            await run_websocket(self.servable, stream, payload, frames, self.inbox_name)
         else:
             raise ProtocolError(f"unknown request kind {kind!r}")
 
@@ -622,6 +647,7 @@ def _access_fields(app: str, deployment: str, replica_id: str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent_if_asked()
     parser = argparse.ArgumentParser(prog="python -m broker_serve.replica")
     parser.add_argument("--app", required=True)
     parser.add_argument("--deployment", required=True)
@@ -632,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, f"replica {args.replica_id}")
     _use_uvloop()
     replica = Replica(settings, args.app, args.deployment, args.replica_id, args.version)
-    sys.exit(asyncio.run(replica.run()))
+    run_entry_point(replica.run(), f"replica {args.replica_id}")
 
 
 def _use_uvloop() -> None:

@@ -8,7 +8,8 @@ import ipaddress
 import pathlib
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set, ValuesView
+from collections.abc import Callable, Iterator, Mapping, Sequence, ValuesView
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import orjson
@@ -90,6 +91,6 @@ def _default(value: object) -> object:
     if numpy is not None and isinstance(value, (numpy.ndarray, numpy.generic)):
         # Reached only for what OPT_SERIALIZE_NUMPY declines (object dtype, non-contiguous...).
         return value.tolist()
-    if isinstance(value, (Set, Sequence, ValuesView, Iterator)):
+    if isinstance(value, (AbstractSet, Sequence, ValuesView, Iterator)):
         return list(value)
     raise TypeError(f"Object of type {type(value).__qualname__} is not JSON serializable")

@@ -57,7 +57,8 @@ class ThreadRunner:
             loop, future, context, fn, args = call
             try:
                 result = context.run(fn, *args)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller, as an executor does
+            # Handed to the caller, as an executor does.
+            except BaseException as exc:  # noqa: BLE001
                 loop.call_soon_threadsafe(_fail, future, exc)
             else:
                 loop.call_soon_threadsafe(_succeed, future, result)

@@ -5,20 +5,20 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Collection
-from typing import Any
 
 import orjson
 
+from .records import AppRecord, DeploymentEntry
 from .store import Store
 
 
-def app_version(route_prefix: str | None, deployments: dict[str, Any]) -> str:
+def app_version(route_prefix: str | None, deployments: dict[str, DeploymentEntry]) -> str:
     # The app's version covers the live options too, so serve.run waits until they apply.
     return hashlib.sha256(orjson.dumps([route_prefix, sorted(
         (d, v["version"], v["config"]) for d, v in deployments.items())])).hexdigest()[:16]
 
 
-async def write_app(store: Store, record: dict[str, Any], specs: dict[str, bytes],
+async def write_app(store: Store, record: AppRecord, specs: dict[str, bytes],
                     replacing: Collection[str] = ()) -> None:
     """Make an application desired: its specs and its record, in one transaction. `serve.run`
     and a config's PUT both deploy through here. `replacing` names applications being

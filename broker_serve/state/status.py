@@ -8,22 +8,24 @@ replica records.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from ..config import HTTPOptions
 from ..schema import (
     ApplicationDetails,
     ApplicationStatus,
     ApplicationStatusInfo,
     DeploymentDetails,
     DeploymentSchema,
+    DeploymentStatus,
     DeploymentStatusInfo,
     HTTPOptionsSchema,
     ProxyDetails,
     ProxyStatus,
     ReplicaDetails,
+    ReplicaState,
     ServeActorDetails,
     ServeDeploySchema,
     ServeInstanceDetails,
@@ -31,10 +33,12 @@ from ..schema import (
     ServeStatusSchema,
     status_trigger,
 )
+from .records import AppBuild, AppRecord, AppStatusRecord, ReplicaEndState, ReplicaRecord
 from .store import Store, now
 
-# Replica records the controller is about to drop: not shown.
-_GONE_STATES = frozenset({"DEAD", "FAILED"})
+# Replica records the controller is about to drop: not shown. (A tuple: records hold plain
+# strings, which compare equal to the members.)
+_GONE_STATES = (ReplicaEndState.DEAD, ReplicaEndState.FAILED)
 
 
 async def read_status(store: Store) -> ServeStatus:
@@ -46,29 +50,29 @@ async def read_status(store: Store) -> ServeStatus:
     records = {}
     for name in sorted(apps.keys() | statuses.keys() | builds.keys()):
         state, message = _application_status(apps.get(name), statuses.get(name), builds.get(name))
-        deployed_at = (apps.get(name) or builds.get(name) or {}).get("deployed_at", 0.0)
+        deployed_at = _deployed_at(apps.get(name), builds.get(name))
         records[name] = {"last_deployed_time_s": deployed_at, **(statuses.get(name) or {}),
                          "status": state.value, "message": message}
-    proxies = await store.get_all(store.names.proxies)
+    proxies = await store.proxies()
     alive = await store.alive([store.names.proxy_alive(p) for p in proxies])
     return ServeStatus.from_records(records, dict(zip(proxies, alive)))
 
 
-async def _live_builds(store: Store) -> dict[str, dict[str, Any]]:
+async def _live_builds(store: Store) -> dict[str, AppBuild]:
     """Failed config builds, and those in flight (a mark whose controller died expires)."""
-    builds = await store.get_all(store.names.app_builds)
+    builds = await store.app_builds()
     return {name: build for name, build in builds.items()
-            if build.get("status") == "DEPLOY_FAILED" or build.get("expires", 0) > now()}
+            if build.get("status") == ApplicationStatus.DEPLOY_FAILED
+            or build.get("expires", 0) > now()}
 
 
 async def read_details(store: Store) -> ServeInstanceDetails:
-    names = store.names
     apps = await store.apps()
     statuses = await store.app_statuses()
     builds = await _live_builds(store)
-    replicas = await store.get_all(names.replicas)
-    config = await stored_config(store)
-    by_deployment: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    replicas = await store.replicas()
+    config = await store.deploy_config()
+    by_deployment: dict[tuple[str, str], list[ReplicaRecord]] = {}
     for record in replicas.values():
         if record.get("state") not in _GONE_STATES:
             by_deployment.setdefault((record["app"], record["deployment"]), []).append(record)
@@ -77,8 +81,7 @@ async def read_details(store: Store) -> ServeInstanceDetails:
     for name in sorted(apps.keys() | statuses.keys() | builds.keys()):
         applications[name] = _application(name, apps.get(name), statuses.get(name),
                                           builds.get(name), config, by_deployment)
-    http_raw = await store.redis.get(names.http_options)
-    http = HTTPOptions.model_validate_json(http_raw) if http_raw else HTTPOptions()
+    http = await store.http_options()
     return ServeInstanceDetails(
         controller_info=await _controller_info(store),
         proxy_location=(config.proxy_location if config and "proxy_location"
@@ -94,24 +97,22 @@ async def read_details(store: Store) -> ServeInstanceDetails:
     )
 
 
-async def stored_config(store: Store) -> ServeDeploySchema | None:
-    raw = await store.redis.get(store.names.deploy_config)
-    return ServeDeploySchema.model_validate_json(raw) if raw else None
-
-
-def _application(name: str, record: dict[str, Any] | None, status: dict[str, Any] | None,
-                 build: dict[str, Any] | None, config: ServeDeploySchema | None,
-                 replicas: dict[tuple[str, str], list[dict[str, Any]]]) -> ApplicationDetails:
+def _application(name: str, record: AppRecord | None, status: AppStatusRecord | None,
+                 build: AppBuild | None, config: ServeDeploySchema | None,
+                 replicas: dict[tuple[str, str], list[ReplicaRecord]]) -> ApplicationDetails:
     state, message = _application_status(record, status, build)
-    declarative = build is not None or (record or {}).get("source") == "declarative"
+    declarative = build is not None or (record is not None
+                                        and record.get("source") == "declarative")
     app_config = config.application(name) if config and declarative else None
     deployments = {}
-    dep_records = (record or {}).get("deployments") or (status or {}).get("deployments", {})
+    dep_statuses = status["deployments"] if status else {}
+    dep_records: Mapping[str, Mapping[str, Any]] = \
+        (record["deployments"] if record else None) or dep_statuses
     for dep_name, dep in dep_records.items():
-        dep_status = (status or {}).get("deployments", {}).get(dep_name, {})
+        dep_status: Mapping[str, Any] = dep_statuses.get(dep_name) or {}
         deployments[dep_name] = DeploymentDetails(
             name=dep_name,
-            status=dep_status.get("status", "UPDATING"),
+            status=dep_status.get("status", DeploymentStatus.UPDATING),
             status_trigger=status_trigger(dep_status),
             message=dep_status.get("message", ""),
             deployment_config=_deployment_schema(dep_name, dep.get("config", {})),
@@ -125,16 +126,21 @@ def _application(name: str, record: dict[str, Any] | None, status: dict[str, Any
                       else app_config.route_prefix if app_config else None),
         status=state,
         message=message,
-        last_deployed_time_s=(status or {}).get(
-            "last_deployed_time_s", (record or build or {}).get("deployed_at", 0.0)),
+        last_deployed_time_s=(status.get("last_deployed_time_s", _deployed_at(record, build))
+                              if status else _deployed_at(record, build)),
         deployed_app_config=app_config,
         source="declarative" if declarative else "imperative",
         deployments=deployments,
     )
 
 
-def _application_status(record: dict[str, Any] | None, status: dict[str, Any] | None,
-                        build: dict[str, Any] | None) -> tuple[ApplicationStatus, str]:
+def _deployed_at(record: AppRecord | None, build: AppBuild | None) -> float:
+    source = record or build
+    return source["deployed_at"] if source else 0.0
+
+
+def _application_status(record: AppRecord | None, status: AppStatusRecord | None,
+                        build: AppBuild | None) -> tuple[ApplicationStatus, str]:
     if build is not None:  # a config build in flight or failed says more than the last status
         return ApplicationStatus(build["status"]), build.get("message", "")
     if record is None:
@@ -154,9 +160,9 @@ def _deployment_schema(name: str, config: dict[str, Any]) -> DeploymentSchema:
         return DeploymentSchema.model_construct(name=name, **fields)
 
 
-def _replica(record: dict[str, Any]) -> ReplicaDetails:
+def _replica(record: ReplicaRecord) -> ReplicaDetails:
     return ReplicaDetails(
-        replica_id=record["replica_id"], state=record.get("state", "PENDING"),
+        replica_id=record["replica_id"], state=record.get("state", ReplicaState.PENDING.value),
         pid=record.get("pid"), start_time_s=record.get("start_time", 0.0),
         node_id=record.get("node"), actor_id=record["replica_id"],
         actor_name=f"{record['app']}#{record['deployment']}",
@@ -165,7 +171,7 @@ def _replica(record: dict[str, Any]) -> ReplicaDetails:
 
 async def _proxies(store: Store) -> dict[str, ProxyDetails]:
     names = store.names
-    records = await store.get_all(names.proxies)
+    records = await store.proxies()
     alive = await store.alive([names.proxy_alive(p) for p in records])
     return {
         proxy_id: ProxyDetails(
@@ -178,8 +184,7 @@ async def _proxies(store: Store) -> dict[str, ProxyDetails]:
 
 
 async def _controller_info(store: Store) -> ServeActorDetails:
-    leader = await store.redis.get(store.names.controller_lease)
-    leader_id = leader.decode() if isinstance(leader, bytes) else leader
+    leader_id = await store.lease_value()
     # The id is `<host>-<pid>` of the controller holding the lease.
     return ServeActorDetails(node_id=leader_id.rsplit("-", 1)[0] if leader_id else None,
                              actor_id=leader_id, actor_name="controller")

@@ -1,10 +1,14 @@
-"""The cluster's control state in Redis: one place that knows the key layout and record shapes.
+"""The cluster's control state in Redis. The Store is the one object that talks to Redis: it
+knows the key layout (`Names`) and the records' shapes (`records.py`), and its methods raise
+broker-serve's errors, never redis's (`errors.py`).
 
-Writers are split so that no record has two owners:
-- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`, `specs:*`);
-- the controller writes statuses, the route table and node assignments;
-- a replica writes its own record and heartbeat; its worker node marks it DEAD when it exits;
-- a proxy writes its own record and heartbeat.
+Writers are split so that no record has two owners, but one:
+- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`, `specs:*`) and
+  the HTTP options; a config's PUT also writes `deploy_config` and `app_builds`;
+- the controller writes statuses, the route table, node assignments and queue arguments;
+- a replica writes its own record and heartbeat, and its worker node marks the record FAILED or
+  DEAD when the process exits: the one record with two writers (`update_replica`);
+- a proxy and a worker node each write their own record and heartbeat.
 """
 
 from __future__ import annotations
@@ -13,22 +17,38 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Unpack, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from ..exceptions import ClusterUnavailable
+from ..config import HTTPOptions
+from ..exceptions import ClusterUnavailable, StateError
 from ..protocol.names import Names
+from ..schema import ServeDeploySchema
+from .errors import translate_errors
 from .liveness import is_gone, stamp
+from .records import (
+    AppBuild,
+    AppRecord,
+    AppStatusRecord,
+    Assignment,
+    NodeRecord,
+    ProxyRecord,
+    ReplicaChanges,
+    ReplicaRecord,
+    RouteTableRecord,
+)
 
 log = logging.getLogger("broker_serve.store")
 
 HEARTBEAT_TTL_S = 10.0
 
-# Deletes the lease only if it still names the holder that was found dead.
-_RELEASE_LEASE = """
+# Deletes a key only if it still holds ARGV[1]: a lease or lock whose holder is known.
+_DELETE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -62,66 +82,79 @@ def now() -> float:
     return time.time()
 
 
+class StateSnapshot:
+    """The durable part of the state, as `Store.snapshot` read it (`controller/reseed.py`)."""
+
+    def __init__(self) -> None:
+        self.strings: dict[str, bytes] = {}
+        self.hashes: dict[str, dict[bytes, bytes]] = {}
+        self.sets: dict[str, set[bytes]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.strings or self.hashes)
+
+
+@translate_errors
 class Store:
     def __init__(self, redis_url: str, cluster: str) -> None:
         self.names = Names(cluster)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        # decode_responses=False: values are bytes (orjson reads them as they are).
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
         )
-        self._release_lease = self.redis.register_script(_RELEASE_LEASE)
-        self._delete_unnamed_specs = self.redis.register_script(_DELETE_UNNAMED_SPECS)
+        self._delete_if_held = self._redis.register_script(_DELETE_IF_HELD)
+        self._delete_unnamed_specs = self._redis.register_script(_DELETE_UNNAMED_SPECS)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self._redis.aclose()
 
     async def ping(self) -> None:
-        try:
-            await self.redis.ping()
-        except (RedisError, OSError) as exc:
-            raise ClusterUnavailable(f"cannot reach Redis: {exc}") from exc
+        await self._redis.ping()
 
     # secret ---------------------------------------------------------------------------------
     async def secret(self) -> bytes:
         """The cluster secret that signs pickles; created by whoever asks first."""
         key = self.names.secret
-        await self.redis.set(key, secrets.token_hex(32), nx=True)
-        value = await self.redis.get(key)
+        await self._redis.set(key, secrets.token_hex(32), nx=True)
+        value = await self._get(key)
         assert value is not None
-        return bytes(value)
+        return value
 
-    # hashes of JSON records -----------------------------------------------------------------
-    async def get_all(self, key: str) -> dict[str, dict[str, Any]]:
-        raw = await self.redis.hgetall(key)
+    # hashes of JSON records -------------------------------------------------------------------
+    async def _get(self, key: str) -> bytes | None:
+        return cast("bytes | None", await self._redis.get(key))
+
+    async def _get_all(self, key: str) -> dict[str, Any]:
+        raw = cast("dict[bytes, bytes]", await self._redis.hgetall(key))
         return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
-    async def get_one(self, key: str, field: str) -> dict[str, Any] | None:
-        raw = await self.redis.hget(key, field)
+    async def _get_one(self, key: str, field: str) -> Any:
+        raw = cast("bytes | None", await self._redis.hget(key, field))
         return orjson.loads(raw) if raw else None
 
-    async def put(self, key: str, field: str, record: dict[str, Any]) -> None:
-        await self.redis.hset(key, field, orjson.dumps(record))
-
-    async def update(self, key: str, field: str, **changes: Any) -> None:
-        record = await self.get_one(key, field) or {}
-        record.update(changes)
-        await self.put(key, field, record)
+    async def _put(self, key: str, field: str, record: Any) -> None:
+        await self._redis.hset(key, field, orjson.dumps(record))
 
     async def delete_field(self, key: str, *fields: str) -> None:
         if fields:
-            await self.redis.hdel(key, *fields)
+            await self._redis.hdel(key, *fields)
 
     # applications -----------------------------------------------------------------------------
-    async def apps(self) -> dict[str, dict[str, Any]]:
-        return await self.get_all(self.names.apps)
+    async def apps(self) -> dict[str, AppRecord]:
+        return await self._get_all(self.names.apps)
 
-    async def app_statuses(self) -> dict[str, dict[str, Any]]:
-        return await self.get_all(self.names.key("app_status"))
+    async def app(self, name: str) -> AppRecord | None:
+        record: AppRecord | None = await self._get_one(self.names.apps, name)
+        return record
 
-    async def put_app(self, record: dict[str, Any], specs: dict[str, bytes]) -> None:
+    async def app_exists(self, name: str) -> bool:
+        return bool(await self._redis.hexists(self.names.apps, name))
+
+    async def put_app(self, record: AppRecord, specs: dict[str, bytes]) -> None:
         """Write an application's specs and its record in one transaction: a controller sees
         both or neither, so it never takes the specs for a deleted app's leftovers."""
         names, name = self.names, record["name"]
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:
             for key, blob in specs.items():
                 pipe.set(key, blob)
             if specs:
@@ -130,6 +163,10 @@ class Store:
             pipe.hdel(names.app_builds, name)  # a failed config build is superseded
             await pipe.execute()
 
+    async def replace_app(self, record: AppRecord) -> None:
+        """Rewrite an application's record, its specs unchanged (a scale)."""
+        await self._put(self.names.apps, record["name"], record)
+
     async def delete_unnamed_specs(self, app: str) -> int:
         """Delete the app's specs that its record (if it has one again) does not name."""
         names = self.names
@@ -137,24 +174,193 @@ class Store:
             keys=[names.apps, names.spec_index(app)], args=[app, names.key("spec", app) + ":"])
         return int(deleted)
 
-    async def put_app_status(self, name: str, status: dict[str, Any]) -> None:
-        await self.put(self.names.key("app_status"), name, status)
-
     async def spec(self, app: str, deployment: str, version: str) -> bytes | None:
-        value = await self.redis.get(self.names.spec(app, deployment, version))
-        return bytes(value) if value is not None else None
+        return await self._get(self.names.spec(app, deployment, version))
+
+    async def app_statuses(self) -> dict[str, AppStatusRecord]:
+        return await self._get_all(self.names.key("app_status"))
+
+    async def app_status(self, name: str) -> AppStatusRecord | None:
+        status: AppStatusRecord | None = await self._get_one(self.names.key("app_status"), name)
+        return status
+
+    async def app_status_count(self) -> int:
+        return int(await self._redis.hlen(self.names.key("app_status")))
+
+    async def put_app_status(self, name: str, status: AppStatusRecord) -> None:
+        await self._put(self.names.key("app_status"), name, status)
+
+    # declarative configs ------------------------------------------------------------------------
+    async def app_builds(self) -> dict[str, AppBuild]:
+        return await self._get_all(self.names.app_builds)
+
+    async def put_app_build(self, name: str, build: AppBuild) -> None:
+        await self._put(self.names.app_builds, name, build)
+
+    async def deploy_config(self) -> ServeDeploySchema | None:
+        """The config the REST API's last PUT applied, if any."""
+        raw = await self._get(self.names.deploy_config)
+        return ServeDeploySchema.model_validate_json(raw) if raw else None
+
+    async def deploy_config_document(self) -> dict[str, Any] | None:
+        """The stored config as written: only the fields its PUT set."""
+        raw = await self._get(self.names.deploy_config)
+        return orjson.loads(raw) if raw else None
+
+    async def put_deploy_config(self, config: ServeDeploySchema | dict[str, Any]) -> None:
+        """Store a config (only the fields it sets), or a document `deploy_config_document`
+        read and changed."""
+        blob = (config.model_dump_json(exclude_unset=True) if isinstance(config, ServeDeploySchema)
+                else orjson.dumps(config))
+        await self._redis.set(self.names.deploy_config, blob)
+
+    async def forget_config(self) -> None:
+        """Drop the stored config and the builds of its applications (a DELETE)."""
+        await self._redis.delete(self.names.app_builds, self.names.deploy_config)
+
+    async def take_lock(self, key: str, token: str, ttl_s: float) -> bool:
+        return bool(await self._redis.set(key, token, nx=True, px=int(ttl_s * 1000)))
+
+    async def release_lock(self, key: str, token: str) -> None:
+        """Release a lock taken with `token`, unless it expired and another took it."""
+        await self._delete_if_held(keys=[key], args=[token])
+
+    # HTTP options -----------------------------------------------------------------------------
+    async def http_options(self) -> HTTPOptions:
+        """The cluster's HTTP options (`serve.start`, a config's PUT), or the defaults."""
+        raw = await self._get(self.names.http_options)
+        return HTTPOptions.model_validate_json(raw) if raw else HTTPOptions()
+
+    async def put_http_options(self, options: HTTPOptions) -> None:
+        await self._redis.set(self.names.http_options, options.model_dump_json())
 
     # routes -----------------------------------------------------------------------------------
-    async def routes(self) -> dict[str, Any]:
-        raw = await self.redis.get(self.names.routes)
-        return orjson.loads(raw) if raw else {"version": 0, "routes": {}}
+    async def routes(self) -> RouteTableRecord:
+        raw = await self._get(self.names.routes)
+        table: RouteTableRecord = orjson.loads(raw) if raw else {"version": 0, "routes": {}}
+        return table
+
+    async def put_routes(self, table: RouteTableRecord) -> None:
+        await self._redis.set(self.names.routes, orjson.dumps(table))
+
+    # queues -----------------------------------------------------------------------------------
+    async def queue_arguments(self, queue: str) -> dict[str, Any] | None:
+        """The arguments this cluster last declared a request queue with."""
+        arguments: dict[str, Any] | None = await self._get_one(self.names.queue_arguments, queue)
+        return arguments
+
+    async def put_queue_arguments(self, queue: str, arguments: dict[str, Any]) -> None:
+        await self._put(self.names.queue_arguments, queue, arguments)
+
+    async def delete_queue_arguments(self, queue: str) -> None:
+        await self._redis.hdel(self.names.queue_arguments, queue)
+
+    # replicas and their placement -------------------------------------------------------------
+    async def replicas(self) -> dict[str, ReplicaRecord]:
+        return await self._get_all(self.names.replicas)
+
+    async def replica(self, replica_id: str) -> ReplicaRecord | None:
+        record: ReplicaRecord | None = await self._get_one(self.names.replicas, replica_id)
+        return record
+
+    async def put_replica(self, record: ReplicaRecord) -> None:
+        await self._put(self.names.replicas, record["replica_id"], record)
+
+    async def update_replica(self, replica_id: str, /, **changes: Unpack[ReplicaChanges]) -> None:
+        """Set some fields of a replica record, keeping the others (it is created if missing).
+
+        The replica and its worker node both write the record, so the read, merge and write
+        run as one optimistic transaction (WATCH/MULTI), retried if another write to
+        `replicas` came between: neither writer loses the other's fields. The record stays one
+        JSON value in the hash, which readers take with one HGETALL; a Lua merge would
+        re-encode the record's numbers through cjson, which keeps 14 digits. These writes are
+        rare (a replica's state changes), so retries are too.
+        """
+        key = self.names.replicas
+
+        async def merge(pipe: Any) -> None:
+            raw = await pipe.hget(key, replica_id)
+            record = orjson.loads(raw) if raw else {}
+            record.update(changes)
+            pipe.multi()
+            pipe.hset(key, replica_id, orjson.dumps(record))
+
+        await self._redis.transaction(merge, key)
+
+    async def assignments(self, node_id: str) -> dict[str, Assignment]:
+        return await self._get_all(self.names.node_assignments(node_id))
+
+    async def assigned_replica_ids(self, node_id: str) -> list[str]:
+        return await self._hash_fields(self.names.node_assignments(node_id))
+
+    async def put_assignment(self, node_id: str, replica_id: str, assignment: Assignment) -> None:
+        await self._put(self.names.node_assignments(node_id), replica_id, assignment)
+
+    async def drop_assignments(self, node_id: str) -> None:
+        await self._redis.delete(self.names.node_assignments(node_id))
+
+    # nodes and proxies ------------------------------------------------------------------------
+    async def nodes(self) -> dict[str, NodeRecord]:
+        return await self._get_all(self.names.nodes)
+
+    async def put_node(self, record: NodeRecord) -> None:
+        await self._put(self.names.nodes, record["node_id"], record)
+
+    async def deregister_node(self, node_id: str) -> None:
+        """A worker node that stops: its record, heartbeat and assignments go."""
+        names = self.names
+        await self._redis.hdel(names.nodes, node_id)
+        await self._redis.delete(names.node_alive(node_id), names.node_assignments(node_id))
+
+    async def proxies(self) -> dict[str, ProxyRecord]:
+        return await self._get_all(self.names.proxies)
+
+    async def put_proxy(self, record: ProxyRecord) -> None:
+        await self._put(self.names.proxies, record["proxy_id"], record)
+
+    # redeliveries and cancellations -------------------------------------------------------------
+    async def count_redelivery(self, correlation_id: str, ttl_s: float) -> tuple[int, int]:
+        """Count one more redelivery of a request: (redeliveries, those released by live
+        replicas). One round trip."""
+        key = self.names.deliveries(correlation_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(key, "redelivered", 1)
+            pipe.hget(key, "released")
+            pipe.expire(key, int(ttl_s))
+            redelivered, released, _ = await pipe.execute()
+        return int(redelivered), int(released or 0)
+
+    async def count_released(self, correlation_ids: list[str], ttl_s: float) -> None:
+        """Write down requests a live replica gives back to RabbitMQ unfinished."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for correlation_id in correlation_ids:
+                key = self.names.deliveries(correlation_id)
+                pipe.hincrby(key, "released", 1)
+                pipe.expire(key, int(ttl_s))
+            await pipe.execute()
+
+    async def add_tombstones(self, ids: list[str], expires_ms: int) -> None:
+        await self._redis.zadd(self.names.tombstones, {i: expires_ms for i in ids})
+
+    async def live_tombstones(self, now_ms: int) -> dict[str, int]:
+        """Cancelled request ids that have not expired by `now_ms`, with their expiry."""
+        live = cast("list[tuple[bytes, float]]", await self._redis.zrangebyscore(
+            self.names.tombstones, now_ms, "+inf", withscores=True))
+        return {member.decode(): int(score) for member, score in live}
+
+    async def prune_tombstones(self, now_ms: int) -> None:
+        await self._redis.zremrangebyscore(self.names.tombstones, "-inf", now_ms)
 
     # liveness ---------------------------------------------------------------------------------
     async def heartbeat(self, key: str, value: str | None = None,
                         ttl_s: float = HEARTBEAT_TTL_S) -> None:
         """Say this process lives; `value` (default: the process's stamp, which lets a reader
-        on the same machine see at once that it died, `_liveness.py`) is for whoever reads it."""
-        await self.redis.set(key, value or stamp(), px=int(ttl_s * 1000))
+        on the same machine see at once that it died, `liveness.py`) is for whoever reads it."""
+        await self._redis.set(key, value or stamp(), px=int(ttl_s * 1000))
+
+    async def drop_heartbeat(self, key: str) -> None:
+        """A process that stops says so at once, rather than when its heartbeat expires."""
+        await self._redis.delete(key)
 
     async def alive(self, keys: list[str]) -> list[bool]:
         """Whether each heartbeat is current and its writer not provably gone."""
@@ -162,8 +368,9 @@ class Store:
 
     async def heartbeats(self, keys: list[str]) -> list[bytes | None]:
         """The value of each heartbeat key, None where it expired."""
-        return list(await self.redis.mget(keys)) if keys else []
+        return cast("list[bytes | None]", await self._redis.mget(keys)) if keys else []
 
+    # the controller's lease -------------------------------------------------------------------
     async def lease_holder(self) -> str | None:
         """The id of the controller holding the lease, or None.
 
@@ -171,19 +378,86 @@ class Store:
         lease up at once, so that nobody waits up to the lease's TTL for a dead controller.
         """
         key = self.names.controller_lease
-        holder = await self.redis.get(key)
+        holder = await self._get(key)
         if holder is None:
             return None
-        holder_id = holder.decode() if isinstance(holder, bytes) else str(holder)
-        if is_gone(await self.redis.get(self.names.controller_alive(holder_id))):
-            if await self._release_lease(keys=[key], args=[holder]):
+        holder_id = holder.decode()
+        if is_gone(await self._get(self.names.controller_alive(holder_id))):
+            if await self._delete_if_held(keys=[key], args=[holder]):
                 log.info("controller %s is gone; its lease is released", holder_id)
             return None
         return holder_id
 
+    async def lease_value(self) -> str | None:
+        """The lease's holder as stored, dead or alive (no check, no release)."""
+        holder = await self._get(self.names.controller_lease)
+        return holder.decode() if holder is not None else None
+
+    async def take_lease(self, controller_id: str, ttl_ms: int) -> bool:
+        return bool(await self._redis.set(self.names.controller_lease, controller_id, nx=True,
+                                          px=ttl_ms))
+
+    async def extend_lease(self, ttl_ms: int) -> None:
+        await self._redis.pexpire(self.names.controller_lease, ttl_ms)
+
+    async def release_lease(self, controller_id: str) -> None:
+        """Give the lease up, if `controller_id` still holds it."""
+        await self._delete_if_held(keys=[self.names.controller_lease], args=[controller_id])
+
+    # Redis restarts: the durable state, copied and written back (controller/reseed.py) --------
+    async def is_seeded(self) -> bool:
+        """Whether a controller marked the state as written since Redis last started empty."""
+        return bool(await self._redis.exists(self.names.seeded))
+
+    async def mark_seeded(self) -> None:
+        await self._redis.set(self.names.seeded, "1")
+
+    async def snapshot(self, previous: StateSnapshot) -> StateSnapshot:
+        """Copy the durable state: the secret, the desired applications with their specs (and
+        spec index) and configs, the HTTP options, the nodes, their assignments, the replica
+        records and queue arguments. Specs are immutable per version: those in `previous`
+        are not read again."""
+        names, redis = self.names, self._redis
+        copy = StateSnapshot()
+        for key in (names.secret, names.http_options, names.routes):
+            value = await self._get(key)
+            if value is not None:
+                copy.strings[key] = value
+        hash_keys = [names.apps, names.app_builds, names.nodes, names.replicas,
+                     names.queue_arguments]
+        hash_keys += [names.node_assignments(node) for node in await self._hash_fields(names.nodes)]
+        for key in hash_keys:
+            copy.hashes[key] = cast("dict[bytes, bytes]", await redis.hgetall(key))
+        for app, record in (await self.apps()).items():
+            members = cast("set[bytes]", await redis.smembers(names.spec_index(app)))
+            copy.sets[names.spec_index(app)] = members
+            for dep_name, dep in record.get("deployments", {}).items():
+                key = names.spec(app, dep_name, dep["version"])
+                spec = previous.strings.get(key) or await self._get(key)
+                if spec is not None:
+                    copy.strings[key] = spec
+        return copy
+
+    async def write_back(self, copy: StateSnapshot) -> None:
+        """Write a snapshot back, in one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for key, value in copy.strings.items():
+                pipe.set(key, value)
+            for key, fields in copy.hashes.items():
+                if fields:
+                    pipe.hset(key, mapping=cast("dict[Any, Any]", fields))
+            for key, members in copy.sets.items():
+                if members:
+                    pipe.sadd(key, *members)
+            await pipe.execute()
+
+    async def _hash_fields(self, key: str) -> list[str]:
+        fields = cast("list[bytes]", await self._redis.hkeys(key))
+        return [field.decode() for field in fields]
+
     # change notification --------------------------------------------------------------------
     async def announce(self, event: str) -> None:
-        await self.redis.publish(self.names.events, event)
+        await self._redis.publish(self.names.events, event)
 
     async def watch_events(self, on_event: Any, period_s: float, stopping: Any) -> None:
         """Call `await on_event(name)` for each announced change and `on_event(None)` every
@@ -192,13 +466,16 @@ class Store:
         Pub/sub loses messages while disconnected, so the periodic call is what makes readers
         correct; the events only make them quick.
         """
-        backoff = 0.5
+        # Each loss starts the backoff again at 0.5 s, doubling up to 5 s while Redis is away.
+        subscribing = AsyncRetrying(
+            retry=retry_if_exception_type(_REDIS_LOST), wait=wait_exponential(0.5, max=5.0),
+            stop=lambda state: stopping.is_set(), before_sleep=_warn_lost_redis,
+            retry_error_callback=lambda state: None)
         while not stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub | None = await subscribing(self._subscribe, on_event)
+            if pubsub is None:
+                return
             try:
-                await pubsub.subscribe(self.names.events)
-                await on_event(None)
-                backoff = 0.5
                 last = asyncio.get_running_loop().time()
                 while not stopping.is_set():
                     message = await pubsub.get_message(timeout=min(period_s, 1.0))
@@ -207,12 +484,35 @@ class Store:
                     elif asyncio.get_running_loop().time() - last >= period_s:
                         last = asyncio.get_running_loop().time()
                         await on_event(None)
-            except (RedisError, OSError) as exc:
-                log.warning("lost Redis (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            except _REDIS_LOST as exc:
+                log.warning("lost Redis (%s); subscribing again", exc)
             finally:
-                try:
-                    await pubsub.aclose()
-                except Exception:
-                    pass
+                await _close_subscription(pubsub)
+
+    async def _subscribe(self, on_event: Any) -> PubSub:
+        """A subscription to the events, after one `on_event(None)` to catch up."""
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.names.events)
+            await on_event(None)
+        except BaseException:
+            await _close_subscription(pubsub)
+            raise
+        return pubsub
+
+
+# Ours too: `on_event` reads the state through this Store.
+_REDIS_LOST = (RedisError, OSError, ClusterUnavailable, StateError)
+
+
+def _warn_lost_redis(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait_s = state.next_action.sleep if state.next_action else 0.0
+    log.warning("lost Redis (%s); retrying in %.1fs", exc, wait_s)
+
+
+async def _close_subscription(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    except (RedisError, OSError) as exc:  # the connection is gone already
+        log.debug("closing the subscription failed: %s", exc)

@@ -29,6 +29,7 @@ import aiormq
 
 from . import frames
 from .aiormq_adapter import FrameWriter
+from .errors import map_amqp_errors
 
 
 class Settlement(NamedTuple):
@@ -142,4 +143,5 @@ class Settler:
         """Send every settlement now and wait until the socket took them: before closing, or
         finished requests would be redelivered and run twice."""
         self.flush()
-        await self._writer.drain()
+        with map_amqp_errors("cannot send the last acks"):
+            await self._writer.drain()

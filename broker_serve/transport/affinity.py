@@ -32,7 +32,7 @@ def queue_arguments(shared_queue: str) -> dict[str, Any]:
 
 
 class _Holder:
-    __slots__ = ("models", "capacity", "in_flight", "heard")
+    __slots__ = ("capacity", "heard", "in_flight", "models")
 
     def __init__(self) -> None:
         self.models: frozenset[str] = frozenset()

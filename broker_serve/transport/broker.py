@@ -25,9 +25,10 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
 
-from ..exceptions import ClusterUnavailable, ProtocolError
+from ..exceptions import BrokerServeError, ClusterUnavailable, ProtocolError
 from ..protocol import messages as protocol
 from . import aiormq_adapter, frames
+from .errors import AMQP_ERROR_TYPES, map_amqp_errors, translate
 
 log = logging.getLogger("broker_serve.broker")
 
@@ -38,7 +39,6 @@ DeliveryCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, N
 # event loop per message. After this many bytes one publish waits, so a slow broker still
 # pushes back and unsent data stays bounded.
 UNDRAINED_LIMIT_BYTES = 256 * 1024
-_CHANNEL_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
 def connection_name(cluster: str, role: str, ident: str) -> str:
@@ -68,34 +68,37 @@ class Broker:
 
     async def connect(self) -> None:
         """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
-        try:
+        with map_amqp_errors(f"cannot reach RabbitMQ at {_safe(self.url)}"):
             self.connection = await aio_pika.connect_robust(
                 self.url, client_properties={"connection_name": self.name}, timeout=10
             )
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-            raise ClusterUnavailable(f"cannot reach RabbitMQ at {_safe(self.url)}: {exc}") from exc
-        self._publisher = await self.channel()
-        self._publisher.return_callbacks.add(self._on_return)
-        if self._cancel_exchange:
-            # Whoever publishes cancels declares the exchange too: a publish to a missing
-            # exchange would close the publishing channel. aio-pika re-declares it after a
-            # reconnect.
-            await self._publisher.declare_exchange(self._cancel_exchange, "fanout", durable=True)
-        self._confirming = await self.connection.channel(publisher_confirms=True)
-        self._confirming.return_callbacks.add(self._on_return)
+        with map_amqp_errors("cannot open the channels to RabbitMQ"):
+            self._publisher = await self.channel()
+            self._publisher.return_callbacks.add(self._on_return)
+            if self._cancel_exchange:
+                # Whoever publishes cancels declares the exchange too: a publish to a missing
+                # exchange would close the publishing channel. aio-pika re-declares it after a
+                # reconnect.
+                await self._publisher.declare_exchange(self._cancel_exchange, "fanout",
+                                                       durable=True)
+            self._confirming = await self.connection.channel(publisher_confirms=True)
+            self._confirming.return_callbacks.add(self._on_return)
 
     async def channel(self, prefetch: int = 0, global_qos: bool = False) -> AbstractRobustChannel:
         """A robust channel; aio-pika restores its QoS and queues after a reconnect."""
         assert self.connection is not None, "connect() first"
-        channel: AbstractRobustChannel = await self.connection.channel(publisher_confirms=False)
-        if prefetch:
-            await channel.set_qos(prefetch_count=prefetch, global_=global_qos)
+        with map_amqp_errors("cannot open a channel to RabbitMQ"):
+            channel: AbstractRobustChannel = await self.connection.channel(
+                publisher_confirms=False)
+            if prefetch:
+                await channel.set_qos(prefetch_count=prefetch, global_=global_qos)
         return channel
 
     async def close(self) -> None:
         self._closing = True
         if self.connection is not None:
-            await self.connection.close()
+            with map_amqp_errors("cannot close the connection to RabbitMQ"):
+                await self.connection.close()
             self.connection = None
 
     def watch(self, raw: aiormq.abc.AbstractChannel) -> None:
@@ -156,9 +159,9 @@ class Broker:
             if self._undrained >= UNDRAINED_LIMIT_BYTES:
                 self._undrained = 0
                 await writer.drain()
-        except _CHANNEL_ERRORS as exc:
+        except AMQP_ERROR_TYPES as exc:
             self._raw = None
-            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+            raise translate(exc, "publish to RabbitMQ failed") from exc
 
     def frame_writer(self, raw: aiormq.abc.AbstractChannel) -> aiormq_adapter.FrameWriter:
         """The writer of the connection `raw` belongs to: one per connection, so that this
@@ -187,8 +190,8 @@ class Broker:
                                     mandatory=mandatory)
         except aiormq.exceptions.DeliveryError:
             return False  # nacked: the queue is at its bound
-        except _CHANNEL_ERRORS as exc:
-            raise ClusterUnavailable(f"publish to RabbitMQ failed: {exc}") from exc
+        except AMQP_ERROR_TYPES as exc:
+            raise translate(exc, "publish to RabbitMQ failed") from exc
         return True
 
     async def _channel(self) -> aiormq.Channel:
@@ -198,10 +201,8 @@ class Broker:
             return raw
         if self._publisher is None:
             raise ClusterUnavailable("not connected to RabbitMQ")
-        try:
+        with map_amqp_errors("RabbitMQ connection is down"):
             raw = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
-        except aiormq.exceptions.AMQPError as exc:
-            raise ClusterUnavailable(f"RabbitMQ connection is down: {exc}") from exc
         if raw.is_closed:
             raise ClusterUnavailable("RabbitMQ connection is down")
         if raw is not self._raw:
@@ -241,20 +242,21 @@ class Subscription:
             return
         try:
             await self._register()
-        except _CHANNEL_ERRORS as exc:  # closed again already: the next reopen comes back here
+        except BrokerServeError as exc:  # closed again already: the next reopen comes back here
             log.warning("could not consume %s again: %s", self.queues, exc)
 
     async def _register(self) -> None:
-        raw = await self.channel.get_underlay_channel()
-        if raw is self._raw:
-            return
-        self._raw, self._tags = raw, []
-        self.broker.watch(raw)
-        callback = self.on_channel(raw)
-        for queue in self.queues:
-            result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
-            if result.consumer_tag:
-                self._tags.append(result.consumer_tag)
+        with map_amqp_errors(f"cannot consume {', '.join(self.queues)}"):
+            raw = await self.channel.get_underlay_channel()
+            if raw is self._raw:
+                return
+            self._raw, self._tags = raw, []
+            self.broker.watch(raw)
+            callback = self.on_channel(raw)
+            for queue in self.queues:
+                result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
+                if result.consumer_tag:
+                    self._tags.append(result.consumer_tag)
 
     async def cancel(self) -> None:
         """Stop consuming. Deliveries already received are still handed to the callback."""
@@ -262,8 +264,9 @@ class Subscription:
         self.channel.reopen_callbacks.discard(self._on_reopen)
         raw = self._raw
         if raw is not None and not raw.is_closed:
-            for tag in self._tags:
-                await raw.basic_cancel(tag)
+            with map_amqp_errors(f"cannot stop consuming {', '.join(self.queues)}"):
+                for tag in self._tags:
+                    await raw.basic_cancel(tag)
 
 
 async def subscribe(broker: Broker, channel: AbstractRobustChannel, queue: str,
@@ -275,7 +278,7 @@ async def subscribe(broker: Broker, channel: AbstractRobustChannel, queue: str,
 Event = tuple[str, dict[str, Any]]
 
 
-class Mailbox:
+class ReplyEvents:
     """The reply events of one request, in order, for its one reader.
 
     Unlike an asyncio.Queue it lets the reader see what has already arrived, so the proxy can
@@ -316,39 +319,41 @@ class ReplyRouter:
     def __init__(self, broker: Broker, queue_name: str) -> None:
         self.broker = broker
         self.queue_name = queue_name
-        self._waiting: dict[str, Mailbox] = {}
+        self._waiting: dict[str, ReplyEvents] = {}
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
 
     async def start(self) -> None:
         channel = await self.broker.channel()
         # Held strongly: aio-pika re-declares it after a reconnect.
-        self._queue = await channel.declare_queue(self.queue_name, exclusive=True, auto_delete=True)
+        with map_amqp_errors(f"cannot declare the reply queue {self.queue_name}"):
+            self._queue = await channel.declare_queue(self.queue_name, exclusive=True,
+                                                      auto_delete=True)
         await subscribe(self.broker, channel, self.queue_name, self._on_message, no_ack=True)
         self.broker.on_return(self._on_return)
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
         self.broker.on_channel_lost(self._on_channel_lost)
 
-    def register(self, correlation_id: str) -> Mailbox:
-        queue = Mailbox()
-        self._waiting[correlation_id] = queue
-        return queue
+    def register(self, correlation_id: str) -> ReplyEvents:
+        events = ReplyEvents()
+        self._waiting[correlation_id] = events
+        return events
 
     def unregister(self, correlation_id: str) -> None:
         self._waiting.pop(correlation_id, None)
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
-        queue = self._waiting.get(properties.correlation_id or "")
-        if queue is None:
+        events = self._waiting.get(properties.correlation_id or "")
+        if events is None:
             return  # the caller gave up (timeout, disconnect); late events are dropped
         try:
             event = protocol.decode_map(message.body)
         except ProtocolError as exc:
             event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
-            queue.put_nowait((protocol.ERROR, event))
+            events.put_nowait((protocol.ERROR, event))
             return
-        queue.put_nowait((properties.message_type or "", event))
+        events.put_nowait((properties.message_type or "", event))
 
     def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
         """Replies to this queue may be lost with the connection: fail the waiting requests
@@ -367,15 +372,15 @@ class ReplyRouter:
         log.warning("%s; failing %d waiting request(s)", what, len(self._waiting))
         event = {"status": 503, "error": error,
                  "message": f"{what}; the request may not have run"}
-        for queue in self._waiting.values():
-            queue.put_nowait((protocol.ERROR, dict(event)))
+        for events in self._waiting.values():
+            events.put_nowait((protocol.ERROR, dict(event)))
 
     def _on_return(self, correlation_id: str, routing_key: str) -> None:
-        queue = self._waiting.get(correlation_id)
-        if queue is not None:
+        events = self._waiting.get(correlation_id)
+        if events is not None:
             message = f"no queue {routing_key!r}: the deployment does not exist (any more)"
-            queue.put_nowait((protocol.ERROR, {"status": 503, "error": "NoSuchDeployment",
-                                               "message": message}))
+            events.put_nowait((protocol.ERROR, {"status": 503, "error": "NoSuchDeployment",
+                                                "message": message}))
 
 
 def _safe(url: str) -> str:

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from ..exceptions import BrokerServeError
 from ..protocol import messages
 from ..state.store import Store
 from .broker import Broker
@@ -34,11 +35,11 @@ async def cancel(broker: Broker, store: Store, ids: list[str],
                              type=messages.CANCEL, correlation_id=ids[0],
                              headers=messages.request_headers(),
                              exchange=store.names.cancel_exchange)
-    except Exception as exc:  # the tombstone below still reaches replicas that start later
+    except BrokerServeError as exc:  # the tombstone below still reaches replicas that start later
         log.warning("could not broadcast the cancellation of %s: %s", ids, exc)
     try:
-        await store.redis.zadd(store.names.tombstones, {i: expires for i in ids})
-    except Exception as exc:
+        await store.add_tombstones(ids, expires)
+    except BrokerServeError as exc:  # the broadcast above reached the replicas running now
         log.warning("could not write tombstones for %s: %s", ids, exc)
 
 
@@ -62,10 +63,7 @@ class CancelledSet:
 
     async def load(self, store: Store) -> None:
         """The tombstones that are still live, for a replica that just started."""
-        live = await store.redis.zrangebyscore(store.names.tombstones, _now_ms(), "+inf",
-                                               withscores=True)
-        for member, score in live:
-            self._expiry[member.decode()] = int(score)
+        self._expiry.update(await store.live_tombstones(_now_ms()))
 
     def prune(self) -> None:
         now = _now_ms()
