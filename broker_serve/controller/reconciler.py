@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
@@ -78,8 +78,8 @@ class StartFailures:
 @dataclass
 class _DeploymentRound:
     """One deployment in one reconcile: its entry in the app record, its replica target
-    (`num_replicas`, or the autoscaler's), and its live replicas (including those started or
-    stopped in this round)."""
+    (`num_replicas`, or the autoscaler's), its live replicas (including those started in this
+    round), and the replicas told to stop whose processes still run."""
     app: str
     name: str
     spec: DeploymentEntry
@@ -87,6 +87,7 @@ class _DeploymentRound:
     deploy_id: str | None
     replicas: list[ReplicaRecord]
     target: int
+    stopping: list[ReplicaRecord] = field(default_factory=list)
 
     def current(self) -> list[ReplicaRecord]:
         """The replicas of the wanted version."""
@@ -94,6 +95,15 @@ class _DeploymentRound:
 
     def old(self) -> list[ReplicaRecord]:
         return [r for r in self.replicas if r.get("version") != self.version]
+
+    def draining_old(self) -> bool:
+        """Whether a replica of an earlier version still runs, stopping: until it exits it
+        may take requests, so the update is not done."""
+        return any(r.get("version") != self.version for r in self.stopping)
+
+    def stop(self, record: ReplicaRecord) -> None:
+        self.replicas.remove(record)
+        self.stopping.append(record)
 
     def running(self) -> int:
         return sum(1 for r in self.current() if r.get("state") == ReplicaState.RUNNING)
@@ -199,14 +209,18 @@ class Controller:
     async def reconcile(self) -> None:
         apps = await self.store.apps()
         nodes = await self._live_nodes()
-        replicas = await self._live_replicas(nodes, apps)
+        replicas, stopping = await self._live_replicas(nodes, apps)
         by_deployment: dict[tuple[str, str], list[ReplicaRecord]] = defaultdict(list)
         for record in replicas.values():
             by_deployment[(record["app"], record["deployment"])].append(record)
+        stopping_by_deployment: dict[tuple[str, str], list[ReplicaRecord]] = defaultdict(list)
+        for record in stopping.values():
+            stopping_by_deployment[(record["app"], record["deployment"])].append(record)
 
         statuses: dict[str, AppStatusRecord] = {}
         for app_name, app in apps.items():
-            statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment, nodes)
+            statuses[app_name] = await self._reconcile_app(app_name, app, by_deployment,
+                                                           stopping_by_deployment, nodes)
         await self._remove_deleted_apps(apps, by_deployment)
         await self._write_statuses(statuses)
         self.metrics.set_deployments(apps, statuses)
@@ -236,15 +250,16 @@ class Controller:
         return live
 
     async def _live_replicas(self, nodes: dict[str, NodeRecord], apps: dict[str, AppRecord]
-                             ) -> dict[str, ReplicaRecord]:
-        """Replica records that still count, after removing dead and failed ones."""
+                             ) -> tuple[dict[str, ReplicaRecord], dict[str, ReplicaRecord]]:
+        """Replica records that still count, after removing dead and failed ones; and those
+        no longer assigned whose processes still beat (stopping)."""
         records = await self.store.replicas()
         assigned: dict[str, str] = {}
         for node_id in nodes:
             for replica_id in await self.store.assigned_replica_ids(node_id):
                 assigned[replica_id] = node_id
         beats = await self.store.heartbeats([self.names.replica_alive(r) for r in records])
-        live = {}
+        live, stopping = {}, {}
         for (replica_id, record), beat in zip(records.items(), beats):
             is_alive = beat is not None
             record["ongoing"] = int(beat) if beat is not None and beat.isdigit() else 0
@@ -256,6 +271,11 @@ class Controller:
                 # Written only in part (a node marked a record the controller had just
                 # removed): it names no deployment, so drop it rather than trip on it.
                 await self._remove_replica(replica_id, record, assigned.get(replica_id))
+                continue
+            if replica_id not in assigned and is_alive and state not in _ENDED_STATES:
+                # Told to stop (or its node is gone) but still running: its record goes when
+                # its node marks it DEAD, or its heartbeat runs out.
+                stopping[replica_id] = record
                 continue
             if state in _ENDED_STATES or replica_id not in assigned or stale:
                 if state == ReplicaEndState.UNHEALTHY:
@@ -269,7 +289,7 @@ class Controller:
                 await self._remove_replica(replica_id, record, assigned.get(replica_id))
                 continue
             live[replica_id] = record
-        return live
+        return live, stopping
 
     def _count_failure(self, record: ReplicaRecord, app: AppRecord | None) -> None:
         """Count a replica's failure to start against its deployment, if it was started for
@@ -287,6 +307,15 @@ class Controller:
             failures = self._failures[(app, deployment)] = StartFailures(deploy_id)
         return failures
 
+    async def _unassign(self, record: ReplicaRecord) -> None:
+        """Tell the replica's node to stop it. Its record stays until the node marks it DEAD,
+        so that the update waits for the process to be gone (Ray's STOPPING)."""
+        node_id = record.get("node")
+        if node_id:
+            await self.store.delete_field(self.names.node_assignments(node_id),
+                                          record["replica_id"])
+            await self.store.announce(f"node:{node_id}")
+
     async def _remove_replica(self, replica_id: str, record: ReplicaRecord,
                               node_id: str | None) -> None:
         node_id = node_id or record.get("node")
@@ -297,6 +326,7 @@ class Controller:
 
     async def _reconcile_app(self, app_name: str, app: AppRecord,
                              by_deployment: dict[tuple[str, str], list[ReplicaRecord]],
+                             stopping: dict[tuple[str, str], list[ReplicaRecord]],
                              nodes: dict[str, NodeRecord]) -> AppStatusRecord:
         deployments: dict[str, DeploymentStatusRecord] = {}
         for dep_name, dep in app["deployments"].items():
@@ -305,7 +335,8 @@ class Controller:
             deployment = _DeploymentRound(
                 app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
                 replicas=by_deployment.get((app_name, dep_name), []),
-                target=int(dep["num_replicas"]))
+                target=int(dep["num_replicas"]),
+                stopping=stopping.get((app_name, dep_name), []))
             status = deployments[dep_name] = await self._reconcile_deployment(deployment, nodes)
             if queue_problem:
                 status["status"], status["message"] = DeploymentStatus.UPDATING, queue_problem
@@ -374,14 +405,14 @@ class Controller:
         current = deployment.current()
         running_last = sorted(current, key=lambda r: r.get("state") == ReplicaState.RUNNING)
         for extra in running_last[deployment.target:]:
-            await self._remove_replica(extra["replica_id"], extra, None)
-            deployment.replicas.remove(extra)
+            await self._unassign(extra)
+            deployment.stop(extra)
 
     async def _stop_old(self, deployment: _DeploymentRound) -> None:
         """Stop the replicas of earlier versions, once the wanted version's are running."""
         for record in deployment.old():
-            await self._remove_replica(record["replica_id"], record, None)
-            deployment.replicas.remove(record)
+            await self._unassign(record)
+            deployment.stop(record)
 
     async def _autoscale(self, app: str, name: str, dep: DeploymentEntry,
                          mine: list[ReplicaRecord]) -> Autoscaler | None:
@@ -606,7 +637,8 @@ class Controller:
 
 def _deployment_status(deployment: _DeploymentRound, autoscaler: Autoscaler | None,
                        failed: bool, message: str) -> DeploymentStatusRecord:
-    running, target, old = deployment.running(), deployment.target, deployment.old()
+    running, target = deployment.running(), deployment.target
+    old = deployment.old() or deployment.draining_old()
     # A new user_config is applied by reconfigure() on the live replicas; until each says so,
     # the deployment is UPDATING.
     reconfiguring = any(r.get("user_config_hash") != deployment.spec.get("user_config_hash")

@@ -253,7 +253,8 @@ class WorkerNode:
             record = await self.store.replica(replica_id)
             if record is None:
                 continue  # the controller already let it go
-            if record.get("state") in _STARTING_STATES and code != 0:
+            # One this node stopped ended as asked, even if it had not started yet.
+            if record.get("state") in _STARTING_STATES and code != 0 and replica.stop_sent is None:
                 message = record.get("message") or f"the process exited with code {code}"
                 await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
                                                 message=message, updated=now())
