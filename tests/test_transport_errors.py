@@ -9,12 +9,12 @@ import pytest
 
 from broker_serve.exceptions import BrokerServeError, ClusterUnavailable, TransportError
 from broker_serve.transport.broker import Broker, connection_name
-from broker_serve.transport.errors import map_amqp_errors, translate
+from broker_serve.transport.errors import PreconditionFailed, map_amqp_errors, translate
 
 
 @pytest.mark.parametrize(("theirs", "ours"), [
     (aiormq.exceptions.ChannelNotFoundEntity("NOT_FOUND - no queue 'q'"), TransportError),
-    (aiormq.exceptions.ChannelPreconditionFailed("PRECONDITION_FAILED"), TransportError),
+    (aiormq.exceptions.ChannelPreconditionFailed("PRECONDITION_FAILED"), PreconditionFailed),
     (aiormq.exceptions.ConnectionClosed(320, "CONNECTION_FORCED"), ClusterUnavailable),
     (aiormq.exceptions.ChannelInvalidStateError("closed"), ClusterUnavailable),
     (ConnectionRefusedError(111, "refused"), ClusterUnavailable),
@@ -23,15 +23,17 @@ from broker_serve.transport.errors import map_amqp_errors, translate
 def test_each_amqp_error_has_one_of_ours(theirs: Exception, ours: type[BrokerServeError]):
     translated = translate(theirs, "declare")
     assert type(translated) is ours
+    assert isinstance(translated, BrokerServeError)
     assert str(translated).startswith("declare: ")
 
 
 def test_map_amqp_errors_raises_ours_from_theirs():
     original = aiormq.exceptions.ChannelPreconditionFailed("inequivalent arg 'x-max-length'")
-    with pytest.raises(TransportError, match="cannot declare q") as caught, \
+    with pytest.raises(PreconditionFailed, match="cannot declare q") as caught, \
             map_amqp_errors("cannot declare q"):
         raise original
     assert caught.value.__cause__ is original
+    assert isinstance(caught.value, TransportError)
 
 
 def test_map_amqp_errors_lets_other_errors_through():

@@ -16,8 +16,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiormq
-
 from ..config import AutoscalingConfig, DeploymentConfig
 from ..exceptions import BrokerServeError
 from ..lifecycle import heartbeat_loop, stop_on_signals
@@ -40,7 +38,7 @@ from ..state.records import (
 )
 from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
-from ..transport.errors import map_amqp_errors
+from ..transport.errors import PreconditionFailed, map_amqp_errors
 from .autoscaler import Autoscaler
 from .reseed import StateCopy
 from .rest import serve_rest_api
@@ -152,7 +150,8 @@ class Controller:
         await self.store.secret()
         await self.broker.connect()  # declares the cancel exchange
         channel = await self.broker.channel()
-        await channel.declare_queue(self.names.dead_letters, durable=True)
+        with map_amqp_errors(f"cannot declare {self.names.dead_letters}"):
+            await channel.declare_queue(self.names.dead_letters, durable=True)
         self._channel = channel
         # Waits for its port in the background while another controller on this host has it.
         self._rest = await serve_rest_api(
@@ -529,10 +528,11 @@ class Controller:
                 if waiting:
                     return (f"waiting for {waiting} queued request(s) to drain before applying "
                             f"the new max_queued_requests")
-                await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                with map_amqp_errors(f"cannot delete queue {queue}"):
+                    await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
                 log.info("re-creating queue %s with %s", queue, arguments)
             await self._declare_on_own_channel(queue, arguments)
-        except aiormq.exceptions.ChannelPreconditionFailed:
+        except PreconditionFailed:
             # Declared with other arguments by a cluster whose record Redis lost.
             log.error("queue %s exists with other arguments than %s and Redis has no record "
                       "of them; delete the queue to apply max_queued_requests", queue, arguments)
@@ -545,12 +545,13 @@ class Controller:
         """On a channel of its own, closed after: the controller's channel must not re-declare
         the queue with these arguments after a reconnect, when they may have changed."""
         channel = await self.broker.channel()
-        try:
-            await asyncio.wait_for(channel.declare_queue(queue, durable=True,
-                                                         arguments=arguments), AMQP_TIMEOUT_S)
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+        with map_amqp_errors(f"cannot declare queue {queue}"):
+            try:
+                await asyncio.wait_for(channel.declare_queue(queue, durable=True,
+                                                             arguments=arguments), AMQP_TIMEOUT_S)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
 
     async def _ready_messages(self, queue: str) -> int:
         """Requests waiting in a queue this controller declared (autoscaling, metrics)."""

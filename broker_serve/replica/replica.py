@@ -53,6 +53,7 @@ from ..transport import affinity
 from ..transport.acks import Settler
 from ..transport.broker import Broker, DeliveryCallback, Subscription, connection_name, subscribe
 from ..transport.cancellation import CancelledSet
+from ..transport.errors import map_amqp_errors
 from . import ingress, multiplex
 from .execution import (
     CallerMessages,
@@ -157,17 +158,19 @@ class Replica:
         self.servable = await self._construct(definition, ThreadRunner(threads))
 
         inbox_channel = await self.broker.channel()
-        # Held strongly: aio-pika re-declares it after a reconnect.
-        self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
-                                                        auto_delete=True)
+        with map_amqp_errors(f"cannot declare {self.inbox_name}"):
+            # Held strongly: aio-pika re-declares it after a reconnect.
+            self._inbox = await inbox_channel.declare_queue(self.inbox_name, exclusive=True,
+                                                            auto_delete=True)
         await subscribe(self.broker, inbox_channel, self.inbox_name, self._on_inbox,
                         no_ack=True)
         # Cancellations: the live tombstones first, then the broadcast, before any request.
         await self._cancelled.load(self.store)
         cancel_queue = self.names.cancel_queue(self.replica_id)
-        self._cancel_queue = await inbox_channel.declare_queue(cancel_queue, exclusive=True,
-                                                               auto_delete=True)
-        await self._cancel_queue.bind(self.names.cancel_exchange)
+        with map_amqp_errors(f"cannot declare {cancel_queue}"):
+            self._cancel_queue = await inbox_channel.declare_queue(
+                cancel_queue, exclusive=True, auto_delete=True)
+            await self._cancel_queue.bind(self.names.cancel_exchange)
         await subscribe(self.broker, inbox_channel, cancel_queue, self._on_cancel, no_ack=True)
         await self._consume_requests()
         await self._write_record(ReplicaState.RUNNING)
@@ -190,13 +193,15 @@ class Replica:
         multiplexed = not self.servable.is_function and multiplex.is_multiplexed(
             type(self.servable.target))
         channel = await self.broker.channel(prefetch=capacity, global_qos=multiplexed)
-        await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
+        with map_amqp_errors(f"cannot consume {queue}"):
+            await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
         queues = [queue]
         if multiplexed:
             name = self.names.affinity_queue(self.replica_id)
-            # Held strongly: aio-pika re-declares it after a reconnect.
-            self._affinity_queue = await channel.declare_queue(
-                name, durable=True, arguments=affinity.queue_arguments(queue))
+            with map_amqp_errors(f"cannot declare {name}"):
+                # Held strongly: aio-pika re-declares it after a reconnect.
+                self._affinity_queue = await channel.declare_queue(
+                    name, durable=True, arguments=affinity.queue_arguments(queue))
             queues.insert(0, name)
 
             def advertise(fields: dict[str, Any]) -> None:

@@ -16,9 +16,16 @@ import aiormq
 
 from ..exceptions import BrokerServeError, ClusterUnavailable, TransportError
 
+
+class PreconditionFailed(TransportError):
+    """The broker refused a command on a precondition (406), e.g. a declare whose arguments
+    differ from the existing queue's; it closed the channel."""
+
+
 # The first row whose type matches wins.
 AMQP_ERRORS: tuple[tuple[type[Exception], type[BrokerServeError]], ...] = (
-    # The broker closed a channel on purpose (404 NOT_FOUND, 406 PRECONDITION_FAILED, ...).
+    (aiormq.exceptions.ChannelPreconditionFailed, PreconditionFailed),
+    # The broker closed a channel on purpose (404 NOT_FOUND, 403 ACCESS_REFUSED, ...).
     (aiormq.exceptions.ChannelClosed, TransportError),
     # Any other AMQP error: the connection or its channel is gone or broken.
     (aiormq.exceptions.AMQPError, ClusterUnavailable),
