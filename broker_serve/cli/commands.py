@@ -86,7 +86,7 @@ def controller(dashboard_host: str | None, dashboard_port: int | None,
 @_log_format_option
 def proxy(host: str | None, port: int | None) -> None:
     from ..config import HTTPOptions
-    from ..proxy.http import serve_proxy
+    from ..proxy.server import serve_proxy
 
     settings = _settings()
     setup_logging(settings.log_level, "proxy")

@@ -40,6 +40,7 @@ from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
 from ..transport.errors import PreconditionFailed, map_amqp_errors
 from .autoscaler import Autoscaler
+from .placement import place
 from .reseed import StateCopy
 from .rest import serve_rest_api
 
@@ -477,33 +478,8 @@ class Controller:
 
     async def _place(self, nodes: dict[str, NodeRecord], app: str, deployment: str,
                      request: dict[str, float]) -> tuple[str | None, str]:
-        """Among the live nodes with `request` free, the one with the fewest replicas of this
-        deployment, then the fewest replicas: spreads a deployment across nodes."""
-        if not nodes:
-            return None, "Waiting for a worker node to place replicas on."
-        chosen, chosen_rank = None, None
-        frees = {}
-        for node_id, node in nodes.items():
-            assigned = await self.store.assignments(node_id)
-            free = dict(node.get("resources", {}))
-            same = 0
-            for assignment in assigned.values():
-                for name, amount in (assignment.get("resources") or {}).items():
-                    free[name] = free.get(name, 0.0) - amount
-                same += (assignment["app"], assignment["deployment"]) == (app, deployment)
-            frees[node_id] = free
-            if all(free.get(name, 0.0) >= amount - 1e-9 for name, amount in request.items()):
-                rank = (same, len(assigned), node_id)
-                if chosen_rank is None or rank < chosen_rank:
-                    chosen, chosen_rank = node_id, rank
-        if chosen is not None:
-            return chosen, ""
-        free_text = "; ".join(
-            f"{node_id}: " + ", ".join(f"{k}={v:g}" for k, v in sorted(free.items()))
-            for node_id, free in sorted(frees.items()))
-        wanted = ", ".join(f"{k}={v:g}" for k, v in sorted(request.items()))
-        return None, (f"Waiting for resources: a replica needs {wanted}, and no live node has "
-                      f"that free ({free_text}).")
+        assignments = {node_id: await self.store.assignments(node_id) for node_id in nodes}
+        return place(nodes, assignments, app, deployment, request)
 
     async def _declare(self, queue: str, bound: int) -> str:
         """Declare a request queue with its arguments; returns why it could not, or "".
