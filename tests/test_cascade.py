@@ -62,3 +62,27 @@ def test_deployment_response_cancel_stops_the_callee(cluster, tmp_path):
     with pytest.raises(RequestCancelledError, match="was cancelled") as info:
         response.result(timeout_s=10)
     assert isinstance(info.value, RayServeException)  # as in Ray, where it subclasses it
+
+
+@serve.deployment
+class CancelsAtOnce:
+    def __init__(self, downstream) -> None:
+        self.downstream = downstream
+
+    async def __call__(self) -> str:
+        response = self.downstream.remote("never")
+        response.cancel()  # before the call's task ran even once
+        try:
+            await asyncio.wait_for(response, 10)
+        except RequestCancelledError:
+            return "cancelled"
+        except TimeoutError:
+            return "hung"
+        return "finished"
+
+
+def test_a_call_cancelled_before_it_ran_ends_cancelled(cluster, tmp_path):
+    handle = serve.run(CancelsAtOnce.bind(Downstream.bind(str(tmp_path))))
+    assert handle.remote().result(timeout_s=30) == "cancelled"
+    assert not (tmp_path / "never.started").exists()
+

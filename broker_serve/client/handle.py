@@ -100,6 +100,7 @@ class _Call:
         # Read here, in the caller's context: a sync method's call runs in a worker thread.
         self.parent_request_id = _request_id.get()
         self.items: asyncio.Queue[Any] = asyncio.Queue()
+        self.started = False  # set by _run's first step; a call cancelled before has none
         self.published = False
         # Per call, not on the shared handle: a handle from get_app_handle inside a replica
         # learns its ingress only when called.
@@ -116,6 +117,7 @@ class _Call:
         )
 
     async def _run(self) -> None:
+        self.started = True
         runtime = self.runtime
         events = runtime.router.register(self.request_id)
         try:
@@ -226,6 +228,17 @@ class _Call:
     def cancel(self) -> None:
         # A concurrent future from run_coroutine_threadsafe passes the cancel on to its task.
         self.task.cancel()
+        # Cancelled before its first step, _run never runs, nor its handlers: end it here.
+        self.runtime.loop.call_soon_threadsafe(self._end_if_never_started)
+
+    def _end_if_never_started(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        self.items.put_nowait(RequestCancelledError(
+            f"request {self.request_id} was cancelled",
+            deployment=f"{self.handle.app_name}/{self.deployment_name}"))
+        self.items.put_nowait(_DONE)
 
 
 class DeploymentResponse:
