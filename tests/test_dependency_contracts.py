@@ -1,7 +1,7 @@
 """What broker-serve relies on in uvicorn, Starlette, FastAPI, prometheus-client and Linux, where
 no documented API says it. Each test breaks if a new release changes what its adapter relies on:
 
-- uvicorn installs its signal handlers in `Server.capture_signals` (controller/rest.py `_Server`);
+- uvicorn installs its signal handlers in `Server.capture_signals` (http_server.py `HttpServer`);
 - a Starlette `State` and FastAPI's lazily included routers survive cloudpickle once an ingress is
   declared (replica/ingress.py's reducers);
 - counters written by several processes in multiprocess mode read back as one histogram
@@ -28,7 +28,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from prometheus_client import multiprocess
 
-from broker_serve.controller import rest
+from broker_serve.http_server import HttpServer
 from broker_serve.lifecycle import PARENT_PID_ENV, die_with_parent_env
 from broker_serve.observability import metrics
 from broker_serve.replica.ingress import ingress
@@ -67,11 +67,11 @@ def test_uvicorn_installs_its_signal_handlers_in_capture_signals_only() -> None:
 
     previous = signal.signal(signal.SIGTERM, ours)
     try:
-        # Plain uvicorn takes SIGTERM while it serves: that is what `_Server` turns off.
+        # Plain uvicorn takes SIGTERM while it serves: that is what `HttpServer` turns off.
         plain = asyncio.run(_handlers_while_serving(uvicorn.Server(_config())))
         assert plain is not ours
         assert signal.getsignal(signal.SIGTERM) is ours  # and gives it back
-        ours_server = rest._Server(_config(), on_started=lambda: None)
+        ours_server = HttpServer(_config(), on_started=lambda: None)
         assert asyncio.run(_handlers_while_serving(ours_server)) is ours
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import requests
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from broker_serve import serve
+
+from .broker_log import find_log
+from .waiting import wait_for
 
 
 @serve.deployment
@@ -88,14 +92,19 @@ def test_sigterm_lets_in_flight_requests_finish(cluster):
 
     from .conftest import REDIS_URL
 
+    rabbitmq_log = find_log() if os.environ.get("BROKER_SERVE_TEST_RABBITMQ_LOG") != "off" \
+        else None
     serve.run(Slow.bind())
     client = redis_client.Redis.from_url(REDIS_URL)
-    pid = int(json.loads(client.hvals(f"bs:{cluster.name}:proxies")[0])["pid"])
-    client.close()
+    proxies = f"bs:{cluster.name}:proxies"
+    [(raw_id, record)] = client.hgetall(proxies).items()
+    proxy_id = raw_id.decode()
+    pid = int(json.loads(record)["pid"])
     results: list[requests.Response] = []
     in_flight = threading.Thread(target=lambda: results.append(requests.get(cluster.url)))
     in_flight.start()
     time.sleep(0.5)
+    log_start = rabbitmq_log.stat().st_size if rabbitmq_log is not None else 0
     os.kill(pid, signal.SIGTERM)
     time.sleep(0.3)
     try:  # the proxy stopped accepting while it drains
@@ -106,3 +115,25 @@ def test_sigterm_lets_in_flight_requests_finish(cluster):
     in_flight.join(10)
     assert results and results[0].text == "finished"
     assert not accepted_new
+    # Then it shut down: it closed its AMQP connection itself (uvicorn's own signal handling
+    # used to kill it first: "client unexpectedly closed TCP connection") and unregistered.
+    try:
+        if rabbitmq_log is not None:
+            closing = wait_for(lambda: _closing_line(rabbitmq_log, log_start, cluster.name,
+                                                     proxy_id), timeout=15)
+            assert "[info]" in closing, closing
+        assert wait_for(lambda: not client.hexists(proxies, proxy_id), timeout=15)
+    finally:
+        client.close()
+
+
+def _closing_line(log: Path, start: int, cluster: str, proxy_id: str) -> str | None:
+    """RabbitMQ's line on the proxy's connection closing, if it logged one since `start`."""
+    name = f"broker-serve {cluster} proxy {proxy_id}"
+    with log.open("rb") as handle:
+        handle.seek(start)
+        text = handle.read().decode("utf-8", "replace")
+    for line in text.splitlines():
+        if "closing AMQP connection" in line and name in line:
+            return line
+    return None

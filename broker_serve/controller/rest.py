@@ -15,11 +15,10 @@ server runs in the controller's event loop and leaves signals to the controller.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -36,6 +35,7 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
 from ..exceptions import BrokerServeError, ClusterUnavailable, StateError
+from ..http_server import HttpServer
 from ..lifecycle import sleep_or_stop
 from ..schema import ServeApplicationSchema, ServeDeploySchema
 from ..settings import Settings
@@ -216,24 +216,6 @@ def _json(content: Any, status: int = 200) -> Response:
 
 
 # the server ------------------------------------------------------------------------------------
-class _Server(uvicorn.Server):
-    """uvicorn inside the controller, which owns SIGTERM and SIGINT. uvicorn has no public
-    switch for its signal handlers; `serve` installs them in `capture_signals` (since 0.29),
-    so this adapter makes that a no-op. tests/test_dependency_contracts.py pins it."""
-
-    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._on_started = on_started
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self._on_started()
-
-
 class RestServer:
     """Serves the API on the dashboard address. While another controller on this host holds
     that address, it waits and retries, so a standby takes the API over with the lead."""
@@ -242,7 +224,7 @@ class RestServer:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self.server: _Server | None = None
+        self.server: HttpServer | None = None
         self._stopping = asyncio.Event()
         # Set once the API is served, its address was found taken, or serving ended.
         self._settled = asyncio.Event()
@@ -288,7 +270,8 @@ class RestServer:
         config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
                                 log_level="warning", log_config=None,  # the root's format
                                 timeout_graceful_shutdown=3)
-        self.server = _Server(config, on_started=self._settled.set)
+        # The controller owns SIGTERM and SIGINT (lifecycle.stop_on_signals).
+        self.server = HttpServer(config, on_started=self._settled.set)
         log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
         try:
             await self.server.serve(sockets=[sock])

@@ -7,6 +7,7 @@ from typing import Any
 import uvicorn
 
 from ..config import HTTPOptions
+from ..http_server import HttpServer
 from ..settings import Settings
 from .http import Proxy
 
@@ -40,7 +41,9 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
         timeout_keep_alive=resolve_keep_alive(settings, options),  # type: ignore[arg-type]
         timeout_graceful_shutdown=30,
     )
-    server = uvicorn.Server(config)
+    server = HttpServer(config)
+    # Ours, not uvicorn's: uvicorn's would kill the process before proxy.shutdown() ran.
+    server.stop_on_signals()
     try:
         await server.serve()
     finally:
