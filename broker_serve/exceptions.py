@@ -9,6 +9,7 @@
      │    └── UndecodableValue      a typed value that does not decode to what it claims
      ├── ClusterUnavailable         RabbitMQ or Redis cannot be reached
      ├── TransportError             RabbitMQ refused an operation (it closed the channel)
+     │    └── PreconditionFailed    ... on a precondition, e.g. a queue's other arguments
      ├── StateError                 Redis refused or failed a read or write of the state
      └── DeployFailed               serve.run could not bring an application up
           └── BuildFailed           an application could not be built from its config
@@ -85,6 +86,11 @@ class StateError(BrokerServeError):
 class TransportError(BrokerServeError):
     """RabbitMQ refused an operation and closed its channel: a queue or exchange that is
     missing, or declared already with other arguments."""
+
+
+class PreconditionFailed(TransportError):
+    """RabbitMQ refused a command on a precondition (406), e.g. a declare whose arguments
+    differ from the existing queue's."""
 
 
 class DeployFailed(BrokerServeError):

@@ -7,9 +7,14 @@ import asyncio
 import aiormq
 import pytest
 
-from broker_serve.exceptions import BrokerServeError, ClusterUnavailable, TransportError
+from broker_serve.exceptions import (
+    BrokerServeError,
+    ClusterUnavailable,
+    PreconditionFailed,
+    TransportError,
+)
 from broker_serve.transport.broker import Broker, connection_name
-from broker_serve.transport.errors import PreconditionFailed, map_amqp_errors, translate
+from broker_serve.transport.errors import map_amqp_errors, translate
 
 
 @pytest.mark.parametrize(("theirs", "ours"), [

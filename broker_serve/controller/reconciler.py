@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import AutoscalingConfig, DeploymentConfig
-from ..exceptions import BrokerServeError
+from ..exceptions import BrokerServeError, PreconditionFailed
 from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
@@ -38,7 +38,7 @@ from ..state.records import (
 )
 from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
-from ..transport.errors import PreconditionFailed, map_amqp_errors
+from ..transport.errors import map_amqp_errors
 from .autoscaler import Autoscaler
 from .placement import place
 from .reseed import StateCopy

@@ -14,13 +14,12 @@ from collections.abc import Iterator
 
 import aiormq
 
-from ..exceptions import BrokerServeError, ClusterUnavailable, TransportError
-
-
-class PreconditionFailed(TransportError):
-    """The broker refused a command on a precondition (406), e.g. a declare whose arguments
-    differ from the existing queue's; it closed the channel."""
-
+from ..exceptions import (
+    BrokerServeError,
+    ClusterUnavailable,
+    PreconditionFailed,
+    TransportError,
+)
 
 # The first row whose type matches wins.
 AMQP_ERRORS: tuple[tuple[type[Exception], type[BrokerServeError]], ...] = (
