@@ -11,7 +11,7 @@
      ├── TransportError             RabbitMQ refused an operation (it closed the channel)
      │    └── PreconditionFailed    ... on a precondition, e.g. a queue's other arguments
      ├── StateError                 Redis refused or failed a read or write of the state
-     └── DeployFailed               serve.run could not bring an application up
+     └── DeployFailed               serve.run could not bring an application up (a RuntimeError)
           └── BuildFailed           an application could not be built from its config
 
 The names of Ray Serve's `ray.serve.exceptions` are kept, so `except` clauses port unchanged.
@@ -93,8 +93,9 @@ class PreconditionFailed(TransportError):
     differ from the existing queue's."""
 
 
-class DeployFailed(BrokerServeError):
-    pass
+class DeployFailed(BrokerServeError, RuntimeError):
+    """serve.run could not bring an application up. A RuntimeError too, as Ray's failures
+    of serve.run are, so `except RuntimeError` ports unchanged."""
 
 
 class BuildFailed(DeployFailed):

@@ -573,9 +573,11 @@ class Controller:
                     # say what was left behind
                     log.warning("could not delete queue %s (%s); delete it by hand", queue,
                                 exc or type(exc).__name__)
-            await self.store.delete_field(self.names.key("app_status"), app_name)
             # Not a plain delete: a spec that a record written meanwhile names must stay.
             await self.store.delete_unnamed_specs(app_name)
+            # The status goes last: serve.delete returns once it is gone, so by then the app's
+            # specs and queues are gone too.
+            await self.store.delete_field(self.names.key("app_status"), app_name)
             for key in [key for key in self._failures if key[0] == app_name]:
                 del self._failures[key]
             log.info("application %s deleted", app_name)
