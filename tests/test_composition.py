@@ -202,7 +202,7 @@ def test_handles_by_name_and_result_from_sync_code(cluster):
     assert by_app.remote(7).result(timeout_s=10) == {"doubled": 14, "x": 7}
     by_name = serve.get_deployment_handle("Doubler", app_name="sync")
     assert by_name.remote(8).result(timeout_s=10) == 16
-    with pytest.raises(RayServeException, match="use `await`") as info:
+    with pytest.raises(RayServeException, match="Use `await response` instead") as info:
         by_app.blocks_the_loop.remote(1).result(timeout_s=10)
     assert info.value.error_type == "RuntimeError"
     with pytest.raises(ValueError, match="no application"):

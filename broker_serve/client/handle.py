@@ -266,6 +266,7 @@ class DeploymentResponse:
         return self._get().__await__()
 
     def result(self, *, timeout_s: float | None = None) -> Any:
+        _refuse_in_event_loop("await response")
         return self._call.runtime.run_sync(self._get(), timeout_s)
 
     def cancel(self) -> None:
@@ -296,6 +297,7 @@ class DeploymentResponseGenerator:
         return self
 
     def __next__(self) -> Any:
+        _refuse_in_event_loop("async for")
         item = self._call.runtime.run_sync(self._call.next_item())
         if item is _DONE:
             self._call.items.put_nowait(_DONE)
@@ -304,6 +306,17 @@ class DeploymentResponseGenerator:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+def _refuse_in_event_loop(instead: str) -> None:
+    """A blocking wait inside a running event loop would stall it, or deadlock on the
+    runtime's own loop: refused with Ray's message."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError("Sync methods should not be called from within an `asyncio` event "
+                       f"loop. Use `{instead}` instead.")
 
 
 async def _resolve(value: Any) -> Any:
