@@ -421,3 +421,25 @@ def test_cloudpickle_by_value_round_trip_into_a_fresh_process(
         {"customer": "ann", "order": {"item": "pen", "quantity": 2}, "express": True},
         False,
     ]
+
+
+def test_ingress_refuses_a_class_with_call_as_ray_does():
+    app = FastAPI()
+
+    class Callable_:
+        def __call__(self) -> str:
+            return "never reached"
+
+    with pytest.raises(ValueError, match="may not have __call__ method"):
+        ingress(app)(Callable_)
+
+    class Inherits(Callable_):
+        pass
+
+    with pytest.raises(ValueError, match="may not have __call__ method"):
+        ingress(app)(Inherits)
+
+    class Plain:
+        pass
+
+    assert ingress(app)(Plain) is Plain

@@ -43,6 +43,9 @@ def ingress(app: ASGIApp) -> Callable[[_C], _C]:
     def decorator(cls: _C) -> _C:
         if not isinstance(cls, type):
             raise TypeError("serve.ingress decorates a class")
+        if "__call__" in _own_and_inherited(cls):
+            # Its requests go to the app; a __call__ would never run (Ray refuses it too).
+            raise ValueError("Class passed to @serve.ingress may not have __call__ method.")
         if _is_fastapi(app):
             _bind_class_routes(app, cls)
         _register_reducers()
@@ -52,6 +55,11 @@ def ingress(app: ASGIApp) -> Callable[[_C], _C]:
         return cls
 
     return decorator
+
+
+def _own_and_inherited(cls: type) -> set[str]:
+    """The attribute names `cls` and its bases define, `object`'s left out."""
+    return {name for klass in cls.__mro__ if klass is not object for name in vars(klass)}
 
 
 def asgi_app_of(cls_or_instance: object) -> ASGIApp | None:
