@@ -38,6 +38,7 @@ from .compose_local import (
     load_compose,
 )
 from .conftest import REDIS_URL, ROOT
+from .waiting import wait_for
 
 DEPLOY = ROOT / "deploy"
 HISTOGRAMS = {
@@ -84,6 +85,8 @@ def test_services_start_and_serve_scaled(cluster, tmp_path, compose):
         proxies = [f"http://127.0.0.1:{p.ports[8000]}" for p in stack.instances["proxy"]]
         for url in proxies:
             _wait_for_app(stack, url)
+        # A proxy routes once one replica runs; the second may still be starting.
+        _wait_for_running(cluster.name, "default")
 
         replicas = set()
         for n, url in enumerate(proxies):
@@ -126,6 +129,20 @@ def _wait_for_app(stack: LocalCompose, url: str, timeout: float = 90) -> None:
             pass
         time.sleep(0.2)
     raise AssertionError(f"{url} did not serve the example within {timeout}s")
+
+
+def _wait_for_running(cluster: str, app: str, timeout: float = 90) -> None:
+    """Until the controller reports the app RUNNING: every replica it asks for runs."""
+    client = redis.Redis.from_url(REDIS_URL)
+
+    def running() -> bool:
+        raw = client.hget(f"bs:{cluster}:app_status", app)
+        return raw is not None and orjson.loads(raw)["status"] == "RUNNING"
+
+    try:
+        wait_for(running, timeout=timeout)
+    finally:
+        client.close()
 
 
 # Where Prometheus scrapes each service (deploy/prometheus/prometheus.yml), and what must be
