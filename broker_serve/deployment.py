@@ -48,14 +48,15 @@ def deployment(_func_or_class: None = None, **options: Any) -> Callable[[Any], D
 
 
 def deployment(_func_or_class: Any = None, *, name: str | None = None,
-               route_prefix: str | None = None, **options: Any) -> Any:
+               route_prefix: str | None = None, version: str | None = None,
+               **options: Any) -> Any:
     """Turn a class or function into a Deployment, as `@serve.deployment` in Ray Serve."""
 
     def decorate(target: Any) -> Deployment[Any]:
         if not (inspect.isclass(target) or callable(target)):
             raise TypeError("@serve.deployment must decorate a class or a function")
         config = merge_config(DeploymentConfig(), dict(options))
-        return Deployment(target, name or target.__name__, config, route_prefix)
+        return Deployment(target, name or target.__name__, config, route_prefix, version)
 
     if _func_or_class is not None:
         return decorate(_func_or_class)

@@ -15,7 +15,8 @@ from broker_serve import serve
 from .waiting import wait_for
 
 
-@serve.deployment(user_config={"greeting": "hi"})
+# A version= keeps replicas across serve.run calls while only live options change.
+@serve.deployment(user_config={"greeting": "hi"}, version="1")
 class Greeter:
     def __init__(self) -> None:
         self.greeting = ""

@@ -25,13 +25,17 @@ class Deployment(Generic[T]):
         name: str,
         config: DeploymentConfig,
         route_prefix: str | None = None,
+        version: str | None = None,
     ) -> None:
         if not name or "." in name or "#" in name:
             raise ValueError(f"invalid deployment name {name!r}: it must be non-empty, no '.' or '#'")
+        if version is not None and (not isinstance(version, str) or not version):
+            raise TypeError(f"version must be a non-empty string, got {version!r}")
         self.func_or_class = func_or_class
         self._name = name
         self._config = config
         self._route_prefix = route_prefix
+        self._version = version
 
     @property
     def name(self) -> str:
@@ -57,8 +61,14 @@ class Deployment(Generic[T]):
     def route_prefix(self) -> str | None:
         return self._route_prefix
 
+    @property
+    def version(self) -> str | None:
+        """The version the user gave, if any: while it stays the same, a redeploy keeps the
+        running replicas (docs/architecture.md, "Versions and live options")."""
+        return self._version
+
     def options(self, *, name: str | None = None, route_prefix: str | None = None,
-                **options: Any) -> Deployment[T]:
+                version: str | None = None, **options: Any) -> Deployment[T]:
         """A copy of this deployment with some options changed."""
         config = merge_config(self._config, options)
         return type(self)(
@@ -66,6 +76,7 @@ class Deployment(Generic[T]):
             name or self._name,
             config,
             route_prefix if route_prefix is not None else self._route_prefix,
+            version if version is not None else self._version,
         )
 
     def bind(self, *args: Any, **kwargs: Any) -> Application:

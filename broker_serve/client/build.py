@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import sys
 import sysconfig
 from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
+import orjson
 
 from ..config import LIVE_OPTIONS, user_config_hash
 from ..protocol import messages
@@ -75,7 +77,8 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
             "config": {k: v for k, v in config.items() if k not in LIVE_OPTIONS},
         }
         pickled, sig = dumps_signed(definition, secret)
-        version = hashlib.sha256(pickled).hexdigest()[:16]
+        version = deployment_version(dep.version, pickled, definition["config"],
+                                     from_config=reference is not None)
         specs[names.spec(name, dep_name, version)] = messages.pack(
             {"pickled": pickled, "sig": sig, "sys_path": sys_path}
         )
@@ -92,6 +95,27 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
                          "version": app_version(route_prefix, deployments),
                          "deployments": deployments, "deployed_at": now()}
     return record, specs
+
+
+def deployment_version(user_version: str | None, pickled: bytes, restart_options: dict[str, Any],
+                       *, from_config: bool) -> str:
+    """What decides whether a redeploy restarts a deployment's replicas, as in Ray Serve.
+
+    - A `version=` the user gave: replicas are kept while it and the options that need a
+      restart stay the same, whatever the code (the first definition of a version is the one
+      stored: `Store.put_app`).
+    - A config's application: the hash of its definition, so a PUT of an unchanged config
+      restarts nothing and a changed file rolls out.
+    - Otherwise (`serve.run`, `.deploy()`): a new version each time, so each run restarts the
+      replicas on the code it ships.
+    """
+    if user_version is not None:
+        options = orjson.dumps(restart_options, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(b"version\0" + user_version.encode() + b"\0" + options
+                              ).hexdigest()[:16]
+    if from_config:
+        return hashlib.sha256(pickled).hexdigest()[:16]
+    return secrets.token_hex(8)
 
 
 def driver_paths() -> list[str]:

@@ -156,7 +156,9 @@ class Store:
         names, name = self.names, record["name"]
         async with self._redis.pipeline(transaction=True) as pipe:
             for key, blob in specs.items():
-                pipe.set(key, blob)
+                # A version names one definition: the first stored. A hashed version's is the
+                # same anyway; a user's `version=` keeps its replicas' code (build.py).
+                pipe.set(key, blob, nx=True)
             if specs:
                 pipe.sadd(names.spec_index(name), *specs)
             pipe.hset(names.apps, name, orjson.dumps(record))
