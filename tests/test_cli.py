@@ -132,3 +132,14 @@ def test_serve_shutdown_of_an_unreachable_cluster_raises(cluster):
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("raised: cannot reach Redis"), result.stdout
+
+
+def test_a_command_that_cannot_reach_redis_says_where_once(cluster):
+    env = {**cluster.env, "BROKER_SERVE_REDIS_URL": "redis://127.0.0.1:1/0"}  # nothing there
+    result = subprocess.run([*BROKER_SERVE, "start"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: cannot reach Redis at redis://127.0.0.1:1/0: "), \
+        result.stderr
+    assert result.stderr.count("cannot reach Redis") == 1, result.stderr
+    assert "Traceback" not in result.stderr

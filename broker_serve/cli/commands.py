@@ -6,7 +6,8 @@ import asyncio
 import os
 import sys
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import orjson
@@ -17,6 +18,11 @@ from ..lifecycle import die_with_parent_if_asked
 from ..observability.entry_point import run_entry_point
 from ..observability.logging import setup_logging
 from ..settings import Settings
+
+if TYPE_CHECKING:
+    from ..state.store import Store
+
+T = TypeVar("T")
 
 
 def _settings(**overrides: object) -> Settings:
@@ -99,20 +105,34 @@ def proxy(host: str | None, port: int | None) -> None:
 
 def _stored_http_options(settings: Settings) -> Any:
     """The http_options `serve.start` stored for the cluster, if any."""
+    return _read_store(settings, lambda store: store.http_options())
+
+
+def _read_store(settings: Settings, read: Callable[[Store], Awaitable[T]]) -> T:
+    """One read of the cluster's state, with a Store opened for it; Redis's errors become
+    the command's error message."""
     from ..exceptions import ClusterUnavailable, StateError
     from ..state.store import Store
 
-    async def stored() -> Any:
+    async def with_store() -> T:
         store = Store(settings.redis_url, settings.cluster)
         try:
-            return await store.http_options()
+            return await read(store)
         finally:
             await store.close()
 
     try:
-        return asyncio.run(stored())
-    except (ClusterUnavailable, StateError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+        return asyncio.run(with_store())
+    except ClusterUnavailable as exc:
+        raise click.ClickException(_unreachable(settings, exc)) from exc
+    except StateError as exc:
+        raise click.ClickException(f"Redis at {settings.redis_url} failed: "
+                                   f"{exc.__cause__ or exc}") from exc
+
+
+def _unreachable(settings: Settings, exc: BaseException, doing: str = "") -> str:
+    # Our message is "cannot reach Redis: <redis's>": name the URL instead of repeating it.
+    return f"cannot reach Redis at {settings.redis_url}{doing}: {exc.__cause__ or exc}"
 
 
 @cli.command(help="Run a worker node that hosts replica processes.")
@@ -192,20 +212,7 @@ def stop() -> None:
 
 def _controller_running(settings: Settings) -> bool:
     """Whether a controller holds the lease (a killed one of this machine does not count)."""
-    from ..exceptions import ClusterUnavailable, StateError
-    from ..state.store import Store
-
-    async def holder() -> str | None:
-        store = Store(settings.redis_url, settings.cluster)
-        try:
-            return await store.lease_holder()
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(holder()) is not None
-    except (ClusterUnavailable, StateError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url}: {exc}") from exc
+    return _read_store(settings, lambda store: store.lease_holder()) is not None
 
 
 # applications -------------------------------------------------------------------------------
@@ -486,8 +493,8 @@ def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | Non
     except KeyboardInterrupt:
         pass
     except (ClusterUnavailable, StateError) as exc:
-        raise click.ClickException(f"cannot reach Redis at {settings.redis_url} to find the "
-                                   f"endpoints (or pass --url): {exc}") from exc
+        raise click.ClickException(_unreachable(
+            settings, exc, " to find the endpoints (or pass --url)")) from exc
 
 
 def main() -> None:
