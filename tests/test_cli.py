@@ -45,9 +45,10 @@ def _gone(pids: list[int], timeout: float = 30) -> bool:
 
 
 def test_run_then_curl_then_ctrl_c(cluster):
+    # In a process group of its own, as a shell runs a command in the foreground.
     process = subprocess.Popen([*BROKER_SERVE, "run", "examples.hello:app"], cwd=ROOT,
                                env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+                               text=True, process_group=0)
     try:
         answer = _wait_for(f"{cluster.url}/?name=curl").json()
         assert answer["message"] == "Hello, curl!"
@@ -57,10 +58,13 @@ def test_run_then_curl_then_ctrl_c(cluster):
         children = _children_of(process.pid)
         assert len(children) == 3  # controller, proxy, worker node
     finally:
-        process.send_signal(signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "Shutting down." in output
+    # The app was deleted by the cluster's own controller, not left behind by a dead one.
+    assert "no controller is running" not in output, output
+    assert "Traceback" not in output, output
     assert _gone(children), "the local cluster outlived `broker-serve run`"
 
 

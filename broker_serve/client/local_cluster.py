@@ -63,7 +63,10 @@ class LocalCluster:
         command = [sys.executable, "-m", "broker_serve", *args]
         env = {**os.environ, **self.settings.env()}
         if not self.detached:
-            return subprocess.Popen(command, env={**env, **die_with_parent_env()})
+            # A process group of their own: a Ctrl-C at the terminal reaches only the driver,
+            # which deletes its application through this controller, then stops them.
+            return subprocess.Popen(command, env={**env, **die_with_parent_env()},
+                                    process_group=0)
         with open(directory / f"{role}.log", "ab") as log:  # the child has its own copy
             return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
