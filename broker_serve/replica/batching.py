@@ -1,98 +1,148 @@
-"""`@serve.batch`: callers pass one item each; the function receives them as a list.
+"""`@serve.batch`: callers pass one item each; the function receives them as lists.
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict(self, inputs: list[str]) -> list[str]: ...
 
     result = await self.predict("one input")
 
-A batch is sent when it holds `max_batch_size` items, or `batch_wait_timeout_s` after its first
-item arrived. An exception raised for a batch reaches every caller in it, and a caller that is
-cancelled while waiting is dropped from its batch. Works on methods and plain functions, called
-from HTTP handlers or handles alike; the queue lives in the replica process, one per instance.
+An `async def` returns a list with one result per caller. An async generator streams: each
+step yields such a list, each caller's call returns an async generator of its own items, and an
+item that is `StopIteration` (or `StopAsyncIteration`) ends that caller's stream early. An
+exception raised for a batch reaches every caller still in it. How batches form, start and are
+cancelled is in `batch_queue.py`; the queue lives in the replica process, one per instance (or
+plain function), made on first use.
+
+`set_max_batch_size` and `set_batch_wait_timeout_s` on the decorated function (or method)
+change the batches that open afterwards, in every instance.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+import inspect
+import math
+from collections.abc import Callable
 from typing import Any
 
-from ..observability import metrics
+from .batch_queue import BatchQueue, StreamCall, UnaryCall
 from .owner_state import OwnerState
 
-
-class _BatchQueue:
-    def __init__(self, call: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int,
-                 timeout_s: float) -> None:
-        self._call = call
-        self._max = max_batch_size
-        self._timeout_s = timeout_s
-        self._pending: list[tuple[Any, asyncio.Future[Any]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task[None]] = set()
-        self._sizes = metrics.replica_child("batch_size")  # None outside a replica
-
-    async def submit(self, item: Any) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        if len(self._pending) >= self._max:
-            self._flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        # Callers cancelled while waiting are dropped, not computed.
-        live = [(item, future) for item, future in self._pending if not future.done()]
-        batch, self._pending = live[:self._max], live[self._max:]
-        if batch:
-            if self._sizes is not None:
-                self._sizes.observe(len(batch))
-            task = asyncio.ensure_future(self._run(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
-        if self._pending:
-            self._timer = asyncio.get_running_loop().call_later(self._timeout_s, self._flush)
-
-    async def _run(self, batch: list[tuple[Any, asyncio.Future[Any]]]) -> None:
-        try:
-            results = await self._call([item for item, _ in batch])
-            if not isinstance(results, list) or len(results) != len(batch):
-                raise TypeError(
-                    f"a @serve.batch function must return a list as long as its input "
-                    f"({len(batch)}), got {type(results).__name__}"
-                    + (f" of {len(results)}" if isinstance(results, list) else ""))
-        except Exception as exc:  # noqa: BLE001 - user code: every caller gets its error
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
+# Set on a batched generator's wrapper: a plain function that must run on the event loop
+# (it queues the call there) although it is not `async def`.
+ON_EVENT_LOOP = "__broker_serve_on_event_loop__"
 
 
-def batch(_func: Callable[..., Any] | None = None, *, max_batch_size: int = 10,
-          batch_wait_timeout_s: float = 0.01) -> Any:
-    """Turn an async function of a list into one that callers call with single items."""
-    if max_batch_size < 1:
-        raise ValueError("max_batch_size must be at least 1")
-    if batch_wait_timeout_s < 0:
-        raise ValueError("batch_wait_timeout_s must not be negative")
+def _max_batch_size(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"max_batch_size must be integer >= 1, got {value}")
+    if value < 1:
+        raise ValueError(f"max_batch_size must be an integer >= 1, got {value}")
+    return value
+
+
+def _batch_wait_timeout_s(value: Any) -> float:
+    if not isinstance(value, (float, int)) or isinstance(value, bool):
+        raise TypeError(f"batch_wait_timeout_s must be a float >= 0, got {value}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"batch_wait_timeout_s must be a float >= 0, got {value}")
+    return value
+
+
+def _max_concurrent_batches(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TypeError(f"max_concurrent_batches must be an integer >= 1, got {value}")
+    return value
+
+
+def _batch_size_fn(value: Any) -> Callable[[list[Any]], int] | None:
+    if value is not None and not callable(value):
+        raise TypeError(f"batch_size_fn must be a callable or None, got {type(value)}")
+    return value  # type: ignore[no-any-return]
+
+
+class _Settings:
+    """One decorated function's parameters, read by each of its queues as a batch opens."""
+
+    def __init__(self, max_batch_size: Any, batch_wait_timeout_s: Any,
+                 max_concurrent_batches: Any, batch_size_fn: Any) -> None:
+        self.max_batch_size = _max_batch_size(max_batch_size)
+        self.batch_wait_timeout_s = _batch_wait_timeout_s(batch_wait_timeout_s)
+        self.max_concurrent_batches = _max_concurrent_batches(max_concurrent_batches)
+        self.batch_size_fn = _batch_size_fn(batch_size_fn)
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None:
+        self.max_batch_size = _max_batch_size(new_max_batch_size)
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None:
+        self.batch_wait_timeout_s = _batch_wait_timeout_s(new_batch_wait_timeout_s)
+
+    def get_max_batch_size(self) -> int:
+        return self.max_batch_size
+
+    def get_batch_wait_timeout_s(self) -> float:
+        return self.batch_wait_timeout_s
+
+
+def batch(_func: Callable[..., Any] | None = None, /, max_batch_size: int = 10,
+          batch_wait_timeout_s: float = 0.01, max_concurrent_batches: int = 1,
+          batch_size_fn: Callable[[list[Any]], int] | None = None) -> Any:
+    """Turn an async function (or async generator) of lists into one that callers call with
+    single items; Ray Serve's parameters, defaults and error messages."""
+    if _func is not None:
+        _check_decorated(_func)
+    settings = _Settings(max_batch_size, batch_wait_timeout_s, max_concurrent_batches,
+                         batch_size_fn)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        queues = OwnerState("batch", func, lambda call: _BatchQueue(
-            call, max_batch_size, batch_wait_timeout_s))
-
-        @functools.wraps(func)
-        async def single(*args: Any) -> Any:
-            queue, (item,) = queues.split(single, args)
-            return await queue.submit(item)
-
-        return single
+        _check_decorated(func)
+        streams = inspect.isasyncgenfunction(func)
+        queues: OwnerState[BatchQueue] = OwnerState(
+            "batch", func, lambda call: BatchQueue(call, signature, settings, streams),
+            generators=True)
+        signature = inspect.signature(func)
+        if queues.takes_self:  # callers do not pass `self` as an item
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        wrapper = _streaming(queues) if streams else _unary(queues)
+        functools.update_wrapper(wrapper, func)
+        wrapper.set_max_batch_size = settings.set_max_batch_size  # type: ignore[attr-defined]
+        wrapper.set_batch_wait_timeout_s = (  # type: ignore[attr-defined]
+            settings.set_batch_wait_timeout_s)
+        # Ray's own unit tests read these two; they are not part of its public API.
+        wrapper._get_max_batch_size = settings.get_max_batch_size  # type: ignore[attr-defined]
+        wrapper._get_batch_wait_timeout_s = (  # type: ignore[attr-defined]
+            settings.get_batch_wait_timeout_s)
+        return wrapper
 
     return decorate(_func) if _func is not None else decorate
+
+
+def _check_decorated(func: Any) -> None:
+    if not callable(func):
+        raise TypeError("@serve.batch can only be used to decorate functions or methods.")
+    if not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)):
+        raise TypeError("Functions decorated with @serve.batch must be 'async def'")
+
+
+def _unary(queues: OwnerState[BatchQueue]) -> Callable[..., Any]:
+    async def batched(*args: Any, **kwargs: Any) -> Any:
+        queue, rest = queues.split(batched, args)
+        call = queue.submit(rest, kwargs)
+        assert isinstance(call, UnaryCall)
+        return await call.future
+
+    return batched
+
+
+def _streaming(queues: OwnerState[BatchQueue]) -> Callable[..., Any]:
+    # Not a generator function itself: the call must join its batch when it is made, not at
+    # the first `__anext__`, or callers that create their streams first would never batch.
+    def batched(*args: Any, **kwargs: Any) -> Any:
+        queue, rest = queues.split(batched, args)
+        call = queue.submit(rest, kwargs)
+        assert isinstance(call, StreamCall)
+        return call.items()
+
+    setattr(batched, ON_EVENT_LOOP, True)
+    return batched

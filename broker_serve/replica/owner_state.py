@@ -19,8 +19,10 @@ _ATTRIBUTE = "_bs_owner_state"
 
 class OwnerState(Generic[State]):
     def __init__(self, decorator: str, func: Callable[..., Any],
-                 make: Callable[[Callable[..., Any]], State]) -> None:
-        if not inspect.iscoroutinefunction(func):
+                 make: Callable[[Callable[..., Any]], State], *,
+                 generators: bool = False) -> None:
+        if not (inspect.iscoroutinefunction(func)
+                or (generators and inspect.isasyncgenfunction(func))):
             raise TypeError(f"@serve.{decorator} needs an async function, got {func!r}")
         self.func = func
         self.make = make
