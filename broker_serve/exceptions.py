@@ -2,6 +2,7 @@
 
     BrokerServeError
      ├── RayServeException          an error in a deployment, re-raised in the caller
+     │    ├── RayServeException(E)  ... and an E too, E being the class the deployment raised
      │    ├── BackPressureError     the deployment's queue is at its max_queued_requests
      │    └── RequestCancelledError the request was cancelled before it finished
      ├── ProtocolError              a message broke docs/protocol.md
@@ -21,6 +22,8 @@ Errors from aio-pika and aiormq are translated in `transport/errors.py`, those f
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BrokerServeError(Exception):
     """Base class of every error broker-serve raises."""
@@ -29,13 +32,38 @@ class BrokerServeError(Exception):
 class RayServeException(BrokerServeError):
     """An exception raised inside a deployment, carried back to the caller.
 
-    Named as in Ray Serve so that ``except RayServeException`` ports unchanged.
+    Named as in Ray Serve so that ``except RayServeException`` ports unchanged. `deployment`
+    is the callee (`app/deployment`), `error_type` the name of the class raised there (kept
+    from the first callee when an error passes through several), and `str()` says both.
+
+    As Ray's `RayTaskError`, what a handle call raises is also an instance of the class the
+    deployment raised: a class `RayServeException(ValueError)` deriving from both, so that
+    ``except ValueError`` works, with the original's arguments and attributes. It is a plain
+    RayServeException instead, of the same message and `error_type`, when the caller cannot
+    rebuild the class:
+
+    - the caller has not loaded it (a message never makes it import a module): found neither
+      by name in a module it imported nor, for a class that travelled by value such as one from
+      the driver's `__main__`, as the one loaded Exception subclass of that module and name;
+    - its `__reduce__` (by default: its `args`) does not rebuild it, as in ``class E(Exception):
+      def __init__(self, code, text): super().__init__(f"{code} {text}")``, or returns a
+      callable other than the class itself;
+    - its arguments or attributes cannot be pickled, or pack bigger than 64 KiB;
+    - it cannot be subclassed (a C type that forbids it, an `__init_subclass__` that refuses,
+      a metaclass conflict), or it is not an Exception, or it is a StopIteration or
+      StopAsyncIteration, which would end the caller's iteration instead;
+    - it is one of broker-serve's own (`BackPressureError`, `RequestCancelledError` keep their
+      classes), or the error did not come from a deployment's code (e.g. `DeadlineExceeded`).
+
+    `origin` is what the error event said of the class (`module`, `qualname`, `args`,
+    docs/protocol.md); a replica passes it on when the error passes through it.
     """
 
     def __init__(self, message: str, *, deployment: str = "", error_type: str = "") -> None:
         super().__init__(message)
         self.deployment = deployment
         self.error_type = error_type
+        self.origin: dict[str, Any] = {}
 
 
 class BackPressureError(RayServeException):

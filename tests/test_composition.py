@@ -356,7 +356,7 @@ class Catcher:
 def test_a_callee_error_reaches_the_caller_with_its_type_and_message(cluster):
     handle = serve.run(Catcher.bind(Thrower.bind()), name="errors", route_prefix=None)
     caught = handle.remote("bad input 7").result(timeout_s=10)
-    assert caught["class"] == "RayServeException"
+    assert caught["class"] == "RayServeException(ValueError)"
     assert caught["error_type"] == "ValueError"
     assert caught["deployment"] == "errors/Thrower"
     assert "Thrower" in caught["message"] and "bad input 7" in caught["message"]

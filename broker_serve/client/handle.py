@@ -16,18 +16,13 @@ from ..context import _request_id
 from ..exceptions import BackPressureError, RayServeException, RequestCancelledError
 from ..protocol import messages
 from ..protocol.call_values import carries_value, pack_call, unpack_value
+from ..protocol.remote_errors import raised_for
 from ..transport.broker import ReplyEvents
 from ..transport.cancellation import cancel
 from .runtime import Runtime, current_runtime, get_runtime
 
 _DONE = object()
 _background: set[asyncio.Future[None]] = set()
-# The error events whose type Ray Serve has its own exception for: a callee's cancelled or
-# refused call reaches the caller of the caller as the same class.
-_RAISED_AS: dict[str, type[RayServeException]] = {
-    "Cancelled": RequestCancelledError,
-    "QueueFull": BackPressureError,
-}
 
 # The handle calls made while a replica handles one request, so that cancelling the request
 # cancels them too. Each request runs in its own task, so this is per request.
@@ -212,11 +207,9 @@ class _Call:
         task.add_done_callback(_background.discard)
 
     def _error(self, event: dict[str, Any]) -> RayServeException:
-        name = f"{self.handle.app_name}/{self.deployment_name}"
-        error_type = str(event.get("error", "Error"))
-        message = f"{error_type} in deployment {name}: {event.get('message', '')}"
-        raised_as = _RAISED_AS.get(error_type, RayServeException)
-        return raised_as(message, deployment=name, error_type=error_type)
+        # Also an instance of the class the callee raised, where this process can rebuild it.
+        return raised_for(event, deployment=f"{self.handle.app_name}/{self.deployment_name}",
+                          secret=self.runtime.secret)
 
     async def next_item(self) -> Any:
         item = await self.items.get()
