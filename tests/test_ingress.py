@@ -7,12 +7,15 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+import threading
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import cloudpickle
 import pytest
-from fastapi import Depends, FastAPI, WebSocket
+from fastapi import Depends, FastAPI, Request, Response, WebSocket
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -20,7 +23,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from broker_serve.replica import ingress as ingress_module
-from broker_serve.replica.ingress import asgi_app_of, get_servable, ingress, set_servable
+from broker_serve.replica.ingress import (
+    asgi_app_of,
+    get_servable,
+    ingress,
+    serving_app,
+    set_servable,
+)
 
 if TYPE_CHECKING:
     from starlette.testclient import TestClient
@@ -46,10 +55,11 @@ def no_servable() -> Iterator[None]:
     set_servable(None)
 
 
-def client_for(app: ASGIApp) -> TestClient:
+def client_for(app: ASGIApp | None, raise_server_exceptions: bool = True) -> TestClient:
     from starlette.testclient import TestClient  # here, so the warning filter applies
 
-    return TestClient(app)
+    assert app is not None
+    return TestClient(app, raise_server_exceptions=raise_server_exceptions)
 
 
 def test_ray_docs_example_with_two_methods_named_root() -> None:
@@ -67,7 +77,7 @@ def test_ray_docs_example_with_two_methods_named_root() -> None:
             return f"Hello from {subpath}!"
 
     set_servable(MyFastAPIDeployment())
-    client = client_for(app)
+    client = client_for(asgi_app_of(MyFastAPIDeployment))
     assert client.get("/").json() == "Hello, world!"
     assert client.post("/Serve").json() == "Hello from Serve!"
 
@@ -81,8 +91,9 @@ def test_decorator_returns_the_class_itself_and_stores_the_app() -> None:
             return 1
 
     assert ingress(app)(Deployment) is Deployment
-    assert asgi_app_of(Deployment) is app
-    assert asgi_app_of(Deployment()) is app
+    frozen = asgi_app_of(Deployment)
+    assert isinstance(frozen, FastAPI) and frozen is not app  # a copy, as Ray makes
+    assert asgi_app_of(Deployment()) is frozen
     assert asgi_app_of(object()) is None
 
 
@@ -101,7 +112,7 @@ def test_methods_see_instance_state() -> None:
 
     counter = Counter()
     set_servable(counter)
-    client = client_for(app)
+    client = client_for(asgi_app_of(Counter))
     assert client.post("/increment").json() == 1
     assert client.post("/increment").json() == 2
     assert counter.count == 2
@@ -121,7 +132,7 @@ def test_path_query_and_body_parameters() -> None:
             return {"id": item_id, "name": item.name, "price": price, "currency": self.currency}
 
     set_servable(Shop())
-    client = client_for(app)
+    client = client_for(asgi_app_of(Shop))
     response = client.put("/items/3", params={"discount": 0.5}, json={"name": "pen", "price": 2})
     assert response.json() == {"id": 3, "name": "pen", "price": 1.5, "currency": "EUR"}
     assert client.put("/items/x", json={"name": "pen", "price": 2}).status_code == 422
@@ -161,14 +172,14 @@ def test_existing_app_routes_are_untouched_and_openapi_has_no_self() -> None:
         "/after",
     ]
     set_servable(Deployment())
-    client = client_for(app)
+    client = client_for(asgi_app_of(Deployment))
     assert client.get("/health").json() == {"ok": True}
     assert client.get("/hello", params={"name": "you"}).json() == "hello you"
-    assert client.get("/after").json() == "after"
+    assert client.get("/after").status_code == 404  # added after decoration: frozen out
 
     response = client.get("/openapi.json")
     assert response.status_code == 200
-    assert set(response.json()["paths"]) == {"/health", "/hello", "/after"}
+    assert set(response.json()["paths"]) == {"/health", "/hello"}
     assert '"self"' not in response.text
 
 
@@ -200,7 +211,7 @@ def test_one_method_on_two_routes() -> None:
             return n * 2
 
     set_servable(Deployment())
-    client = client_for(app)
+    client = client_for(asgi_app_of(Deployment))
     assert client.get("/a", params={"n": 2}).json() == 4
     assert client.get("/b", params={"n": 3}).json() == 6
 
@@ -221,7 +232,7 @@ def test_websocket_method() -> None:
             await websocket.close()
 
     set_servable(Echo())
-    with client_for(app).websocket_connect("/ws") as websocket:
+    with client_for(asgi_app_of(Echo)).websocket_connect("/ws") as websocket:
         websocket.send_text("hi")
         assert websocket.receive_text() == "echo: hi"
 
@@ -231,6 +242,9 @@ def test_dependency_overrides_still_apply_to_rebuilt_routes() -> None:
 
     def greeting() -> str:
         return "hello"
+
+    # Before decoration: the app is frozen then, its overrides with it.
+    app.dependency_overrides[greeting] = lambda: "overridden"
 
     @ingress(app)
     class Greeter:
@@ -244,9 +258,8 @@ def test_dependency_overrides_still_apply_to_rebuilt_routes() -> None:
             await websocket.send_text(word)
             await websocket.close()
 
-    app.dependency_overrides[greeting] = lambda: "overridden"
     set_servable(Greeter())
-    client = client_for(app)
+    client = client_for(asgi_app_of(Greeter))
     assert client.get("/").json() == "overridden"
     with client.websocket_connect("/ws") as websocket:
         assert websocket.receive_text() == "overridden"
@@ -262,7 +275,7 @@ def test_streaming_method_keeps_its_item_model() -> None:
             yield Item(name="a", price=1)
 
     set_servable(Stream())
-    client = client_for(app)
+    client = client_for(asgi_app_of(Stream))
     response = client.get("/items")
     assert [json.loads(line) for line in response.text.splitlines()] == [
         {"name": "a", "price": 1.0}
@@ -282,7 +295,7 @@ def test_no_servable_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="set_servable"):
         get_servable()
     with pytest.raises(RuntimeError, match="set_servable"):
-        client_for(app).get("/")
+        client_for(asgi_app_of(Deployment)).get("/")
 
 
 def test_starlette_app_is_not_rewritten() -> None:
@@ -295,8 +308,9 @@ def test_starlette_app_is_not_rewritten() -> None:
     class Deployment:
         pass
 
-    assert asgi_app_of(Deployment) is app
-    assert client_for(app).get("/").text == "hello"
+    frozen = asgi_app_of(Deployment)
+    assert isinstance(frozen, Starlette) and frozen is not app
+    assert client_for(frozen).get("/").text == "hello"
 
 
 def test_plain_asgi_function_is_not_bound_to_the_instance() -> None:
@@ -443,3 +457,175 @@ def test_ingress_refuses_a_class_with_call_as_ray_does():
         pass
 
     assert ingress(app)(Plain) is Plain
+
+
+# Freezing, builders and the class-less form (Ray 2.x) -------------------------------------------
+def test_routes_middleware_and_handlers_added_after_decoration_are_not_served() -> None:
+    app = FastAPI()
+
+    @app.get("/early")
+    def early() -> str:
+        raise ValueError("early")
+
+    @ingress(app)
+    class Deployment:
+        pass
+
+    @app.get("/late")
+    def late() -> str:
+        return "late"
+
+    @app.middleware("http")
+    async def tag(request: object, call_next: Callable[[object], Awaitable[Response]]
+                  ) -> Response:
+        response = await call_next(request)
+        response.headers["x-late"] = "1"
+        return response
+
+    @app.exception_handler(ValueError)
+    async def handled(request: object, exc: ValueError) -> PlainTextResponse:
+        return PlainTextResponse("handled", status_code=418)
+
+    served = client_for(asgi_app_of(Deployment), raise_server_exceptions=False)
+    assert served.get("/late").status_code == 404
+    early_response = served.get("/early")
+    assert early_response.status_code == 500 and "x-late" not in early_response.headers
+    original = client_for(app, raise_server_exceptions=False)
+    assert original.get("/late").headers["x-late"] == "1"
+    assert original.get("/early").status_code == 418
+
+
+def test_a_frozen_app_keeps_its_startup_handlers_and_lifespan() -> None:
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, str]]:
+        events.append("lifespan started")
+        yield {"from_lifespan": "yes"}
+        events.append("lifespan ended")
+
+    with_lifespan, with_hooks = FastAPI(lifespan=lifespan), FastAPI()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # on_event is deprecated, not gone
+
+        @with_hooks.on_event("startup")
+        def started() -> None:
+            events.append("startup hook")
+
+    @ingress(with_lifespan)
+    class Deployment:
+        @with_lifespan.get("/")
+        def get(self, request: Request) -> str:
+            return str(request.state.from_lifespan)
+
+    frozen = asgi_app_of(Deployment)
+    set_servable(Deployment())
+    with client_for(frozen) as client:
+        assert client.get("/").json() == "yes"
+    assert events == ["lifespan started", "lifespan ended"]
+
+    hooked = asgi_app_of(ingress(with_hooks)())
+    assert isinstance(hooked, FastAPI) and hooked.router.on_startup == [started]
+    with client_for(hooked):
+        assert events[-1] == "startup hook"
+
+
+def test_frozen_routes_see_helpers_defined_later_and_share_the_app_state() -> None:
+    app = FastAPI()
+    app.state.greeting = "hello"
+
+    @ingress(app)
+    class Deployment:
+        @app.get("/")
+        def get(self, request: Request) -> str:
+            # `suffix` is assigned after the decoration: a snapshot would not have it.
+            return f"{request.app.state.greeting} {suffix()}"
+
+    def suffix() -> str:
+        return "world"
+
+    app.state.greeting = "hi"  # the app's data, not its structure: shared with the copy
+    set_servable(Deployment())
+    assert client_for(asgi_app_of(Deployment)).get("/").json() == "hi world"
+
+
+def test_what_the_app_holds_is_shared_not_copied() -> None:
+    class Limiter:
+        def __init__(self) -> None:
+            self.lock = threading.Lock()  # cannot be pickled: a whole-app copy would fail
+
+        def __call__(self) -> None:
+            with self.lock:
+                pass
+
+    limiter = Limiter()
+    app = FastAPI()
+
+    @app.get("/", dependencies=[Depends(limiter)])
+    def get() -> str:
+        return "limited"
+
+    frozen = asgi_app_of(ingress(app)())
+    assert isinstance(frozen, FastAPI)
+    (route,) = [route for route in frozen.routes if getattr(route, "path", "") == "/"]
+    assert route is not app.routes[-1] and route.dependencies[0].dependency is limiter
+    assert route.endpoint is get
+    assert client_for(frozen).get("/").json() == "limited"
+
+
+def test_the_class_less_form_keeps_its_constructor_arguments() -> None:
+    app = FastAPI()
+
+    @app.get("/")
+    def get() -> str:
+        return "alone"
+
+    cls = ingress(app)()
+    assert cls.__name__ == "ASGIIngressDeployment"
+    assert cls.__module__ == __name__  # so serve.run ships this module with it
+    instance = cls(1, two=2)
+    assert (instance.args, instance.kwargs) == ((1,), {"two": 2})
+    assert client_for(asgi_app_of(instance)).get("/").json() == "alone"
+    assert ingress(app)() is not cls  # a class of its own each time, as in Ray
+
+
+def test_a_builder_is_called_by_serving_app_only() -> None:
+    calls: list[int] = []
+
+    def build() -> FastAPI:
+        built = FastAPI()
+        calls.append(1)
+
+        @built.get("/")
+        def get() -> int:
+            return len(calls)
+
+        return built
+
+    @ingress(build)
+    class Deployment:
+        pass
+
+    assert calls == [] and asgi_app_of(Deployment) is None
+    served = serving_app(Deployment)
+    assert served is not None and calls == [1]
+    assert client_for(served).get("/").json() == 1
+    assert serving_app(object) is None
+
+
+def test_builder_shapes_that_are_refused() -> None:
+    async def not_plain() -> FastAPI:
+        return FastAPI()
+
+    with pytest.raises(TypeError, match="plain function"):
+        ingress(not_plain)
+
+    def no_app() -> str:
+        return "not an app"
+
+    @ingress(no_app)  # type: ignore[arg-type]
+    class Deployment:
+        pass
+
+    with pytest.raises(TypeError, match="returned str, not an ASGI app"):
+        serving_app(Deployment)

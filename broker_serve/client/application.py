@@ -15,6 +15,16 @@ T = TypeVar("T")
 
 _OPTION_NAMES = set(DeploymentConfig.model_fields)
 
+# The class attribute `serve.ingress` (replica/ingress.py) leaves on the classes it makes serve
+# an ASGI app. It is named here, below the replica layer, so that building an application can
+# tell its ingress deployments apart (Ray allows one per application).
+INGRESS_ATTRIBUTE = "_bs_ingress"
+
+
+def is_asgi_ingress(func_or_class: Any) -> bool:
+    """Whether `func_or_class` is a class decorated with `serve.ingress` (or inherits one)."""
+    return isinstance(func_or_class, type) and hasattr(func_or_class, INGRESS_ATTRIBUTE)
+
 
 class Deployment(Generic[T]):
     """A class or function decorated with `@serve.deployment`."""

@@ -18,13 +18,14 @@ import cloudpickle
 import orjson
 
 from ..config import LIVE_OPTIONS, user_config_hash
+from ..exceptions import RayServeException
 from ..protocol import messages
 from ..protocol.call_values import dumps_signed
 from ..protocol.names import Names
 from ..state.apps import app_version
 from ..state.records import AppRecord, DeploymentEntry
 from ..state.store import now
-from .application import Application
+from .application import Application, is_asgi_ingress
 from .handle import DeploymentHandle
 
 
@@ -49,6 +50,8 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
             candidate = f"{base}_{suffix}"
         taken.add(candidate)
         dep_names[id(node)] = candidate
+    refuse_two_ingresses(name, [dep_names[id(node)] for node in nodes
+                                if is_asgi_ingress(node.deployment.func_or_class)])
 
     def to_handle(value: Any) -> Any:
         if isinstance(value, Application):
@@ -116,6 +119,16 @@ def deployment_version(user_version: str | None, pickled: bytes, restart_options
     if from_config:
         return hashlib.sha256(pickled).hexdigest()[:16]
     return secrets.token_hex(8)
+
+
+def refuse_two_ingresses(app_name: str, ingresses: list[str]) -> None:
+    """Ray allows one `serve.ingress` deployment per application, and says so in these words
+    (naming FastAPI even for another ASGI app)."""
+    if len(ingresses) > 1:
+        raise RayServeException(
+            f'Found multiple FastAPI deployments in application "{app_name}" '
+            f"({', '.join(ingresses)}). Please only include one deployment with @serve.ingress "
+            "in your application to avoid this issue.")
 
 
 def driver_paths() -> list[str]:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import orjson
 from pydantic import BaseModel
 
-from ..exceptions import BuildFailed
+from ..exceptions import BuildFailed, RayServeException
 from ..protocol import messages
 from ..protocol.names import Names
 from ..schema import ServeApplicationSchema
@@ -79,11 +79,14 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     route_prefix = (config.route_prefix if "route_prefix" in config.model_fields_set
                     else app.deployment.route_prefix or "/")
     reference = functools.partial(by_reference, code_digest=code_digest(import_dir))
-    record, specs = build_application(
-        app, config.name, route_prefix, Names(request["cluster"]),
-        bytes.fromhex(request["secret"]), reference=reference,
-        sys_path=[import_dir] if request.get("working_dir") else [],
-    )
+    try:
+        record, specs = build_application(
+            app, config.name, route_prefix, Names(request["cluster"]),
+            bytes.fromhex(request["secret"]), reference=reference,
+            sys_path=[import_dir] if request.get("working_dir") else [],
+        )
+    except RayServeException as exc:  # an application Ray refuses (two ingresses): its words
+        raise BuildFailed(str(exc)) from exc
     record["source"] = "declarative"
     return {"record": record, "specs": specs}
 
