@@ -446,8 +446,9 @@ class Bench:
                          "chunks": self.plan.stream_chunks, "chunk_bytes": 16,
                          "repeats": len(tight), "runs": [t.__dict__ for t in tight],
                      }))
-        # Chunks the app produced, counted by bytes: chunks yielded back to back share a
-        # message and an HTTP frame (docs/performance.md, "Streaming").
+        # Chunks the app yielded, counted by bytes; each arrives as its own HTTP frame (checked
+        # in _stream_runs), though back-to-back chunks share a message (docs/performance.md,
+        # "Streaming").
         self.add(Row("stream_chunks_per_s",
                      statistics.median(t.bytes / 16 / t.total_s for t in tight),
                      "chunks/s", errors=errors, details={
@@ -477,6 +478,8 @@ class Bench:
                 continue
             if timing.bytes != n * size:
                 tally.fail(f"GET {path} carried {timing.bytes} bytes, expected {n * size}")
+            elif timing.frames != n:  # one HTTP chunk per yield, as Ray writes them
+                tally.fail(f"GET {path} arrived in {timing.frames} HTTP chunks, expected {n}")
             elif index:
                 runs.append(timing)
         errors = self.seen(tally.errors())

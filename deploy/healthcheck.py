@@ -4,7 +4,11 @@ Exits 0 when healthy and 1 otherwise, as Docker's HEALTHCHECK expects. The image
 /app/deploy/healthcheck.py. It reads the same environment as the process it checks.
 
 - controller: a controller of the cluster holds the lease, so deployments are acted on.
-- proxy: the proxy in this container answers `/-/healthz` (503 while RabbitMQ is away).
+- proxy: the proxy in this container is up and connected to RabbitMQ: `/-/healthz` answers
+  200, or 503 "Route table is not populated yet." while no application has a route. This is
+  the container's liveness; the load balancer asks `/-/healthz` itself and sends traffic only
+  on 200 (readiness). So a proxy of a cluster with no application is healthy here, and nothing
+  that waits for a healthy proxy before deploying the application waits forever.
 - worker: a worker node of this host is registered and heartbeating.
 """
 
@@ -19,6 +23,7 @@ import orjson
 import redis
 
 from broker_serve.protocol.names import Names
+from broker_serve.proxy.http import NO_ROUTES_MESSAGE
 from broker_serve.settings import Settings
 
 
@@ -40,6 +45,10 @@ def proxy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/healthz", timeout=3) as answer:
             return bool(answer.status == 200)
+    except urllib.error.HTTPError as answer:
+        with answer:
+            return answer.code == 503 and answer.read(256).decode(errors="replace") == \
+                NO_ROUTES_MESSAGE
     except (urllib.error.URLError, OSError):
         return False
 

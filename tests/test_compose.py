@@ -299,6 +299,9 @@ def test_load_balancer_fronts_every_proxy_on_port_8000(compose):
     assert int(template.group(3)) == _port_flag(services["proxy"]["command"])
     assert re.search(r"^\s*nameserver\s+\S+\s+127\.0\.0\.11:53", config, re.MULTILINE)  # Docker's DNS
     assert "/-/healthz" in config
+    # Readiness: a proxy gets traffic on 200 only, not on "Route table is not populated yet."
+    # (the container's own check, deploy/healthcheck.py, is liveness: tests/test_healthz.py).
+    assert re.search(r"^\s*http-check\s+expect\s+status\s+200\s*$", config, re.MULTILINE)
 
 
 def test_haproxy_accepts_its_config():

@@ -160,6 +160,61 @@ def body_chunk(payload: dict[str, Any]) -> tuple[bytes, bool]:
     return bytes(body), bool(payload.get("more_body", False))
 
 
+def body_events(chunks: list[bytes], more_body: bool, limit: int) -> list[dict[str, Any]]:
+    """The `body`/`more_body`/`chunk_sizes` fields of the reply events that carry `chunks` (the
+    app's chunks, in order, none empty): whole chunks share an event up to `limit` bytes, and a
+    chunk larger than that is cut into pieces of `limit` (docs/protocol.md, "Chunking")."""
+    if sum(map(len, chunks)) <= limit:  # the usual case: what one flush holds fits in one event
+        groups = [chunks]
+    else:
+        groups = _group(chunks, limit)
+    events: list[dict[str, Any]] = []
+    for group in groups:
+        fields: dict[str, Any] = {"body": b"".join(group) if len(group) != 1 else group[0],
+                                  "more_body": True}
+        if len(group) > 1:
+            fields["chunk_sizes"] = list(map(len, group))
+        events.append(fields)
+    events[-1]["more_body"] = more_body
+    return events
+
+
+def _group(chunks: list[bytes], limit: int) -> list[list[bytes]]:
+    groups: list[list[bytes]] = [[]]
+    size = 0
+    for chunk in chunks:
+        pieces = [chunk[i:i + limit] for i in range(0, len(chunk), limit)] \
+            if len(chunk) > limit else (chunk,)
+        for piece in pieces:
+            if size + len(piece) > limit and groups[-1]:
+                groups.append([])
+                size = 0
+            groups[-1].append(piece)
+            size += len(piece)
+    return groups
+
+
+def body_chunks(event: dict[str, Any]) -> list[bytes]:
+    """The app's chunks a `start` or `body` reply event carries: `body` cut at `chunk_sizes`."""
+    body = event.get("body", b"")
+    sizes = event.get("chunk_sizes")
+    if not isinstance(body, bytes):
+        raise ProtocolError("'body' must be bytes (msgpack bin)")
+    if sizes is None:
+        return [body] if body else []
+    if not isinstance(sizes, list):
+        raise ProtocolError("'chunk_sizes' must be an array of positive integers")
+    chunks, start = [], 0
+    for size in sizes:
+        if type(size) is not int or size <= 0:
+            raise ProtocolError("'chunk_sizes' must be an array of positive integers")
+        chunks.append(body[start:start + size])
+        start += size
+    if start != len(body):
+        raise ProtocolError(f"'chunk_sizes' add up to {start} bytes but 'body' has {len(body)}")
+    return chunks
+
+
 def _as_bytes(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value

@@ -47,6 +47,9 @@ FLOW_WINDOW_BYTES = 2 * CHUNK_BYTES
 # A client's X-Request-Id is taken as the request's id if it is this (printable ASCII, no
 # spaces, at most 128 bytes); otherwise the proxy's own id is.
 _CLIENT_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# What /-/healthz answers, as Ray's proxy does, until this proxy has seen a route
+# (deploy/healthcheck.py reads it too).
+NO_ROUTES_MESSAGE = "Route table is not populated yet."
 
 
 class ReplicaChanged(BrokerServeError):
@@ -59,10 +62,14 @@ class RouteTable:
         self.version = 0
         self.routes: dict[str, dict[str, Any]] = {}
         self._by_length: list[tuple[str, dict[str, Any]]] = []
+        # Set by the first table with a route and never cleared, as in Ray: deleting the last
+        # application leaves the proxy healthy, answering 404.
+        self.populated = False
 
     def load(self, table: Mapping[str, Any]) -> None:
         self.version = int(table.get("version", 0))
         self.routes = dict(table.get("routes", {}))
+        self.populated = self.populated or bool(self.routes)
         self._by_length = sorted(self.routes.items(), key=lambda item: len(item[0]), reverse=True)
 
     def match(self, path: str) -> tuple[str, dict[str, Any]] | None:
@@ -375,24 +382,23 @@ class Proxy:
                         request.receive, event["inbox"], request.correlation_id,
                         request.body_sent))
                 elif kind == protocol.START:
+                    chunks, more = protocol.body_chunks(event), bool(event.get("more_body"))
                     started = True
                     credit = _Credit(self.broker, event.get("inbox"), request.correlation_id)
                     await send(request.start(event["status"],
                                              [tuple(h) for h in event.get("headers", ())]))
-                    body = event.get("body", b"")
-                    await send({"type": "http.response.body", "body": body,
-                                "more_body": event.get("more_body", False)})
-                    if not event.get("more_body", False):
+                    await _send_chunks(send, chunks, more)
+                    if not more:
                         return
                     streaming = True
                     self._streams += 1
-                    await credit.passed_on(len(body))
+                    await credit.passed_on(len(event.get("body", b"")))
                 elif kind == protocol.BODY and started:
-                    body, more = _take_waiting_bodies(events, event, replica)
-                    await send({"type": "http.response.body", "body": body, "more_body": more})
+                    more = bool(event.get("more_body"))
+                    await _send_chunks(send, protocol.body_chunks(event), more)
                     if not more:
                         return
-                    await credit.passed_on(len(body))
+                    await credit.passed_on(len(event.get("body", b"")))
                 elif kind == protocol.ERROR:
                     await _answer_error(request, event, started, upload)
                     return
@@ -425,9 +431,13 @@ class Proxy:
 
     # internal endpoints --------------------------------------------------------------------
     async def _healthz(self, request: Request) -> Response:
+        """200 `success` once the proxy can route; 503 while RabbitMQ is away, or until its
+        route table has held a route (proxy/README.md says what each answer means)."""
         connection = self.broker.connection
         if connection is None or connection.is_closed:
             return PlainTextResponse("RabbitMQ connection is down", status_code=503)
+        if not self.table.populated:
+            return PlainTextResponse(NO_ROUTES_MESSAGE, status_code=503)
         return PlainTextResponse("success")
 
     async def _metrics(self, request: Request) -> Response:
@@ -458,21 +468,15 @@ def _request_scope(scope: dict[str, Any], prefix: str) -> dict[str, Any]:
     }
 
 
-def _take_waiting_bodies(events: ReplyEvents, event: dict[str, Any],
-                         replica: str | None) -> tuple[bytes, bool]:
-    """This body event joined with the body events of the same replica already waiting: a
-    client that reads slower than the replica writes gets fewer, larger writes."""
-    parts = [event.get("body", b"")]
-    more = bool(event.get("more_body", False))
-    while more:
-        waiting = events.peek()
-        if waiting is None or waiting[0] != protocol.BODY or \
-                waiting[1].get("replica", replica) != replica:
-            break
-        _, following = events.get_nowait()
-        parts.append(following.get("body", b""))
-        more = bool(following.get("more_body", False))
-    return (parts[0] if len(parts) == 1 else b"".join(parts)), more
+async def _send_chunks(send: Any, chunks: list[bytes], more_body: bool) -> None:
+    """Each of the app's chunks as its own `http.response.body`, so uvicorn writes each as its
+    own HTTP chunk, as Ray does (docs/performance.md, "Streaming", says what that costs)."""
+    last = len(chunks) - 1
+    for index, chunk in enumerate(chunks):
+        await send({"type": "http.response.body", "body": chunk,
+                    "more_body": more_body or index < last})
+    if not chunks and not more_body:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Credit:

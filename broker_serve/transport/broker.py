@@ -279,11 +279,8 @@ Event = tuple[str, dict[str, Any]]
 
 
 class ReplyEvents:
-    """The reply events of one request, in order, for its one reader.
-
-    Unlike an asyncio.Queue it lets the reader see what has already arrived, so the proxy can
-    pass several waiting body chunks to the client in one write.
-    """
+    """The reply events of one request, in order, for its one reader: a queue with no bound
+    and one waiter, so each event costs a deque append and at most one future."""
 
     __slots__ = ("_items", "_waiter")
 
@@ -304,12 +301,6 @@ class ReplyEvents:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
-
-    def peek(self) -> Event | None:
-        return self._items[0] if self._items else None
-
-    def get_nowait(self) -> Event:
         return self._items.popleft()
 
 
