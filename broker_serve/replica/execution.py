@@ -22,7 +22,8 @@ from ..exceptions import BrokerServeError, ProtocolError
 from ..protocol import messages as protocol
 from ..protocol.call_values import pack_value, unpack_call
 from ..settings import CHUNK_BYTES
-from . import multiplex
+from . import batching, destructor, multiplex
+from .lifespan import Lifespan
 from .responses import to_response
 from .threads import ThreadRunner
 
@@ -63,15 +64,17 @@ class ReplyStream:
         self.finished = final
         await self._publish(event, fields)
 
-    async def error(self, status: int, error: str, message: str) -> None:
+    async def error(self, status: int, error: str, message: str,
+                    extra: dict[str, Any] | None = None) -> None:
         if not self.finished:
             self.status, self.failed = status, True
-        await self.send(protocol.ERROR, {"status": status, "error": error, "message": message},
-                        final=True)
+        await self.send(protocol.ERROR, {"status": status, "error": error, "message": message,
+                                         **(extra or {})}, final=True)
 
 
 class Servable:
-    """The user's deployment instance (or function) and how to call it."""
+    """The user's deployment instance (or function), how to call it, and how its service starts
+    and ends: the ingress app's lifespan, `__del__`, the multiplexed models."""
 
     def __init__(self, target: Any, is_function: bool, asgi_app: ASGIApp | None,
                  threads: ThreadRunner) -> None:
@@ -79,6 +82,7 @@ class Servable:
         self.is_function = is_function
         self.asgi_app = asgi_app
         self.threads = threads
+        self.lifespan = Lifespan(asgi_app) if asgi_app is not None else None
         # A deployment called only through handles may have no `__call__`.
         self._http_entry = None if asgi_app or not callable(target) else (
             target if is_function else target.__call__)
@@ -101,7 +105,8 @@ class Servable:
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run user code: coroutines on the loop, plain functions in a worker thread, in a
         copy of the request's context (its multiplexed model id goes with it)."""
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+                or getattr(fn, batching.ON_EVENT_LOOP, False)):
             result = fn(*args, **kwargs)
         elif kwargs:
             result = await self.threads.run(partial(fn, *args, **kwargs))
@@ -111,9 +116,35 @@ class Servable:
             result = await result
         return result
 
+    async def start(self) -> None:
+        """Run the ingress app's startup hooks; the instance is constructed already, as in
+        Ray. Raises if they fail."""
+        if self.lifespan is not None:
+            await self.lifespan.startup()
+
+    async def stop(self, timeout: float) -> None:
+        """End the service, once requests are done, within `timeout` seconds: the app's
+        shutdown hooks, then the instance's `__del__`, then the multiplexed models' unloading
+        (Ray's order). What does not finish in time is cancelled and logged."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self.lifespan is not None:
+            await self.lifespan.shutdown(timeout)
+        if not self.is_function:
+            await _within(destructor.call_del(self.target), deadline - loop.time(), "__del__")
+        await _within(multiplex.unload_all(), deadline - loop.time(),
+                      "unloading the multiplexed models")
+
+    async def run_asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Run the ingress app for one request or session, with its copy of the lifespan
+        state."""
+        assert self.asgi_app is not None and self.lifespan is not None
+        scope["state"] = self.lifespan.state.copy()
+        await self.asgi_app(scope, receive, send)
+
     async def handle_http(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if self.asgi_app is not None:
-            await self.asgi_app(scope, receive, send)
+            await self.run_asgi(scope, receive, send)
             return
         if self._http_entry is None:
             raise ProtocolError("this deployment has no __call__ method, so it does not serve "
@@ -237,8 +268,9 @@ class HttpBridge:
 
         The start and first chunk go at once. After that a stream sends at most one message per
         `COALESCE_S` (or per MiB): a chunk that follows a quiet period leaves at the app's next
-        await, and chunks that come faster are joined. Per-message cost, not per-chunk cost,
-        then bounds a stream's throughput, and a slow token stream sees no delay.
+        await, and chunks that come faster share a message, which still tells them apart.
+        Per-message cost, not per-chunk cost, then bounds a stream's throughput, and a slow
+        token stream sees no delay.
         """
         if self._flush_error is not None:
             raise self._flush_error
@@ -276,31 +308,31 @@ class HttpBridge:
     async def _flush(self, final: bool) -> None:
         async with self._publishing:  # FIFO: buffered chunks leave in the order they came
             self._flush_task = None
-            data, self._buffer, self._buffered = b"".join(self._buffer), [], 0
-            if not data and not final:
+            chunks, self._buffer, self._buffered = self._buffer, [], 0
+            if not chunks and not final:
                 return
             self._last_flush = time.monotonic()
             try:
-                await self._publish_body(data, more_body=not final)
+                await self._publish_body(chunks, more_body=not final)
             except BrokerServeError as exc:  # a lost broker or no credit: the app's next
                 # send raises it
                 self._flush_error = exc
 
-    async def _publish_body(self, body: bytes, more_body: bool) -> None:
-        chunks = [body[i:i + CHUNK_BYTES] for i in range(0, len(body), CHUNK_BYTES)] or [b""]
-        for index, chunk in enumerate(chunks):
-            more = more_body or index < len(chunks) - 1
+    async def _publish_body(self, chunks: list[bytes], more_body: bool) -> None:
+        """Publish the app's chunks, several to an event; `chunk_sizes` keeps where each ends,
+        so that the caller writes each as its own HTTP chunk."""
+        for body in protocol.body_events(chunks, more_body, CHUNK_BYTES):
+            more = body["more_body"]
             if self._window is not None:
-                await self._window.spend(len(chunk))  # a slow client pauses the app here
+                await self._window.spend(len(body["body"]))  # a slow client pauses the app here
             if self._start is not None:
                 fields, self._start = self._start, None
-                fields.update(body=chunk, more_body=more)
+                fields.update(body)
                 self.stream.started = True
                 self.stream.status = fields["status"]
                 await self.stream.send(protocol.START, fields, final=not more)
             elif self.stream.started:
-                await self.stream.send(protocol.BODY, {"body": chunk, "more_body": more},
-                                       final=not more)
+                await self.stream.send(protocol.BODY, body, final=not more)
 
 
 async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, Any],
@@ -373,7 +405,7 @@ async def run_websocket(servable: Servable, stream: ReplyStream, payload: dict[s
         raise ProtocolError("WebSockets need an ASGI ingress (@serve.ingress with a FastAPI "
                             "or Starlette app)", status=404, error="NoSuchMethod")
     bridge = WebSocketBridge(stream, from_caller, inbox)
-    await servable.asgi_app(scope, bridge.receive, bridge.send)
+    await servable.run_asgi(scope, bridge.receive, bridge.send)
     if not stream.finished:  # the app returned without closing: close for it
         await stream.send(protocol.WS_CLOSE, {"code": 1000, "reason": ""}, final=True)
 
@@ -403,6 +435,13 @@ async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, A
     else:
         await stream.send(protocol.RESULT, {**pack_value(result, secret), "more": False},
                           final=True)
+
+
+async def _within(step: Awaitable[None], timeout: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(step, max(timeout, 0))
+    except TimeoutError:
+        log.warning("%s did not finish within the graceful shutdown timeout; cancelled", what)
 
 
 def _takes_argument(fn: Callable[..., Any]) -> bool:

@@ -7,8 +7,10 @@
 
 Each replica keeps the models it loaded in an LRU of `max_num_models_per_replica`. Concurrent
 requests for a model that is loading share the one load. On eviction a model's
-`async def cleanup()` is awaited if it has one, then the cache drops it, so its `__del__` runs as
-soon as the last reference goes (an async `__del__` would never be awaited by the collector).
+`async def cleanup()` is awaited if it has one, then its `__del__` is called, as Ray calls it
+(awaited if it is `async def`, in a thread if not), once: the interpreter does not call it again
+when the cache lets go of the model (`destructor.py`). A stopping replica unloads the models it
+holds the same way (`unload_all`).
 """
 
 from __future__ import annotations
@@ -17,13 +19,17 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from ..observability import metrics
+from . import destructor
 from .owner_state import OwnerState
+
+log = logging.getLogger("broker_serve.replica.multiplex")
 
 # Set on a loader, so a replica can tell that its class is multiplexed (model affinity).
 LOADER_MARK = "__broker_serve_multiplexed__"
@@ -86,16 +92,37 @@ class _ModelCache:
         return model_id in self._models
 
     def loaded(self) -> list[str]:
-        return [model_id for model_id, future in self._models.items()
-                if future.done() and not future.cancelled() and future.exception() is None]
+        return [model_id for model_id, future in self._models.items() if _loaded(future)]
+
+    async def unload_all(self) -> None:
+        while self._models:
+            model_id, future = self._models.popitem(last=False)
+            try:
+                await _unload(future)
+            except Exception:  # user code; the other models still unload
+                log.exception("could not unload model %r", model_id)
+
+
+def _loaded(future: asyncio.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 async def _unload(future: asyncio.Future[Any]) -> None:
-    if not future.done() or future.exception() is not None:
+    if not _loaded(future):
         return
-    cleanup = getattr(future.result(), "cleanup", None)
-    if cleanup is not None and inspect.iscoroutinefunction(cleanup):
-        await cleanup()
+    model = future.result()
+    cleanup = getattr(model, "cleanup", None)
+    try:
+        if cleanup is not None and inspect.iscoroutinefunction(cleanup):
+            await cleanup()
+    finally:
+        await destructor.call_del(model)
+
+
+async def unload_all() -> None:
+    """Unload every model this process holds, as eviction does: a replica is stopping."""
+    for cache in list(_caches):
+        await cache.unload_all()
 
 
 def multiplexed(_func: Callable[..., Any] | None = None, *,

@@ -1,9 +1,10 @@
 """A replica: one OS process that runs one deployment instance and consumes its queue.
 
-Lifecycle: `startup` loads the signed definition from Redis and constructs the user's object,
-then consumes the deployment's queue with prefetch = max_ongoing_requests. `main_loop` keeps
-the heartbeat. `shutdown` (on SIGTERM) stops consuming, lets in-flight requests finish within
-`graceful_shutdown_timeout_s`, and closes the connection, so RabbitMQ requeues whatever is left.
+Lifecycle: `startup` loads the signed definition from Redis, constructs the user's object and
+runs its ingress app's startup hooks, then consumes the deployment's queue with prefetch =
+max_ongoing_requests. `main_loop` keeps the heartbeat. `shutdown` (on SIGTERM) stops consuming,
+lets in-flight requests finish, runs the shutdown hooks and `__del__` (all within
+`graceful_shutdown_timeout_s`), and closes the connection, so RabbitMQ requeues whatever is left.
 
 Message policy: a request is acked once its terminal event is published. A message without
 `reply_to` cannot be answered and is rejected without requeue, which dead-letters it. Acks and
@@ -45,6 +46,7 @@ from ..observability.entry_point import run_entry_point
 from ..observability.logging import AccessLog, setup_logging
 from ..protocol import messages as protocol
 from ..protocol.call_values import loads_signed
+from ..protocol.remote_errors import describe
 from ..schema import ReplicaState
 from ..settings import Settings
 from ..state.records import ReplicaEndState, ReplicaRecordState
@@ -73,6 +75,9 @@ CONFIG_REFRESH_S = 5.0
 # A request delivered this often died with its replica every time: it is not tried again.
 MAX_DELIVERIES = 4
 DELIVERY_COUNT_TTL_S = 3600
+# Shutdown hooks and __del__ get this long even when requests used the whole grace period; the
+# node's SIGKILL comes 5 s after it.
+MIN_USER_SHUTDOWN_S = 1.0
 
 
 class Replica:
@@ -232,7 +237,6 @@ class Replica:
     async def _construct(self, definition: dict[str, Any], threads: ThreadRunner) -> Servable:
         target = definition["func_or_class"]
         is_function = not inspect.isclass(target)
-        asgi_app = ingress.asgi_app_of(target)
         if is_function:
             instance = target
         else:
@@ -240,15 +244,17 @@ class Replica:
             if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
                 instance = await instance
         ingress.set_servable(instance)
-        if asgi_app is not None and not is_function:
-            ingress.drop_other_views(asgi_app, target)
         _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id, instance))
+        # After the constructor, as in Ray: an ingress builder makes its app now, in the replica.
+        asgi_app = None if is_function else ingress.serving_app(target)
+        servable = Servable(instance, is_function, asgi_app, threads)
+        await servable.start()  # the ingress app's startup hooks: a failure fails the replica
         user_config = self.config.user_config
         if user_config is not None and hasattr(instance, "reconfigure"):
             result = instance.reconfigure(user_config)
             if inspect.isawaitable(result):
                 await result
-        return Servable(instance, is_function, asgi_app, threads)
+        return servable
 
     async def main_loop(self) -> None:
         async def beat() -> None:
@@ -346,20 +352,23 @@ class Replica:
             log.warning("could not announce that replica %s is unhealthy: %s",
                         self.replica_id, exc)
 
-    async def _until_requests_done(self) -> None:
-        """Give running requests graceful_shutdown_timeout_s to finish, looking every
+    async def _until_requests_done(self, timeout: float) -> None:
+        """Give running requests `timeout` seconds to finish, looking every
         graceful_shutdown_wait_loop_s (at most 50 ms)."""
         async def done() -> bool:
             return not self._tasks
 
         await AsyncRetrying(
-            stop=stop_after_delay(self.config.graceful_shutdown_timeout_s),
+            stop=stop_after_delay(timeout),
             wait=wait_fixed(min(0.05, self.config.graceful_shutdown_wait_loop_s)),
             retry=retry_if_result(lambda finished: not finished),
             retry_error_callback=lambda state: None)(done)
 
     async def shutdown(self) -> None:
         log.info("replica %s stopping", self.replica_id)
+        loop = asyncio.get_running_loop()
+        # Requests, then shutdown hooks and __del__, share the grace period, as in Ray.
+        deadline = loop.time() + self.config.graceful_shutdown_timeout_s
         await self._safe_record(ReplicaState.STOPPING)
         for consumer in self._consumers:
             try:
@@ -367,7 +376,7 @@ class Replica:
             except (BrokerServeError, TimeoutError) as exc:  # broker away: closing the
                 # connection below stops it too
                 log.warning("could not cancel consumer: %s", exc or type(exc).__name__)
-        await self._until_requests_done()
+        await self._until_requests_done(deadline - loop.time())
         stragglers = list(self._tasks)
         for task in stragglers:
             task.cancel()
@@ -382,6 +391,9 @@ class Replica:
             except (BrokerServeError, TimeoutError) as exc:
                 log.warning("could not send the last acks: %s", exc)
             await self._journal_released([cid for _, _, cid in settler.ledger.unsettled()])
+        if self.servable is not None:
+            # While the connection is still open: hooks and __del__ may call handles.
+            await self.servable.stop(max(deadline - loop.time(), MIN_USER_SHUTDOWN_S))
         try:
             await asyncio.wait_for(self.broker.close(), 5)
         except (BrokerServeError, TimeoutError) as exc:
@@ -557,7 +569,9 @@ class Replica:
             # A callee's error passing through keeps its original type, however many hops.
             error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
                           else type(exc).__name__)
-            await stream.error(500, error_type, detail[:2000])
+            # Which class to raise again, for a handle caller; an HTTP client is told nothing.
+            cause = describe(exc, self.secret) if kind == protocol.KIND_CALL else None
+            await stream.error(500, error_type, detail[:2000], cause)
         finally:
             self._caller_messages.pop(correlation_id, None)
         if stream.finished:
