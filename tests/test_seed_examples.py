@@ -53,3 +53,19 @@ def test_streaming_example(cluster: Cluster) -> None:
     first, last = results[0][0], results[-1][0]
     assert first <= 0.5, f"first chunk only after {first}s\n{report}"
     assert last >= 0.8, f"last chunk already after {last}s: not streamed as produced\n{report}"
+
+
+def test_ray08_full_example(cluster: Cluster) -> None:
+    """Ray Serve 0.8's full example (seed 003), ported by its two changes (the import, and
+    `ref.result()` for `ray.get(ref)`), less `import ray` and the Ray-only pretty printer. It
+    requests 127.0.0.1:8000, moved to the test cluster's port as the others' localhost:8000."""
+    source = (EXAMPLES / "ray08_full_example.py").read_text()
+    result = cluster.run_script(source.replace("127.0.0.1:8000", "localhost:8000"), timeout=180)
+    report = f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+    assert result.returncode == 0, report
+    lines = result.stdout.splitlines()
+    url = f"http://localhost:{cluster.port}/echo"
+    assert lines[:2] == [url, "hello"], report
+    split = lines[2:12]
+    assert set(split) <= {url, "something new"} and len(split) == 10, report
+    assert lines[12].startswith("{") and "my_endpoint" in lines[12], report
