@@ -74,6 +74,9 @@ class DeploymentConfig(BaseModel):
     num_replicas: PositiveInt | None = 1
     max_ongoing_requests: PositiveInt = 5
     max_queued_requests: int = Field(default=-1, ge=-1)
+    # Declares the queue with priorities, so requests with nearer deadlines (SLOs) are
+    # delivered first (docs/architecture.md, "Deadlines and ordering"); not in Ray 2.x.
+    order_by_deadline: bool = False
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat = 2.0

@@ -1,4 +1,8 @@
-"""What code running inside a replica can learn about where it runs."""
+"""What code running inside a replica can learn about where it runs (Ray's `serve.context`).
+
+`serve.context.web` is Ray Serve 0.8's flag: True while a replica handles a request that came
+over HTTP, False for a handle call (and outside a replica).
+"""
 
 from __future__ import annotations
 
@@ -29,6 +33,17 @@ _current: ReplicaContext | None = None
 # it on (header bs-request-id), so every log line of one request shares the id.
 _request_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "broker_serve_request_id", default="")
+
+
+# Set by the replica per request (replica/execution.py): its HTTP path sets True, its call path
+# False. Read as `serve.context.web` through the module's `__getattr__` below.
+_web: contextvars.ContextVar[bool] = contextvars.ContextVar("broker_serve_web", default=False)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "web":
+        return _web.get()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _set_replica_context(context: ReplicaContext | None) -> None:

@@ -4,7 +4,8 @@
      ├── RayServeException          an error in a deployment, re-raised in the caller
      │    ├── RayServeException(E)  ... and an E too, E being the class the deployment raised
      │    ├── BackPressureError     the deployment's queue is at its max_queued_requests
-     │    └── RequestCancelledError the request was cancelled before it finished
+     │    ├── RequestCancelledError the request was cancelled before it finished
+     │    └── RequestTimeoutError   its deadline (SLO) passed first (a TimeoutError too)
      ├── ProtocolError              a message broke docs/protocol.md
      │    ├── UntrustedPayload      a signed payload whose signature does not verify
      │    └── UndecodableValue      a typed value that does not decode to what it claims
@@ -52,8 +53,9 @@ class RayServeException(BrokerServeError):
     - it cannot be subclassed (a C type that forbids it, an `__init_subclass__` that refuses,
       a metaclass conflict), or it is not an Exception, or it is a StopIteration or
       StopAsyncIteration, which would end the caller's iteration instead;
-    - it is one of broker-serve's own (`BackPressureError`, `RequestCancelledError` keep their
-      classes), or the error did not come from a deployment's code (e.g. `DeadlineExceeded`).
+    - it is one of broker-serve's own (`BackPressureError`, `RequestCancelledError` and
+      `RequestTimeoutError`, for a `DeadlineExceeded`, keep their classes), or the error did
+      not come from a deployment's code (e.g. `NoSuchMethod`).
 
     `origin` is what the error event said of the class (`module`, `qualname`, `args`,
     docs/protocol.md); a replica passes it on when the error passes through it.
@@ -83,6 +85,17 @@ class RequestCancelledError(RayServeException):
 
     def __init__(self, message: str, *, deployment: str = "", error_type: str = "Cancelled"
                  ) -> None:
+        super().__init__(message, deployment=deployment, error_type=error_type)
+
+
+class RequestTimeoutError(RayServeException, TimeoutError):
+    """The call's deadline (`relative_slo_ms` / `absolute_slo_ms`, or one inherited from the
+    request that made it) passed before it finished; it was cancelled, so if it had not
+    started it never runs. A TimeoutError too, as what Ray's `result(timeout_s=)` raises is.
+    Its `error_type` is "DeadlineExceeded", the replica's name for a request it found late."""
+
+    def __init__(self, message: str, *, deployment: str = "",
+                 error_type: str = "DeadlineExceeded") -> None:
         super().__init__(message, deployment=deployment, error_type=error_type)
 
 

@@ -4,6 +4,7 @@ Config schemas, what a config file and `PUT /api/serve/applications/` hold:
 
     ServeDeploySchema
      ├── HTTPOptionsSchema, gRPCOptionsSchema
+     ├── TrafficSchema                 broker-serve's: weighted splits and shadows of a route
      └── ServeApplicationSchema        (alone: the V1 single-application config)
           └── DeploymentSchema          per-deployment overrides of the options in code
                └── RayActorOptionsSchema
@@ -60,6 +61,7 @@ __all__ = [
     "ServeInstanceDetails",
     "ServeStatus",
     "ServeStatusSchema",
+    "TrafficSchema",
     "gRPCOptionsSchema",
 ]
 
@@ -80,6 +82,54 @@ def check_route_prefix(prefix: str | None) -> None:
         raise ValueError(f"route_prefix must not end with '/', got {prefix!r}")
     if "{" in prefix or "}" in prefix:
         raise ValueError(f"route_prefix may not contain wildcards, got {prefix!r}")
+
+
+# HTTP methods are tokens (RFC 9110): letters, digits and a few marks.
+_METHOD = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~")
+# Weights are floats: 0.1 + 0.2 + 0.7 is not exactly 1.
+WEIGHT_TOLERANCE = 1e-6
+
+
+def check_traffic(name: str, split: Mapping[str, float], shadow: Mapping[str, float],
+                  methods: list[str] | None) -> list[str] | None:
+    """Check a traffic record's parts (docs/architecture.md, "Traffic policy") and return its
+    methods upper-cased, without repeats. Raises ValueError saying what is wrong, for a wrong
+    type too: pydantic's validators turn only ValueError into a validation error."""
+    if not isinstance(name, str) or not name or any(c in name for c in "* \t\n"):
+        raise ValueError(f"invalid traffic name {name!r}: no '*' or whitespace")
+    for kind, parts in (("split", split), ("shadow", shadow)):
+        if not isinstance(parts, Mapping):
+            raise ValueError(  # noqa: TRY004
+                f"{kind} must be a dict of application name to number, got {parts!r}")
+        for app, value in parts.items():
+            check_app_name(app)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(  # noqa: TRY004
+                    f"the {kind} of {app!r} must be a number, got {value!r}")
+    bad = sorted(app for app, weight in split.items() if not weight > 0)
+    if bad:
+        raise ValueError(f"split weights must be greater than 0; {bad} are not")
+    total = sum(split.values())
+    if split and abs(total - 1) > WEIGHT_TOLERANCE:
+        raise ValueError(f"split weights must sum to 1, got {total:g} for {dict(split)}")
+    bad = sorted(app for app, fraction in shadow.items() if not 0 < fraction <= 1)
+    if bad:
+        raise ValueError(f"shadow fractions must be in (0, 1]; {bad} are not")
+    return _check_methods(methods)
+
+
+def _check_methods(methods: list[str] | None) -> list[str] | None:
+    if methods is None:
+        return None
+    if isinstance(methods, str) or not methods:
+        raise ValueError(f"methods must be a non-empty list of HTTP methods, got {methods!r}")
+    upper: list[str] = []
+    for method in methods:
+        if not isinstance(method, str) or not method or not set(method.upper()) <= _METHOD:
+            raise ValueError(f"{method!r} is not an HTTP method")
+        if method.upper() not in upper:
+            upper.append(method.upper())
+    return upper
 
 
 class ApplicationStatus(str, enum.Enum):
@@ -148,6 +198,7 @@ class DeploymentSchema(BaseModel):
     max_ongoing_requests: PositiveInt | None = None
     max_concurrent_queries: PositiveInt | None = None  # the name before Ray 2.7
     max_queued_requests: int | None = Field(default=None, ge=-1)
+    order_by_deadline: bool | None = None  # broker-serve's: SLO ordering (architecture.md)
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat | None = None
@@ -239,8 +290,32 @@ class gRPCOptionsSchema(BaseModel):  # Ray's name
     request_timeout_s: PositiveFloat | None = None
 
 
+class TrafficSchema(BaseModel):
+    """A traffic record: who serves one route prefix (or handle-only endpoint) by weight, and
+    who gets a copy of a fraction of its requests (docs/architecture.md, "Traffic policy")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    route_prefix: str | None = None
+    methods: list[str] | None = None
+    split: dict[str, float] = Field(default_factory=dict)
+    shadow: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _checked(self) -> TrafficSchema:
+        check_route_prefix(self.route_prefix)
+        self.methods = check_traffic(self.name, self.split, self.shadow, self.methods)
+        return self
+
+    def targets(self) -> set[str]:
+        """The applications it names."""
+        return set(self.split) | set(self.shadow)
+
+
 class ServeDeploySchema(BaseModel):
-    """A multi-application config: the whole desired state of the cluster's applications."""
+    """A multi-application config: the whole desired state of the cluster's applications,
+    and (`traffic`, broker-serve's) the traffic records of its route prefixes."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -250,6 +325,7 @@ class ServeDeploySchema(BaseModel):
     logging_config: dict[str, Any] | None = None
     applications: list[ServeApplicationSchema]
     target_capacity: float | None = Field(default=None, ge=0, le=100)
+    traffic: list[TrafficSchema] = Field(default_factory=list)
 
     @field_validator("applications")
     @classmethod
@@ -263,6 +339,35 @@ class ServeDeploySchema(BaseModel):
         if duplicates:
             raise ValueError(f"route prefixes must be unique; repeated: {duplicates}")
         return value
+
+    @model_validator(mode="after")
+    def _traffic_names_its_applications(self) -> ServeDeploySchema:
+        """A config replaces the cluster's applications, so its traffic may name only its
+        own; and a prefix an application serves goes to traffic only if that application
+        is in the split."""
+        names = [record.name for record in self.traffic]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"traffic names must be unique; repeated: {duplicates}")
+        prefixes = [r.route_prefix for r in self.traffic if r.route_prefix is not None]
+        duplicates = sorted({p for p in prefixes if prefixes.count(p) > 1})
+        if duplicates:
+            raise ValueError(f"traffic route prefixes must be unique; repeated: {duplicates}")
+        apps = {app.name: app for app in self.applications}
+        for record in self.traffic:
+            unknown = sorted(record.targets() - set(apps))
+            if unknown:
+                raise ValueError(f"traffic {record.name!r} names {unknown}, which this "
+                                 "config does not deploy")
+            owners = sorted(name for name, app in apps.items()
+                            if record.route_prefix is not None
+                            and app.route_prefix == record.route_prefix
+                            and name not in record.split)
+            if owners:
+                raise ValueError(f"traffic {record.name!r}: route_prefix "
+                                 f"{record.route_prefix!r} is served by application(s) "
+                                 f"{owners}, which are not in its split")
+        return self
 
     def application(self, name: str) -> ServeApplicationSchema | None:
         return next((app for app in self.applications if app.name == name), None)

@@ -1,5 +1,7 @@
 """`from broker_serve import serve`: the same names as `from ray import serve`."""
 
+# Ray's `serve.context` and `serve.handle` modules (`serve.context.web`, `serve.handle.X`).
+from . import context, handle
 from .client.api import (
     delete,
     get_app_handle,
@@ -10,9 +12,25 @@ from .client.api import (
     status,
 )
 from .client.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from .client.stats import stat
+from .client.traffic import delete_traffic, get_traffic, set_traffic
 from .config import AutoscalingConfig, HTTPOptions, ProxyLocation, gRPCOptions
 from .context import ReplicaContext, get_replica_context
-from .deployment import Application, Deployment, deployment
+from .deployment import Application, Deployment, deployment, get_deployment, list_deployments
+from .ray08 import (
+    BackendConfig,
+    RoutePolicy,
+    create_backend,
+    create_endpoint,
+    get_backend_config,
+    get_handle,
+    init,
+    link,
+    route,
+    set_backend_config,
+    split,
+)
+from .replica.backend import accept_batch
 from .replica.batching import batch
 from .replica.ingress import ingress
 from .replica.multiplex import get_multiplexed_model_id, multiplexed
@@ -20,6 +38,7 @@ from .replica.multiplex import get_multiplexed_model_id, multiplexed
 __all__ = [
     "Application",
     "AutoscalingConfig",
+    "BackendConfig",
     "Deployment",
     "DeploymentHandle",
     "DeploymentResponse",
@@ -27,18 +46,37 @@ __all__ = [
     "HTTPOptions",
     "ProxyLocation",
     "ReplicaContext",
+    "RoutePolicy",
+    "accept_batch",
     "batch",
+    "context",
+    "create_backend",
+    "create_endpoint",
     "delete",
+    "delete_traffic",
     "deployment",
     "gRPCOptions",
     "get_app_handle",
+    "get_backend_config",
+    "get_deployment",
     "get_deployment_handle",
+    "get_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "get_traffic",
+    "handle",
     "ingress",
+    "init",
+    "link",
+    "list_deployments",
     "multiplexed",
+    "route",
     "run",
+    "set_backend_config",
+    "set_traffic",
     "shutdown",
+    "split",
     "start",
+    "stat",
     "status",
 ]

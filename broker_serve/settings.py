@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     # The REST API's bearer token; unset, the controller generates one into the state dir.
     api_token: str | None = None
+    # The metrics history in Redis (docs/architecture.md, "Metrics history and `serve.stat`"):
+    # how often each proxy and replica writes it (0: never), and how long it is kept while the
+    # cluster's own window (`set_history_window`) is unset.
+    history_interval_s: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+    history_window_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
 
     @field_validator("app_dir", "http_keep_alive_timeout_s", mode="before")
     @classmethod
@@ -124,6 +129,8 @@ class Settings(BaseSettings):
             **({"BROKER_SERVE_APP_DIR": self.app_dir} if self.app_dir else {}),
             "BROKER_SERVE_METRICS_HOST": self.metrics_host,
             "BROKER_SERVE_METRICS_PORT": str(self.metrics_port),
+            "BROKER_SERVE_HISTORY_INTERVAL_S": str(self.history_interval_s),
+            "BROKER_SERVE_HISTORY_WINDOW_S": str(self.history_window_s),
         }
 
 

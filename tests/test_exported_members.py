@@ -20,3 +20,11 @@ def test_serve_mirrors_ray_serve_names():
                  "get_replica_context", "get_app_handle", "get_deployment_handle",
                  "Application", "Deployment", "HTTPOptions"}
     assert ray_names <= set(serve.__all__)
+
+
+def test_serve_has_ray_serve_0_8_names():
+    ray08_names = {"init", "create_endpoint", "create_backend", "get_backend_config",
+                   "set_backend_config", "link", "split", "get_handle", "stat", "accept_batch",
+                   "route", "BackendConfig", "RoutePolicy", "get_deployment", "list_deployments"}
+    assert ray08_names <= set(serve.__all__)
+    assert serve.context.web is False and serve.handle.RayServeSyncHandle is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import sys
 import traceback
@@ -464,15 +465,16 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
     click.echo("All applications deleted.")
 
 
-@cli.command(help="Print latency percentiles (p50, p90, p95) per deployment and per route over "
-                  "sliding windows, read from the cluster's Prometheus endpoints. It samples "
-                  "them itself every --interval seconds, so a window fills in once the command "
-                  "has run that long (marked * until then).")
+@cli.command(help="Print latency percentiles (p50, p90, p95) and request counts per deployment "
+                  "and per endpoint over windows, from the metrics history the cluster keeps "
+                  "in Redis: every window up to the history window (gc_window_seconds) is "
+                  "full at once. With --url it samples those Prometheus endpoints itself "
+                  "instead, so a window fills in once the command has run that long.")
 @click.option("--url", "urls", multiple=True,
-              help="A metrics endpoint to read, repeatable [default: every proxy's /-/metrics "
-                   "and worker node's /metrics found in Redis, and the controller's /metrics].")
+              help="Read this metrics endpoint instead of the history, repeatable (a proxy's "
+                   "/-/metrics, a worker node's /metrics, the controller's /metrics).")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds between samples; a table is printed after each.")
+              help="Seconds between tables (with --url: between samples).")
 @click.option("--windows", default="10,60,300", show_default=True,
               help="Window lengths in seconds, comma-separated.")
 @click.option("--count", type=click.IntRange(min=1), default=None,
@@ -485,16 +487,20 @@ def stats(urls: tuple[str, ...], interval: float, windows: str, count: int | Non
         lengths = sorted({float(w) for w in windows.split(",") if w.strip()})
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--windows") from exc
-    if not lengths or min(lengths) <= 0:
+    if not lengths or min(lengths) <= 0 or not all(math.isfinite(w) for w in lengths):
         raise click.BadParameter("give positive lengths", param_hint="--windows")
     settings = _settings()
     try:
-        stats.run(settings, list(urls), interval, lengths, count, click.echo)
+        if urls:
+            stats.run(settings, list(urls), interval, lengths, count, click.echo)
+        else:
+            stats.run_history(settings, interval, lengths, count, click.echo)
     except KeyboardInterrupt:
         pass
+    except stats.WindowTooLong as exc:
+        raise click.BadParameter(str(exc), param_hint="--windows") from exc
     except (ClusterUnavailable, StateError) as exc:
-        raise click.ClickException(_unreachable(
-            settings, exc, " to find the endpoints (or pass --url)")) from exc
+        raise click.ClickException(_unreachable(settings, exc, " to read the history")) from exc
 
 
 def main() -> None:

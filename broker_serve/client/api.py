@@ -24,7 +24,7 @@ from ..context import _in_replica
 from ..exceptions import BrokerServeError, DeployFailed
 from ..schema import ApplicationStatus, ServeStatus, check_app_name, check_route_prefix
 from ..state.apps import write_app
-from ..state.records import AppRecord, AppStatusRecord
+from ..state.records import AppRecord, AppStatusRecord, RouteTableRecord
 from ..state.status import read_status
 from .application import Application, Deployment
 from .build import build_application
@@ -214,16 +214,24 @@ def _describes_deploy(status: AppStatusRecord, record: AppRecord) -> bool:
 async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None:
     """Wait until every live proxy routes `prefix` to the app (or, with no prefix, routes
     nothing to it any more), so the next request sees the change."""
+    def settled(table: RouteTableRecord) -> bool:
+        if prefix is None:
+            return all(route["app"] != name for route in table["routes"].values())
+        route = table["routes"].get(prefix)
+        return bool(route and route["app"] == name and route["ready"])
+
+    await wait_for_proxies(runtime, settled, repr(name))
+
+
+async def wait_for_proxies(runtime: Runtime, settled: Callable[[RouteTableRecord], bool],
+                           what: str) -> None:
+    """Wait until the route table is `settled` and every live proxy loaded it (or a later
+    one); after PROXY_ROUTES_TIMEOUT_S, warn and return."""
     store, names = runtime.store, runtime.names
 
     async def seen() -> bool:
         table = await store.routes()
-        if prefix is None:
-            settled = all(route["app"] != name for route in table["routes"].values())
-        else:
-            route = table["routes"].get(prefix)
-            settled = bool(route and route["app"] == name and route["ready"])
-        if settled:
+        if settled(table):
             proxies = await store.proxies()
             alive = await store.alive([names.proxy_alive(p) for p in proxies])
             versions = [p["routes_version"] for p, ok in zip(proxies.values(), alive) if ok]
@@ -231,7 +239,7 @@ async def _wait_proxies(runtime: Runtime, name: str, prefix: str | None) -> None
         return False
 
     def unseen(state: RetryCallState) -> None:
-        log.warning("not every proxy saw the routes of %r change within %.0fs", name,
+        log.warning("not every proxy saw the routes of %s change within %.0fs", what,
                     PROXY_ROUTES_TIMEOUT_S)
 
     await _poll(PROXY_ROUTES_TIMEOUT_S, unseen)(seen)

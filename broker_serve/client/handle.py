@@ -1,7 +1,9 @@
 """Deployment handles: call a deployment's methods from a driver or from another replica.
 
 A call is one `call` message on the deployment's queue (docs/protocol.md); its reply events come
-back on this process's single reply queue.
+back on this process's single reply queue. A call with a deadline (`relative_slo_ms`,
+`absolute_slo_ms`, or inherited from the request that makes it) gives up by itself when it
+passes, and cancels the callee (docs/architecture.md, "Deadlines and ordering").
 """
 
 from __future__ import annotations
@@ -13,8 +15,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..context import _request_id
-from ..exceptions import BackPressureError, RayServeException, RequestCancelledError
-from ..protocol import messages
+from ..exceptions import (
+    BackPressureError,
+    RayServeException,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+from ..protocol import deadlines, messages
 from ..protocol.call_values import carries_value, pack_call, unpack_value
 from ..protocol.remote_errors import raised_for
 from ..transport.broker import ReplyEvents
@@ -28,6 +35,10 @@ _background: set[asyncio.Future[None]] = set()
 # cancels them too. Each request runs in its own task, so this is per request.
 calls_of_current_request: contextvars.ContextVar[list[_Call] | None] = contextvars.ContextVar(
     "broker_serve_calls_of_current_request", default=None)
+# The deadline (Unix ms) of the request a replica is handling, set by the replica: a handle call
+# made while handling it has the earlier of this and its own.
+deadline_of_current_request: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "broker_serve_deadline_of_current_request", default=None)
 
 
 class DeploymentHandle:
@@ -35,25 +46,40 @@ class DeploymentHandle:
 
     def __init__(self, deployment_name: str | None, app_name: str, *,
                  method_name: str = "__call__",
-                 stream: bool = False, multiplexed_model_id: str = "") -> None:
+                 stream: bool = False, multiplexed_model_id: str = "",
+                 relative_slo_ms: float | None = None,
+                 absolute_slo_ms: float | None = None) -> None:
         self.deployment_name = deployment_name
         self.app_name = app_name
         self.method_name = method_name
         self.stream = stream
         self.multiplexed_model_id = multiplexed_model_id
+        # Ray Serve 0.8's deadlines: each call's is its time plus relative_slo_ms, or the
+        # Unix time absolute_slo_ms (in milliseconds, as time.time() * 1000).
+        if relative_slo_ms is not None and absolute_slo_ms is not None:
+            raise ValueError("give relative_slo_ms or absolute_slo_ms, not both")
+        self.relative_slo_ms = deadlines.checked_slo("relative_slo_ms", relative_slo_ms)
+        self.absolute_slo_ms = deadlines.checked_slo("absolute_slo_ms", absolute_slo_ms)
         # A handle from get_app_handle inside a replica learns its app's ingress on its first
         # call and keeps it, so later calls cost no Redis round trip.
         self.resolved_ingress: str | None = None
 
     def options(self, *, method_name: str | None = None, stream: bool | None = None,
                 multiplexed_model_id: str | None = None,
-                use_new_handle_api: bool | None = None) -> DeploymentHandle:
+                use_new_handle_api: bool | None = None,
+                relative_slo_ms: float | None = None,
+                absolute_slo_ms: float | None = None) -> DeploymentHandle:
+        """A handle that calls differently. An SLO given here replaces the handle's, of
+        either kind; giving both is a ValueError."""
+        if relative_slo_ms is None and absolute_slo_ms is None:
+            relative_slo_ms, absolute_slo_ms = self.relative_slo_ms, self.absolute_slo_ms
         return DeploymentHandle(
             self.deployment_name, self.app_name,
             method_name=method_name if method_name is not None else self.method_name,
             stream=stream if stream is not None else self.stream,
             multiplexed_model_id=(multiplexed_model_id if multiplexed_model_id is not None
                                   else self.multiplexed_model_id),
+            relative_slo_ms=relative_slo_ms, absolute_slo_ms=absolute_slo_ms,
         )
 
     def __getattr__(self, name: str) -> DeploymentHandle:
@@ -70,16 +96,19 @@ class DeploymentHandle:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_handle, (self.deployment_name, self.app_name, self.method_name,
-                                  self.stream, self.multiplexed_model_id))
+                                  self.stream, self.multiplexed_model_id,
+                                  self.relative_slo_ms, self.absolute_slo_ms))
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r})"
 
 
-def _rebuild_handle(deployment: str, app: str, method: str, stream: bool,
-                    model_id: str) -> DeploymentHandle:
+def _rebuild_handle(deployment: str, app: str, method: str, stream: bool, model_id: str,
+                    relative_slo_ms: float | None = None,
+                    absolute_slo_ms: float | None = None) -> DeploymentHandle:
     return DeploymentHandle(deployment, app, method_name=method, stream=stream,
-                            multiplexed_model_id=model_id)
+                            multiplexed_model_id=model_id, relative_slo_ms=relative_slo_ms,
+                            absolute_slo_ms=absolute_slo_ms)
 
 
 class _Call:
@@ -94,6 +123,10 @@ class _Call:
         self.request_id = runtime.next_request_id()
         # Read here, in the caller's context: a sync method's call runs in a worker thread.
         self.parent_request_id = _request_id.get()
+        self.deadline_ms = deadlines.earlier(
+            deadlines.from_slo(handle.relative_slo_ms, handle.absolute_slo_ms,
+                               deadlines.now_ms()),
+            deadline_of_current_request.get())
         self.items: asyncio.Queue[Any] = asyncio.Queue()
         self.started = False  # set by _run's first step; a call cancelled before has none
         self.published = False
@@ -115,12 +148,14 @@ class _Call:
         self.started = True
         runtime = self.runtime
         events = runtime.router.register(self.request_id)
+        # Only a call with a deadline pays for a timer.
+        timer = None if self.deadline_ms is None else asyncio.timeout_at(self._deadline_on_loop())
         try:
-            if self.deployment_name is None:
-                self.deployment_name = self.handle.resolved_ingress or await self._ingress()
-                self.handle.resolved_ingress = self.deployment_name
-            await self._publish()
-            await self._receive(events)
+            if timer is None:
+                await self._exchange(events)
+            else:
+                async with timer:
+                    await self._exchange(events)
         except asyncio.CancelledError:
             if self.published:  # stop the callee too, wherever it runs or waits
                 self._cancel_callee()
@@ -130,12 +165,34 @@ class _Call:
             raise
         # User arguments may raise anything: the response does.
         except Exception as exc:  # noqa: BLE001
-            self.items.put_nowait(exc)
+            expired = timer is not None and timer.expired()
+            self.items.put_nowait(self._timed_out() if expired else exc)
         finally:
             if self.chosen is not None:
                 runtime.affinity.done(self.queue, self.chosen)
             runtime.router.unregister(self.request_id)
             self.items.put_nowait(_DONE)
+
+    async def _exchange(self, events: ReplyEvents) -> None:
+        if self.deployment_name is None:
+            self.deployment_name = self.handle.resolved_ingress or await self._ingress()
+            self.handle.resolved_ingress = self.deployment_name
+        await self._publish()
+        await self._receive(events)
+
+    def _deadline_on_loop(self) -> float:
+        """The call's deadline in the loop's clock."""
+        assert self.deadline_ms is not None
+        return self.runtime.loop.time() + (self.deadline_ms - deadlines.now_ms()) / 1000
+
+    def _timed_out(self) -> RequestTimeoutError:
+        """The deadline passed: a callee that has the call must not run it, or must stop."""
+        if self.published:
+            self._cancel_callee()
+        return RequestTimeoutError(
+            f"request {self.request_id} passed its deadline before "
+            f"{self.handle.app_name}/{self.deployment_name} answered it",
+            deployment=f"{self.handle.app_name}/{self.deployment_name}")
 
     async def _ingress(self) -> str:
         try:
@@ -155,17 +212,11 @@ class _Call:
         model_id = handle.multiplexed_model_id
         if model_id:
             payload["multiplexed_model_id"] = model_id
-        self.queue = runtime.names.request_queue(handle.app_name, deployment)
-        message: dict[str, Any] = {
-            "routing_key": self.queue, "body": messages.pack(payload),
-            "type": messages.KIND_CALL, "correlation_id": self.request_id,
-            "reply_to": runtime.router.queue_name,
-            "headers": messages.request_headers(published_us=messages.now_us(),
-                                                request_id=self.parent_request_id),
-            "mandatory": True,
-        }
+        message = self._message(messages.pack(payload))
+        self.queue = message["routing_key"]
         if await runtime.is_bounded(handle.app_name, deployment):
             # A full bounded queue refuses the call, and the caller must hear it.
+            self.published = True  # a cancel from now on must reach it
             self.published = await runtime.broker.publish_confirmed(**message)
             if not self.published:
                 raise BackPressureError(
@@ -177,8 +228,29 @@ class _Call:
             self.chosen = runtime.affinity.pick(self.queue, model_id)
             if self.chosen is not None:
                 message["routing_key"] = runtime.names.affinity_queue(self.chosen)
-        await runtime.broker.publish(**message)
         self.published = True
+        await runtime.broker.publish(**message)
+
+    def _message(self, body: bytes) -> dict[str, Any]:
+        """The call message's properties; with a deadline, its expiration and priority too."""
+        runtime, deadline = self.runtime, self.deadline_ms
+        assert self.deployment_name is not None
+        message: dict[str, Any] = {
+            "routing_key": runtime.names.request_queue(self.handle.app_name,
+                                                       self.deployment_name),
+            "body": body, "type": messages.KIND_CALL, "correlation_id": self.request_id,
+            "reply_to": runtime.router.queue_name,
+            "headers": messages.request_headers(deadline, published_us=messages.now_us(),
+                                                request_id=self.parent_request_id),
+            "mandatory": True,
+        }
+        if deadline is not None:
+            remaining = deadline - deadlines.now_ms()
+            if remaining <= 0:  # never published, so it never runs
+                raise self._timed_out()
+            message["expiration"] = deadlines.expiration(remaining)
+            message["priority"] = deadlines.priority(remaining)
+        return message
 
     async def _receive(self, events: ReplyEvents) -> None:
         """Hand the call's results to its response, up to the last one or an error."""

@@ -4,7 +4,8 @@
 Each application of a config is built in a subprocess (`_build_app.py`) and written with the
 same `state.apps.write_app` that `serve.run` uses. Applications the config does not list are deleted.
 A build that fails marks its application DEPLOY_FAILED in `app_builds` and is not retried until
-the next PUT.
+the next PUT. A config's `traffic` records replace those of the config before it, once its
+applications are written (docs/architecture.md, "Traffic policy").
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..settings import Settings
 from ..state.apps import app_version, write_app
 from ..state.records import AppRecord
 from ..state.store import Store, now
+from ..state.traffic import make_traffic
 from .api_token import ENV_VAR as TOKEN_VAR
 
 log = logging.getLogger("broker_serve.controller.rest")
@@ -52,6 +54,7 @@ async def apply_config(store: Store, settings: Settings,
     """Make `config` the cluster's applications. Returns each one's result and the deleted."""
     names = store.names
     async with _deploy_lock(store):
+        await _check_traffic_prefixes(store, config)
         secret = await store.secret()
         wanted = {app.name for app in config.applications}
         for app in config.applications:
@@ -73,6 +76,7 @@ async def apply_config(store: Store, settings: Settings,
         results = await asyncio.gather(*(
             _deploy_one(store, settings, secret, app, wanted, limit)
             for app in config.applications))
+        await _replace_traffic(store, config)
     return {"applications": dict(results), "deleted": gone}
 
 
@@ -160,6 +164,32 @@ def import_directory(settings: Settings, app: ServeApplicationSchema) -> tuple[s
     return os.path.abspath(path), True
 
 
+async def _check_traffic_prefixes(store: Store, config: ServeDeploySchema) -> None:
+    """A config's traffic may not take a route prefix that a record set otherwise (Python,
+    REST) routes; the schema checked the rest."""
+    for other in (await store.traffic()).values():
+        if other.get("source") == "declarative" or other["route_prefix"] is None:
+            continue
+        for record in config.traffic:
+            if record.route_prefix == other["route_prefix"] and record.name != other["name"]:
+                raise Refused(f"traffic {record.name!r}: route_prefix {record.route_prefix!r} "
+                              f"is routed by traffic {other['name']!r}; delete it first")
+
+
+async def _replace_traffic(store: Store, config: ServeDeploySchema) -> None:
+    """The config's traffic records, in place of the previous config's. Those set from
+    Python or REST stay, unless the config names them."""
+    wanted = {record.name for record in config.traffic}
+    stale = [name for name, record in (await store.traffic()).items()
+             if record.get("source") == "declarative" and name not in wanted]
+    await store.delete_traffic(*stale)
+    for record in config.traffic:
+        await store.put_traffic(make_traffic(record.name, record.route_prefix, record.split,
+                                             record.shadow, record.methods, "declarative"))
+    if stale or config.traffic:
+        await store.announce("traffic")
+
+
 async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
     """The config's http_options and proxy_location, where it sets them, join the stored
     options; proxies read them when they start."""
@@ -183,6 +213,9 @@ async def delete_all(store: Store) -> list[str]:
         apps = sorted(await store.apps())
         await store.delete_field(names.apps, *apps)
         await store.forget_config()
+        # The config's traffic goes with it; records set from Python or REST stay.
+        await store.delete_traffic(*[name for name, record in (await store.traffic()).items()
+                                     if record.get("source") == "declarative"])
         await store.announce("apps")
     async def statuses_gone() -> bool:
         return not await store.app_status_count()

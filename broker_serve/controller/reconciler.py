@@ -21,6 +21,7 @@ from ..exceptions import BrokerServeError, PreconditionFailed
 from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
+from ..protocol import deadlines
 from ..schema import ApplicationStatus, DeploymentStatus, ReplicaState
 from ..settings import Settings
 from ..state.liveness import process_id
@@ -35,6 +36,7 @@ from ..state.records import (
     ReplicaRecord,
     Route,
     RouteTableRecord,
+    TrafficRecord,
 )
 from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
@@ -43,6 +45,7 @@ from .autoscaler import Autoscaler
 from .placement import place
 from .reseed import StateCopy
 from .rest import serve_rest_api
+from .traffic import traffic_routes
 
 log = logging.getLogger("broker_serve.controller.reconciler")
 
@@ -224,7 +227,7 @@ class Controller:
         await self._remove_deleted_apps(apps, by_deployment)
         await self._write_statuses(statuses)
         self.metrics.set_deployments(apps, statuses)
-        await self._write_routes(apps, statuses)
+        await self._write_routes(apps, statuses, await self.store.traffic())
         await self._forget_dead_proxies()
         await self.store.prune_tombstones(int(time.time() * 1000))
 
@@ -330,8 +333,10 @@ class Controller:
                              nodes: dict[str, NodeRecord]) -> AppStatusRecord:
         deployments: dict[str, DeploymentStatusRecord] = {}
         for dep_name, dep in app["deployments"].items():
-            bound = int(dep.get("config", {}).get("max_queued_requests", -1))
-            queue_problem = await self._declare(dep["queue"], bound)
+            config = dep.get("config", {})
+            queue_problem = await self._declare(
+                dep["queue"], int(config.get("max_queued_requests", -1)),
+                ordered=bool(config.get("order_by_deadline")))
             deployment = _DeploymentRound(
                 app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
                 replicas=by_deployment.get((app_name, dep_name), []),
@@ -481,19 +486,23 @@ class Controller:
         assignments = {node_id: await self.store.assignments(node_id) for node_id in nodes}
         return place(nodes, assignments, app, deployment, request)
 
-    async def _declare(self, queue: str, bound: int) -> str:
+    async def _declare(self, queue: str, bound: int, *, ordered: bool = False) -> str:
         """Declare a request queue with its arguments; returns why it could not, or "".
 
         RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
         queue has, so the arguments this cluster declared each queue with are kept in Redis
-        (`queue_arguments`), and a changed max_queued_requests re-creates the queue once no
-        request waits in it; the new version's replicas consume the new queue."""
+        (`queue_arguments`), and a changed max_queued_requests or order_by_deadline re-creates
+        the queue once no request waits in it; the new version's replicas consume the new
+        queue. A queue declared before order_by_deadline existed has the same arguments as
+        one without it, so it is kept."""
         arguments: dict[str, Any] = {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.names.dead_letters,
         }
         if bound > 0:  # max_queued_requests: past it RabbitMQ nacks the publish
             arguments.update({"x-max-length": bound, "x-overflow": "reject-publish"})
+        if ordered:  # earlier deadlines are delivered first
+            arguments.update(deadlines.queue_arguments())
         declared_at, declared_with = self._declared.get(queue, (-1e9, None))
         if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
             return ""
@@ -503,7 +512,7 @@ class Controller:
                 waiting = await self._depth(queue)
                 if waiting:
                     return (f"waiting for {waiting} queued request(s) to drain before applying "
-                            f"the new max_queued_requests")
+                            f"the new max_queued_requests or order_by_deadline")
                 with map_amqp_errors(f"cannot delete queue {queue}"):
                     await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
                 log.info("re-creating queue %s with %s", queue, arguments)
@@ -511,7 +520,8 @@ class Controller:
         except PreconditionFailed:
             # Declared with other arguments by a cluster whose record Redis lost.
             log.error("queue %s exists with other arguments than %s and Redis has no record "
-                      "of them; delete the queue to apply max_queued_requests", queue, arguments)
+                      "of them; delete the queue to apply max_queued_requests or "
+                      "order_by_deadline", queue, arguments)
             return "the queue exists with other arguments; delete it to apply the change"
         await self.store.put_queue_arguments(queue, arguments)
         self._declared[queue] = (time.monotonic(), arguments)
@@ -587,7 +597,8 @@ class Controller:
             await self.store.put_app_status(app_name, status)
 
     async def _write_routes(self, apps: dict[str, AppRecord],
-                            statuses: dict[str, AppStatusRecord]) -> None:
+                            statuses: dict[str, AppStatusRecord],
+                            traffic: dict[str, TrafficRecord]) -> None:
         routes: dict[str, Route] = {}
         for app_name, app in apps.items():
             prefix = app.get("route_prefix")
@@ -606,6 +617,8 @@ class Controller:
                 "bounded": app["deployments"][app["ingress"]]["config"].get(
                     "max_queued_requests", -1) > 0,
             }
+        # A traffic record's prefix is its own, over an application's entry there.
+        routes.update(traffic_routes(traffic, apps, statuses))
         current = await self.store.routes()
         if current.get("routes") != routes:
             table: RouteTableRecord = {"version": int(current.get("version", 0)) + 1,

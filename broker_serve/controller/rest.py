@@ -4,6 +4,8 @@
     PATCH           /api/serve/applications/{app}/deployments/{deployment}   {"num_replicas": N}
     PUT|GET|DELETE  /api/serve/deployments/
     GET             /api/serve/deployments/status
+    GET|PUT         /api/serve/traffic/                  a traffic record (broker-serve's)
+    DELETE          /api/serve/traffic/{name}
     GET             /metrics   (the controller's Prometheus metrics; no token)
 
 Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
@@ -37,10 +39,11 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from ..exceptions import BrokerServeError, ClusterUnavailable, StateError
 from ..http_server import HttpServer
 from ..lifecycle import sleep_or_stop
-from ..schema import ServeApplicationSchema, ServeDeploySchema
+from ..schema import ServeApplicationSchema, ServeDeploySchema, TrafficSchema
 from ..settings import Settings
 from ..state.status import read_details, v1_status
 from ..state.store import Store
+from ..state.traffic import make_traffic, public_view, write_traffic
 from . import declarative
 from .api_token import server_token
 
@@ -112,6 +115,10 @@ def create_app(store: Store, settings: Settings, token: str,
         Route("/api/serve/deployments/", api.put_v1, methods=["PUT"]),
         Route("/api/serve/deployments/", api.delete_applications, methods=["DELETE"]),
         Route("/api/serve/deployments/status", api.get_v1_status, methods=["GET"]),
+        Route("/api/serve/traffic/", api.get_traffic, methods=["GET"]),
+        Route("/api/serve/traffic/", api.put_traffic, methods=["PUT"]),
+        # `path`: a name defaults to its route prefix, so it may hold slashes.
+        Route("/api/serve/traffic/{name:path}", api.delete_traffic, methods=["DELETE"]),
     ]
     if metrics is not None:
         async def exposition(request: Request) -> Response:
@@ -157,6 +164,32 @@ class _Endpoints:
         details = await read_details(self.store)
         return _json(v1_status(details, V1_APP_NAME).model_dump(mode="json"))
 
+    async def get_traffic(self, request: Request) -> Response:
+        records = await self.store.traffic()
+        return _json({"traffic": [public_view(records[name]) for name in sorted(records)]})
+
+    async def put_traffic(self, request: Request) -> Response:
+        """Set one traffic record. An invalid one, or one naming an application that does not
+        exist, is a 400 saying why (as `serve.set_traffic`'s ValueError)."""
+        data = await _read_json(request)
+        try:
+            body = TrafficSchema.model_validate(data)
+            record = make_traffic(body.name, body.route_prefix, body.split, body.shadow,
+                                  body.methods)
+            await write_traffic(self.store, record)
+        except ValidationError as exc:
+            raise HTTPError(400, _reasons(exc)) from exc
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from exc
+        return _json(public_view(record))
+
+    async def delete_traffic(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not await self.store.delete_traffic(name):
+            raise declarative.UnknownTarget(f"there is no traffic record {name!r}")
+        await self.store.announce("traffic")
+        return _json({"deleted": name})
+
 
 # errors -----------------------------------------------------------------------------------------
 # Every failure of an endpoint becomes a JSON answer with the right status.
@@ -196,19 +229,30 @@ EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
 
 
 async def _parse(request: Request, model: type[M]) -> M:
+    data = await _read_json(request)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise HTTPError(422, orjson.loads(exc.json(include_url=False))) from exc
+
+
+async def _read_json(request: Request) -> Any:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise HTTPError(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
     try:
-        data = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(400, f"the body is not JSON: {exc}") from exc
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise HTTPError(422, orjson.loads(exc.json(include_url=False))) from exc
+
+
+def _reasons(exc: ValidationError) -> str:
+    """A validation error in one line: where, and what is wrong there."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: "
+        f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
 
 
 def _json(content: Any, status: int = 200) -> Response:

@@ -72,6 +72,16 @@ class LocalHistogram:
             buckets.append((floatToGoString(bound), float(total)))  # type: ignore[no-untyped-call]
         return buckets
 
+    def add(self, other: LocalHistogram) -> None:
+        for i, count in enumerate(other.counts):
+            if count:
+                self.counts[i] += count
+        self.sum += other.sum
+
+    def totals(self) -> tuple[list[int], float]:
+        """A copy of the counts, and the sum: what the metrics history diffs."""
+        return list(self.counts), self.sum
+
     def move_into(self, counted: CountedHistogramChild) -> None:
         """Add the observations to a `CountedHistogram`'s counters and start again."""
         if not any(self.counts):
@@ -197,6 +207,12 @@ class ProxyMetrics:
             "broker_serve_proxy_backpressure_rejections_total",
             "Requests answered 503 because the deployment's queue was at max_queued_requests.",
             ["application"], registry=self.registry)
+        # Kept apart from the requests above: a shadow copy's response never reaches a client.
+        self._shadows = Counter(
+            "broker_serve_proxy_shadow_requests_total",
+            "Shadow copies of requests (traffic policy), by the shadow application and how "
+            "they ended: answered, error, timeout, unsent or skipped.",
+            ["application", "outcome"], registry=self.registry)
         self.inflight = Gauge("broker_serve_proxy_inflight_requests",
                               "HTTP requests in progress.", registry=self.registry)
         self.open_streams = Gauge("broker_serve_proxy_open_streams",
@@ -215,6 +231,13 @@ class ProxyMetrics:
 
     def rejected(self, application: str) -> None:
         self._rejections.labels(application).inc()  # rare: the 503 path
+
+    def shadowed(self, application: str, outcome: str) -> None:
+        self._shadows.labels(application, outcome).inc()  # only shadowed requests pay it
+
+    def latency_totals(self) -> dict[tuple[str, str], tuple[list[int], float]]:
+        """Per (application, route): the latency histogram so far, for the metrics history."""
+        return {key: stats.latency.totals() for key, stats in list(self._routes.items())}
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -281,6 +304,9 @@ class ReplicaMetrics:
         self._processing_local: dict[str, tuple[LocalHistogram, CountedHistogramChild]] = {}
         self._queue_wait_local = LocalHistogram()
         self._error_children: dict[int, Any] = {}
+        # Every request's processing time since the start but WebSocket sessions' (they last
+        # minutes), for the metrics history; added to at each flush, never reset.
+        self._recorded = LocalHistogram()
 
     def finished(self, method: str, seconds: float, status: int, error: bool) -> None:
         processing = self._processing_local.get(method)
@@ -301,7 +327,9 @@ class ReplicaMetrics:
 
     def flush(self, ongoing: int) -> None:
         """Move the observations into the multiprocess files, and set the ongoing gauge."""
-        for local, counted in self._processing_local.values():
+        for method, (local, counted) in self._processing_local.items():
+            if method != "websocket":
+                self._recorded.add(local)
             local.move_into(counted)
         self._queue_wait_local.move_into(self._queue_wait)
         self.ongoing.set(ongoing)
@@ -315,6 +343,10 @@ class ReplicaMetrics:
             except TimeoutError:
                 pass
         self.flush(ongoing())
+
+    def processing_totals(self) -> dict[tuple[str, str], tuple[list[int], float]]:
+        """The processing histogram so far, by (application, deployment), for the history."""
+        return {(self.application, self.deployment): self._recorded.totals()}
 
     def batch_size_child(self) -> Any:
         return self._batch_size.labels(self.application, self.deployment)

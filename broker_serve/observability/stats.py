@@ -1,12 +1,15 @@
-"""`broker-serve stats`: latency percentiles per deployment over sliding windows.
+"""`broker-serve stats`: latency percentiles per deployment and per endpoint over windows.
 
-The command reads the cluster's Prometheus endpoints itself: every worker node's `/metrics`
-(replica processing time per deployment), every proxy's `/-/metrics` (latency per route) and
-the controller's `/metrics` (queue depth). It samples them every `interval` seconds and keeps
-the samples, so a window's percentiles come from the difference of the histogram buckets
-between the newest sample and the one a window earlier, as Prometheus' `histogram_quantile`
-over `rate()` does. No process keeps windows for it: until the command has run for a
-window's length, that window covers only the time since its first sample (marked `*`).
+By default the command reads the metrics history the cluster keeps in Redis (`history.py`), so
+every window is full at once, up to the history window; only the queue depth is read from the
+controller's `/metrics`. A window longer than the history recorded so far is marked `*`.
+
+Given `--url`s, it reads those Prometheus endpoints itself instead (worker nodes' `/metrics`,
+proxies' `/-/metrics`, the controller's `/metrics`). It samples them every `interval` seconds
+and keeps the samples, so a window's percentiles come from the difference of the histogram
+buckets between the newest sample and the one a window earlier, as Prometheus'
+`histogram_quantile` over `rate()` does. Until the command has run for a window's length, that
+window covers only the time since its first sample (marked `*`).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -26,52 +29,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..settings import Settings
 from ..state.records import NodeRecord, ProxyRecord
 from ..state.store import Store
+from .history import Histogram, HistoryWindows, WindowTooLong, read_windows
+
+__all__ = ["Histogram", "WindowTooLong", "discover", "read", "render", "run", "run_history"]
 
 QUANTILES = (0.5, 0.9, 0.95)
 FETCH_TIMEOUT_S = 3.0
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 Key = tuple[str, str]  # (application, deployment) or (application, route)
-
-
-@dataclass
-class Histogram:
-    """Cumulative bucket counts by upper bound, as in the exposition."""
-
-    buckets: dict[float, float] = field(default_factory=dict)
-
-    def minus(self, earlier: Histogram | None) -> Histogram:
-        if earlier is None:
-            return self
-        delta = {le: count - earlier.buckets.get(le, 0.0) for le, count in self.buckets.items()}
-        if any(value < 0 for value in delta.values()):  # the process restarted in between
-            return self
-        return Histogram(delta)
-
-    def add(self, other: Histogram) -> None:
-        for le, count in other.buckets.items():
-            self.buckets[le] = self.buckets.get(le, 0.0) + count
-
-    @property
-    def count(self) -> float:
-        return self.buckets.get(float("inf"), 0.0)
-
-    def quantile(self, q: float) -> float | None:
-        """Linear interpolation inside the bucket holding the rank, as histogram_quantile."""
-        total = self.count
-        if total <= 0:
-            return None
-        rank = q * total
-        lower, below = 0.0, 0.0
-        for le in sorted(self.buckets):
-            count = self.buckets[le]
-            if count >= rank:
-                if le == float("inf"):
-                    return lower
-                inside = count - below
-                return lower + (le - lower) * ((rank - below) / inside if inside else 1.0)
-            lower, below = le, count
-        return lower
 
 
 @dataclass
@@ -104,9 +70,13 @@ def discover(settings: Settings) -> list[str]:
         if record.get("metrics_port"):
             host = _reachable(None, record.get("host"))
             urls.append(f"http://{host}:{record['metrics_port']}/metrics")
-    host = _reachable(settings.dashboard_host, socket.gethostname())
-    urls.append(f"http://{host}:{settings.dashboard_port}/metrics")
+    urls.append(controller_url(settings))
     return sorted(set(urls))
+
+
+def controller_url(settings: Settings) -> str:
+    host = _reachable(settings.dashboard_host, socket.gethostname())
+    return f"http://{host}:{settings.dashboard_port}/metrics"
 
 
 def _reachable(bound: str | None, hostname: str | None) -> str:
@@ -196,16 +166,43 @@ def window_rows(samples: list[Sample], table: str, window: float) -> list[Row]:
 
 
 def render(samples: list[Sample], windows: list[float]) -> str:
-    newest = samples[-1]
+    """The tables of the scraped samples."""
+    tables = {table: [row for window in windows for row in window_rows(samples, table, window)]
+              for table in ("deployments", "routes")}
+    return _render(tables, samples[-1], "the command has run for less than that window")
+
+
+def history_rows(view: HistoryWindows) -> dict[str, list[Row]]:
+    """The tables of the cluster's history: `deployments`, and `routes` by endpoint (the
+    route's traffic name, or its prefix)."""
+    tables: dict[str, list[Row]] = {"deployments": [], "routes": []}
+    for window, by_table in view.windows.items():
+        covered = min(window, view.recorded_s)
+        for (application, deployment), h in by_table["backends"].items():
+            tables["deployments"].append(Row((application, deployment), window, covered,
+                                             h.count, [h.quantile(q) for q in QUANTILES]))
+        for (endpoint, application), h in by_table["endpoints"].items():
+            tables["routes"].append(Row((application, endpoint), window, covered, h.count,
+                                        [h.quantile(q) for q in QUANTILES]))
+    return tables
+
+
+def render_history(view: HistoryWindows, controller: Sample) -> str:
+    """The tables of the history; queue depths from the controller's scraped `controller`."""
+    return _render(history_rows(view), controller,
+                   f"the cluster's history goes back less than that window "
+                   f"({view.recorded_s:.0f} s of at most {view.window_s:g} s)")
+
+
+def _render(tables: dict[str, list[Row]], newest: Sample, partial_means: str) -> str:
     lines = [(f"broker-serve stats at {time.strftime('%H:%M:%S')}: percentiles in ms; * = "
-              "the command has run for less than that window")]
+              f"{partial_means}")]
     if newest.unreachable:
         lines.append("unreachable: " + ", ".join(newest.unreachable))
     for table, title, second in (("deployments", "Processing time per deployment (replicas)",
                                   "deployment"),
                                  ("routes", "Latency per route (proxies, end to end)", "route")):
-        rows = [row for window in windows for row in window_rows(samples, table, window)]
-        rows.sort(key=lambda r: (r.key, r.window))
+        rows = sorted(tables[table], key=lambda r: (r.key, r.window))
         header = ["application", second, "window", "requests", "req/s", "p50", "p90", "p95"]
         if table == "deployments":
             header.append("queued")
@@ -246,3 +243,27 @@ def run(settings: Settings, urls: list[str], interval: float, windows: list[floa
             printed += 1
         if count is None or printed < count:
             time.sleep(max(0.0, interval - (time.monotonic() - history[-1].at)))
+
+
+def run_history(settings: Settings, interval: float, windows: list[float], count: int | None,
+                echo: Callable[[str], None]) -> None:
+    """Print the tables of the cluster's history every `interval` seconds, `count` times (or
+    forever). Raises WindowTooLong for a window longer than the history window."""
+    asyncio.run(_history_tables(settings, interval, windows, count, echo))
+
+
+async def _history_tables(settings: Settings, interval: float, windows: list[float],
+                          count: int | None, echo: Callable[[str], None]) -> None:
+    store = Store(settings.redis_url, settings.cluster)
+    try:
+        printed = 0
+        while count is None or printed < count:
+            started = time.monotonic()
+            view = await read_windows(store, windows, settings.history_window_s)
+            controller = await asyncio.to_thread(read, [controller_url(settings)])
+            echo(render_history(view, controller) + "\n")
+            printed += 1
+            if count is None or printed < count:
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+    finally:
+        await store.close()

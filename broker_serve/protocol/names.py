@@ -57,6 +57,11 @@ class Names:
         """Hash: app name -> JSON application record (desired config and status)."""
         return self.key("apps")
 
+    @property
+    def traffic(self) -> str:
+        """Hash: traffic name -> JSON traffic record (weighted split and shadows of a route)."""
+        return self.key("traffic")
+
     def spec(self, app: str, deployment: str, version: str) -> str:
         """Signed pickle of a deployment's definition and init arguments."""
         return self.key("spec", app, deployment, version)
@@ -136,6 +141,17 @@ class Names:
         return self.key("controller", controller_id, "alive")
 
     @property
+    def history(self) -> str:
+        """Stream: the metrics history, one entry per process and interval (docs/protocol.md,
+        "Metrics history")."""
+        return self.key("history")
+
+    @property
+    def history_meta(self) -> str:
+        """Hash: the history's `window_s`, and `since` (unix ms) its stream was started."""
+        return self.key("history_meta")
+
+    @property
     def events(self) -> str:
-        """Pub/sub channel announcing changes: "apps", "routes", "node:<id>"."""
+        """Pub/sub channel announcing changes: "apps", "traffic", "routes", "node:<id>"."""
         return self.key("events")

@@ -19,7 +19,12 @@ import sys
 import threading
 from typing import Any, ClassVar, cast
 
-from ..exceptions import BackPressureError, RayServeException, RequestCancelledError
+from ..exceptions import (
+    BackPressureError,
+    RayServeException,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
 from . import messages
 from .call_values import pack_value, unpack_value
 
@@ -33,6 +38,7 @@ MAX_ARGS_BYTES = 64 * 1024
 _RAISED_AS: dict[str, type[RayServeException]] = {
     "Cancelled": RequestCancelledError,
     "QueueFull": BackPressureError,
+    "DeadlineExceeded": RequestTimeoutError,
 }
 # One entry per exception class ever raised in a callee: as many as the classes loaded.
 _combined_classes: dict[type[Exception], type[_Rebuilt] | None] = {}

@@ -29,6 +29,7 @@ from ..config import HTTPOptions
 from ..exceptions import BackPressureError, BrokerServeError, ClusterUnavailable, TransportError
 from ..observability.logging import AccessLog
 from ..observability.metrics import ProxyMetrics
+from ..protocol import deadlines
 from ..protocol import messages as protocol
 from ..settings import CHUNK_BYTES, Settings
 from ..state.liveness import process_id
@@ -36,6 +37,7 @@ from ..state.store import Store, now
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import cancel
+from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
 
 log = logging.getLogger("broker_serve.proxy.http")
@@ -62,6 +64,8 @@ class RouteTable:
         self.version = 0
         self.routes: dict[str, dict[str, Any]] = {}
         self._by_length: list[tuple[str, dict[str, Any]]] = []
+        # Routes with a traffic split, by prefix: their weights, methods and shadows.
+        self.policies: dict[str, TrafficPolicy] = {}
         # Set by the first table with a route and never cleared, as in Ray: deleting the last
         # application leaves the proxy healthy, answering 404.
         self.populated = False
@@ -71,6 +75,7 @@ class RouteTable:
         self.routes = dict(table.get("routes", {}))
         self.populated = self.populated or bool(self.routes)
         self._by_length = sorted(self.routes.items(), key=lambda item: len(item[0]), reverse=True)
+        self.policies = policies(self.routes, self.policies)
 
     def match(self, path: str) -> tuple[str, dict[str, Any]] | None:
         for prefix, entry in self._by_length:
@@ -103,6 +108,8 @@ class Proxy:
         self.metrics.open_streams.set_function(lambda: self._streams)
         self.metrics.open_websockets.set_function(lambda: self._websockets)
         self.access = AccessLog(_access_text, _access_fields)
+        self.shadows = ShadowSender(self.broker, self.router, self.metrics, self._cancel,
+                                    options.request_timeout_s)
         self._internal = Starlette(routes=[
             Route("/-/healthz", self._healthz),
             Route("/-/metrics", self._metrics),
@@ -126,6 +133,7 @@ class Proxy:
         self.access.flush()
         if self._watcher is not None:
             await asyncio.gather(self._watcher, return_exceptions=True)
+        await self.shadows.stop()
         try:
             await self.store.delete_field(self.names.proxies, self.proxy_id)
             await self.store.drop_heartbeat(self.names.proxy_alive(self.proxy_id))
@@ -217,15 +225,23 @@ class Proxy:
         # The correlation id is always the proxy's own, so it is unique; a client's
         # X-Request-Id, if it sent one, is the id logged, returned and passed on.
         request.correlation_id = f"{self.proxy_id}-{next(self._ids)}"
-        length, client_id = _scan_headers(scope["headers"])
+        length, client_id, slo = _scan_headers(scope["headers"])
         request.request_id = client_id or request.correlation_id
         matched = self._match(scope)
         if matched is None:
             await _plain(request, 404, f"Not Found: no application serves {scope['path']!r}.")
             return
         prefix, route = matched
+        policy = self.table.policies.get(prefix)
+        if policy is not None:  # a traffic split: the target is drawn by weight
+            route = policy.choose() or route
         request.route, request.app = prefix, route["app"]
-        refusal = self._refusal(route, length)
+        if policy is not None and not policy.allows(scope["method"]):
+            await _plain(request, 405, f"Method Not Allowed: {prefix} takes "
+                         f"{policy.allow.decode()}.", extra_headers=[(b"allow", policy.allow)])
+            return
+        refusal = self._refusal(route, length) or _take_deadline(
+            request, slo, self.options.request_timeout_s)
         if refusal is not None:
             await _plain(request, *refusal)
             return
@@ -237,21 +253,28 @@ class Proxy:
         request.events = self.router.register(request.correlation_id)
         request.queue, request.chosen = route["queue"], self._pick_replica(scope, route)
         watch = _DisconnectWatch(request.receive) if not request.more_body else None
-        timeout = self.options.request_timeout_s
+        deadline = request.deadline_ms
         try:
             await self._publish(scope, request, route=route, prefix=prefix, body=first,
                                 client_id=client_id)
+            if policy is not None and policy.shadows and not request.more_body:
+                self.shadows.copy(policy, {"method": scope["method"],
+                                           **_request_scope(scope, prefix)},
+                                  first, request.correlation_id, client_id)
             relay = self._relay(request)
-            if timeout is None:
+            if deadline is None:
                 await relay
             else:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout((deadline - deadlines.now_ms()) / 1000):
                     await relay
         except TimeoutError:
             self._cancel(request.correlation_id)
+            waited = time.perf_counter() - request.arrived
             if request.started:
-                raise ReplicaChanged(f"timed out after {timeout}s mid-response") from None
-            await _plain(request, 408, f"Request Timeout: no complete response within {timeout}s.")
+                raise ReplicaChanged(f"passed its deadline after {waited:.3f}s mid-response"
+                                     ) from None
+            await _plain(request, 408, f"Request Timeout: no complete response by the "
+                                       f"request's deadline, {waited:.3f}s after it arrived.")
         except asyncio.CancelledError:
             if watch is None or not watch.client_gone:
                 raise
@@ -292,6 +315,8 @@ class Proxy:
             await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
             return
         prefix, route = matched
+        policy = self.table.policies.get(prefix)
+        route = (policy.choose() if policy is not None else None) or route
         request_id = f"{self.proxy_id}-{next(self._ids)}"
         events = self.router.register(request_id)
         session = WebSocketSession(self.broker, request_id, receive, send)
@@ -336,12 +361,12 @@ class Proxy:
             "more_body": request.more_body,
             "window": FLOW_WINDOW_BYTES,
         }
-        timeout, request_id = self.options.request_timeout_s, request.correlation_id
+        request_id, deadline = request.correlation_id, request.deadline_ms
         queue = self.names.affinity_queue(request.chosen) if request.chosen else request.queue
-        deadline = expiration = None
-        if timeout is not None:  # a request that outlives its deadline in the queue never runs
-            deadline = int((time.time() + timeout) * 1000)
-            expiration = str(int(timeout * 1000))
+        expiration, priority = None, 0
+        if deadline is not None:  # a request that outlives its deadline in the queue never runs
+            remaining = deadline - deadlines.now_ms()
+            expiration, priority = deadlines.expiration(remaining), deadlines.priority(remaining)
         headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
                                            request_id=client_id)
         body = protocol.pack(payload)
@@ -349,7 +374,7 @@ class Proxy:
             if not await self.broker.publish_confirmed(
                 queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
                 reply_to=self.router.queue_name, headers=headers, expiration=expiration,
-                mandatory=True,
+                priority=priority, mandatory=True,
             ):
                 raise BackPressureError(
                     f"application {route['app']!r} has max_queued_requests waiting already")
@@ -357,7 +382,7 @@ class Proxy:
         await self.broker.publish(
             queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
             reply_to=self.router.queue_name, headers=headers, expiration=expiration,
-            mandatory=True,
+            priority=priority, mandatory=True,
         )
 
     async def _relay(self, request: _ProxyRequest) -> None:
@@ -503,8 +528,9 @@ class _ProxyRequest:
     once the response starts (a timeout must not answer twice); and what its metrics and log
     line need. One object per request, so its relay takes no long argument list."""
 
-    __slots__ = ("app", "arrived", "body_sent", "chosen", "correlation_id", "events",
-                 "more_body", "queue", "receive", "request_id", "route", "send", "status")
+    __slots__ = ("app", "arrived", "body_sent", "chosen", "correlation_id", "deadline_ms",
+                 "events", "more_body", "queue", "receive", "request_id", "route", "send",
+                 "status")
     # Set by Proxy._forward before the request is published:
     correlation_id: str
     more_body: bool  # the rest of the body waits for a replica's `accepted`
@@ -512,6 +538,7 @@ class _ProxyRequest:
     events: ReplyEvents
     queue: str  # the deployment's queue
     chosen: str | None  # the replica whose affinity queue the request went to
+    deadline_ms: int | None  # Unix ms: the earlier of request_timeout_s and the SLO headers
 
     def __init__(self, receive: Any, send: Any) -> None:
         self.receive = receive
@@ -608,9 +635,11 @@ def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
     return upload.result()
 
 
-def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str | None]:
-    """The request's content-length, and the client's X-Request-Id if it is usable."""
-    length = client_id = None
+def _scan_headers(headers: list[tuple[bytes, bytes]]
+                  ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None]]:
+    """The request's content-length, the client's X-Request-Id if it is usable, and its SLO
+    headers (relative, absolute)."""
+    length = client_id = relative = absolute = None
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -619,7 +648,25 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]) -> tuple[int | None, str |
                 pass
         elif name == b"x-request-id" and _CLIENT_REQUEST_ID.fullmatch(value):
             client_id = value.decode("ascii")
-    return length, client_id
+        elif name == deadlines.HTTP_RELATIVE_SLO:
+            relative = value
+        elif name == deadlines.HTTP_ABSOLUTE_SLO:
+            absolute = value
+    return length, client_id, (relative, absolute)
+
+
+def _take_deadline(request: _ProxyRequest, slo: tuple[bytes | None, bytes | None],
+                   timeout_s: float | None) -> tuple[int, str] | None:
+    """Set the request's deadline; the status and text to answer at once with if its SLO
+    headers are bad or its deadline has passed already."""
+    arrived_ms = deadlines.now_ms()
+    try:
+        request.deadline_ms = deadlines.of_http_request(*slo, timeout_s, arrived_ms)
+    except ValueError as exc:
+        return 400, f"Bad Request: {exc}."
+    if request.deadline_ms is not None and request.deadline_ms <= arrived_ms:
+        return 408, "Request Timeout: the request's deadline had passed when it arrived."
+    return None
 
 
 async def _plain(request: _ProxyRequest, status: int, text: str,

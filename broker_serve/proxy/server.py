@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import uvicorn
 
 from ..config import HTTPOptions
 from ..http_server import HttpServer
+from ..observability.history import HistoryWriter, Key
 from ..settings import Settings
 from .http import Proxy
 
@@ -44,7 +46,29 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
     server = HttpServer(config)
     # Ours, not uvicorn's: uvicorn's would kill the process before proxy.shutdown() ran.
     server.stop_on_signals()
+    history = proxy_history(proxy, settings)
+    served = asyncio.Event()
+    writing = asyncio.create_task(history.run(served))
     try:
         await server.serve()
     finally:
-        await proxy.shutdown()
+        served.set()
+        try:
+            await writing
+            await history.write()  # the requests of the last interval, drained ones included
+        finally:
+            await proxy.shutdown()
+
+
+def proxy_history(proxy: Proxy, settings: Settings) -> HistoryWriter:
+    """The proxy's rows of the metrics history: per endpoint (a traffic record's name, else
+    the route prefix) and application, read from its own latency histograms."""
+    def endpoint(key: Key) -> Key | None:
+        application, route = key
+        if not route:  # no route matched: no endpoint
+            return None
+        entry = proxy.table.routes.get(route) or {}
+        return str(entry.get("endpoint") or route), application
+
+    return HistoryWriter(proxy.store, settings, f"proxy-{proxy.proxy_id}", "endpoints",
+                         proxy.metrics.latency_totals, endpoint)

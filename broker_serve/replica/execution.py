@@ -18,6 +18,7 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ..context import _web
 from ..exceptions import BrokerServeError, ProtocolError
 from ..protocol import messages as protocol
 from ..protocol.call_values import pack_value, unpack_call
@@ -339,6 +340,7 @@ async def run_http(servable: Servable, stream: ReplyStream, payload: dict[str, A
                    from_caller: CallerMessages | None, inbox: str, max_body_bytes: int,
                    window: FlowWindow | None = None) -> None:
     scope = protocol.http_scope(payload)
+    _web.set(True)  # serve.context.web, for this request's task (and its worker thread)
     stream.http = (scope["method"], scope["path"])  # the replica set the method label
     multiplex._set_model_id(protocol.model_id_from_headers(scope["headers"]))
     first_body, more_body = protocol.body_chunk(payload)
@@ -416,6 +418,7 @@ async def run_call(servable: Servable, stream: ReplyStream, payload: dict[str, A
     if not isinstance(method, str):
         raise ProtocolError("'method' must be a string")
     fn = servable._resolve(method)
+    _web.set(False)
     stream.method = method  # only a method that exists: labels stay bounded
     multiplex._set_model_id(str(payload.get("multiplexed_model_id") or ""))
     try:

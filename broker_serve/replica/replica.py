@@ -35,7 +35,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixed
 
-from ..client.handle import calls_of_current_request
+from ..client.handle import calls_of_current_request, deadline_of_current_request
 from ..client.runtime import install_replica_runtime
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..context import ReplicaContext, _request_id, _set_replica_context
@@ -43,6 +43,7 @@ from ..exceptions import BrokerServeError, ProtocolError, RayServeException
 from ..lifecycle import die_with_parent_if_asked, heartbeat_loop, sleep_or_stop, stop_on_signals
 from ..observability import metrics
 from ..observability.entry_point import run_entry_point
+from ..observability.history import HistoryWriter
 from ..observability.logging import AccessLog, setup_logging
 from ..protocol import messages as protocol
 from ..protocol.call_values import loads_signed
@@ -115,6 +116,8 @@ class Replica:
         # For a multiplexed class: adds what the replica holds to a request's first reply event.
         self._advertise_models: Any = None
         self.metrics = metrics.ReplicaMetrics(app, deployment, replica_id)
+        self.history = HistoryWriter(self.store, settings, replica_id, "backends",
+                                     self.metrics.processing_totals)
         self.access = AccessLog(functools.partial(_access_text, f"{app}/{deployment}"),
                                 functools.partial(_access_fields, app, deployment, replica_id))
 
@@ -269,6 +272,7 @@ class Replica:
             asyncio.create_task(self._health_loop()),
             asyncio.create_task(self.metrics.flush_loop(lambda: len(self._tasks),
                                                         self._stopping)),
+            asyncio.create_task(self.history.run(self._stopping)),
         ]
         try:
             auto = self.config.autoscaling_config
@@ -405,6 +409,7 @@ class Replica:
         if self.servable is not None:
             self.servable.threads.shutdown()
         self.metrics.flush(0)
+        await self.history.write()  # the last interval, drained requests included
         self.access.flush()
         await self.store.close()
 
@@ -613,10 +618,12 @@ class Replica:
         headers = properties.headers or {}
         protocol.check_version(headers)
         deadline = headers.get(protocol.HEADER_DEADLINE)
-        if isinstance(deadline, int) and deadline < time.time() * 1000:
-            await stream.error(408, "DeadlineExceeded",
-                               "the request's deadline passed before a replica took it")
-            return
+        if isinstance(deadline, int):
+            if deadline < time.time() * 1000:
+                await stream.error(408, "DeadlineExceeded",
+                                   "the request's deadline passed before a replica took it")
+                return
+            deadline_of_current_request.set(deadline)  # the handle calls it makes inherit it
         if len(correlation_id) > protocol.MAX_ID_LENGTH:
             raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
         payload = protocol.decode_map(message.body)

@@ -50,6 +50,19 @@ class AppRecord(TypedDict):
     source: NotRequired[Literal["declarative"]]
 
 
+class TrafficRecord(TypedDict):
+    """`traffic`: who serves a route prefix (or a handle-only endpoint) by weight, and who gets
+    a copy of a fraction of its requests (docs/architecture.md, "Traffic policy"). Written by
+    the driver (`serve.set_traffic`), the REST API and config PUTs."""
+    name: str
+    route_prefix: str | None
+    methods: list[str] | None  # upper-case; None: any method
+    split: dict[str, float]  # app -> weight, summing to 1; empty: no backend linked yet
+    shadow: dict[str, float]  # app -> the fraction of requests copied to it
+    revision: str  # new for each write: the route entry echoes it, so writers see it applied
+    source: NotRequired[Literal["declarative"]]  # a config's: its next PUT replaces it
+
+
 class AppBuild(TypedDict):
     """A config's application being built (`app_builds`), or whose build failed."""
     status: str  # ApplicationStatus: DEPLOYING or DEPLOY_FAILED
@@ -97,7 +110,28 @@ class AppStatusRecord(TypedDict):
     message: str
 
 
+class SplitTarget(TypedDict):
+    """One application a traffic route sends requests to, with its share."""
+    app: str
+    deployment: str  # the app's ingress
+    queue: str
+    weight: float  # among the ready targets, renormalised to sum to 1; 0 when not ready
+    ready: bool
+    bounded: bool
+
+
+class ShadowTarget(TypedDict):
+    """One application a traffic route copies a fraction of its requests to."""
+    app: str
+    deployment: str
+    queue: str
+    fraction: float
+
+
 class Route(TypedDict):
+    """One prefix of the route table. A traffic record's route also has `split` (and
+    `shadow`, `methods`, `endpoint`, `revision`); its top-level fields then describe its
+    heaviest ready target, so readers that know nothing of splits still work."""
     app: str
     deployment: str
     queue: str
@@ -105,6 +139,11 @@ class Route(TypedDict):
     message: str
     ready: bool
     bounded: bool  # has max_queued_requests: publishes wait for the broker's confirm
+    split: NotRequired[list[SplitTarget]]
+    shadow: NotRequired[list[ShadowTarget]]
+    methods: NotRequired[list[str]]  # absent: any method
+    endpoint: NotRequired[str]  # the traffic record's name
+    revision: NotRequired[str]  # the traffic record's
 
 
 class RouteTableRecord(TypedDict):

@@ -3,8 +3,9 @@ knows the key layout (`Names`) and the records' shapes (`records.py`), and its m
 broker-serve's errors, never redis's (`errors.py`).
 
 Writers are split so that no record has two owners, but one:
-- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`, `specs:*`) and
-  the HTTP options; a config's PUT also writes `deploy_config` and `app_builds`;
+- the driver (serve.run / REST) writes desired applications (`apps`, `spec:*`, `specs:*`),
+  traffic records (`traffic`) and the HTTP options; a config's PUT also writes `deploy_config`
+  and `app_builds`;
 - the controller writes statuses, the route table, node assignments and queue arguments;
 - a replica writes its own record and heartbeat, and its worker node marks the record FAILED or
   DEAD when the process exits: the one record with two writers (`update_replica`);
@@ -17,7 +18,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any, Unpack, cast
+from typing import Any, NamedTuple, Unpack, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -41,6 +42,7 @@ from .records import (
     ReplicaChanges,
     ReplicaRecord,
     RouteTableRecord,
+    TrafficRecord,
 )
 
 log = logging.getLogger("broker_serve.store")
@@ -78,8 +80,59 @@ return deleted
 """
 
 
+# The metrics history (docs/protocol.md, "Metrics history"): one process's entry, added and
+# the stream trimmed to the window by Redis' clock, in one step. KEYS: the stream, its meta
+# hash. ARGV: the window while the cluster has none, the entry.
+_APPEND_HISTORY = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local window = tonumber(redis.call('HGET', KEYS[2], 'window_s') or ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[2], 'since', string.format('%.0f', now))
+end
+redis.call('XADD', KEYS[1], 'MINID', '=', string.format('%.0f', now - window * 1000), '*',
+           'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], string.format('%.0f', (window + 60) * 1000))
+return 1
+"""
+
+# A new history window, applied at once. KEYS: the stream, its meta hash. ARGV: seconds.
+_SET_HISTORY_WINDOW = """
+redis.call('HSET', KEYS[2], 'window_s', ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local window = tonumber(ARGV[1])
+  redis.call('XTRIM', KEYS[1], 'MINID', '=', string.format('%.0f', now - window * 1000))
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', (window + 60) * 1000))
+end
+return 1
+"""
+
+# The history's last ARGV[1] seconds (at most its window, ARGV[2] while unset), with Redis'
+# time, the window and `since`, read at one instant. KEYS: the stream, its meta hash.
+_READ_HISTORY = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local meta = redis.call('HMGET', KEYS[2], 'window_s', 'since')
+local window = tonumber(meta[1] or ARGV[2])
+local span = math.min(tonumber(ARGV[1]), window)
+local entries = redis.call('XRANGE', KEYS[1], string.format('%.0f', now - span * 1000), '+')
+return {string.format('%.0f', now), tostring(window), meta[2] or false, entries}
+"""
+
+
 def now() -> float:
     return time.time()
+
+
+class HistoryRead(NamedTuple):
+    """What `Store.history` read: Redis' time and the entries (id's milliseconds, data)."""
+
+    now_ms: int
+    window_s: float
+    since_ms: int | None
+    entries: list[tuple[int, bytes]]
 
 
 class StateSnapshot:
@@ -104,6 +157,9 @@ class Store:
         )
         self._delete_if_held = self._redis.register_script(_DELETE_IF_HELD)
         self._delete_unnamed_specs = self._redis.register_script(_DELETE_UNNAMED_SPECS)
+        self._append_history = self._redis.register_script(_APPEND_HISTORY)
+        self._set_history_window = self._redis.register_script(_SET_HISTORY_WINDOW)
+        self._read_history = self._redis.register_script(_READ_HISTORY)
 
     async def close(self) -> None:
         await self._redis.aclose()
@@ -191,6 +247,21 @@ class Store:
 
     async def put_app_status(self, name: str, status: AppStatusRecord) -> None:
         await self._put(self.names.key("app_status"), name, status)
+
+    # traffic records ---------------------------------------------------------------------------
+    async def traffic(self) -> dict[str, TrafficRecord]:
+        return await self._get_all(self.names.traffic)
+
+    async def traffic_record(self, name: str) -> TrafficRecord | None:
+        record: TrafficRecord | None = await self._get_one(self.names.traffic, name)
+        return record
+
+    async def put_traffic(self, record: TrafficRecord) -> None:
+        await self._put(self.names.traffic, record["name"], record)
+
+    async def delete_traffic(self, *names: str) -> int:
+        """Delete traffic records; returns how many there were."""
+        return int(await self._redis.hdel(self.names.traffic, *names)) if names else 0
 
     # declarative configs ------------------------------------------------------------------------
     async def app_builds(self) -> dict[str, AppBuild]:
@@ -353,6 +424,25 @@ class Store:
     async def prune_tombstones(self, now_ms: int) -> None:
         await self._redis.zremrangebyscore(self.names.tombstones, "-inf", now_ms)
 
+    # the metrics history ------------------------------------------------------------------
+    async def append_history(self, entry: bytes, default_window_s: float) -> None:
+        """Add one process's entry, trimming the stream to the history window."""
+        await self._append_history(keys=[self.names.history, self.names.history_meta],
+                                   args=[repr(default_window_s), entry])
+
+    async def set_history_window(self, seconds: float) -> None:
+        await self._set_history_window(keys=[self.names.history, self.names.history_meta],
+                                       args=[repr(seconds)])
+
+    async def history(self, span_s: float, default_window_s: float) -> HistoryRead:
+        """The entries of the last `span_s` seconds, at most the history window."""
+        now_ms, window, since, entries = await self._read_history(
+            keys=[self.names.history, self.names.history_meta],
+            args=[repr(span_s), repr(default_window_s)])
+        return HistoryRead(int(now_ms), float(window), int(since) if since else None,
+                           [(int(entry_id.split(b"-")[0]), dict(_pairs(fields))[b"d"])
+                            for entry_id, fields in entries])
+
     # liveness ---------------------------------------------------------------------------------
     async def heartbeat(self, key: str, value: str | None = None,
                         ttl_s: float = HEARTBEAT_TTL_S) -> None:
@@ -416,16 +506,16 @@ class Store:
 
     async def snapshot(self, previous: StateSnapshot) -> StateSnapshot:
         """Copy the durable state: the secret, the desired applications with their specs (and
-        spec index) and configs, the HTTP options, the nodes, their assignments, the replica
-        records and queue arguments. Specs are immutable per version: those in `previous`
-        are not read again."""
+        spec index) and configs, the traffic records, the HTTP options, the nodes, their
+        assignments, the replica records and queue arguments. Specs are immutable per
+        version: those in `previous` are not read again."""
         names, redis = self.names, self._redis
         copy = StateSnapshot()
         for key in (names.secret, names.http_options, names.routes):
             value = await self._get(key)
             if value is not None:
                 copy.strings[key] = value
-        hash_keys = [names.apps, names.app_builds, names.nodes, names.replicas,
+        hash_keys = [names.apps, names.app_builds, names.traffic, names.nodes, names.replicas,
                      names.queue_arguments]
         hash_keys += [names.node_assignments(node) for node in await self._hash_fields(names.nodes)]
         for key in hash_keys:
@@ -505,6 +595,11 @@ class Store:
 
 # Ours too: `on_event` reads the state through this Store.
 _REDIS_LOST = (RedisError, OSError, ClusterUnavailable, StateError)
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """A stream entry's fields as Lua hands them over: name, value, name, value..."""
+    return list(zip(flat[::2], flat[1::2]))
 
 
 def _warn_lost_redis(state: RetryCallState) -> None:

@@ -138,6 +138,7 @@ class Broker:
         reply_to: str | None = None,
         headers: dict[str, Any] | None = None,
         expiration: str | None = None,
+        priority: int = 0,
         mandatory: bool = False,
         exchange: str = "",
     ) -> None:
@@ -150,8 +151,8 @@ class Broker:
                 raw.number, routing_key, body, content_type=protocol.CONTENT_TYPE,
                 message_type=type, correlation_id=correlation_id, reply_to=reply_to,
                 message_id=correlation_id if reply_to else None, headers=headers,
-                expiration=expiration, mandatory=mandatory, exchange=exchange,
-                max_body_frame=aiormq_adapter.max_body_frame(raw),
+                expiration=expiration, priority=priority, mandatory=mandatory,
+                exchange=exchange, max_body_frame=aiormq_adapter.max_body_frame(raw),
             )
             writer = self.frame_writer(raw)
             writer.write(raw, payload)
@@ -174,7 +175,8 @@ class Broker:
     async def publish_confirmed(self, routing_key: str, body: bytes, *, type: str,
                                 correlation_id: str, reply_to: str | None = None,
                                 headers: dict[str, Any] | None = None,
-                                expiration: str | None = None, mandatory: bool = False) -> bool:
+                                expiration: str | None = None, priority: int = 0,
+                                mandatory: bool = False) -> bool:
         """Publish and wait for the broker's confirm. False: the broker refused the message
         (a bounded queue is full). Only publishes to bounded queues pay for this wait."""
         if self._confirming is None:
@@ -182,7 +184,7 @@ class Broker:
         properties = Basic.Properties(
             content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
             message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
-            expiration=expiration, delivery_mode=1,
+            expiration=expiration, delivery_mode=1, priority=priority or None,
         )
         try:
             raw = await self._confirming.get_underlay_channel()

@@ -22,7 +22,7 @@ _TABLE_LENGTH = struct.Struct(">I")
 _LONG_LONG = struct.Struct(">q")
 
 # Basic property flags, in the order the values follow them on the wire.
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE = 1 << 15, 1 << 13, 1 << 12
+_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _PRIORITY = 1 << 15, 1 << 13, 1 << 12, 1 << 11
 _CORRELATION_ID, _REPLY_TO, _EXPIRATION, _MESSAGE_ID, _TYPE = (
     1 << 10, 1 << 9, 1 << 8, 1 << 7, 1 << 5)
 
@@ -79,7 +79,8 @@ def _field_table(headers: dict[str, Any]) -> bytes:
 def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, message_type: str,
             correlation_id: str, reply_to: str | None = None, message_id: str | None = None,
             headers: dict[str, Any] | None = None, expiration: str | None = None,
-            mandatory: bool = False, exchange: str = "", max_body_frame: int = 0) -> bytes:
+            priority: int = 0, mandatory: bool = False, exchange: str = "",
+            max_body_frame: int = 0) -> bytes:
     """The method, header and body frames of one transient publish, as one byte string. A body
     longer than `max_body_frame` bytes (the connection's frame_max less 8; 0: no limit) is cut
     into several body frames."""
@@ -89,6 +90,9 @@ def publish(channel: int, routing_key: str, body: bytes, *, content_type: str, m
         flags |= _HEADERS
         values.append(_field_table(headers))
     values.append(b"\x01")  # delivery mode 1: transient
+    if priority:  # 0 is what a message without one has
+        flags |= _PRIORITY
+        values.append(bytes((priority,)))
     values.append(_shortstr(correlation_id))
     if reply_to:
         flags |= _REPLY_TO
