@@ -20,6 +20,7 @@ Response schemas: `ServeStatusSchema` (V1), `ServeInstanceDetails` → `Applicat
 from __future__ import annotations
 
 import enum
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -67,10 +68,15 @@ __all__ = [
 
 
 # statuses --------------------------------------------------------------------------------------
+# What an AMQP queue name may hold, as the AMQP client checks it (pamqp), less ':', which would
+# blur Redis key patterns, and the space. An application's name is part of its queues' names.
+_APP_NAME = re.compile(r"[A-Za-z0-9_\-.@#,/+]+")
+
+
 def check_app_name(name: str) -> None:
-    # ':' and '*' would blur Redis key patterns; whitespace makes unreadable queue names.
-    if not isinstance(name, str) or not name or any(c in name for c in ":* \t\n"):
-        raise ValueError(f"invalid application name {name!r}: no ':', '*' or whitespace")
+    if not isinstance(name, str) or not _APP_NAME.fullmatch(name):
+        raise ValueError(f"invalid application name {name!r}: use letters, digits and "
+                         "'_-.@#,/+' only")
 
 
 def check_route_prefix(prefix: str | None) -> None:

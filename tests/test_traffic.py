@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import pytest
+import redis
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
@@ -26,7 +27,7 @@ from broker_serve.schema import ServeDeploySchema
 from broker_serve.state.records import AppRecord, AppStatusRecord, TrafficRecord
 from broker_serve.state.traffic import WeightedChoice, make_traffic
 
-from .conftest import Cluster
+from .conftest import REDIS_URL, Cluster
 from .waiting import wait_for
 
 TOKEN = "traffic-test-token"
@@ -501,3 +502,26 @@ def test_weighted_choices_follow_their_weights_closely():
     assert abs(alternate["b"] - 100) <= 3  # no pattern of the callers skews it
     assert not WeightedChoice([("x", 0.0)])
 
+
+
+def test_an_app_deployed_onto_a_prefix_a_split_routes_is_refused_unless_in_it(cluster):
+    deploy_versions("left", "right")
+    serve.set_traffic("/canary", {"left": 0.5, "right": 0.5})
+    with pytest.raises(ValueError, match="routed by traffic '/canary'"):
+        serve.run(Version.bind("intruder"), name="intruder", route_prefix="/canary")
+    assert "intruder" not in serve.status().applications
+    # One in the split may take the prefix: the record still routes it.
+    serve.run(Version.bind("left"), name="left", route_prefix="/canary")
+    assert served_by(f"{cluster.url}/canary") == {"left", "right"}
+
+
+def test_shutdown_deletes_the_traffic_records_with_the_apps(cluster):
+    deploy_versions("left", "right")
+    serve.set_traffic("/gone", {"left": 0.5, "right": 0.5}, name="gone")
+    assert serve.get_traffic("gone") is not None
+    serve.shutdown()  # stops this test's local cluster too: ask Redis itself
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert client.hgetall(f"bs:{cluster.name}:traffic") == {}
+    finally:
+        client.close()

@@ -298,7 +298,16 @@ def shutdown() -> None:
     apps = runtime.run_sync(runtime.store.apps())
     for name in apps:
         delete(name)
+    runtime.run_sync(_delete_all_traffic(runtime))
     _stop_local_cluster()
+
+
+async def _delete_all_traffic(runtime: Runtime) -> None:
+    """The traffic records go with the applications they route to."""
+    names = list(await runtime.store.traffic())
+    if names:
+        await runtime.store.delete_traffic(*names)
+        await runtime.store.announce("traffic")
 
 
 def get_app_handle(name: str) -> DeploymentHandle:

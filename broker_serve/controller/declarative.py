@@ -207,16 +207,17 @@ async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
 
 # DELETE -----------------------------------------------------------------------------------------
 async def delete_all(store: Store) -> list[str]:
-    """Delete every application and the stored config; wait until their statuses are gone."""
+    """Delete every application, the traffic records that route to them and the stored
+    config (Ray's `serve shutdown`); wait until their statuses are gone."""
     names = store.names
     async with _deploy_lock(store):
         apps = sorted(await store.apps())
         await store.delete_field(names.apps, *apps)
         await store.forget_config()
-        # The config's traffic goes with it; records set from Python or REST stay.
-        await store.delete_traffic(*[name for name, record in (await store.traffic()).items()
-                                     if record.get("source") == "declarative"])
+        await store.delete_traffic(*await store.traffic())
         await store.announce("apps")
+        await store.announce("traffic")
+
     async def statuses_gone() -> bool:
         return not await store.app_status_count()
 

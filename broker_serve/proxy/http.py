@@ -37,6 +37,7 @@ from ..state.store import Store, now
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import cancel
+from .client_input import ClientGone, DisconnectWatch, read_chunk
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
 
@@ -246,13 +247,13 @@ class Proxy:
             await _plain(request, *refusal)
             return
         try:
-            first, request.more_body = await _read_chunk(request.receive)
+            first, request.more_body = await read_chunk(request.receive)
         except ClientGone:
             return  # nothing was published, so there is nothing to cancel
         request.body_sent = len(first)
         request.events = self.router.register(request.correlation_id)
         request.queue, request.chosen = route["queue"], self._pick_replica(scope, route)
-        watch = _DisconnectWatch(request.receive) if not request.more_body else None
+        watch = DisconnectWatch(request.receive) if not request.more_body else None
         deadline = request.deadline_ms
         try:
             await self._publish(scope, request, route=route, prefix=prefix, body=first,
@@ -301,7 +302,7 @@ class Proxy:
         model_id = protocol.model_id_from_headers(scope["headers"])
         return self.affinity.pick(queue, model_id) if model_id else None
 
-    def _release(self, request: _ProxyRequest, watch: _DisconnectWatch | None) -> None:
+    def _release(self, request: _ProxyRequest, watch: DisconnectWatch | None) -> None:
         if watch is not None:
             watch.stop()
         if request.chosen is not None:
@@ -438,7 +439,7 @@ class Proxy:
         more = True
         while more:
             try:
-                chunk, more = await _read_chunk(receive)
+                chunk, more = await read_chunk(receive)
             except ClientGone:
                 await self._send_disconnect(inbox, request_id)
                 return "Client Closed Request"
@@ -574,59 +575,6 @@ def _access_fields(line: tuple[Any, ...]) -> dict[str, Any]:
     return {"method": method, "path": path, "status": status,
             "duration_ms": round(seconds * 1000, 3), "request_id": request_id,
             "application": app, "route": route}
-
-
-class _DisconnectWatch:
-    """Notices a client that leaves while its response is pending, and cancels the request.
-
-    Most requests are answered in about a millisecond, so the watch starts only after 50 ms:
-    a fast request costs a timer, not a task.
-    """
-
-    DELAY_S = 0.05
-
-    def __init__(self, receive: Any) -> None:
-        self._receive = receive
-        self._request_task = asyncio.current_task()
-        self._watch: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(self.DELAY_S, self._start)
-        self.client_gone = False
-
-    def _start(self) -> None:
-        self._watch = asyncio.ensure_future(self._wait_for_disconnect())
-
-    async def _wait_for_disconnect(self) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        self.client_gone = True
-        if self._request_task is not None:
-            self._request_task.cancel()
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        if self._watch is not None:
-            self._watch.cancel()
-
-
-class ClientGone(BrokerServeError):
-    """The client disconnected before its request body was complete."""
-
-
-async def _read_chunk(receive: Any) -> tuple[bytes, bool]:
-    """Read request body messages until a chunk's worth (or the end) has arrived."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        body = message.get("body", b"")
-        if body:
-            parts.append(body)
-            size += len(body)
-        more = message.get("more_body", False)
-        if not more or size >= CHUNK_BYTES:
-            return (parts[0] if len(parts) == 1 else b"".join(parts)), more
 
 
 def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:

@@ -32,6 +32,15 @@ async def write_app(store: Store, record: AppRecord, specs: dict[str, bytes],
         if other != name and other not in replacing and prefix is not None \
                 and app.get("route_prefix") == prefix:
             raise ValueError(f"route_prefix {prefix!r} is already used by application {other!r}")
+    if prefix is not None:
+        for traffic in (await store.traffic()).values():
+            # A config's own records are rewritten with it (controller/declarative.py).
+            mine = replacing and traffic.get("source") == "declarative"
+            if traffic["route_prefix"] == prefix and name not in traffic["split"] and not mine:
+                raise ValueError(
+                    f"route_prefix {prefix!r} is routed by traffic {traffic['name']!r}, whose "
+                    f"split does not name application {name!r}: add it to the split, or "
+                    "deploy it with another route_prefix (or None)")
     record["deploy_id"] = secrets.token_hex(8)
     await store.put_app(record, specs)
     await store.announce("apps")

@@ -14,12 +14,12 @@ from bisect import bisect_right
 from collections.abc import Collection, Mapping, Sequence
 from typing import Generic, Literal, TypeVar
 
-T = TypeVar("T")
-_GOLDEN = (5 ** 0.5 - 1) / 2
-
 from ..schema import check_route_prefix, check_traffic
 from .records import AppRecord, TrafficRecord
 from .store import Store
+
+T = TypeVar("T")
+_GOLDEN = (5 ** 0.5 - 1) / 2
 
 
 def make_traffic(name: str, route_prefix: str | None, split: Mapping[str, float],
