@@ -8,6 +8,7 @@ Every loop here is bounded by a count taken from the request (capped).
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from typing import Any
 
@@ -52,6 +53,20 @@ class Noop:
 class NoopSync:
     def __call__(self, request: Request) -> str:  # sync: runs in the replica's thread pool
         return "ok"
+
+
+# 3b: the no-op over gRPC ---------------------------------------------------------------------
+@serve.deployment(max_ongoing_requests=100)
+class GrpcNoop:
+    """`/benchnoop.NoopService/__call__` (bench/grpc_noop.py): answers every Ping with
+    `Pong(message="ok")`, as Noop answers "ok"."""
+
+    def __init__(self) -> None:
+        # The generated module is on the replica's PYTHONPATH only in a run that measures gRPC.
+        self.pong = importlib.import_module("bench_noop_pb2").Pong
+
+    async def __call__(self, request: Any) -> Any:
+        return self.pong(message="ok")
 
 
 # 4: a fast stream -------------------------------------------------------------------------------

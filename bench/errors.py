@@ -4,6 +4,8 @@ A figure is a result only if its measurement saw no error of any kind, and every
 read. The kinds, and where each count comes from (bench/README.md, "Errors"):
 
 - `non_2xx`, `connect`, `read`, `write`, `timeout`: wrk's own counts (bench/wrk.py);
+- `non_ok`: gRPC calls answered with a status other than OK (DEADLINE_EXCEEDED counts as a
+  `timeout`), as the gRPC load generator counts them (bench/grpc_load.py);
 - `unanswered`: requests the proxy still had in flight a few seconds after a wrk run ended
   (`broker_serve_proxy_inflight_requests`). wrk counts a timeout only when a late answer
   arrives, so a request never answered would show nowhere else;
@@ -31,8 +33,8 @@ from tests.broker_log import BrokerError, BrokerLog, find_log
 
 WRK_KINDS = ("non_2xx", "connect", "read", "write", "timeout")
 CLUSTER_KINDS = ("redelivered", "channels_lost", "broker_log", "dead_lettered")
-KINDS = (*WRK_KINDS, "unanswered", "failed", *CLUSTER_KINDS)
-REQUEST_KINDS = (*WRK_KINDS, "unanswered", "failed")  # the "errors" of the summary line
+KINDS = (*WRK_KINDS, "non_ok", "unanswered", "failed", *CLUSTER_KINDS)
+REQUEST_KINDS = (*WRK_KINDS, "non_ok", "unanswered", "failed")  # the "errors" of the summary line
 MAX_EXAMPLES = 5
 MAX_FAILURES = 10  # a measurement stops after this many failed calls: each may wait a timeout
 
@@ -82,7 +84,7 @@ class Errors:
 
 
 def _label(kind: str) -> str:
-    return "non-2xx" if kind == "non_2xx" else kind.replace("_", " ")
+    return {"non_2xx": "non-2xx", "non_ok": "non-OK"}.get(kind, kind.replace("_", " "))
 
 
 class Tally:

@@ -19,6 +19,7 @@ import os
 import platform
 import resource
 import secrets
+import shutil
 import socket
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 from . import client
 from .cleanup import amqp_url
 from .errors import CLUSTER_KINDS, ClusterProbe, Errors, Snapshot, Tally
+from .grpc_noop import SERVICER_FUNCTIONS, GrpcLoad, GrpcUnavailable, compile_proto, run_load
 from .report import (
     TARGETS,
     Row,
@@ -60,6 +62,8 @@ MEASUREMENTS = [
     "noop_sync_rps_c32",
     "noop_latency_c1",
     "noop_sync_latency_c1",
+    "grpc_noop_rps_c32",
+    "grpc_noop_latency_c1",
     "handle_call",
     "body_1mib",
     "body_10mib",
@@ -69,6 +73,8 @@ MEASUREMENTS = [
 ]
 NEEDS_WRK = {"ceiling", "noop_rps_c32", "noop_sync_rps_c32", "noop_latency_c1",
              "noop_sync_latency_c1", "scale_out"}
+# These need the cluster to serve gRPC, with the no-op's generated modules on its PYTHONPATH.
+NEEDS_GRPC = {"grpc_noop_rps_c32", "grpc_noop_latency_c1"}
 
 
 class BenchError(Exception):
@@ -98,10 +104,13 @@ class Plan:
 
 class Bench:
     def __init__(self, plan: Plan, cluster: str, port: int, log_path: Path,
-                 probe: ClusterProbe) -> None:
+                 probe: ClusterProbe, grpc_port: int | None = None,
+                 proto_dir: Path | None = None) -> None:
         self.plan = plan
         self.cluster = cluster
         self.port = port
+        self.grpc_port = grpc_port  # None: this run's cluster serves no gRPC
+        self.proto_dir = proto_dir
         self.log_path = log_path
         self.probe = probe
         self.rows: dict[str, Row] = {}
@@ -158,8 +167,11 @@ class Bench:
         saved = os.dup(2)
         sys.stderr.flush()
         os.dup2(log_fd, 2)
+        grpc_options = None
+        if self.grpc_port is not None:
+            grpc_options = {"port": self.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS}
         try:
-            serve.start()
+            serve.start(grpc_options=grpc_options)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -198,6 +210,7 @@ class Bench:
         builders: dict[str, Callable[[], Any]] = {
             "noop": lambda: apps.Noop.bind(),
             "noop_sync": lambda: apps.NoopSync.bind(),
+            "grpc_noop": lambda: apps.GrpcNoop.bind(),
             "stream": lambda: apps.Stream.bind(),
             "handle": lambda: apps.Caller.bind(apps.Callee.bind()),
             "echo": lambda: apps.EchoLength.bind(),
@@ -323,6 +336,43 @@ class Bench:
                      ratio_to="ceiling_latency_c1_p50", errors=errors, details=result.details()))
         self.add(Row(f"{prefix}_p99", result.latency_ms["99"], "ms",
                      ratio_to="ceiling_latency_c1_p99", errors=errors))
+
+    def m_grpc_noop_rps_c32(self) -> None:
+        load, errors = self._grpc_load(32, self.plan.warmup_s)
+        self.add(Row("grpc_noop_rps_c32", load.rps, "req/s", ratio_to="ceiling_rps_c32",
+                     errors=errors, details=load.details()))
+        self._versus_http("grpc_to_http_rps_c32", "grpc_noop_rps_c32", "noop_rps_c32")
+
+    def m_grpc_noop_latency_c1(self) -> None:
+        warmup = 0.0 if "grpc_noop_rps_c32" in self.rows else self.plan.warmup_s
+        load, errors = self._grpc_load(1, warmup)
+        self.add(Row("grpc_noop_latency_c1_p50", load.latency_ms["50"], "ms",
+                     ratio_to="ceiling_latency_c1_p50", errors=errors, details=load.details()))
+        self.add(Row("grpc_noop_latency_c1_p99", load.latency_ms["99"], "ms",
+                     ratio_to="ceiling_latency_c1_p99", errors=errors))
+        self._versus_http("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50",
+                          "noop_latency_c1_p50")
+
+    def _grpc_load(self, concurrency: int, warmup_s: float) -> tuple[GrpcLoad, Errors]:
+        """The no-op through the proxy's gRPC port, from the load generator's own process."""
+        if self.grpc_port is None or self.proto_dir is None:
+            raise BenchError("this run's cluster serves no gRPC")
+        self.ensure("grpc_noop")
+        load = run_load(f"127.0.0.1:{self.grpc_port}", "grpc_noop", self.proto_dir,
+                        concurrency=concurrency, duration_s=self.plan.duration_s,
+                        warmup_s=warmup_s)
+        if not load.calls:
+            raise BenchError(f"no gRPC call answered OK: {load.examples}")
+        return load, self.seen(load.errors() + self.probe.unanswered(self.port))
+
+    def _versus_http(self, name: str, grpc_row: str, http_row: str) -> None:
+        """The gRPC figure ÷ the HTTP one of the same run, with both figures' errors."""
+        if http_row not in self.rows:
+            return
+        ours, http = self.rows[grpc_row], self.rows[http_row]
+        self.add(Row(name, ours.value / http.value if http.value else 0.0, "x",
+                     errors=ours.errors + http.errors,
+                     details={"grpc": ours.value, "http": http.value, "unit": ours.unit}))
 
     def m_replica_rss_at_rest(self) -> None:
         self.ensure("noop")
@@ -624,6 +674,8 @@ class Bench:
                 self.problem("cleanup", f"cleaning namespace {self.cluster} failed: {exc}")
             if self._serve is not None:
                 self.probe.finish()  # what the shutdown made RabbitMQ log
+            if self.proto_dir is not None:
+                shutil.rmtree(self.proto_dir, ignore_errors=True)
 
     # results ----------------------------------------------------------------------------------
     def totals(self) -> Errors:
@@ -801,7 +853,21 @@ def main(argv: list[str] | None = None) -> int:
     # Made before the cluster starts: the log reader learns each connection's name as RabbitMQ
     # logs it, when the connection opens.
     probe = ClusterProbe(cluster, metrics_port, amqp_url())
-    bench = Bench(plan, cluster, port, log_path, probe)
+    grpc_port, proto_dir, grpc_problem = None, None, ""
+    if NEEDS_GRPC & set(args.selected):
+        try:
+            proto_dir = compile_proto(Path(tempfile.mkdtemp(prefix=f"{cluster}-protos-")))
+        except GrpcUnavailable as exc:
+            grpc_problem = str(exc)
+        else:  # the cluster's processes (and the load generator) import the generated code
+            grpc_port = free_port()
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(proto_dir), os.environ.get("PYTHONPATH")]))
+    bench = Bench(plan, cluster, port, log_path, probe, grpc_port, proto_dir)
+    if grpc_problem:  # those measurements fail; the others run
+        for name in sorted(NEEDS_GRPC & set(args.selected)):
+            bench.problem(name, grpc_problem)
+        args.selected = [name for name in args.selected if name not in NEEDS_GRPC]
     bench.say(f"cluster {cluster}, {'smoke' if plan.smoke else 'full'} run, wrk "
               f"{plan.duration_s:g}s, RLIMIT_NOFILE {soft}, RabbitMQ log {probe.log_source}")
     started = time.monotonic()

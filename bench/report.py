@@ -101,6 +101,7 @@ def totals_json(total: Errors, rows: dict[str, Row]) -> dict[str, Any]:
     return {
         "errors": _count(total, *REQUEST_KINDS),
         "non_2xx": _count(total, "non_2xx"),
+        "non_ok": _count(total, "non_ok"),
         "socket_errors": _count(total, *SOCKET_KINDS),
         "unanswered": _count(total, "unanswered"),
         "failed": _count(total, "failed"),
@@ -119,7 +120,8 @@ def totals_text(totals: dict[str, Any]) -> str:
     def n(key: str) -> str:
         return "?" if totals[key] is None else str(totals[key])
 
-    line = (f"totals: errors {n('errors')} (non-2xx {n('non_2xx')}, socket "
+    line = (f"totals: errors {n('errors')} (non-2xx {n('non_2xx')}, non-OK gRPC "
+            f"{n('non_ok')}, socket "
             f"{n('socket_errors')}, unanswered {n('unanswered')}, failed {n('failed')}), "
             f"redeliveries {n('redeliveries')}, channel closes {n('channel_closes')} "
             f"(RabbitMQ log {n('broker_log')}, replica channels lost {n('channels_lost')}), "

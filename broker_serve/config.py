@@ -191,7 +191,24 @@ def _as_spec(item: Any) -> Any:
 
 
 class gRPCOptions(BaseModel):  # Ray's name, lower-case g and all
+    """The proxies' gRPC server (docs/architecture.md, "gRPC ingress"). As in Ray, it runs
+    only when `grpc_servicer_functions` names at least one service."""
+
     model_config = ConfigDict(extra="forbid")
 
-    port: int = 9000
+    port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
+    request_timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("grpc_servicer_functions")
+    @classmethod
+    def _import_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if "." not in path.strip("."):
+                raise ValueError(f"grpc_servicer_functions entries are 'module.function' "
+                                 f"import paths, got {path!r}")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.grpc_servicer_functions)

@@ -17,6 +17,7 @@ from .client.traffic import delete_traffic, get_traffic, set_traffic
 from .config import AutoscalingConfig, HTTPOptions, ProxyLocation, gRPCOptions
 from .context import ReplicaContext, get_replica_context
 from .deployment import Application, Deployment, deployment, get_deployment, list_deployments
+from .grpc_util import RayServegRPCContext
 from .ray08 import (
     BackendConfig,
     RoutePolicy,
@@ -45,6 +46,7 @@ __all__ = [
     "DeploymentResponseGenerator",
     "HTTPOptions",
     "ProxyLocation",
+    "RayServegRPCContext",
     "ReplicaContext",
     "RoutePolicy",
     "accept_batch",

@@ -8,21 +8,26 @@ the cleanup). The other tests check the parsing and counting that the accounting
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from bench.errors import CLUSTER_KINDS, WRK_KINDS, ClusterProbe, Errors
+from bench.grpc_noop import GRPC_KINDS, METHOD, compile_proto, run_load
 from bench.wrk import parse_wrk
 
-from .conftest import AMQP_URL, REDIS_URL, ROOT
+from .conftest import AMQP_URL, REDIS_URL, ROOT, free_port
 
 WRK_ROWS = [
     "ceiling_rps_c32", "ceiling_latency_c1_p50", "ceiling_latency_c1_p99",
@@ -30,15 +35,21 @@ WRK_ROWS = [
     "noop_sync_rps_c32", "noop_sync_latency_c1_p50", "noop_sync_latency_c1_p99",
     "scale_out_rps_1_replica", "scale_out_rps_2_replicas", "scale_out_ratio",
 ]
+# Measured by the gRPC load generator (bench/grpc_load.py), and the gRPC ÷ HTTP ratios.
+GRPC_ROWS = [
+    "grpc_noop_rps_c32", "grpc_noop_latency_c1_p50", "grpc_noop_latency_c1_p99",
+    "grpc_to_http_rps_c32", "grpc_to_http_latency_c1_p50",
+]
 EXPECTED_ROWS = [
     *WRK_ROWS,
+    *GRPC_ROWS,
     "stream_ttfc", "stream_chunks_per_s", "stream_paced_chunks_per_s",
     "handle_call_p50", "handle_call_p90", "handle_call_p99",
     "handle_chain_p50", "handle_chain_p90", "handle_chain_p99",
     "body_1mib", "body_10mib",
     "proxy_rss_1000_streams", "replica_rss_at_rest",
 ]
-TOTALS = ["errors", "non_2xx", "socket_errors", "unanswered", "failed", "redeliveries",
+TOTALS = ["errors", "non_2xx", "non_ok", "socket_errors", "unanswered", "failed", "redeliveries",
           "channel_closes", "broker_log", "channels_lost", "dead_letters"]
 
 
@@ -67,13 +78,25 @@ def test_bench_smoke(tmp_path: Path) -> None:
         value = results[name]["value"]
         assert isinstance(value, (int, float)) and math.isfinite(value), (name, value)
     for name in ("noop_rps_c32", "noop_latency_c1_p50", "noop_sync_rps_c32",
-                 "noop_sync_latency_c1_p50", "noop_sync_latency_c1_p99"):
+                 "noop_sync_latency_c1_p50", "noop_sync_latency_c1_p99",
+                 "grpc_noop_rps_c32", "grpc_noop_latency_c1_p50"):
         assert results[name]["ratio_to_ceiling"] is not None
+    # The gRPC rows were measured by real calls, and their ratios are to this run's HTTP rows.
+    assert results["grpc_noop_rps_c32"]["details"]["calls"] > 0
+    assert results["grpc_noop_rps_c32"]["details"]["concurrency"] == 32
+    assert results["grpc_noop_latency_c1_p50"]["details"]["concurrency"] == 1
+    for ratio_row, grpc_row, http_row in (
+            ("grpc_to_http_rps_c32", "grpc_noop_rps_c32", "noop_rps_c32"),
+            ("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50", "noop_latency_c1_p50")):
+        expected = results[grpc_row]["value"] / results[http_row]["value"]
+        assert results[ratio_row]["value"] == pytest.approx(expected), ratio_row
     # Every figure carries its error counts, every count was read, and all are zero.
     for name, row in results.items():
         counted = set(row["errors"])
         if name in WRK_ROWS:
             assert set(WRK_KINDS) <= counted, (name, row["errors"])
+        elif name in GRPC_ROWS:
+            assert set(GRPC_KINDS) | {"unanswered"} <= counted, (name, row["errors"])
         else:
             assert "failed" in counted, (name, row["errors"])
         if not name.startswith("ceiling"):
@@ -85,7 +108,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert {key: totals[key] for key in TOTALS} == dict.fromkeys(TOTALS, 0), totals
     assert totals["not_counted"] == {} and totals["results"] == len(results)
     assert report["valid"] is True
-    assert "0 figures are results" not in done.stdout and "totals: errors 0" in done.stdout
+    assert f"{len(results)} of {len(results)} figures are results" in done.stdout
+    assert "totals: errors 0" in done.stdout
     # The table is printed once, with every row.
     assert done.stdout.count("measurement") == 1
     for name in EXPECTED_ROWS:
@@ -165,3 +189,44 @@ def test_broker_log_errors_count_for_this_cluster_only(
     assert probe.logged().counts == {"broker_log": 0}
     monkeypatch.setenv("BROKER_SERVE_TEST_RABBITMQ_LOG", str(tmp_path / "missing.log"))
     assert "broker_log" in ClusterProbe("benchcafe", 1, AMQP_URL).logged().unknown
+
+
+def test_grpc_load_generator_counts_non_ok_statuses_and_wrong_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/grpc_load.py, in its own process, against a real grpcio server that answers
+    some calls with RESOURCE_EXHAUSTED and some with a wrong message."""
+    grpc = pytest.importorskip("grpc")
+    proto_dir = compile_proto(tmp_path / "protos")
+    monkeypatch.syspath_prepend(str(proto_dir))
+    pb2 = importlib.import_module("bench_noop_pb2")
+    calls = itertools.count(1)
+
+    def answer(request: Any, context: Any) -> Any:
+        n = next(calls)
+        if n % 3 == 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")
+        return pb2.Pong(message="nope" if n % 5 == 0 else "ok")
+
+    handler = grpc.method_handlers_generic_handler("benchnoop.NoopService", {
+        "__call__": grpc.unary_unary_rpc_method_handler(
+            answer, request_deserializer=pb2.Ping.FromString,
+            response_serializer=pb2.Pong.SerializeToString)})
+    assert METHOD == "/benchnoop.NoopService/__call__"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    port = free_port()
+    assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+    server.start()
+    try:
+        load = run_load(f"127.0.0.1:{port}", "app", proto_dir, concurrency=4, duration_s=0.5,
+                        warmup_s=0.2)
+    finally:
+        server.stop(None)
+        sys.modules.pop("bench_noop_pb2", None)
+    assert load.calls > 0 and load.rps > 0
+    assert load.counts["non_ok"] > 0 and load.counts["failed"] > 0, load.counts
+    assert load.codes == {"RESOURCE_EXHAUSTED": load.counts["non_ok"]}
+    assert load.counts["timeout"] == 0
+    assert not load.errors().valid
+    assert "RESOURCE_EXHAUSTED: queue full" in load.examples
+    assert load.raw["concurrency"] == 4 and load.cpu_s >= 0

@@ -28,3 +28,16 @@ def test_serve_has_ray_serve_0_8_names():
                    "route", "BackendConfig", "RoutePolicy", "get_deployment", "list_deployments"}
     assert ray08_names <= set(serve.__all__)
     assert serve.context.web is False and serve.handle.RayServeSyncHandle is not None
+
+
+def test_grpc_util_is_at_rays_path_and_needs_no_grpcio():
+    import subprocess
+    import sys
+
+    from broker_serve import grpc_util
+
+    assert grpc_util.__all__ == ["RayServegRPCContext"]
+    assert grpc_util.RayServegRPCContext is serve.RayServegRPCContext
+    # grpcio is an optional extra: the public API must import without it.
+    probe = "import sys, broker_serve.serve; assert 'grpc' not in sys.modules, 'grpc imported'"
+    subprocess.run([sys.executable, "-c", probe], check=True)

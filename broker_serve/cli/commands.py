@@ -438,9 +438,15 @@ def build(import_paths: tuple[str, ...], app_dir: str, output_path: str | None) 
             name=name, route_prefix=prefix, import_path=import_path,
             deployments=list(deployments.values())))
     config = ServeDeploySchema(applications=applications)
+    # Ray's `serve build` writes grpc_options with their defaults, for users to fill in; a
+    # config whose list of servicer functions is empty leaves the cluster's gRPC as it is
+    # (controller/declarative.py). http_options are left out: deploying the file would move
+    # the cluster's stored address.
+    options = config.model_dump(mode="json", include={
+        "grpc_options": {"port", "grpc_servicer_functions"}})
+    written = {**options, **config.model_dump(mode="json", exclude_unset=True)}
     text = ("# Written by `broker-serve build`; deploy it with `broker-serve deploy FILE`.\n\n"
-            + yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True),
-                             sort_keys=False))
+            + yaml.safe_dump(written, sort_keys=False))
     if output_path is None:
         click.echo(text, nl=False)
         return

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
 
-from ..config import HTTPOptions, ProxyLocation
+from ..config import HTTPOptions, ProxyLocation, gRPCOptions
 from ..context import _in_replica
 from ..exceptions import BrokerServeError, DeployFailed
 from ..schema import ApplicationStatus, ServeStatus, check_app_name, check_route_prefix
@@ -27,7 +27,7 @@ from ..state.apps import write_app
 from ..state.records import AppRecord, AppStatusRecord, RouteTableRecord
 from ..state.status import read_status
 from .application import Application, Deployment
-from .build import build_application
+from .build import build_application, driver_paths
 from .handle import DeploymentHandle
 from .local_cluster import LocalCluster
 from .runtime import Runtime, current_runtime, get_runtime, reset_runtime
@@ -45,7 +45,8 @@ _cluster_lock = threading.Lock()
 
 
 # cluster connection ------------------------------------------------------------------------------
-def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = True) -> Runtime:
+def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = True,
+             grpc_options: gRPCOptions | None = None) -> Runtime:
     """The runtime of a running cluster, starting a local one if none answers."""
     runtime = current_runtime() or get_runtime()
     if _in_replica():
@@ -53,6 +54,9 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
     with _cluster_lock:
         if http_options is not None:
             runtime.run_sync(runtime.store.put_http_options(http_options))
+        if grpc_options is not None:  # before a local cluster starts: its proxy reads them
+            # The proxies import the servicer modules from where the driver's replicas do.
+            runtime.run_sync(runtime.store.put_grpc_options(grpc_options, driver_paths()))
         # A lease left by a controller that was killed on this machine does not count.
         leader = runtime.run_sync(runtime.store.lease_holder())
         if leader is None and _local_cluster is None and start_if_missing:
@@ -96,21 +100,24 @@ def _stop_local_cluster() -> None:
 
 # serve.start / run ------------------------------------------------------------------------------
 def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached: bool = True,
-          proxy_location: Any = None, grpc_options: Any = None, **kwargs: Any) -> None:
-    """Connect to (or start) a cluster with these HTTP options.
+          proxy_location: Any = None,
+          grpc_options: gRPCOptions | dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """Connect to (or start) a cluster with these HTTP and gRPC options.
 
     `proxy_location` (or `http_options["location"]`) says where proxies run: HeadOnly, the
     proxy of the cluster `serve.start` started (plus nodes started with `--proxy`); EveryNode,
-    one on every worker node too; Disabled, none. `detached` and `grpc_options` are accepted so
-    Ray programs port: a cluster always outlives its drivers' connections, and there is no gRPC
-    proxy yet.
+    one on every worker node too; Disabled, none. `grpc_options` with servicer functions start
+    a gRPC server in every proxy (docs/architecture.md, "gRPC ingress"). `detached` is accepted
+    so Ray programs port: a cluster always outlives its drivers' connections.
     """
     options = (http_options if isinstance(http_options, HTTPOptions)
                else HTTPOptions.model_validate(http_options or {}))
     if proxy_location is not None:  # Ray 2.x's spelling of http_options["location"]
         options = options.model_copy(
             update={"location": HTTPOptions.model_validate({"location": proxy_location}).location})
-    _connect(options)
+    grpc = (grpc_options if isinstance(grpc_options, gRPCOptions) or grpc_options is None
+            else gRPCOptions.model_validate(grpc_options))
+    _connect(options, grpc_options=grpc)
 
 
 def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_NAME,

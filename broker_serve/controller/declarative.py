@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
 
-from ..config import HTTPOptions
+from ..config import HTTPOptions, gRPCOptions
 from ..exceptions import BrokerServeError, BuildFailed, ProtocolError
 from ..protocol import messages
 from ..schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
@@ -64,7 +64,7 @@ async def apply_config(store: Store, settings: Settings,
                 "deployed_at": now(), "expires": now() + _lock_ttl_s(),
             })
         await store.put_deploy_config(config)
-        await _apply_http_options(store, config)
+        await _apply_http_options(store, settings, config)
         gone = sorted(set(await store.apps()) - wanted)
         stale = sorted(set(await store.app_builds()) - wanted)
         await store.delete_field(names.apps, *gone)
@@ -190,9 +190,16 @@ async def _replace_traffic(store: Store, config: ServeDeploySchema) -> None:
         await store.announce("traffic")
 
 
-async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
+async def _apply_http_options(store: Store, settings: Settings,
+                              config: ServeDeploySchema) -> None:
     """The config's http_options and proxy_location, where it sets them, join the stored
-    options; proxies read them when they start."""
+    options; proxies read them when they start. Its grpc_options replace the stored ones when
+    they name servicer functions; an empty list (what `broker-serve build` writes) leaves the
+    cluster's gRPC as it is."""
+    if "grpc_options" in config.model_fields_set and config.grpc_options.grpc_servicer_functions:
+        # proxies pick them up within seconds
+        await store.put_grpc_options(gRPCOptions.model_validate(config.grpc_options.model_dump()),
+                                     _servicer_paths(settings, config))
     changes: dict[str, Any] = {}
     if "http_options" in config.model_fields_set:
         changes.update(config.http_options.model_dump(exclude_unset=True))
@@ -203,6 +210,21 @@ async def _apply_http_options(store: Store, config: ServeDeploySchema) -> None:
     current = await store.http_options()
     updated = HTTPOptions.model_validate({**current.model_dump(), **changes})
     await store.put_http_options(updated)
+
+
+def _servicer_paths(settings: Settings, config: ServeDeploySchema) -> list[str]:
+    """Where the proxies import the `*_pb2_grpc` modules from: the app dir and each
+    application's working_dir, as its replicas do (one whose working_dir is bad fails its
+    own build)."""
+    paths = [os.path.abspath(settings.app_dir or os.getcwd())]
+    for app in config.applications:
+        try:
+            directory, _ = import_directory(settings, app)
+        except BuildFailed:
+            continue
+        if directory not in paths:
+            paths.append(directory)
+    return paths
 
 
 # DELETE -----------------------------------------------------------------------------------------

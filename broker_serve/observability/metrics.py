@@ -188,11 +188,35 @@ def _process_registry() -> CollectorRegistry:
 
 # proxy ------------------------------------------------------------------------------------------
 class _RouteStats:
+    """The answers of one (application, route) or (application, gRPC method): counts by status
+    (an HTTP status, or a gRPC code's name) and the latency histogram."""
+
     __slots__ = ("latency", "statuses")
 
     def __init__(self) -> None:
-        self.statuses: dict[int, int] = {}
+        self.statuses: dict[int | str, int] = {}
         self.latency = LocalHistogram()
+
+    def observe(self, status: int | str, seconds: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.latency.observe(seconds)
+
+
+def _answer_families(stats: dict[tuple[str, str], _RouteStats], kind: str, what: str,
+                     duration_help: str, second_label: str, status_label: str
+                     ) -> Iterator[Metric]:
+    """A counter of answers by status (`<kind>s`) and a latency histogram
+    (`<kind>_duration_seconds`), from per-key stats."""
+    answers = CounterMetricFamily(f"{kind}s", what,
+                                  labels=["application", second_label, status_label])
+    duration = HistogramMetricFamily(f"{kind}_duration_seconds", duration_help,
+                                     labels=["application", second_label])
+    for (application, second), entry in list(stats.items()):
+        for status, count in list(entry.statuses.items()):
+            answers.add_metric([application, second, str(status)], count)
+        duration.add_metric([application, second], entry.latency.cumulative(), entry.latency.sum)
+    yield answers
+    yield duration
 
 
 class ProxyMetrics:
@@ -202,6 +226,8 @@ class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or _process_registry()
         self._routes: dict[tuple[str, str], _RouteStats] = {}
+        # gRPC calls, per (application, method path); their statuses are gRPC code names.
+        self._grpc: dict[tuple[str, str], _RouteStats] = {}
         self.registry.register(self)  # collect() below
         self._rejections = Counter(
             "broker_serve_proxy_backpressure_rejections_total",
@@ -225,9 +251,13 @@ class ProxyMetrics:
         stats = self._routes.get((application, route))
         if stats is None:
             stats = self._routes[(application, route)] = _RouteStats()
-        statuses = stats.statuses
-        statuses[status] = statuses.get(status, 0) + 1
-        stats.latency.observe(seconds)
+        stats.observe(status, seconds)
+
+    def observe_grpc(self, application: str, method: str, code: str, seconds: float) -> None:
+        stats = self._grpc.get((application, method))
+        if stats is None:
+            stats = self._grpc[(application, method)] = _RouteStats()
+        stats.observe(code, seconds)
 
     def rejected(self, application: str) -> None:
         self._rejections.labels(application).inc()  # rare: the 503 path
@@ -240,20 +270,15 @@ class ProxyMetrics:
         return {key: stats.latency.totals() for key, stats in list(self._routes.items())}
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "broker_serve_proxy_requests", "HTTP requests answered by the proxy.",
-            labels=["application", "route", "status"])
-        duration = HistogramMetricFamily(
-            "broker_serve_proxy_request_duration_seconds",
+        yield from _answer_families(
+            self._routes, "broker_serve_proxy_request", "HTTP requests answered by the proxy.",
             "From the request's arrival at the proxy to the end of its response.",
-            labels=["application", "route"])
-        for (application, route), stats in list(self._routes.items()):
-            for status, count in list(stats.statuses.items()):
-                requests.add_metric([application, route, str(status)], count)
-            duration.add_metric([application, route], stats.latency.cumulative(),
-                                stats.latency.sum)
-        yield requests
-        yield duration
+            "route", "status")
+        if self._grpc:
+            yield from _answer_families(
+                self._grpc, "broker_serve_proxy_grpc_request",
+                "gRPC calls answered by the proxy.",
+                "From the call's arrival at the proxy to its status.", "method", "code")
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

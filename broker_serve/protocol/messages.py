@@ -26,6 +26,7 @@ HEADER_REQUEST_ID = "bs-request-id"
 KIND_HTTP = "http"
 KIND_CALL = "call"
 KIND_WEBSOCKET = "websocket"
+KIND_GRPC = "grpc"
 
 # Reply events (the AMQP `type` property of a reply message).
 ACCEPTED = "accepted"

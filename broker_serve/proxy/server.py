@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import importlib
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from ..config import HTTPOptions
+from ..config import HTTPOptions, gRPCOptions
+from ..exceptions import BrokerServeError
 from ..http_server import HttpServer
 from ..observability.history import HistoryWriter, Key
 from ..settings import Settings
-from .http import Proxy
+from .http import ROUTE_REFRESH_S, Proxy
+
+if TYPE_CHECKING:
+    from .grpc_server import GrpcIngress
+
+log = logging.getLogger("broker_serve.proxy.server")
 
 
 def with_middlewares(app: Any, options: HTTPOptions) -> Any:
@@ -49,15 +58,83 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
     history = proxy_history(proxy, settings)
     served = asyncio.Event()
     writing = asyncio.create_task(history.run(served))
+    grpc = GrpcSupervisor(proxy, options.host)
+    watching = asyncio.create_task(grpc.run(served))
     try:
         await server.serve()
     finally:
         served.set()
         try:
             await writing
+            await watching
             await history.write()  # the requests of the last interval, drained ones included
         finally:
             await proxy.shutdown()
+
+
+class GrpcSupervisor:
+    """Runs the proxy's gRPC server while the cluster's grpc_options enable it, and starts it
+    again on other options: `serve.start` or a config file may set them after the proxy
+    started. Reads them every ROUTE_REFRESH_S, off the request path."""
+
+    def __init__(self, proxy: Proxy, host: str) -> None:
+        self.proxy = proxy
+        self.host = host
+        self.options: tuple[gRPCOptions, list[str]] | None = None  # and their sys_path
+        self.ingress: GrpcIngress | None = None
+
+    async def run(self, stopped: asyncio.Event) -> None:
+        try:
+            while not stopped.is_set():
+                await self._apply()
+                try:
+                    await asyncio.wait_for(stopped.wait(), ROUTE_REFRESH_S)
+                except TimeoutError:
+                    pass
+        finally:
+            await self._stop()
+
+    async def _apply(self) -> None:
+        try:
+            stored = await self.proxy.store.grpc_options_and_paths()
+        except BrokerServeError as exc:  # keep serving with the options it has
+            log.warning("could not read the gRPC options: %s", exc)
+            return
+        if stored == self.options:
+            return
+        await self._stop()
+        self.options = stored
+        if stored is None or not stored[0].enabled:
+            return
+        options, paths = stored
+        add_import_paths(paths)
+        try:
+            from .grpc_server import GrpcIngress
+        except ImportError as exc:
+            log.error("grpc_options name servicer functions but grpcio is not installed "
+                      "(pip install 'broker-serve[grpc]'): %s", exc)
+            return
+        try:
+            ingress = GrpcIngress(self.proxy, options, self.host)
+            await ingress.start()
+        except (ValueError, RuntimeError) as exc:  # a bad servicer function or a busy port
+            log.error("not serving gRPC: %s", exc)
+            return
+        self.ingress = ingress
+
+    async def _stop(self) -> None:
+        ingress, self.ingress = self.ingress, None
+        if ingress is not None:
+            await ingress.stop()
+
+
+def add_import_paths(paths: list[str]) -> None:
+    """Let the servicer functions' `*_pb2_grpc` modules import from the directories the
+    replicas import the application from. Appended: the proxy's own modules still win."""
+    for path in paths:
+        if path not in sys.path:
+            sys.path.append(path)
+    importlib.invalidate_caches()  # a directory made after the last import is searched too
 
 
 def proxy_history(proxy: Proxy, settings: Settings) -> HistoryWriter:

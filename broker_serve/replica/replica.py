@@ -13,7 +13,7 @@ rejects of one channel go out in order through its `Settler` (`_acks.py`).
 Poison requests: a request whose replicas died with it three times is answered 502 on its 4th
 delivery and dead-lettered. Only deaths count. A live replica that loses a channel, or stops
 before finishing a request, writes down the requests it released, and their redeliveries are
-not counted against them.
+not counted against them (`deliveries.py`).
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ from ..transport.broker import Broker, DeliveryCallback, Subscription, connectio
 from ..transport.cancellation import CancelledSet
 from ..transport.errors import map_amqp_errors
 from . import ingress, multiplex
+from .deliveries import MAX_DELIVERIES, DeliveryJournal
 from .execution import (
     CallerMessages,
     FlowWindow,
@@ -67,15 +68,13 @@ from .execution import (
     run_http,
     run_websocket,
 )
+from .grpc_call import GrpcResolver, run_grpc
 from .threads import ThreadRunner
 
 log = logging.getLogger("broker_serve.replica.replica")
 
 HEARTBEAT_INTERVAL_S = 2.0
 CONFIG_REFRESH_S = 5.0
-# A request delivered this often died with its replica every time: it is not tried again.
-MAX_DELIVERIES = 4
-DELIVERY_COUNT_TTL_S = 3600
 # Shutdown hooks and __del__ get this long even when requests used the whole grace period; the
 # node's SIGKILL comes 5 s after it.
 MIN_USER_SHUTDOWN_S = 1.0
@@ -103,7 +102,7 @@ class Replica:
         self._caller_messages: dict[str, CallerMessages] = {}  # by correlation id
         self._tasks: set[asyncio.Task[None]] = set()
         self._settler: Settler | None = None  # of the request channel now open
-        self._journals: set[asyncio.Task[None]] = set()
+        self.deliveries = DeliveryJournal(self.store)
         self._cancelled = CancelledSet()
         self._running: dict[str, asyncio.Task[Any]] = {}
         self._cancelling: set[str] = set()
@@ -115,6 +114,7 @@ class Replica:
         self._affinity_queue: Any = None
         # For a multiplexed class: adds what the replica holds to a request's first reply event.
         self._advertise_models: Any = None
+        self.grpc = GrpcResolver()  # filled at startup, imported on the first gRPC request
         self.metrics = metrics.ReplicaMetrics(app, deployment, replica_id)
         self.history = HistoryWriter(self.store, settings, replica_id, "backends",
                                      self.metrics.processing_totals)
@@ -140,6 +140,8 @@ class Replica:
         await self.store.ping()
         await self._write_record(ReplicaState.STARTING)
         self.secret = await self.store.secret()
+        if grpc_options := await self.store.grpc_options():
+            self.grpc.servicer_functions = list(grpc_options.grpc_servicer_functions)
         spec_blob = await self.store.spec(self.app, self.deployment, self.version)
         if spec_blob is None:
             raise RuntimeError(f"no definition stored for {self.app}/{self.deployment} "
@@ -233,9 +235,7 @@ class Replica:
         those redeliveries are not deaths. (Stopping, `shutdown` writes them down itself.)"""
         released = [cid for _, _, cid in settler.ledger.unsettled()]
         if released and not self._stopping.is_set():
-            task = asyncio.ensure_future(self._journal_released(released))
-            self._journals.add(task)
-            task.add_done_callback(self._journals.discard)
+            self.deliveries.release_soon(released)
 
     async def _construct(self, definition: dict[str, Any], threads: ThreadRunner) -> Servable:
         target = definition["func_or_class"]
@@ -394,7 +394,7 @@ class Replica:
                 await asyncio.wait_for(settler.drain(), 5)
             except (BrokerServeError, TimeoutError) as exc:
                 log.warning("could not send the last acks: %s", exc)
-            await self._journal_released([cid for _, _, cid in settler.ledger.unsettled()])
+            await self.deliveries.released([cid for _, _, cid in settler.ledger.unsettled()])
         if self.servable is not None:
             # While the connection is still open: hooks and __del__ may call handles.
             await self.servable.stop(max(deadline - loop.time(), MIN_USER_SHUTDOWN_S))
@@ -544,7 +544,7 @@ class Replica:
 
         stream = ReplyStream(publish)
         stream.method = _METHOD_OF_KIND.get(properties.message_type or "", "unknown")
-        if redelivered and await self._delivered_too_often(correlation_id):
+        if redelivered and await self.deliveries.delivered_too_often(correlation_id):
             await stream.error(502, "RequestKilledReplicas",
                                f"the request ran {MAX_DELIVERIES - 1} times and its replica "
                                "died each time; it was dead-lettered, not retried")
@@ -570,7 +570,9 @@ class Replica:
         except Exception as exc:  # noqa: BLE001 - user code: the caller gets an error event
             log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
             kind = properties.message_type
-            detail = str(exc) if kind == protocol.KIND_CALL else "Internal Server Error"
+            # A gRPC client gets the message too (as INTERNAL), but no class to raise again.
+            detail = (str(exc) if kind in (protocol.KIND_CALL, protocol.KIND_GRPC)
+                      else "Internal Server Error")
             # A callee's error passing through keeps its original type, however many hops.
             error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
                           else type(exc).__name__)
@@ -584,33 +586,6 @@ class Replica:
         else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
             settler.rejected(tag)
         return stream
-
-    async def _delivered_too_often(self, correlation_id: str) -> bool:
-        """Count a redelivery, and tell whether the request's replicas died with it
-        MAX_DELIVERIES - 1 times. Only redeliveries pay this Redis round trip."""
-        try:
-            redelivered, released = await self.store.count_redelivery(correlation_id,
-                                                                      DELIVERY_COUNT_TTL_S)
-        except BrokerServeError as exc:  # Redis away: serving goes on without the bound
-            log.warning("could not count the deliveries of %s: %s", correlation_id, exc)
-            return False
-        deaths = redelivered - released
-        if deaths + 1 >= MAX_DELIVERIES:
-            log.error("request %s was delivered %d times, %d of them to replicas that died; "
-                      "dead-lettering it", correlation_id, int(redelivered) + 1, deaths)
-            return True
-        return False
-
-    async def _journal_released(self, correlation_ids: list[str]) -> None:
-        """Write down requests this live replica gives back to RabbitMQ unfinished, so that
-        their redeliveries do not count as deaths."""
-        if not correlation_ids:
-            return
-        try:
-            await self.store.count_released(correlation_ids, DELIVERY_COUNT_TTL_S)
-        except BrokerServeError as exc:
-            log.warning("could not write down %d released request(s): %s",
-                        len(correlation_ids), exc)
 
     async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
                         correlation_id: str) -> None:
@@ -646,6 +621,8 @@ class Replica:
         elif kind == protocol.KIND_WEBSOCKET:
             frames = self._caller_messages[correlation_id] = asyncio.Queue()
             await run_websocket(self.servable, stream, payload, frames, self.inbox_name)
+        elif kind == protocol.KIND_GRPC:
+            await run_grpc(self.servable, stream, payload, self.grpc)
         else:
             raise ProtocolError(f"unknown request kind {kind!r}")
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from ..config import gRPCOptions
 from ..schema import (
     ApplicationDetails,
     ApplicationStatus,
@@ -31,6 +32,7 @@ from ..schema import (
     ServeInstanceDetails,
     ServeStatus,
     ServeStatusSchema,
+    gRPCOptionsSchema,
     status_trigger,
 )
 from .records import AppBuild, AppRecord, AppStatusRecord, ReplicaEndState, ReplicaRecord
@@ -90,11 +92,19 @@ async def read_details(store: Store) -> ServeInstanceDetails:
             host=http.host, port=http.port, root_path=http.root_path,
             request_timeout_s=http.request_timeout_s,
             keep_alive_timeout_s=http.keep_alive_timeout_s),
-        grpc_options=config.grpc_options if config else None,
+        grpc_options=_grpc_options(await store.grpc_options(), config),
         proxies=await _proxies(store),
         applications=applications,
         target_capacity=config.target_capacity if config else None,
     )
+
+
+def _grpc_options(stored: gRPCOptions | None, config: ServeDeploySchema | None
+                  ) -> gRPCOptionsSchema | None:
+    """The options the proxies serve gRPC with (serve.start's or a config's), as Ray shows."""
+    if stored is not None:
+        return gRPCOptionsSchema.model_validate(stored.model_dump())
+    return config.grpc_options if config else None
 
 
 def _application(name: str, record: AppRecord | None, status: AppStatusRecord | None,

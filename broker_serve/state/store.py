@@ -26,7 +26,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from ..config import HTTPOptions
+from ..config import HTTPOptions, gRPCOptions
 from ..exceptions import ClusterUnavailable, StateError
 from ..protocol.names import Names
 from ..schema import ServeDeploySchema
@@ -307,6 +307,33 @@ class Store:
     async def put_http_options(self, options: HTTPOptions) -> None:
         await self._redis.set(self.names.http_options, options.model_dump_json())
 
+    # gRPC options -----------------------------------------------------------------------------
+    async def grpc_options(self) -> gRPCOptions | None:
+        """The cluster's gRPC options (`serve.start`, a config file), or None: no gRPC server.
+        Proxies serve gRPC with them and replicas resolve the servicer functions from them."""
+        stored = await self.grpc_options_and_paths()
+        return None if stored is None else stored[0]
+
+    async def grpc_options_and_paths(self) -> tuple[gRPCOptions, list[str]] | None:
+        """The gRPC options and the directories the proxies import the servicer functions'
+        modules from: the driver's paths (`serve.start`), or a config's app dir and
+        working_dirs, as its replicas import from them."""
+        raw = await self._get(self._grpc_options_key)
+        if not raw:
+            return None
+        record = orjson.loads(raw)
+        paths = record.pop("sys_path", [])
+        return gRPCOptions.model_validate(record), [str(path) for path in paths]
+
+    async def put_grpc_options(self, options: gRPCOptions, sys_path: list[str] | None = None
+                               ) -> None:
+        record = {**options.model_dump(mode="json"), "sys_path": sys_path or []}
+        await self._redis.set(self._grpc_options_key, orjson.dumps(record))
+
+    @property
+    def _grpc_options_key(self) -> str:
+        return self.names.key("grpc_options")
+
     # routes -----------------------------------------------------------------------------------
     async def routes(self) -> RouteTableRecord:
         raw = await self._get(self.names.routes)
@@ -511,7 +538,7 @@ class Store:
         version: those in `previous` are not read again."""
         names, redis = self.names, self._redis
         copy = StateSnapshot()
-        for key in (names.secret, names.http_options, names.routes):
+        for key in (names.secret, names.http_options, self._grpc_options_key, names.routes):
             value = await self._get(key)
             if value is not None:
                 copy.strings[key] = value
