@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN mkdir broker_serve && touch broker_serve/__init__.py \
-    && pip install ".[fastapi]" \
+    && pip install ".[fastapi,grpc]" \
     && pip uninstall -y broker-serve
 COPY broker_serve ./broker_serve
 RUN pip install --no-deps . && rm -rf /src
@@ -33,7 +33,8 @@ COPY deploy/healthcheck.py ./deploy/healthcheck.py
 RUN useradd --create-home --uid 10001 broker-serve
 USER broker-serve
 
-# proxy HTTP (and /-/metrics), controller metrics, worker metrics
-EXPOSE 8000 8265 9500
+# proxy HTTP (and /-/metrics), controller metrics, proxy gRPC (when grpc_options name servicer
+# functions), worker metrics
+EXPOSE 8000 8265 9000 9500
 ENTRYPOINT ["broker-serve"]
 CMD ["--help"]
