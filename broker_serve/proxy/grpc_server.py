@@ -33,7 +33,6 @@ from .http import NO_ROUTES_MESSAGE, Proxy
 
 log = logging.getLogger("broker_serve.proxy.grpc")
 
-KIND_GRPC = "grpc"
 API_SERVICE = "/ray.serve.RayServeAPIService/"
 HEALTHZ_OK = "success"
 # Metadata keys the proxy consumes; the rest travel to the replica (docs/protocol.md).
@@ -216,7 +215,7 @@ class GrpcIngress:
             expiration, priority = deadlines.expiration(remaining), deadlines.priority(remaining)
         broker, router = self.proxy.broker, self.proxy.router
         arguments: dict[str, Any] = {
-            "type": KIND_GRPC, "correlation_id": call.correlation_id,
+            "type": protocol.KIND_GRPC, "correlation_id": call.correlation_id,
             "reply_to": router.queue_name,
             "headers": protocol.request_headers(deadline, published_us=protocol.now_us(),
                                                 request_id=metadata.get(REQUEST_ID_KEY)),
