@@ -55,15 +55,21 @@ class ThreadRunner:
     def _work(self) -> None:
         while (call := self._calls.get()) is not None:
             loop, future, context, fn, args = call
+            del call
             try:
                 result = context.run(fn, *args)
             # Handed to the caller, as an executor does.
             except BaseException as exc:  # noqa: BLE001
+                del context, fn, args
                 loop.call_soon_threadsafe(_fail, future, exc)
+                del exc
             else:
+                # Dropped before the caller resumes, not after: what the call held (an evicted
+                # model whose __del__ ran here, say) is free once the caller sees the result.
+                del context, fn, args
                 loop.call_soon_threadsafe(_succeed, future, result)
                 del result
-            del call, future, context, fn, args  # hold nothing while idle
+            del future  # hold nothing while idle
             self._idle.release()
 
     def shutdown(self) -> None:
