@@ -15,6 +15,7 @@
      ├── StateError                 Redis refused or failed a read or write of the state
      └── DeployFailed               serve.run could not bring an application up (a RuntimeError)
           └── BuildFailed           an application could not be built from its config
+               └── RuntimeEnvError  ... nor its runtime_env resolved or prepared
 
 The names of Ray Serve's `ray.serve.exceptions` are kept, so `except` clauses port unchanged.
 Errors from aio-pika and aiormq are translated in `transport/errors.py`, those from redis in
@@ -142,3 +143,8 @@ class DeployFailed(BrokerServeError, RuntimeError):
 class BuildFailed(DeployFailed):
     """An application could not be built from its config: its import path, its builder or
     the config's options for its deployments."""
+
+
+class RuntimeEnvError(BuildFailed):
+    """A runtime_env could not be resolved or prepared: a source that cannot be fetched or is
+    not a safe zip, or requirements that pip could not install."""

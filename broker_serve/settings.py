@@ -74,8 +74,14 @@ class Settings(BaseSettings):
     # cluster's own window (`set_history_window`) is unset.
     history_interval_s: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     history_window_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    # Runtime environments (docs/architecture.md, "Runtime environments"): this host's cache of
+    # packages and virtual environments (None: `<state_dir>/runtime_env`), the most one package
+    # may hold once extracted, and how long an unused cache entry is kept.
+    runtime_env_dir: Path | None = None
+    runtime_env_max_mb: int = Field(default=512, gt=0)
+    runtime_env_cache_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
 
-    @field_validator("app_dir", "http_keep_alive_timeout_s", mode="before")
+    @field_validator("app_dir", "http_keep_alive_timeout_s", "runtime_env_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
@@ -84,6 +90,9 @@ class Settings(BaseSettings):
     @classmethod
     def _stripped_token(cls, value: Any) -> Any:
         return (value.strip() or None) if isinstance(value, str) else value
+
+    def runtime_env_cache(self) -> Path:
+        return self.runtime_env_dir or self.state_dir / "runtime_env"
 
     @field_validator("state_dir", mode="before")
     @classmethod
@@ -131,6 +140,9 @@ class Settings(BaseSettings):
             "BROKER_SERVE_METRICS_PORT": str(self.metrics_port),
             "BROKER_SERVE_HISTORY_INTERVAL_S": str(self.history_interval_s),
             "BROKER_SERVE_HISTORY_WINDOW_S": str(self.history_window_s),
+            "BROKER_SERVE_RUNTIME_ENV_DIR": str(self.runtime_env_cache()),
+            "BROKER_SERVE_RUNTIME_ENV_MAX_MB": str(self.runtime_env_max_mb),
+            "BROKER_SERVE_RUNTIME_ENV_CACHE_TTL_S": str(self.runtime_env_cache_ttl_s),
         }
 
 

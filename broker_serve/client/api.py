@@ -22,6 +22,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from ..config import HTTPOptions, ProxyLocation, gRPCOptions
 from ..context import _in_replica
 from ..exceptions import BrokerServeError, DeployFailed
+from ..runtime_env.cache import HostCache
+from ..runtime_env.environment import upload
 from ..schema import ApplicationStatus, ServeStatus, check_app_name, check_route_prefix
 from ..state.apps import write_app
 from ..state.records import AppRecord, AppStatusRecord, RouteTableRecord
@@ -178,6 +180,7 @@ def _poll(timeout_s: float, on_timeout: Callable[[RetryCallState], Any]) -> Asyn
 
 
 async def _deploy(runtime: Runtime, record: AppRecord, specs: dict[str, bytes]) -> None:
+    await upload(runtime.store, HostCache(runtime.settings.runtime_env_cache()), specs)
     await write_app(runtime.store, record, specs)
     await _wait_running(runtime, record)
     if record["route_prefix"] is not None:

@@ -22,6 +22,9 @@ from ..exceptions import RayServeException
 from ..protocol import messages
 from ..protocol.call_values import dumps_signed
 from ..protocol.names import Names
+from ..runtime_env import options as runtime_env_options
+from ..runtime_env.environment import Resolver, environment_digest, seal
+from ..settings import Settings
 from ..state.apps import app_version
 from ..state.records import AppRecord, DeploymentEntry
 from ..state.store import now
@@ -30,14 +33,17 @@ from .handle import DeploymentHandle
 
 
 def build_application(app: Application, name: str, route_prefix: str | None, names: Names, secret: bytes,
-           *, reference: Callable[[Any], Any] | None = None, sys_path: list[str] | None = None
+           *, reference: Callable[[Any], Any] | None = None, sys_path: list[str] | None = None,
+           resolver: Resolver | None = None, runtime_env: dict[str, Any] | None = None
            ) -> tuple[AppRecord, dict[str, bytes]]:
     """The application record and the signed definition of each deployment.
 
-    A driver's own modules travel by value. An application a config names (`_build_app.py`)
+    A driver's own modules travel by value. An application a config names (`config_build.py`)
     passes `reference`, which gives what to pickle in place of each class or function (an
     import reference, so worker nodes import the user's code), and the `sys_path` its replicas
-    need.
+    need. Each deployment's `ray_actor_options.runtime_env`, laid over the application's
+    `runtime_env`, is resolved by `resolver` into the environment its spec carries
+    (docs/architecture.md, "Runtime environments").
     """
     nodes = app.walk()
     dep_names: dict[int, str] = {}
@@ -80,11 +86,23 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
             "config": {k: v for k, v in config.items() if k not in LIVE_OPTIONS},
         }
         pickled, sig = dumps_signed(definition, secret)
-        version = deployment_version(dep.version, pickled, definition["config"],
+        spec: dict[str, Any] = {"pickled": pickled, "sig": sig, "sys_path": sys_path}
+        versioned, restart_options = pickled, definition["config"]
+        options = runtime_env_options.parse(
+            runtime_env_options.merge(runtime_env, dep.config.ray_actor_options.get("runtime_env")),
+            where := f"deployment {dep_name!r} of application {name!r}")
+        if not options.is_empty:
+            resolver = resolver or Resolver.from_settings(Settings(), os.getcwd())
+            environment = resolver.resolve(options, where)
+            assert environment is not None
+            spec.update(seal(environment, secret))
+            env_digest = environment_digest(environment)
+            # A changed archive or requirement makes a new version, whatever else stays.
+            versioned += b"\0environment\0" + env_digest.encode()
+            restart_options = {**restart_options, "environment": env_digest}
+        version = deployment_version(dep.version, versioned, restart_options,
                                      from_config=reference is not None)
-        specs[names.spec(name, dep_name, version)] = messages.pack(
-            {"pickled": pickled, "sig": sig, "sys_path": sys_path}
-        )
+        specs[names.spec(name, dep_name, version)] = messages.pack(spec)
         deployments[dep_name] = {
             "version": version,
             "queue": names.request_queue(name, dep_name),

@@ -1,7 +1,11 @@
 """The build subprocess of a config application: `python -m broker_serve.client.config_build`.
 
-The controller runs it in the application's import directory with, on stdin, the JSON
-`{"app": <ServeApplicationSchema>, "cluster", "secret" (hex), "import_dir", "working_dir"}`.
+The controller runs it in the application's import directory, in the application's runtime_env
+(its interpreter, `PYTHONPATH` and `env_vars`), with, on stdin, the JSON
+`{"app": <ServeApplicationSchema>, "cluster", "secret" (hex), "import_dir", "base_dir",
+"packages"}`: where to import from, what relative runtime_env paths are relative to, and the
+packages the controller already resolved for the application's runtime_env, by
+`"<kind>:<source>"`.
 It imports the application, applies the config's per-deployment overrides, and builds it with
 `build.build_application`, as `serve.run` does, pickling the user's code by reference. On stdout it
 writes msgpack: `{"record", "specs"}`, or `{"error"}` with the traceback. User code runs with
@@ -27,7 +31,9 @@ from pydantic import BaseModel
 from ..exceptions import BuildFailed, RayServeException
 from ..protocol import messages
 from ..protocol.names import Names
+from ..runtime_env.environment import Resolver
 from ..schema import ServeApplicationSchema
+from ..settings import Settings
 from .application import Application, Deployment
 from .build import build_application
 from .imports import by_reference, code_digest, import_attr
@@ -75,6 +81,8 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
     config = ServeApplicationSchema.model_validate(request["app"])
     import_dir = request["import_dir"]
     sys.path.insert(0, import_dir)
+    resolver = Resolver.from_settings(Settings(), request.get("base_dir") or import_dir)
+    resolver.known.update(request.get("packages") or {})
     app = load_application(config)
     route_prefix = (config.route_prefix if "route_prefix" in config.model_fields_set
                     else app.deployment.route_prefix or "/")
@@ -83,7 +91,8 @@ def build(request: dict[str, Any]) -> dict[str, Any]:
         record, specs = build_application(
             app, config.name, route_prefix, Names(request["cluster"]),
             bytes.fromhex(request["secret"]), reference=reference,
-            sys_path=[import_dir] if request.get("working_dir") else [],
+            # the worker node puts its app dir and the runtime_env's folders on PYTHONPATH
+            sys_path=[], resolver=resolver, runtime_env=config.runtime_env,
         )
     except RayServeException as exc:  # an application Ray refuses (two ingresses): its words
         raise BuildFailed(str(exc)) from exc

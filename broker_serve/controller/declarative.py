@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import secrets
-import sys
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -25,6 +24,10 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from ..config import HTTPOptions, gRPCOptions
 from ..exceptions import BrokerServeError, BuildFailed, ProtocolError
 from ..protocol import messages
+from ..runtime_env import options as runtime_env_options
+from ..runtime_env.cache import HostCache
+from ..runtime_env.environment import Resolver, prepare, upload
+from ..runtime_env.progress import ProgressReporter
 from ..schema import ApplicationStatus, ServeApplicationSchema, ServeDeploySchema
 from ..settings import Settings
 from ..state.apps import app_version, write_app
@@ -85,7 +88,8 @@ async def _deploy_one(store: Store, settings: Settings, secret: bytes,
                       limit: asyncio.Semaphore) -> tuple[str, dict[str, str]]:
     try:
         async with limit:
-            record, specs = await build_application(settings, secret, app)
+            record, specs = await build_application(settings, secret, app, store)
+        await upload(store, HostCache(settings.runtime_env_cache()), specs)
         await write_app(store, record, specs, replacing)
     except Exception as exc:  # one application's failure, whatever it is, must not fail the rest
         if isinstance(exc, (BuildFailed, ValueError)):
@@ -101,19 +105,44 @@ async def _deploy_one(store: Store, settings: Settings, secret: bytes,
     return app.name, {"result": "built", "message": ""}
 
 
-async def build_application(settings: Settings, secret: bytes,
-                            app: ServeApplicationSchema) -> tuple[AppRecord, dict[str, bytes]]:
-    """The app record and specs, built by `python -m broker_serve.client.config_build`."""
-    import_dir, from_working_dir = import_directory(settings, app)
+async def build_application(settings: Settings, secret: bytes, app: ServeApplicationSchema,
+                            store: Store | None = None
+                            ) -> tuple[AppRecord, dict[str, bytes]]:
+    """The app record and specs, built by `python -m broker_serve.client.config_build` in the
+    application's runtime_env, which is resolved and prepared on this host first; its
+    progress goes to the application's status message (docs/architecture.md, "Runtime
+    environments")."""
+    app_dir = os.path.abspath(settings.app_dir or os.getcwd())
+    where = f"application {app.name!r}"
+    async def show(message: str) -> None:
+        if store is not None:
+            await store.put_app_build(app.name, {
+                "status": ApplicationStatus.DEPLOYING, "message": message,
+                "deployed_at": now(), "expires": now() + _lock_ttl_s()})
+
+    progress = ProgressReporter(show)
+    try:
+        options = runtime_env_options.parse(app.runtime_env, where)
+        resolver = Resolver.from_settings(settings, app_dir, progress)
+        environment = await asyncio.to_thread(resolver.resolve, options, where)
+        prepared = await prepare(environment, resolver.cache, store,
+                                 settings.runtime_env_max_mb << 20, progress)
+    finally:
+        await progress.close()
+    import_dir = prepared.cwd or app_dir
     request = orjson.dumps({
         "app": app.model_dump(mode="json", exclude_unset=True), "cluster": settings.cluster,
-        "secret": secret.hex(), "import_dir": import_dir, "working_dir": from_working_dir,
+        "secret": secret.hex(), "import_dir": import_dir, "base_dir": app_dir,
+        "packages": resolver.known,
     })
-    # User code runs there: it gets the cluster's settings, not the REST API's token.
-    env = {k: v for k, v in {**os.environ, **settings.env()}.items() if k != TOKEN_VAR}
+    # User code runs there: it gets the cluster's settings, not the REST API's token; the
+    # runtime_env's variables, but not over the cluster's settings.
+    env = {k: v for k, v in {**os.environ, **prepared.env_vars, **settings.env()}.items()
+           if k != TOKEN_VAR}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*prepared.paths, env.get("PYTHONPATH")]))
     try:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker_serve.client.config_build", cwd=import_dir, env=env,
+            prepared.python, "-m", "broker_serve.client.config_build", cwd=import_dir, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE)
     except OSError as exc:
@@ -144,24 +173,14 @@ async def build_application(settings: Settings, secret: bytes,
     return result["record"], result["specs"]
 
 
-def import_directory(settings: Settings, app: ServeApplicationSchema) -> tuple[str, bool]:
-    """Where the application is imported from, and whether that is its `working_dir`."""
-    app_dir = os.path.abspath(settings.app_dir or os.getcwd())
-    unsupported = sorted(k for k, v in app.runtime_env.items() if k != "working_dir" and v)
-    if unsupported:
-        raise BuildFailed(f"runtime_env {unsupported} of application {app.name!r} is not "
-                          "supported: only a local working_dir is")
+def local_working_dir(settings: Settings, app: ServeApplicationSchema) -> str | None:
+    """The application's working_dir, if it is a local directory of this host."""
     working_dir = app.runtime_env.get("working_dir")
-    if not working_dir:
-        return app_dir, False
     if not isinstance(working_dir, str) or "://" in working_dir:
-        raise BuildFailed(f"runtime_env.working_dir {working_dir!r} of application "
-                          f"{app.name!r} must be a local directory")
-    path = os.path.join(app_dir, os.path.expanduser(working_dir))
-    if not os.path.isdir(path):
-        raise BuildFailed(f"runtime_env.working_dir {path} of application {app.name!r} is not a "
-                          "directory on the controller's host")
-    return os.path.abspath(path), True
+        return None
+    path = os.path.join(os.path.abspath(settings.app_dir or os.getcwd()),
+                        os.path.expanduser(working_dir))
+    return os.path.abspath(path) if os.path.isdir(path) else None
 
 
 async def _check_traffic_prefixes(store: Store, config: ServeDeploySchema) -> None:
@@ -218,11 +237,8 @@ def _servicer_paths(settings: Settings, config: ServeDeploySchema) -> list[str]:
     own build)."""
     paths = [os.path.abspath(settings.app_dir or os.getcwd())]
     for app in config.applications:
-        try:
-            directory, _ = import_directory(settings, app)
-        except BuildFailed:
-            continue
-        if directory not in paths:
+        directory = local_working_dir(settings, app)
+        if directory is not None and directory not in paths:
             paths.append(directory)
     return paths
 

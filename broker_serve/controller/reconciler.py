@@ -22,6 +22,8 @@ from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
 from ..protocol import deadlines
+from ..runtime_env.cache import HostCache
+from ..runtime_env.pruning import PeriodicPruning
 from ..schema import ApplicationStatus, DeploymentStatus, ReplicaState
 from ..settings import Settings
 from ..state.liveness import process_id
@@ -125,7 +127,8 @@ class Controller:
         self._failures: dict[tuple[str, str], StartFailures] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
         self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
-        self._state = StateCopy()
+        self._state = StateCopy(HostCache(settings.runtime_env_cache()))
+        self._pruning = PeriodicPruning(settings)  # runtime_env packages and caches
         self._copied_at = -1e9
         # After writing the state back, heartbeats need a moment to reappear.
         self._restored_at = -1e9
@@ -191,6 +194,7 @@ class Controller:
                 if time.monotonic() - self._copied_at >= RECONCILE_PERIOD_S:
                     self._copied_at = time.monotonic()
                     await self._state.take(self.store)
+                await self._pruning.maybe_prune(self.store, leader=self.leader)
             except Exception:  # one failed tick must not stop the controller
                 log.exception("reconcile failed; retrying on the next tick")
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import logging
 
+from ..protocol import messages
+from ..runtime_env.cache import HostCache
 from ..state.store import StateSnapshot, Store
 
 log = logging.getLogger("broker_serve.controller.reconciler")
 
 
 class StateCopy:
-    def __init__(self) -> None:
+    def __init__(self, cache: HostCache | None = None) -> None:
         self.snapshot = StateSnapshot()
+        self.cache = cache  # this host's runtime_env cache, whose archives it can store again
 
     async def take(self, store: Store) -> None:
         """Copy the durable state, unless Redis has lost it (the copy is what restores it)."""
@@ -38,7 +41,27 @@ class StateCopy:
                         "remembers (%d keys, %d hashes)", len(self.snapshot.strings),
                         len(self.snapshot.hashes))
             await store.write_back(self.snapshot)
+            await self._restore_packages(store)
             await store.announce("apps")
             await store.announce("routes")
         await store.mark_seeded()
         return restored
+
+    async def _restore_packages(self, store: Store) -> None:
+        """Packages are not copied (they may be large): those the restored specs name are
+        stored again from this host's cache where it has them. Nodes that have the others
+        cached go on using them; a URL's is fetched again (docs/architecture.md, "Runtime
+        environments")."""
+        if self.cache is None:
+            return
+        prefix = store.names.key("spec") + ":"
+        specs = {key: blob for key, blob in self.snapshot.strings.items()
+                 if key.startswith(prefix)}
+        digests = {digest for blob in specs.values()
+                   for digest in messages.unpack(blob).get("packages", ())}
+        kept = [digest for digest in sorted(digests) if self.cache.archive(digest).is_file()]
+        for digest in kept:
+            await store.put_package(digest, self.cache.archive(digest).read_bytes())
+        if digests:
+            log.warning("stored %d of the %d runtime_env packages the restored deployments use "
+                        "again from this host's cache", len(kept), len(digests))

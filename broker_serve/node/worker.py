@@ -10,6 +10,7 @@ their node (PR_SET_PDEATHSIG), so a killed node leaves no orphans serving stale 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -22,10 +23,14 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, stop_never, wait_fixed
 
 from ..config import ProxyLocation
-from ..exceptions import BrokerServeError
+from ..exceptions import BrokerServeError, ProtocolError, RuntimeEnvError
 from ..lifecycle import die_with_parent_env, heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import NodeMetricsServer
+from ..protocol import messages
+from ..runtime_env.cache import HostCache
+from ..runtime_env.environment import NOTHING, Environment, Prepared, cache_entries, prepare, unseal
+from ..runtime_env.progress import ProgressReporter
 from ..schema import ReplicaState
 from ..settings import Settings
 from ..state.liveness import process_id
@@ -38,6 +43,7 @@ SYNC_PERIOD_S = 1.0
 HEARTBEAT_INTERVAL_S = 2.0
 KILL_MARGIN_S = 5.0
 PROXY_RESTART_S = 5.0  # a node proxy that exits is started again at most this often
+PRUNE_PERIOD_S = 600.0  # how often the runtime_env cache is pruned
 # An exit in these states is a failure to start.
 _STARTING_STATES = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaEndState.FAILED)
 
@@ -49,6 +55,7 @@ class ReplicaProcess:
     graceful_s: float
     stop_sent: float | None = None
     assignment: Assignment | None = None
+    environment: Environment | None = None  # its runtime_env, whose cache entries it uses
 
 
 async def _until_exited(replicas: Iterable[ReplicaProcess], timeout_s: float | None) -> bool:
@@ -81,6 +88,9 @@ class WorkerNode:
         self.proxy: subprocess.Popen[bytes] | None = None
         self._proxy_started = -PROXY_RESTART_S
         self._exited: set[str] = set()
+        # Replicas whose runtime_env is being prepared, before their process starts.
+        self.preparing: dict[str, asyncio.Task[None]] = {}
+        self.cache = HostCache(settings.runtime_env_cache())
         self._stopping = asyncio.Event()
         self._lock = asyncio.Lock()
         # The replicas' metrics, at :9500/metrics (docs/architecture.md, "Observability").
@@ -96,6 +106,7 @@ class WorkerNode:
                                                         self._stopping)),
             asyncio.create_task(heartbeat_loop(beat, HEARTBEAT_INTERVAL_S, self._stopping)),
             asyncio.create_task(self._reap_loop()),
+            asyncio.create_task(self._prune_loop()),
         ]
         await self._stopping.wait()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -118,6 +129,8 @@ class WorkerNode:
 
     async def shutdown(self) -> None:
         log.info("worker node %s stopping %d replica(s)", self.node_id, len(self.processes))
+        for task in self.preparing.values():
+            task.cancel()
         await self._stop_proxy()
         for replica in self.processes.values():
             self._terminate(replica)
@@ -145,6 +158,20 @@ class WorkerNode:
                 log.exception("reaping replica processes failed")
             await asyncio.sleep(0.2)
 
+    async def _prune_loop(self) -> None:
+        """Prune this host's runtime_env cache every PRUNE_PERIOD_S, first marking what the
+        running replicas use as used (docs/architecture.md, "Runtime environments")."""
+        while not self._stopping.is_set():
+            try:
+                for replica in list(self.processes.values()):
+                    for kind, key in cache_entries(replica.environment):
+                        self.cache.touch(kind, key)
+                await asyncio.to_thread(self.cache.prune, self.settings.runtime_env_cache_ttl_s)
+            except Exception:  # one failed pass must not stop the node
+                log.exception("pruning the runtime_env cache failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), PRUNE_PERIOD_S)
+
     async def _on_event(self, event: str | None) -> None:
         if event not in (None, f"node:{self.node_id}"):
             return
@@ -163,37 +190,104 @@ class WorkerNode:
             return
         assigned = await self.store.assignments(self.node_id)
         for replica_id, assignment in assigned.items():
-            if replica_id not in self.processes and replica_id not in self._exited:
+            if replica_id not in self.processes and replica_id not in self._exited \
+                    and replica_id not in self.preparing:
                 await self._spawn(replica_id, assignment)
         for replica_id, replica in self.processes.items():
             if replica_id not in assigned and replica.stop_sent is None:
                 log.info("stopping replica %s", replica_id)
                 self._terminate(replica)
+        for replica_id, task in list(self.preparing.items()):
+            if replica_id not in assigned:
+                log.info("replica %s is no longer assigned; it will not start", replica_id)
+                task.cancel()
         self._exited &= set(assigned)
 
     async def _spawn(self, replica_id: str, assignment: Assignment) -> None:
-        command = [sys.executable, "-m", "broker_serve.replica",
+        """Start the replica's process, once its runtime_env is prepared on this node. One that
+        needs preparing is prepared in a task of its own: the node goes on syncing and beating
+        while pip runs."""
+        try:
+            environment = await self._environment(assignment)
+        except (RuntimeEnvError, ProtocolError) as exc:
+            await self._failed_to_start(replica_id, str(exc))
+            return
+        if environment is None:
+            await self._start_process(replica_id, assignment, NOTHING)
+            return
+        task = asyncio.create_task(self._prepare_and_start(replica_id, assignment, environment))
+        self.preparing[replica_id] = task
+        task.add_done_callback(lambda done: self._prepared(replica_id, done))
+
+    def _prepared(self, replica_id: str, task: asyncio.Task[None]) -> None:
+        self.preparing.pop(replica_id, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Redis went away, say: the next sync tries again, the cache keeps what is done.
+            log.warning("preparing replica %s failed: %s; trying again", replica_id,
+                        task.exception())
+
+    async def _environment(self, assignment: Assignment) -> Environment | None:
+        blob = await self.store.spec(assignment["app"], assignment["deployment"],
+                                     assignment["version"])
+        if blob is None:
+            return None  # the replica reports the missing spec itself
+        return unseal(messages.unpack(blob), await self.store.secret())
+
+    async def _prepare_and_start(self, replica_id: str, assignment: Assignment,
+                                 environment: Environment) -> None:
+        async def show(message: str) -> None:
+            await self.store.update_replica(replica_id, message=message, updated=now())
+
+        progress = ProgressReporter(show)
+        timeout_s = environment["setup_timeout_s"]
+        try:
+            try:
+                prepared = await asyncio.wait_for(
+                    prepare(environment, self.cache, self.store,
+                            self.settings.runtime_env_max_mb << 20, progress), timeout_s)
+            finally:
+                await progress.close()
+        except TimeoutError:
+            await self._failed_to_start(replica_id, f"preparing the runtime_env took more than "
+                                                    f"{timeout_s:.0f}s (setup_timeout_seconds)")
+            return
+        except (RuntimeEnvError, OSError) as exc:  # OSError: this node's disk, say
+            await self._failed_to_start(replica_id, f"preparing the runtime_env failed: {exc}")
+            return
+        async with self._lock:
+            if replica_id in await self.store.assignments(self.node_id):
+                await self._start_process(replica_id, assignment, prepared, environment)
+
+    async def _failed_to_start(self, replica_id: str, message: str) -> None:
+        log.error("could not start replica %s: %s", replica_id, message)
+        await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
+                                        message=message, updated=now())
+        self._exited.add(replica_id)
+
+    async def _start_process(self, replica_id: str, assignment: Assignment,
+                             prepared: Prepared, environment: Environment | None = None) -> None:
+        command = [prepared.python, "-m", "broker_serve.replica",
                    "--app", assignment["app"], "--deployment", assignment["deployment"],
                    "--replica-id", replica_id, "--version", assignment["version"]]
         # A config's code is imported by reference from the app dir (docs/architecture.md,
-        # "Declarative configs and the REST API"); replicas run there, as Ray's working_dir.
+        # "Declarative configs and the REST API"); replicas run there, or in their runtime_env's
+        # working_dir, as Ray's do.
         app_dir = os.path.abspath(self.settings.app_dir or os.getcwd())
-        env = {**os.environ, **self.settings.env(), **self.metrics.env()}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [app_dir, env.get("PYTHONPATH")]))
+        env = {**os.environ, **prepared.env_vars, **self.settings.env(), **self.metrics.env()}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [*prepared.paths, app_dir,
+                                                          env.get("PYTHONPATH")]))
         try:
             # fork and exec off the loop: a node starting many replicas keeps beating
             process = await asyncio.to_thread(
-                subprocess.Popen, command, env={**env, **die_with_parent_env()}, cwd=app_dir)
+                subprocess.Popen, command, env={**env, **die_with_parent_env()},
+                cwd=prepared.cwd or app_dir)
         except OSError as exc:
-            log.error("could not start replica %s: %s", replica_id, exc)
-            await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
-                                            message=f"could not start the process: {exc}")
-            self._exited.add(replica_id)
+            await self._failed_to_start(replica_id, f"could not start the process: {exc}")
             return
         log.info("started replica %s (pid %d)", replica_id, process.pid)
         self.processes[replica_id] = ReplicaProcess(
             replica_id, process, float(assignment.get("graceful_shutdown_timeout_s", 20.0)),
-            assignment=assignment,
+            assignment=assignment, environment=environment,
         )
 
     async def _sync_proxy(self) -> None:

@@ -66,6 +66,15 @@ class Names:
         """Signed pickle of a deployment's definition and init arguments."""
         return self.key("spec", app, deployment, version)
 
+    def package(self, digest: str) -> str:
+        """String: a runtime_env package (a zip archive) by its SHA-256."""
+        return self.key("package", digest)
+
+    @property
+    def packages(self) -> str:
+        """Sorted set: package digest -> when it was last stored (unix s), for pruning."""
+        return self.key("packages")
+
     def spec_index(self, app: str) -> str:
         """Set: the spec keys written for an application, so they are found without a SCAN."""
         return self.key("specs", app)

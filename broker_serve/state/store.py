@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from ..config import HTTPOptions, gRPCOptions
 from ..exceptions import ClusterUnavailable, StateError
+from ..protocol import messages
 from ..protocol.names import Names
 from ..schema import ServeDeploySchema
 from .errors import translate_errors
@@ -234,6 +235,47 @@ class Store:
 
     async def spec(self, app: str, deployment: str, version: str) -> bytes | None:
         return await self._get(self.names.spec(app, deployment, version))
+
+    # runtime_env packages (docs/architecture.md, "Runtime environments") -------------------
+    async def has_package(self, digest: str) -> bool:
+        """Whether Redis holds the package; either way it counts as stored now, for pruning."""
+        names = self.names
+        await self._redis.zadd(names.packages, {digest: time.time()})
+        return bool(await self._redis.exists(names.package(digest)))
+
+    async def put_package(self, digest: str, archive: bytes) -> None:
+        names = self.names
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(names.package(digest), archive, nx=True)
+            pipe.zadd(names.packages, {digest: time.time()})
+            await pipe.execute()
+
+    async def package(self, digest: str) -> bytes | None:
+        return await self._get(self.names.package(digest))
+
+    async def packages_stored_before(self, when: float) -> list[str]:
+        members = cast("list[bytes]", await self._redis.zrangebyscore(self.names.packages,
+                                                                      "-inf", when))
+        return [member.decode() for member in members]
+
+    async def packages_in_specs(self) -> set[str]:
+        """The digests of the packages that some stored spec names."""
+        names, redis = self.names, self._redis
+        apps = set(await self._hash_fields(names.apps)) | set(
+            await self._hash_fields(names.key("app_status")))
+        named: set[str] = set()
+        for app in apps:
+            for key in cast("set[bytes]", await redis.smembers(names.spec_index(app))):
+                blob = await self._get(key.decode())
+                if blob is not None:
+                    named.update(messages.unpack(blob).get("packages", ()))
+        return named
+
+    async def delete_packages(self, digests: list[str]) -> None:
+        if digests:
+            names = self.names
+            await self._redis.delete(*(names.package(digest) for digest in digests))
+            await self._redis.zrem(names.packages, *digests)
 
     async def app_statuses(self) -> dict[str, AppStatusRecord]:
         return await self._get_all(self.names.key("app_status"))
