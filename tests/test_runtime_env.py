@@ -79,6 +79,9 @@ from broker_serve import serve
 
 @serve.deployment
 class Probe:
+    def __init__(self, built_with: str | None) -> None:
+        self.built_with = built_with
+
     def __call__(self) -> dict:
         import bs_probe_pkg  # from pip
         import helper  # from py_modules
@@ -86,10 +89,13 @@ class Probe:
         return {"greeting": os.environ.get("GREETING"), "level": os.environ.get("LEVEL"),
                 "cluster_setting": os.environ.get("BROKER_SERVE_CLUSTER"),
                 "cwd": os.getcwd(), "helper": helper.VALUE, "pkg": bs_probe_pkg.VALUE,
-                "pkg_file": bs_probe_pkg.__file__, "prefix": sys.prefix, "pid": os.getpid()}
+                "pkg_file": bs_probe_pkg.__file__, "prefix": sys.prefix, "pid": os.getpid(),
+                "built_with": self.built_with}
 
 
-app = Probe.bind()
+def build(args: dict) -> serve.Application:
+    """Runs in the config's build subprocess only: what it saw of the env_vars."""
+    return Probe.bind(os.environ.get("GREETING"))
 '''
 
 
@@ -220,7 +226,7 @@ def test_env_vars_py_modules_and_pip_reach_the_replicas_and_their_caches_are_reu
     wheel = pure_python_wheel(tmp_path, "bs_probe_pkg", "1.0", "VALUE = 'from pip'\n")
     assert importlib.util.find_spec("bs_probe_pkg") is None
     config = {"applications": [{
-        "name": "probe", "route_prefix": "/probe", "import_path": "probe:app",
+        "name": "probe", "route_prefix": "/probe", "import_path": "probe:build",
         "runtime_env": {"working_dir": "probe_dir", "py_modules": ["mods/helper"],
                         "pip": [str(wheel)], "env_vars": {"GREETING": "hello", "LEVEL": "app",
                                                           "BROKER_SERVE_CLUSTER": "not-mine"}},
@@ -241,6 +247,7 @@ def test_env_vars_py_modules_and_pip_reach_the_replicas_and_their_caches_are_reu
 
     seen = wait_for(lambda: _get_json(f"{cluster.url}/probe"), 60)
     assert seen["greeting"] == "hello"
+    assert seen["built_with"] == "hello"  # the build subprocess had the env_vars too
     assert seen["level"] == "deployment"  # the deployment's env_vars win, name by name
     assert seen["cluster_setting"] == cluster.name  # the cluster's settings win over env_vars
     assert seen["helper"] == "helper module"
