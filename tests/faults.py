@@ -17,6 +17,7 @@ class TcpFaultProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._refusing = False
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -37,6 +38,15 @@ class TcpFaultProxy:
 
         asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(5)
 
+    def down(self) -> None:
+        """A broker that stops (`rabbitmqctl stop_app`, or a node that dies): every open
+        connection is cut, and new ones are refused until `up()`."""
+        self._refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self._refusing = False
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(
@@ -48,6 +58,9 @@ class TcpFaultProxy:
             server.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -235,3 +235,28 @@ async def test_requests_waiting_when_a_channel_is_lost_fail_instead_of_hanging(
     kind, event = await asyncio.wait_for(events.get(), 1)
     assert (kind, event["status"], event["error"]) == ("error", 503, "BrokerChannelLost")
     assert broker.channels_lost == 1
+
+
+async def test_a_robust_connection_makes_its_next_attempt_to_the_url_it_is_given() -> None:
+    """The transport moves a lost connection to the next node by setting aio-pika's `url`
+    (broker.py, `_point_at`): each reconnection attempt must read it."""
+    from .faults import TcpFaultProxy
+
+    with TcpFaultProxy("127.0.0.1", 5672) as first, TcpFaultProxy("127.0.0.1", 5672) as second:
+        broker = Broker(f"amqp://guest:guest@127.0.0.1:{first.port},127.0.0.1:{second.port}/",
+                        connection_name("contract", "test", secrets.token_hex(3)))
+        await broker.connect()
+        connection = broker.connection
+        assert isinstance(connection, aio_pika.RobustConnection)
+        try:
+            port = connection.url.port
+            dying = first if port == first.port else second
+            dying.down()
+            with anyio.fail_after(10):
+                while not broker.is_connected or connection.url.port == port:
+                    await asyncio.sleep(0.05)
+            assert connection.transport is not None
+            assert connection.url.port != port
+            await broker.publish("no-such-queue", b"", type="call", correlation_id="x")
+        finally:
+            await broker.close()

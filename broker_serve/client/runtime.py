@@ -26,6 +26,7 @@ from ..settings import Settings
 from ..state.store import Store
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyRouter, connection_name
+from ..transport.cancellation import AbandonedRequests
 
 T = TypeVar("T")
 
@@ -51,7 +52,8 @@ class Runtime:
             settings.amqp_url, connection_name(settings.cluster, "client", self.process_id),
             cancel_exchange=self.names.cancel_exchange)
         self._owns_broker = broker is None
-        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"))
+        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"),
+                                  on_abandoned=AbandonedRequests(self.broker, self.store))
         self.secret = b""
         self.affinity = AffinityTable()  # which replicas hold which multiplexed models
         self._ids = itertools.count()

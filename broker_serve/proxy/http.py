@@ -36,7 +36,7 @@ from ..state.liveness import process_id
 from ..state.store import Store, now
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
-from ..transport.cancellation import cancel
+from ..transport.cancellation import AbandonedRequests, cancel
 from .client_input import ClientGone, DisconnectWatch, read_chunk
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
@@ -95,7 +95,8 @@ class Proxy:
         self.broker = Broker(settings.amqp_url,
                              connection_name(settings.cluster, "proxy", self.proxy_id),
                              cancel_exchange=self.names.cancel_exchange)
-        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"))
+        self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"),
+                                  on_abandoned=AbandonedRequests(self.broker, self.store))
         self.table = RouteTable()
         self.affinity = AffinityTable()
         self.max_body = min(options.max_body_bytes, settings.max_body_bytes)

@@ -219,8 +219,11 @@ class Replica:
                 fields["capacity"] = capacity
 
             self._advertise_models = advertise
+        # Requests abandoned while the connection was down come back redelivered: their
+        # callers' tombstones are loaded before consuming again, so they are dropped at pickup.
         self._consumers.append(await Subscription(
-            self.broker, channel, queues, self._on_request_channel, no_ack=False).start())
+            self.broker, channel, queues, self._on_request_channel, no_ack=False,
+            before_reconsume=lambda: self._cancelled.load(self.store)).start())
 
     def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
         """A (re)opened request channel: its deliveries are settled by a settler of its own."""

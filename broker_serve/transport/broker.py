@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, cast
@@ -24,10 +25,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
+from yarl import URL
 
 from ..exceptions import BrokerServeError, ClusterUnavailable, ProtocolError
 from ..protocol import messages as protocol
-from . import aiormq_adapter, frames
+from . import addresses, aiormq_adapter, frames
 from .errors import AMQP_ERROR_TYPES, map_amqp_errors, translate
 
 log = logging.getLogger("broker_serve.broker")
@@ -39,6 +41,11 @@ DeliveryCallback = Callable[[aiormq.abc.DeliveredMessage], Coroutine[Any, Any, N
 # event loop per message. After this many bytes one publish waits, so a slow broker still
 # pushes back and unsent data stays bounded.
 UNDRAINED_LIMIT_BYTES = 256 * 1024
+# aio-pika retries a lost connection this often; with several nodes, each retry that fails
+# moves on to the next node.
+RECONNECT_INTERVAL_S = 1.0
+CONNECT_TIMEOUT_S = 10.0
+CHANNEL_RESTORE_WAIT_S = 2.0
 
 
 def connection_name(cluster: str, role: str, ident: str) -> str:
@@ -51,6 +58,11 @@ def connection_name(cluster: str, role: str, ident: str) -> str:
 class Broker:
     def __init__(self, url: str, name: str, cancel_exchange: str | None = None) -> None:
         self.url = url
+        self.addresses = addresses.parse(url)
+        # Each process starts at a node of its own, so a cluster's connections spread out.
+        self._address = random.randrange(len(self.addresses))
+        self._failing_over: asyncio.Task[None] | None = None
+        self._connection_lost = asyncio.Event()
         self.name = name
         self.connection: AbstractRobustConnection | None = None
         self._cancel_exchange = cancel_exchange
@@ -67,11 +79,25 @@ class Broker:
         self._lost_callbacks: list[Callable[[], None]] = []
 
     async def connect(self) -> None:
-        """Connect once; the first attempt fails fast, later drops are retried by aio-pika."""
-        with map_amqp_errors(f"cannot reach RabbitMQ at {_safe(self.url)}"):
-            self.connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": self.name}, timeout=10
-            )
+        """Connect to the first node that answers (trying each once, so the first attempt
+        fails fast); later drops are retried by aio-pika, moving on from node to node."""
+        for tried in range(len(self.addresses)):
+            url = self.addresses[self._address]
+            try:
+                with map_amqp_errors(f"cannot reach RabbitMQ at {_safe(url)}"):
+                    self.connection = await aio_pika.connect_robust(
+                        url, client_properties={"connection_name": self.name},
+                        timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S)
+                break
+            except ClusterUnavailable:
+                if tried == len(self.addresses) - 1:
+                    raise
+                log.warning("cannot reach RabbitMQ at %s; trying the next node", _safe(url))
+                self._address = (self._address + 1) % len(self.addresses)
+        assert self.connection is not None
+        if len(self.addresses) > 1:
+            self.connection.close_callbacks.add(lambda *_: self._connection_lost.set())
+            self._failing_over = asyncio.create_task(self._fail_over(self.connection))
         with map_amqp_errors("cannot open the channels to RabbitMQ"):
             self._publisher = await self.channel()
             self._publisher.return_callbacks.add(self._on_return)
@@ -94,8 +120,42 @@ class Broker:
                 await channel.set_qos(prefetch_count=prefetch, global_=global_qos)
         return channel
 
+    async def _fail_over(self, connection: AbstractRobustConnection) -> None:
+        """While the connection is down, move aio-pika's next attempt on to the next node
+        after each retry interval. aio-pika reads its connection's public `url` at every
+        attempt (pinned, and checked by tests/test_transport_contract.py); it restores the
+        channels, queues and consumers on whichever node answers."""
+        while not self._closing:
+            await self._connection_lost.wait()
+            self._connection_lost.clear()
+            while not self._closing and not connection.connected.is_set():
+                try:
+                    await asyncio.wait_for(connection.connected.wait(),
+                                           RECONNECT_INTERVAL_S * 1.5)
+                except TimeoutError:
+                    self._address = (self._address + 1) % len(self.addresses)
+                    _point_at(connection, self.addresses[self._address])
+                    log.warning("RabbitMQ is still unreachable; %s tries %s next", self.name,
+                                _safe(self.addresses[self._address]))
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connection is not None and self.connection.connected.is_set()
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Whether the connection is up, or comes back within `timeout_s`."""
+        if self.connection is None:
+            return False
+        try:
+            await asyncio.wait_for(self.connection.connected.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self) -> None:
         self._closing = True
+        if self._failing_over is not None:
+            self._failing_over.cancel()
         if self.connection is not None:
             with map_amqp_errors("cannot close the connection to RabbitMQ"):
                 await self.connection.close()
@@ -179,8 +239,9 @@ class Broker:
                                 mandatory: bool = False) -> bool:
         """Publish and wait for the broker's confirm. False: the broker refused the message
         (a bounded queue is full). Only publishes to bounded queues pay for this wait."""
-        if self._confirming is None:
-            raise ClusterUnavailable("not connected to RabbitMQ")
+        if self._confirming is None or not self.is_connected:
+            # aio-pika would wait for the reconnection: callers get an answer at once instead
+            raise ClusterUnavailable("RabbitMQ connection is down")
         properties = Basic.Properties(
             content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
             message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
@@ -201,12 +262,20 @@ class Broker:
         raw = self._raw
         if raw is not None and not raw.is_closed:
             return raw
-        if self._publisher is None:
-            raise ClusterUnavailable("not connected to RabbitMQ")
-        with map_amqp_errors("RabbitMQ connection is down"):
-            raw = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
-        if raw.is_closed:
+        if self._publisher is None or not self.is_connected:
+            # aio-pika would wait for the reconnection: callers get an answer at once instead
             raise ClusterUnavailable("RabbitMQ connection is down")
+        # Just reconnected, aio-pika may still be reopening this channel (it reopens them one
+        # by one): wait for it a moment rather than fail a publish that can go through.
+        deadline = asyncio.get_running_loop().time() + CHANNEL_RESTORE_WAIT_S
+        while True:
+            with map_amqp_errors("RabbitMQ connection is down"):
+                raw = cast(aiormq.Channel, await self._publisher.get_underlay_channel())
+            if not raw.is_closed:
+                break
+            if not self.is_connected or asyncio.get_running_loop().time() > deadline:
+                raise ClusterUnavailable("RabbitMQ connection is down")
+            await asyncio.sleep(0.02)
         if raw is not self._raw:
             self.watch(raw)
             self._raw = raw
@@ -224,8 +293,12 @@ class Subscription:
 
     def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
                  on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
-                 no_ack: bool) -> None:
+                 no_ack: bool,
+                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None
+                 ) -> None:
         self.broker = broker
+        # Run before consuming again on a reopened channel (a replica reloads tombstones).
+        self.before_reconsume = before_reconsume
         self.channel = channel
         self.queues = queues
         self.on_channel = on_channel
@@ -242,6 +315,11 @@ class Subscription:
     async def _on_reopen(self, *_: Any) -> None:
         if self._cancelled:
             return
+        if self.before_reconsume is not None:
+            try:
+                await self.before_reconsume()
+            except BrokerServeError as exc:  # consume anyway: the hook only narrows waste
+                log.warning("before consuming %s again: %s", self.queues, exc)
         try:
             await self._register()
         except BrokerServeError as exc:  # closed again already: the next reopen comes back here
@@ -309,9 +387,13 @@ class ReplyEvents:
 class ReplyRouter:
     """Consumes this process's reply queue and hands each event to the request waiting for it."""
 
-    def __init__(self, broker: Broker, queue_name: str) -> None:
+    def __init__(self, broker: Broker, queue_name: str,
+                 on_abandoned: Callable[[list[str]], None] | None = None) -> None:
         self.broker = broker
         self.queue_name = queue_name
+        # Called with the ids of the requests failed by a lost connection or channel, which
+        # their callers no longer wait for: they are cancelled, so that none runs later.
+        self.on_abandoned = on_abandoned
         self._waiting: dict[str, ReplyEvents] = {}
         self._queue: aio_pika.abc.AbstractRobustQueue | None = None
 
@@ -367,6 +449,8 @@ class ReplyRouter:
                  "message": f"{what}; the request may not have run"}
         for events in self._waiting.values():
             events.put_nowait((protocol.ERROR, dict(event)))
+        if self.on_abandoned is not None:
+            self.on_abandoned(list(self._waiting))
 
     def _on_return(self, correlation_id: str, routing_key: str) -> None:
         events = self._waiting.get(correlation_id)
@@ -374,6 +458,15 @@ class ReplyRouter:
             message = f"no queue {routing_key!r}: the deployment does not exist (any more)"
             events.put_nowait((protocol.ERROR, {"status": 503, "error": "NoSuchDeployment",
                                                 "message": message}))
+
+
+def _point_at(connection: AbstractRobustConnection, url: str) -> None:
+    """Make aio-pika's next connection attempt go to `url`. The abstract interface has no
+    `url`; the one concrete class, `RobustConnection`, keeps it as a plain attribute that
+    each attempt reads (aio-pika is pinned: tests/test_transport_contract.py checks it)."""
+    if not isinstance(connection, aio_pika.RobustConnection):
+        raise TypeError(f"cannot move a {type(connection).__name__} to another node")
+    connection.url = URL(url)
 
 
 def _safe(url: str) -> str:

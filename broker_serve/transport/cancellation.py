@@ -7,6 +7,7 @@ Redis round trip. A replica that starts later loads the live tombstones.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -41,6 +42,37 @@ async def cancel(broker: Broker, store: Store, ids: list[str],
         await store.add_tombstones(ids, expires)
     except BrokerServeError as exc:  # the broadcast above reached the replicas running now
         log.warning("could not write tombstones for %s: %s", ids, exc)
+
+
+# How long a caller waits for its connection to come back to broadcast what it abandoned.
+ABANDONED_BROADCAST_WAIT_S = 60.0
+
+
+async def cancel_abandoned(broker: Broker, store: Store, ids: list[str]) -> None:
+    """Cancel the requests a lost connection failed (their callers got a 503): the
+    tombstones at once, for replicas that reconnect and reload them before consuming again;
+    the broadcast once this process's connection is back, for the others."""
+    expires = _now_ms() + int(TOMBSTONE_TTL_S * 1000)
+    try:
+        await store.add_tombstones(ids, expires)
+    except BrokerServeError as exc:
+        log.warning("could not write tombstones for %d abandoned request(s): %s", len(ids), exc)
+    if await broker.wait_connected(ABANDONED_BROADCAST_WAIT_S):
+        await cancel(broker, store, ids)
+
+
+class AbandonedRequests:
+    """A ReplyRouter's `on_abandoned`: cancels them in the background, holding the tasks."""
+
+    def __init__(self, broker: Broker, store: Store) -> None:
+        self.broker, self.store = broker, store
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, ids: list[str]) -> None:
+        if ids:
+            task = asyncio.ensure_future(cancel_abandoned(self.broker, self.store, ids))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 class CancelledSet:
