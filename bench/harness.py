@@ -62,6 +62,8 @@ MEASUREMENTS = [
     "noop_sync_rps_c32",
     "noop_latency_c1",
     "noop_sync_latency_c1",
+    "durable_noop_rps_c32",
+    "durable_noop_latency_c1",
     "grpc_noop_rps_c32",
     "grpc_noop_latency_c1",
     "handle_call",
@@ -72,7 +74,8 @@ MEASUREMENTS = [
     "proxy_rss_1000_streams",
 ]
 NEEDS_WRK = {"ceiling", "noop_rps_c32", "noop_sync_rps_c32", "noop_latency_c1",
-             "noop_sync_latency_c1", "scale_out"}
+             "noop_sync_latency_c1", "durable_noop_rps_c32", "durable_noop_latency_c1",
+             "scale_out"}
 # These need the cluster to serve gRPC, with the no-op's generated modules on its PYTHONPATH.
 NEEDS_GRPC = {"grpc_noop_rps_c32", "grpc_noop_latency_c1"}
 
@@ -210,6 +213,7 @@ class Bench:
         builders: dict[str, Callable[[], Any]] = {
             "noop": lambda: apps.Noop.bind(),
             "noop_sync": lambda: apps.NoopSync.bind(),
+            "durable_noop": lambda: apps.Noop.options(queue_type="quorum").bind(),
             "grpc_noop": lambda: apps.GrpcNoop.bind(),
             "stream": lambda: apps.Stream.bind(),
             "handle": lambda: apps.Caller.bind(apps.Callee.bind()),
@@ -319,6 +323,16 @@ class Bench:
     def m_noop_sync_latency_c1(self) -> None:
         self._proxy_latency("noop_sync", "noop_sync_latency_c1", warmed_by="noop_sync_rps_c32")
 
+    def m_durable_noop_rps_c32(self) -> None:
+        self._proxy_rps("durable_noop", "durable_noop_rps_c32")
+        self._versus("durable_to_default_rps_c32", "durable_noop_rps_c32", "noop_rps_c32")
+
+    def m_durable_noop_latency_c1(self) -> None:
+        self._proxy_latency("durable_noop", "durable_noop_latency_c1",
+                            warmed_by="durable_noop_rps_c32")
+        self._versus("durable_to_default_latency_c1_p50", "durable_noop_latency_c1_p50",
+                     "noop_latency_c1_p50")
+
     def _proxy_rps(self, app: str, name: str) -> None:
         self.ensure(app)
         result, errors = self.wrk_rps(self.url(f"/{app}"), 32)
@@ -341,7 +355,7 @@ class Bench:
         load, errors = self._grpc_load(32, self.plan.warmup_s)
         self.add(Row("grpc_noop_rps_c32", load.rps, "req/s", ratio_to="ceiling_rps_c32",
                      errors=errors, details=load.details()))
-        self._versus_http("grpc_to_http_rps_c32", "grpc_noop_rps_c32", "noop_rps_c32")
+        self._versus("grpc_to_http_rps_c32", "grpc_noop_rps_c32", "noop_rps_c32")
 
     def m_grpc_noop_latency_c1(self) -> None:
         warmup = 0.0 if "grpc_noop_rps_c32" in self.rows else self.plan.warmup_s
@@ -350,8 +364,8 @@ class Bench:
                      ratio_to="ceiling_latency_c1_p50", errors=errors, details=load.details()))
         self.add(Row("grpc_noop_latency_c1_p99", load.latency_ms["99"], "ms",
                      ratio_to="ceiling_latency_c1_p99", errors=errors))
-        self._versus_http("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50",
-                          "noop_latency_c1_p50")
+        self._versus("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50",
+                     "noop_latency_c1_p50")
 
     def _grpc_load(self, concurrency: int, warmup_s: float) -> tuple[GrpcLoad, Errors]:
         """The no-op through the proxy's gRPC port, from the load generator's own process."""
@@ -365,14 +379,15 @@ class Bench:
             raise BenchError(f"no gRPC call answered OK: {load.examples}")
         return load, self.seen(load.errors() + self.probe.unanswered(self.port))
 
-    def _versus_http(self, name: str, grpc_row: str, http_row: str) -> None:
-        """The gRPC figure ÷ the HTTP one of the same run, with both figures' errors."""
-        if http_row not in self.rows:
+    def _versus(self, name: str, row: str, baseline: str) -> None:
+        """One figure ÷ another of the same run (gRPC ÷ HTTP, durable ÷ default), with both
+        figures' errors; nothing if the baseline did not run."""
+        if baseline not in self.rows:
             return
-        ours, http = self.rows[grpc_row], self.rows[http_row]
-        self.add(Row(name, ours.value / http.value if http.value else 0.0, "x",
-                     errors=ours.errors + http.errors,
-                     details={"grpc": ours.value, "http": http.value, "unit": ours.unit}))
+        ours, base = self.rows[row], self.rows[baseline]
+        self.add(Row(name, ours.value / base.value if base.value else 0.0, "x",
+                     errors=ours.errors + base.errors,
+                     details={row: ours.value, baseline: base.value, "unit": ours.unit}))
 
     def m_replica_rss_at_rest(self) -> None:
         self.ensure("noop")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import importlib
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import (
@@ -61,6 +61,18 @@ LIVE_OPTIONS = frozenset({
 })
 
 
+def is_bounded(config: dict[str, Any]) -> bool:
+    """A deployment's config (in JSON form) has max_queued_requests: publishes to its queue
+    wait for the broker's confirm, which says when it is full."""
+    return int(config.get("max_queued_requests", -1)) > 0
+
+
+def is_durable(config: dict[str, Any]) -> bool:
+    """A deployment's config has a quorum queue: its requests are published persistent, with
+    confirms, and retried on another node (docs/architecture.md, "Durable mode")."""
+    return config.get("queue_type") == "quorum"
+
+
 def user_config_hash(user_config: Any) -> str:
     """What replicas report once `reconfigure()` took this user_config."""
     return hashlib.sha256(orjson.dumps(user_config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
@@ -77,6 +89,10 @@ class DeploymentConfig(BaseModel):
     # Declares the queue with priorities, so requests with nearer deadlines (SLOs) are
     # delivered first (docs/architecture.md, "Deadlines and ordering"); not in Ray 2.x.
     order_by_deadline: bool = False
+    # The request queue's type (docs/architecture.md, "Durable mode"): "quorum" replicates it
+    # across a RabbitMQ cluster and makes its requests persistent and confirmed. None: the
+    # cluster's BROKER_SERVE_QUEUE_TYPE, read where the application is built.
+    queue_type: Literal["classic", "quorum"] | None = None
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat = 2.0
@@ -108,6 +124,13 @@ class DeploymentConfig(BaseModel):
                   "memory": options.get("memory"), **(options.get("resources") or {}),
                   **self.resources}
         return {name: float(amount) for name, amount in wanted.items() if amount}
+
+    @model_validator(mode="after")
+    def _quorum_is_unordered(self) -> DeploymentConfig:
+        if self.queue_type == "quorum" and self.order_by_deadline:
+            raise ValueError("order_by_deadline needs a classic queue: RabbitMQ's quorum queues "
+                             "have no priorities")
+        return self
 
     @field_validator("max_queued_requests")
     @classmethod

@@ -205,6 +205,7 @@ class DeploymentSchema(BaseModel):
     max_concurrent_queries: PositiveInt | None = None  # the name before Ray 2.7
     max_queued_requests: int | None = Field(default=None, ge=-1)
     order_by_deadline: bool | None = None  # broker-serve's: SLO ordering (architecture.md)
+    queue_type: Literal["classic", "quorum"] | None = None  # broker-serve's: "Durable mode"
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat | None = None

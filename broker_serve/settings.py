@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # cluster's own window (`set_history_window`) is unset.
     history_interval_s: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     history_window_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    # The request queues' type where a deployment sets none (docs/architecture.md, "Durable
+    # mode"), read where applications are built: quorum queues survive a RabbitMQ node.
+    queue_type: Literal["classic", "quorum"] = "classic"
     # Runtime environments (docs/architecture.md, "Runtime environments"): this host's cache of
     # packages and virtual environments (None: `<state_dir>/runtime_env`), the most one package
     # may hold once extracted, and how long an unused cache entry is kept.

@@ -25,6 +25,7 @@ import redis
 from broker_serve.protocol.names import Names
 from broker_serve.proxy.http import NO_ROUTES_MESSAGE
 from broker_serve.settings import Settings
+from broker_serve.state import connection
 
 
 def controller(names: Names, client: redis.Redis) -> bool:
@@ -61,7 +62,9 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     settings = Settings.from_env()
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=3)
+    # A plain URL or a Sentinel one (the compose file's ha profile)
+    client = connection.sync_client(settings.redis_url, socket_connect_timeout=3,
+                                    socket_timeout=3)
     try:
         check = controller if role == "controller" else worker
         return 0 if check(Names(settings.cluster), client) else 1

@@ -12,12 +12,19 @@ wiring this way. Each service built from this repository (the non-infrastructure
   instances share one host here, where each container had an address of its own.
 
 `depends_on` is honoured: `service_healthy` runs the dependency's own health check command.
+
+`load_compose` reads the file as `docker compose config` would: `${VAR:-default}` resolved
+from an env file only (the committed .env by default, deploy/ha.env for the ha profile; the
+shell's environment is left out, so that the result does not depend on who runs the tests),
+and only the services of the profiles its COMPOSE_PROFILES enables, their `required: false`
+dependencies on the others dropped.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,17 +40,104 @@ import yaml
 from .conftest import AMQP_URL, REDIS_URL, ROOT, free_port
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+ENV_FILE = ROOT / ".env"  # what Compose reads when it is given no --env-file
 DOCKERFILE = ROOT / "Dockerfile"
 
 # The machine's services stand in for the compose services of the same role.
 STAND_INS = {"rabbitmq": AMQP_URL, "redis": REDIS_URL}
 
 
-def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+def load_compose(path: Path = COMPOSE_FILE, env_file: Path | None = ENV_FILE) -> dict[str, Any]:
+    """The project Compose runs from `path` with `--env-file env_file` (None: no env file)."""
+    variables = read_env_file(env_file) if env_file is not None else {}
+    compose = interpolate_tree(load_compose_file(path), variables)
+    profiles = {p.strip() for p in variables.get("COMPOSE_PROFILES", "").split(",") if p.strip()}
+    return with_profiles(compose, profiles)
+
+
+def load_compose_file(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    """The file as written: every profile, variables not resolved."""
     with path.open() as file:
         compose = yaml.safe_load(file)  # resolves the `<<: *anchor` merges as Compose does
     assert isinstance(compose, dict) and isinstance(compose.get("services"), dict)
     return compose
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines; blank lines and `#` comments skipped, one pair of quotes removed."""
+    variables = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, equals, value = line.removeprefix("export ").partition("=")
+        assert equals and re.fullmatch(r"[A-Za-z_]\w*", key.strip()), f"{path}:{number}: {line}"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        variables[key.strip()] = value
+    return variables
+
+
+# $$, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}, ${VAR:+alt},
+# ${VAR+alt}, $VAR: the forms Compose interpolates (without nesting, which this file avoids).
+_VARIABLE = re.compile(r"\$(?:(?P<escaped>\$)|\{(?P<braced>[A-Za-z_]\w*)"
+                       r"(?:(?P<operator>:?[-?+])(?P<argument>[^}]*))?\}|(?P<plain>[A-Za-z_]\w*))")
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name = match["braced"] or match["plain"]
+        operator, argument = match["operator"] or "", match["argument"] or ""
+        assert "${" not in argument, f"nested interpolation is not handled: {match[0]}"
+        current = variables.get(name)
+        is_set = current is not None and (current != "" or not operator.startswith(":"))
+        if operator.endswith("-"):
+            return current if is_set and current is not None else argument
+        if operator.endswith("?"):
+            assert is_set and current is not None, f"{name}: {argument or 'not set'}"
+            return current
+        if operator.endswith("+"):
+            return argument if is_set else ""
+        return current or ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def interpolate_tree(value: Any, variables: dict[str, str]) -> Any:
+    """Every string value in `value` interpolated (mapping keys are left as they are)."""
+    if isinstance(value, str):
+        return interpolate(value, variables)
+    if isinstance(value, dict):
+        return {key: interpolate_tree(item, variables) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate_tree(item, variables) for item in value]
+    return value
+
+
+def with_profiles(compose: dict[str, Any], profiles: set[str]) -> dict[str, Any]:
+    """The services Compose enables with these profiles active: those with no `profiles` and
+    those with an active one. A dependency on a service left out is dropped if it is
+    `required: false`; Compose refuses the project otherwise."""
+    services = {name: service for name, service in compose["services"].items()
+                if not service.get("profiles") or profiles & set(service["profiles"])}
+    enabled = {}
+    for name, service in services.items():
+        declared = service.get("depends_on") or {}
+        if isinstance(declared, list):
+            declared = {dependency: {} for dependency in declared}
+        kept = {}
+        for dependency, spec in declared.items():
+            if dependency in services:
+                kept[dependency] = spec
+            else:
+                assert dependency in compose["services"], f"{name}: unknown {dependency}"
+                assert (spec or {}).get("required", True) is False, (
+                    f"{name} requires {dependency}, which profiles {sorted(profiles)} leave out")
+        enabled[name] = {**service, "depends_on": kept} if "depends_on" in service else service
+    return {**compose, "services": enabled}
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

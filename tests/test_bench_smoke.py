@@ -33,6 +33,8 @@ WRK_ROWS = [
     "ceiling_rps_c32", "ceiling_latency_c1_p50", "ceiling_latency_c1_p99",
     "noop_rps_c32", "noop_latency_c1_p50", "noop_latency_c1_p99",
     "noop_sync_rps_c32", "noop_sync_latency_c1_p50", "noop_sync_latency_c1_p99",
+    "durable_noop_rps_c32", "durable_noop_latency_c1_p50", "durable_noop_latency_c1_p99",
+    "durable_to_default_rps_c32", "durable_to_default_latency_c1_p50",
     "scale_out_rps_1_replica", "scale_out_rps_2_replicas", "scale_out_ratio",
 ]
 # Measured by the gRPC load generator (bench/grpc_load.py), and the gRPC ÷ HTTP ratios.
@@ -87,7 +89,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert results["grpc_noop_latency_c1_p50"]["details"]["concurrency"] == 1
     for ratio_row, grpc_row, http_row in (
             ("grpc_to_http_rps_c32", "grpc_noop_rps_c32", "noop_rps_c32"),
-            ("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50", "noop_latency_c1_p50")):
+            ("grpc_to_http_latency_c1_p50", "grpc_noop_latency_c1_p50", "noop_latency_c1_p50"),
+            ("durable_to_default_rps_c32", "durable_noop_rps_c32", "noop_rps_c32"),
+            ("durable_to_default_latency_c1_p50", "durable_noop_latency_c1_p50",
+             "noop_latency_c1_p50")):
         expected = results[grpc_row]["value"] / results[http_row]["value"]
         assert results[ratio_row]["value"] == pytest.approx(expected), ratio_row
     # Every figure carries its error counts, every count was read, and all are zero.

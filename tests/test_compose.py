@@ -26,8 +26,12 @@ import redis
 import requests
 import yaml
 
+from broker_serve.state.connection import parse_sentinel_url
+from broker_serve.transport.addresses import parse as parse_amqp_nodes
+
 from .compose_local import (
     COMPOSE_FILE,
+    ENV_FILE,
     Image,
     LocalCompose,
     built_services,
@@ -35,12 +39,20 @@ from .compose_local import (
     dockerfile_instructions,
     exec_form,
     exposed_ports,
+    interpolate,
     load_compose,
+    load_compose_file,
+    read_env_file,
 )
 from .conftest import REDIS_URL, ROOT
 from .waiting import wait_for
 
 DEPLOY = ROOT / "deploy"
+HA_ENV = DEPLOY / "ha.env"
+RABBITMQ_NODES = ("rabbitmq-1", "rabbitmq-2", "rabbitmq-3")
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+HA_INFRASTRUCTURE = {*RABBITMQ_NODES, "redis-primary", "redis-replica", *SENTINELS}
+SINGLE_INFRASTRUCTURE = {"rabbitmq", "redis"}
 HISTOGRAMS = {
     "broker_serve_proxy_request_duration_seconds",
     "broker_serve_replica_processing_seconds",
@@ -69,6 +81,11 @@ METRICS = HISTOGRAMS | {
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return load_compose()
+
+
+@pytest.fixture(scope="module")
+def ha_compose() -> dict[str, Any]:
+    return load_compose(env_file=HA_ENV)
 
 
 def _port_flag(command: list[str]) -> int:
@@ -215,7 +232,15 @@ def test_compose_file_structure(compose):
     for name in ("rabbitmq", "redis"):
         assert services[name]["healthcheck"]["test"], name
         assert any(v.split(":")[0] in compose["volumes"] for v in services[name]["volumes"]), name
+    assert services["controller"]["environment"]["BROKER_SERVE_QUEUE_TYPE"] == "classic"
+    _assert_wiring(compose)
+    for name in ("rabbitmq", "redis"):
+        assert depends_on(services["controller"])[name] == "service_healthy"
 
+
+def _assert_wiring(compose: dict[str, Any]) -> None:
+    """Dependencies, mounts and named volumes exist; the app waits for what it needs."""
+    services = compose["services"]
     for name, service in services.items():
         for dependency, condition in depends_on(service).items():
             assert dependency in services, f"{name} depends on unknown {dependency}"
@@ -229,8 +254,8 @@ def test_compose_file_structure(compose):
                 assert (ROOT / source).exists(), f"{name} mounts missing {source}"
             else:
                 assert source in (compose.get("volumes") or {}), f"{name}: undeclared {source}"
-    for name in ("rabbitmq", "redis"):
-        assert depends_on(services["controller"])[name] == "service_healthy"
+        for secret in service.get("secrets", []):
+            assert (ROOT / compose["secrets"][secret]["file"]).is_file(), (name, secret)
     # `broker-serve run` starts a cluster of its own when no controller leads: it must wait.
     assert depends_on(services["app"])["controller"] == "service_healthy"
     assert depends_on(services["app"])["worker"] == "service_healthy"  # replicas spread
@@ -255,9 +280,190 @@ def test_docker_compose_config_accepts_the_file():
     if docker is None or subprocess.run([docker, "compose", "version"],
                                         capture_output=True).returncode != 0:
         pytest.skip("the docker compose plugin is not installed")
-    check = subprocess.run([docker, "compose", "-f", str(COMPOSE_FILE), "config", "--quiet"],
-                           capture_output=True, text=True, cwd=ROOT)
-    assert check.returncode == 0, check.stderr
+    for env_file in (ENV_FILE, HA_ENV):
+        check = subprocess.run([docker, "compose", "-f", str(COMPOSE_FILE), "--env-file",
+                                str(env_file), "config", "--format", "json"],
+                               capture_output=True, text=True, cwd=ROOT)
+        assert check.returncode == 0, (env_file, check.stderr)
+        # Compose enables the services this file's reading of the profiles says it does.
+        assert json.loads(check.stdout)["services"].keys() == \
+            load_compose(env_file=env_file)["services"].keys(), env_file
+
+
+# the profiles ----------------------------------------------------------------------------------
+def test_interpolation_resolves_as_compose_does():
+    variables = {"SET": "value", "EMPTY": ""}
+    assert interpolate("${SET:-d} ${EMPTY:-d} ${UNSET:-d}", variables) == "value d d"
+    assert interpolate("${SET-d} ${EMPTY-d} ${UNSET-d}", variables) == "value  d"
+    assert interpolate("${SET:+a} ${EMPTY:+a} ${UNSET+a} $SET $$SET", variables) == \
+        "a   value $SET"
+    with pytest.raises(AssertionError, match="UNSET"):
+        interpolate("${UNSET:?must be set}", variables)
+
+
+def test_each_profile_runs_one_infrastructure(compose, ha_compose):
+    written = load_compose_file()["services"]
+    for name, service in written.items():
+        expected = (["single"] if name in SINGLE_INFRASTRUCTURE
+                    else ["ha"] if name in HA_INFRASTRUCTURE else None)
+        assert service.get("profiles") == expected, name
+    # A plain `docker compose up` reads .env: today's single nodes.
+    assert read_env_file(ENV_FILE) == {"COMPOSE_PROFILES": "single"}
+    assert read_env_file(HA_ENV)["COMPOSE_PROFILES"] == "ha"
+    assert SINGLE_INFRASTRUCTURE <= compose["services"].keys()
+    assert not HA_INFRASTRUCTURE & compose["services"].keys()
+    assert HA_INFRASTRUCTURE <= ha_compose["services"].keys()
+    assert not SINGLE_INFRASTRUCTURE & ha_compose["services"].keys()
+    assert compose["services"].keys() - SINGLE_INFRASTRUCTURE == \
+        ha_compose["services"].keys() - HA_INFRASTRUCTURE
+    # Every variable the file interpolates is one deploy/ha.env sets.
+    used = set(re.findall(r"\$\{(\w+)[:?+}-]", COMPOSE_FILE.read_text()))
+    assert used and used <= read_env_file(HA_ENV).keys(), used - read_env_file(HA_ENV).keys()
+    _assert_wiring(ha_compose)
+
+
+def test_broker_serve_waits_for_the_ha_infrastructure(ha_compose):
+    services = ha_compose["services"]
+    waited = {*RABBITMQ_NODES, "redis-primary", *SENTINELS}
+    for name in built_services(ha_compose):
+        conditions = depends_on(services[name])
+        assert {conditions.get(d) for d in waited} == {"service_healthy"}, name
+    # The first node boots alone, the others join it (deploy/rabbitmq/cluster.conf).
+    for name in RABBITMQ_NODES[1:]:
+        assert depends_on(services[name]) == {RABBITMQ_NODES[0]: "service_healthy"}, name
+    assert int(services["controller"]["deploy"]["replicas"]) == 2  # one leads, one stands by
+
+
+def test_every_ha_service_is_checked_and_keeps_its_state(ha_compose, compose):
+    services = ha_compose["services"]
+    data_volumes = {}
+    for name in HA_INFRASTRUCTURE:
+        service = services[name]
+        assert service["healthcheck"]["test"], name
+        assert service["restart"] == "unless-stopped", name
+        target = "/var/lib/rabbitmq" if name in RABBITMQ_NODES else "/data"
+        (volume,) = [v.split(":")[0] for v in service["volumes"]
+                     if v.split(":")[1] == target]
+        assert volume in ha_compose["volumes"], name
+        data_volumes[name] = volume
+    assert len(set(data_volumes.values())) == len(data_volumes), data_volumes  # one each
+    for name in RABBITMQ_NODES:
+        assert services[name]["image"] == compose["services"]["rabbitmq"]["image"], name
+    for name in HA_INFRASTRUCTURE - set(RABBITMQ_NODES):
+        assert services[name]["image"] == compose["services"]["redis"]["image"], name
+
+
+def _mounted(service: dict[str, Any], target: str) -> Path:
+    (source,) = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == target]
+    assert source.startswith("./"), source
+    return ROOT / source
+
+
+def _rabbitmq_config(path: Path) -> dict[str, str]:
+    """rabbitmq.conf's `key = value` lines (the sysctl format)."""
+    settings = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, equals, value = line.partition("=")
+            assert equals, line
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+def test_rabbitmq_nodes_list_each_other_and_share_the_cookie(ha_compose):
+    services = ha_compose["services"]
+    names = {f"rabbit@{services[n]['hostname']}" for n in RABBITMQ_NODES}
+    assert names == {f"rabbit@{n}" for n in RABBITMQ_NODES}  # resolvable: the service names
+    cookies = set()
+    for name in RABBITMQ_NODES:
+        node = services[name]
+        config = _rabbitmq_config(_mounted(node, "/etc/rabbitmq/conf.d/20-cluster.conf"))
+        assert config["cluster_formation.peer_discovery_backend"] == "classic_config", name
+        peers = {v for k, v in config.items()
+                 if re.fullmatch(r"cluster_formation\.classic_config\.nodes\.\d+", k)}
+        assert peers == names, name
+        # The cookie: the shared secret copied, private to the rabbitmq user, before the
+        # image's own entrypoint starts the node.
+        assert "RABBITMQ_ERLANG_COOKIE" not in (node.get("environment") or {}), name
+        (secret,) = node["secrets"]
+        shell = node["entrypoint"][-1]
+        assert node["entrypoint"][:2] == ["sh", "-c"], name
+        assert re.search(rf"install -m 600 -o rabbitmq -g rabbitmq /run/secrets/{secret}\s+"
+                         r"/var/lib/rabbitmq/\.erlang\.cookie &&", shell), shell
+        assert shell.endswith("exec docker-entrypoint.sh rabbitmq-server"), shell
+        cookies.add(ha_compose["secrets"][secret]["file"])
+    (cookie_file,) = cookies
+    cookie = (ROOT / cookie_file).read_text()
+    # Erlang takes printable ASCII, up to 255 characters.
+    assert re.fullmatch(r"[!-~]{20,255}", cookie), "the cookie must be one printable line"
+
+
+def _directives(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _runs_a_copy(service: dict[str, Any], config: str, copy: str) -> str:
+    """The mounted config `service` copies into its volume at its first start and runs."""
+    assert service["command"][:2] == ["sh", "-c"]
+    shell = service["command"][-1]
+    assert f"test -f {copy} || cp {config} {copy};" in shell, shell
+    return shell.split(";", 1)[1].strip()
+
+
+def test_sentinels_monitor_the_primary_with_quorum_2(ha_compose):
+    services = ha_compose["services"]
+    monitored = set()
+    for name in SENTINELS:
+        sentinel = services[name]
+        config = _mounted(sentinel, "/etc/redis/sentinel.conf")
+        started = _runs_a_copy(sentinel, "/etc/redis/sentinel.conf", "/data/sentinel.conf")
+        assert started == "exec docker-entrypoint.sh redis-server /data/sentinel.conf --sentinel"
+        directives = _directives(config)
+        assert ["port", "26379"] in directives
+        (monitor,) = [d for d in directives if d[:2] == ["sentinel", "monitor"]]
+        service_name, host, port, quorum = monitor[2:]
+        assert (host, port, quorum) == ("redis-primary", "6379", "2"), name
+        # Hostnames resolve only with this, and only for the lines after it.
+        assert directives.index(["sentinel", "resolve-hostnames", "yes"]) < \
+            directives.index(monitor)
+        assert f"ckquorum {service_name}" in " ".join(sentinel["healthcheck"]["test"]), name
+        monitored.add(service_name)
+    assert len(monitored) == 1
+
+    primary = services["redis-primary"]
+    replica = services["redis-replica"]
+    for node, name in ((primary, "primary"), (replica, "replica")):
+        config = _mounted(node, f"/etc/redis/{name}.conf")
+        assert _runs_a_copy(node, f"/etc/redis/{name}.conf", "/data/redis.conf") == \
+            "exec docker-entrypoint.sh redis-server /data/redis.conf"
+        directives = _directives(config)
+        assert ["appendonly", "yes"] in directives, name  # as the single profile's redis
+        assert ["port", "6379"] in directives, name
+    assert ["replicaof", "redis-primary", "6379"] in _directives(
+        _mounted(replica, "/etc/redis/replica.conf"))
+    assert depends_on(replica) == {"redis-primary": "service_healthy"}
+
+
+def test_ha_env_urls_name_the_ha_services(ha_compose):
+    services = ha_compose["services"]
+    env = services["controller"]["environment"]
+    nodes = [urlsplit(url) for url in parse_amqp_nodes(env["BROKER_SERVE_AMQP_URL"])]
+    assert [(n.hostname, n.port) for n in nodes] == [(n, 5672) for n in RABBITMQ_NODES]
+    for name in RABBITMQ_NODES:  # they listen on the image's AMQP port, 5672
+        config = _rabbitmq_config(_mounted(services[name], "/etc/rabbitmq/conf.d/20-cluster.conf"))
+        assert not any(key.startswith("listeners.tcp") for key in config), name
+
+    address = parse_sentinel_url(env["BROKER_SERVE_REDIS_URL"])
+    assert address.sentinels == [(name, 26379) for name in SENTINELS]
+    config = _directives(_mounted(services["sentinel-1"], "/etc/redis/sentinel.conf"))
+    (monitor,) = [d for d in config if d[:2] == ["sentinel", "monitor"]]
+    assert address.service_name == monitor[2]
+    assert address.db == 0
+    assert env["BROKER_SERVE_QUEUE_TYPE"] == "quorum"
+    for name, service in built_services(ha_compose).items():
+        for key in ("BROKER_SERVE_AMQP_URL", "BROKER_SERVE_REDIS_URL", "BROKER_SERVE_QUEUE_TYPE"):
+            assert service["environment"][key] == env[key], (name, key)
 
 
 # the images ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ channel and connection errors by the autouse fixture in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import time
@@ -314,7 +315,12 @@ def summary(outcomes: Outcomes, elapsed: float) -> str:
 # the test ---------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_every_request_is_answered_and_runs_exactly_once(cluster: Cluster) -> None:
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_every_request_is_answered_and_runs_exactly_once(cluster: Cluster, queue_type: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the default queues, and in durable mode (quorum queues, persistent requests
+    published with confirms: docs/architecture.md, "Durable mode")."""
+    monkeypatch.setenv("BROKER_SERVE_QUEUE_TYPE", queue_type)  # read where serve.run builds
     prefix = f"bs:{cluster.name}:test:ran:"  # under the namespace: the fixture deletes it
     for app, deployment in APPS.items():
         serve.run(deployment.bind(prefix), name=app, route_prefix=f"/{app}")
@@ -335,6 +341,10 @@ def test_every_request_is_answered_and_runs_exactly_once(cluster: Cluster) -> No
     assert not not_run, f"{len(not_run)} answered requests never ran, e.g. {not_run[:10]}"
     assert counts.keys() == expected, f"unknown ids ran: {sorted(counts.keys() - expected)[:10]}"
 
+    if queue_type == "quorum":
+        arguments = {queue: json.loads(value) for queue, value in redis.Redis.from_url(
+            REDIS_URL).hgetall(f"bs:{cluster.name}:queue_arguments").items()}
+        assert arguments and all(a.get("x-queue-type") == "quorum" for a in arguments.values())
     depths = queue_depths(cluster.name)
     assert depths == dict.fromkeys(depths, 0), f"dead-lettered or left in a queue: {depths}"
     faults = replica_faults(cluster.env["BROKER_SERVE_METRICS_PORT"])

@@ -483,8 +483,9 @@ def test_a_route_without_a_split_is_loaded_as_before_with_no_policy(cluster):
     serve.run(Version.bind("plain"), name="plain", route_prefix="/plain")
     detail = requests.get(f"{cluster.url}/-/routes/detail", timeout=10).json()
     entry = detail["routes"]["/plain"]
-    # The entry of an application's own route has exactly the fields it always had ...
-    assert set(entry) == {"app", "deployment", "queue", "status", "message", "ready", "bounded"}
+    # The entry of an application's own route has exactly these fields ...
+    assert set(entry) == {"app", "deployment", "queue", "status", "message", "ready", "bounded",
+                          "durable"}
     table = RouteTable()
     table.load(detail)
     # ... and the proxy keeps no policy for it: its request path is one dict lookup longer.

@@ -17,7 +17,7 @@ from typing import Any
 import cloudpickle
 import orjson
 
-from ..config import LIVE_OPTIONS, user_config_hash
+from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..exceptions import RayServeException
 from ..protocol import messages
 from ..protocol.call_values import dumps_signed
@@ -71,6 +71,7 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
         return value
 
     sys_path = driver_paths() if sys_path is None else sys_path
+    cluster_queue_type = Settings().queue_type
     deployments: dict[str, DeploymentEntry] = {}
     specs: dict[str, bytes] = {}
     for node in nodes:
@@ -78,6 +79,7 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
         if reference is None:
             pickle_user_module_by_value(dep.func_or_class)
         config = dep.config.model_dump(mode="json")
+        config["queue_type"] = queue_type(dep.config, cluster_queue_type)
         definition = {
             "func_or_class": reference(dep.func_or_class) if reference else dep.func_or_class,
             "args": to_handle(list(node.args)),
@@ -116,6 +118,14 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
                          "version": app_version(route_prefix, deployments),
                          "deployments": deployments, "deployed_at": now()}
     return record, specs
+
+
+def queue_type(config: DeploymentConfig, cluster_default: str) -> str:
+    """The deployment's own queue type, else the cluster's, except that an ordered deployment
+    (order_by_deadline) keeps a classic queue: quorum queues have no priorities."""
+    if config.queue_type is not None:
+        return config.queue_type
+    return "classic" if config.order_by_deadline else cluster_default
 
 
 def deployment_version(user_version: str | None, pickled: bytes, restart_options: dict[str, Any],

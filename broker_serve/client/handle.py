@@ -177,7 +177,7 @@ class _Call:
         if self.deployment_name is None:
             self.deployment_name = self.handle.resolved_ingress or await self._ingress()
             self.handle.resolved_ingress = self.deployment_name
-        await self._publish()
+        await self._publish(events)
         await self._receive(events)
 
     def _deadline_on_loop(self) -> float:
@@ -200,9 +200,10 @@ class _Call:
         except ValueError as exc:
             raise RayServeException(str(exc)) from None
 
-    async def _publish(self) -> None:
+    async def _publish(self, events: ReplyEvents) -> None:
         """Publish the call message: with a broker confirm if the deployment's queue is
-        bounded, else to the affinity queue of a replica holding the call's model, if known."""
+        bounded or durable (retried across lost connections), else to the affinity queue of
+        a replica holding the call's model, if known."""
         runtime, handle, deployment = self.runtime, self.handle, self.deployment_name
         assert deployment is not None
         # A failed argument or an unpicklable one fails the response.
@@ -214,10 +215,13 @@ class _Call:
             payload["multiplexed_model_id"] = model_id
         message = self._message(messages.pack(payload))
         self.queue = message["routing_key"]
-        if await runtime.is_bounded(handle.app_name, deployment):
+        bounded, durable = await runtime.delivery(handle.app_name, deployment)
+        if bounded or durable:
             # A full bounded queue refuses the call, and the caller must hear it.
             self.published = True  # a cancel from now on must reach it
-            self.published = await runtime.broker.publish_confirmed(**message)
+            self.published = await runtime.broker.publish_request(
+                message.pop("routing_key"), message.pop("body"), bounded=bounded,
+                durable=durable, events=events, deadline_ms=self.deadline_ms, **message)
             if not self.published:
                 raise BackPressureError(
                     f"deployment {handle.app_name}/{deployment} has "

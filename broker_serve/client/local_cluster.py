@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-import redis
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from ..exceptions import ClusterUnavailable
 from ..lifecycle import die_with_parent_env
 from ..protocol.names import Names
 from ..settings import Settings, state_dir
+from ..state import connection
 from ..state.liveness import process_id
 
 READY_TIMEOUT_S = 60.0
@@ -76,7 +76,7 @@ class LocalCluster:
         answers. Records a killed cluster left behind (a lease, nodes, proxies) do not count."""
         names = Names(self.settings.cluster)
         ids = {role: process_id(process.pid) for role, process in self.processes.items()}
-        client = redis.Redis.from_url(self.settings.redis_url)
+        client = connection.sync_client(self.settings.redis_url)
 
         def ready() -> bool:
             for role, process in self.processes.items():

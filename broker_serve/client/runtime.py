@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from ..config import is_bounded, is_durable
 from ..exceptions import BrokerServeError, ClusterUnavailable
 from ..settings import Settings
 from ..state.store import Store
@@ -30,7 +31,7 @@ from ..transport.cancellation import AbandonedRequests
 
 T = TypeVar("T")
 
-BOUNDED_REFRESH_S = 10.0
+DELIVERY_REFRESH_S = 10.0
 START_TIMEOUT_S = 30.0
 
 _lock = threading.Lock()
@@ -59,7 +60,7 @@ class Runtime:
         self._ids = itertools.count()
         # The driver's portal thread, closed by reset_runtime; None inside a replica.
         self._portal_thread: contextlib.ExitStack | None = None
-        self._bounded: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._delivery: dict[tuple[str, str], tuple[float, tuple[bool, bool]]] = {}
 
     async def start(self) -> None:
         await self.store.ping()
@@ -77,20 +78,21 @@ class Runtime:
         finally:
             await self.store.close()
 
-    async def is_bounded(self, app: str, deployment: str) -> bool:
-        """Whether the deployment has max_queued_requests, read from its app record at most
-        every 10 s per deployment, so calls pay for publisher confirms only where needed."""
+    async def delivery(self, app: str, deployment: str) -> tuple[bool, bool]:
+        """Whether the deployment's queue is bounded (max_queued_requests) and whether it is
+        durable (a quorum queue), read from its app record at most every 10 s per deployment,
+        so calls pay for publisher confirms only where needed."""
         key = (app, deployment)
-        cached = self._bounded.get(key)
+        cached = self._delivery.get(key)
         now = self.loop.time()
-        if cached is not None and now - cached[0] < BOUNDED_REFRESH_S:
+        if cached is not None and now - cached[0] < DELIVERY_REFRESH_S:
             return cached[1]
         record = await self.store.app(app)
         entry = record["deployments"].get(deployment) if record else None
         config = entry["config"] if entry else {}
-        bounded = int(config.get("max_queued_requests", -1)) > 0
-        self._bounded[key] = (now, bounded)
-        return bounded
+        delivery = (is_bounded(config), is_durable(config))
+        self._delivery[key] = (now, delivery)
+        return delivery
 
     async def ingress_of(self, app: str) -> str:
         record = await self.store.app(app)

@@ -3,7 +3,8 @@ route table and statuses.
 
 It is a reconcile loop over the state in Redis, run on every change event and once a second, so a
 restarted or standby controller picks up where the last one stopped. Only the holder of the
-Redis lease acts. Nothing here is on the request path.
+Redis lease acts, and it checks that it still may before every write (`leadership.py`).
+Nothing here is on the request path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AutoscalingConfig, DeploymentConfig
+from aio_pika.abc import AbstractRobustChannel
+
+from ..config import AutoscalingConfig, DeploymentConfig, is_bounded, is_durable
 from ..exceptions import BrokerServeError, PreconditionFailed
 from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
@@ -44,6 +47,7 @@ from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
 from ..transport.errors import map_amqp_errors
 from .autoscaler import Autoscaler
+from .leadership import Leadership, LeadershipLost
 from .placement import place
 from .reseed import StateCopy
 from .rest import serve_rest_api
@@ -51,11 +55,14 @@ from .traffic import traffic_routes
 
 log = logging.getLogger("broker_serve.controller.reconciler")
 
-LEASE_MS = 4_000  # a standby takes over within about this long
 RECONCILE_PERIOD_S = 1.0
 MAX_START_FAILURES = 3
 HEARTBEAT_GRACE_S = 12.0
 REDECLARE_EVERY_S = 10.0
+# A quorum queue dead-letters a request returned this often, as a backstop: replicas answer a
+# request that killed 3 of them first (docs/architecture.md, "Requests that kill replicas"),
+# and live replicas that give requests back (a drain, a lost channel) return them too.
+QUORUM_DELIVERY_LIMIT = 20
 AMQP_TIMEOUT_S = 10.0
 SHUTDOWN_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 2.0
@@ -123,6 +130,7 @@ class Controller:
                              connection_name(settings.cluster, "controller", self.controller_id),
                              cancel_exchange=self.names.cancel_exchange)
         self.leader = False
+        self._leadership = Leadership(self.store, self.controller_id)
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._failures: dict[tuple[str, str], StartFailures] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
@@ -157,13 +165,30 @@ class Controller:
         await self.store.secret()
         await self.broker.connect()  # declares the cancel exchange
         channel = await self.broker.channel()
-        with map_amqp_errors(f"cannot declare {self.names.dead_letters}"):
-            await channel.declare_queue(self.names.dead_letters, durable=True)
+        await self._declare_dead_letters(channel)
         self._channel = channel
         # Waits for its port in the background while another controller on this host has it.
         self._rest = await serve_rest_api(
             self.settings, self.store, lambda: self.metrics.render(self._ready_messages))
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
+
+    async def _declare_dead_letters(self, channel: AbstractRobustChannel) -> None:
+        """The dead-letter queue, on the controller's robust channel, so that aio-pika
+        declares it again after a reconnect. In durable mode (BROKER_SERVE_QUEUE_TYPE=quorum)
+        it is a quorum queue, so that it outlives a node as the request queues do: a classic
+        one lives on one node, and declaring it again while that node is down fails. One that
+        exists with the other type is kept, dead letters and all: delete it to change it."""
+        queue = self.names.dead_letters
+        arguments = ({"x-queue-type": "quorum"} if self.settings.queue_type == "quorum"
+                     else {})
+        recorded = await self.store.queue_arguments(queue)
+        if recorded is not None and recorded != arguments:
+            log.warning("the dead-letter queue %s exists with %s, not %s; delete it (its dead "
+                        "letters too) to change its type", queue, recorded, arguments)
+            arguments = recorded
+        with map_amqp_errors(f"cannot declare {queue}"):
+            await channel.declare_queue(queue, durable=True, arguments=arguments)
+        await self.store.put_queue_arguments(queue, arguments)
 
     async def _heartbeat(self) -> None:
         # Its value, this process's stamp, lets a driver or controller on this machine see at
@@ -188,29 +213,37 @@ class Controller:
         async with self._lock:
             try:
                 if await self._hold_lease():
-                    if await self._state.restore_if_lost(self.store):
+                    if await self._state.restore_if_lost(self.store, self._leadership.check):
                         self._restored_at = time.monotonic()
                     await self.reconcile()
                 if time.monotonic() - self._copied_at >= RECONCILE_PERIOD_S:
                     self._copied_at = time.monotonic()
                     await self._state.take(self.store)
-                await self._pruning.maybe_prune(self.store, leader=self.leader)
+                await self._pruning.maybe_prune(self.store, leader=self.leader,
+                                                before_delete=self._leadership.check)
+            except LeadershipLost:  # stalled past the lease: another may lead by now
+                self._stand_by()
             except Exception:  # one failed tick must not stop the controller
                 log.exception("reconcile failed; retrying on the next tick")
 
     async def _hold_lease(self) -> bool:
-        taken = await self.store.take_lease(self.controller_id, LEASE_MS)
-        holder = self.controller_id if taken else await self.store.lease_holder()
-        if holder is None:  # the holder was found dead and let go: take over now
-            taken = await self.store.take_lease(self.controller_id, LEASE_MS)
-            holder = self.controller_id if taken else None
-        if taken:
+        if not await self._leadership.hold():
+            self._stand_by()
+            return False
+        if not self.leader:
             log.info("controller %s is now the leader", self.controller_id)
-        elif holder == self.controller_id:
-            await self.store.extend_lease(LEASE_MS)
-        self.leader = holder == self.controller_id
-        self.metrics.set_leader(self.leader)
-        return self.leader
+        self.leader = True
+        self.metrics.set_leader(True)
+        return True
+
+    def _stand_by(self) -> None:
+        if self.leader:
+            log.warning("controller %s lost the lease; standing by", self.controller_id)
+            # Another leader may have changed both meanwhile: start afresh on leading again.
+            self._declared.clear()
+            self._autoscalers.clear()
+        self.leader = False
+        self.metrics.set_leader(False)
 
     # reconcile ---------------------------------------------------------------------------------
     async def reconcile(self) -> None:
@@ -233,13 +266,16 @@ class Controller:
         self.metrics.set_deployments(apps, statuses)
         await self._write_routes(apps, statuses, await self.store.traffic())
         await self._forget_dead_proxies()
+        await self._leadership.check()
         await self.store.prune_tombstones(int(time.time() * 1000))
 
     async def _forget_dead_proxies(self) -> None:
         proxies = await self.store.proxies()
         alive = await self.store.alive([self.names.proxy_alive(p) for p in proxies])
         dead = [proxy for proxy, ok in zip(proxies, alive) if not ok]
-        await self.store.delete_field(self.names.proxies, *dead)
+        if dead:
+            await self._leadership.check()
+            await self.store.delete_field(self.names.proxies, *dead)
 
     async def _live_nodes(self) -> dict[str, NodeRecord]:
         nodes = await self.store.nodes()
@@ -252,7 +288,9 @@ class Controller:
                 continue
             log.warning("worker node %s is gone (its process ended or its heartbeats stopped);"
                         " dropping it and its replicas", node_id)
+            await self._leadership.check()
             await self.store.delete_field(self.names.nodes, node_id)
+            await self._leadership.check()
             await self.store.drop_assignments(node_id)
         return live
 
@@ -319,6 +357,7 @@ class Controller:
         so that the update waits for the process to be gone (Ray's STOPPING)."""
         node_id = record.get("node")
         if node_id:
+            await self._leadership.check()
             await self.store.delete_field(self.names.node_assignments(node_id),
                                           record["replica_id"])
             await self.store.announce(f"node:{node_id}")
@@ -327,8 +366,10 @@ class Controller:
                               node_id: str | None) -> None:
         node_id = node_id or record.get("node")
         if node_id:
+            await self._leadership.check()
             await self.store.delete_field(self.names.node_assignments(node_id), replica_id)
             await self.store.announce(f"node:{node_id}")
+        await self._leadership.check()
         await self.store.delete_field(self.names.replicas, replica_id)
 
     async def _reconcile_app(self, app_name: str, app: AppRecord,
@@ -340,7 +381,7 @@ class Controller:
             config = dep.get("config", {})
             queue_problem = await self._declare(
                 dep["queue"], int(config.get("max_queued_requests", -1)),
-                ordered=bool(config.get("order_by_deadline")))
+                ordered=bool(config.get("order_by_deadline")), quorum=is_durable(config))
             deployment = _DeploymentRound(
                 app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
                 replicas=by_deployment.get((app_name, dep_name), []),
@@ -451,6 +492,8 @@ class Controller:
                 log.warning("could not read the depth of %s: %s", dep["queue"], exc)
                 return autoscaler
             ongoing = sum(int(r.get("ongoing", 0)) for r in mine)
+            # The depth read may have stalled: decide only while this controller may act.
+            await self._leadership.check()
             before = autoscaler.target
             autoscaler.observe(clock, queued, ongoing)
             autoscaler.decide(clock)
@@ -479,7 +522,9 @@ class Controller:
             "replica_id": replica_id, "app": app, "deployment": deployment, "version": version,
             "deploy_id": deploy_id, "node": node_id, "state": ReplicaState.PENDING.value,
             "start_time": now(), "updated": now()}
+        await self._leadership.check()
         await self.store.put_replica(record)
+        await self._leadership.check()
         await self.store.put_assignment(node_id, replica_id, assignment)
         await self.store.announce(f"node:{node_id}")
         log.info("starting replica %s on node %s", replica_id, node_id)
@@ -490,7 +535,8 @@ class Controller:
         assignments = {node_id: await self.store.assignments(node_id) for node_id in nodes}
         return place(nodes, assignments, app, deployment, request)
 
-    async def _declare(self, queue: str, bound: int, *, ordered: bool = False) -> str:
+    async def _declare(self, queue: str, bound: int, *, ordered: bool = False,
+                       quorum: bool = False) -> str:
         """Declare a request queue with its arguments; returns why it could not, or "".
 
         RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
@@ -507,6 +553,8 @@ class Controller:
             arguments.update({"x-max-length": bound, "x-overflow": "reject-publish"})
         if ordered:  # earlier deadlines are delivered first
             arguments.update(deadlines.queue_arguments())
+        if quorum:  # replicated across the RabbitMQ cluster ("Durable mode")
+            arguments.update({"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT})
         declared_at, declared_with = self._declared.get(queue, (-1e9, None))
         if declared_with == arguments and time.monotonic() - declared_at < REDECLARE_EVERY_S:
             return ""
@@ -517,9 +565,11 @@ class Controller:
                 if waiting:
                     return (f"waiting for {waiting} queued request(s) to drain before applying "
                             f"the new max_queued_requests or order_by_deadline")
+                await self._leadership.check()
                 with map_amqp_errors(f"cannot delete queue {queue}"):
                     await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
                 log.info("re-creating queue %s with %s", queue, arguments)
+            await self._leadership.check()
             await self._declare_on_own_channel(queue, arguments)
         except PreconditionFailed:
             # Declared with other arguments by a cluster whose record Redis lost.
@@ -527,6 +577,7 @@ class Controller:
                       "of them; delete the queue to apply max_queued_requests or "
                       "order_by_deadline", queue, arguments)
             return "the queue exists with other arguments; delete it to apply the change"
+        await self._leadership.check()
         await self.store.put_queue_arguments(queue, arguments)
         self._declared[queue] = (time.monotonic(), arguments)
         return ""
@@ -580,17 +631,21 @@ class Controller:
                 queue = self.names.request_queue(app_name, dep_name)
                 self._declared.pop(queue, None)
                 try:
+                    await self._leadership.check()
                     with map_amqp_errors(f"cannot delete queue {queue}"):
                         await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                    await self._leadership.check()
                     await self.store.delete_queue_arguments(queue)
                 except (BrokerServeError, TimeoutError) as exc:  # the app is gone either way;
                     # say what was left behind
                     log.warning("could not delete queue %s (%s); delete it by hand", queue,
                                 exc or type(exc).__name__)
             # Not a plain delete: a spec that a record written meanwhile names must stay.
+            await self._leadership.check()
             await self.store.delete_unnamed_specs(app_name)
             # The status goes last: serve.delete returns once it is gone, so by then the app's
             # specs and queues are gone too.
+            await self._leadership.check()
             await self.store.delete_field(self.names.key("app_status"), app_name)
             for key in [key for key in self._failures if key[0] == app_name]:
                 del self._failures[key]
@@ -598,6 +653,7 @@ class Controller:
 
     async def _write_statuses(self, statuses: dict[str, AppStatusRecord]) -> None:
         for app_name, status in statuses.items():
+            await self._leadership.check()
             await self.store.put_app_status(app_name, status)
 
     async def _write_routes(self, apps: dict[str, AppRecord],
@@ -617,9 +673,10 @@ class Controller:
                 "status": status["status"],
                 "message": status["message"],
                 "ready": ingress["ready"],
-                # Publishes to a bounded queue wait for the broker's confirm (503 when full).
-                "bounded": app["deployments"][app["ingress"]]["config"].get(
-                    "max_queued_requests", -1) > 0,
+                # Publishes to a bounded queue wait for the broker's confirm (503 when full),
+                # to a durable one too, and are retried on another node.
+                "bounded": is_bounded(app["deployments"][app["ingress"]]["config"]),
+                "durable": is_durable(app["deployments"][app["ingress"]]["config"]),
             }
         # A traffic record's prefix is its own, over an application's entry there.
         routes.update(traffic_routes(traffic, apps, statuses))
@@ -627,6 +684,7 @@ class Controller:
         if current.get("routes") != routes:
             table: RouteTableRecord = {"version": int(current.get("version", 0)) + 1,
                                        "routes": routes}
+            await self._leadership.check()
             await self.store.put_routes(table)
             await self.store.announce("routes")
 

@@ -12,12 +12,17 @@ Redis restart costs no running replica. See docs/architecture.md, "Control state
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from ..protocol import messages
 from ..runtime_env.cache import HostCache
 from ..state.store import StateSnapshot, Store
 
 log = logging.getLogger("broker_serve.controller.reconciler")
+
+
+async def _unchecked() -> None:
+    """No check before writes: for a caller that acts alone (a test, a tool)."""
 
 
 class StateCopy:
@@ -30,9 +35,11 @@ class StateCopy:
         if await store.is_seeded():
             self.snapshot = await store.snapshot(self.snapshot)
 
-    async def restore_if_lost(self, store: Store) -> bool:
+    async def restore_if_lost(self, store: Store,
+                              before_write: Callable[[], Awaitable[None]] = _unchecked) -> bool:
         """Write the copy back if Redis lost the state; then mark the state as seeded.
-        True if it wrote the copy back."""
+        True if it wrote the copy back. `before_write` is awaited before each write: the
+        leader's check that it still holds the lease, which raises if not."""
         if await store.is_seeded():
             return False
         restored = bool(self.snapshot)
@@ -40,14 +47,18 @@ class StateCopy:
             log.warning("Redis has lost the cluster's state; writing back what this controller "
                         "remembers (%d keys, %d hashes)", len(self.snapshot.strings),
                         len(self.snapshot.hashes))
+            await before_write()
             await store.write_back(self.snapshot)
-            await self._restore_packages(store)
+            await self._restore_packages(store, before_write)
+            await before_write()
             await store.announce("apps")
             await store.announce("routes")
+        await before_write()
         await store.mark_seeded()
         return restored
 
-    async def _restore_packages(self, store: Store) -> None:
+    async def _restore_packages(self, store: Store,
+                                before_write: Callable[[], Awaitable[None]]) -> None:
         """Packages are not copied (they may be large): those the restored specs name are
         stored again from this host's cache where it has them. Nodes that have the others
         cached go on using them; a URL's is fetched again (docs/architecture.md, "Runtime
@@ -61,6 +72,7 @@ class StateCopy:
                    for digest in messages.unpack(blob).get("packages", ())}
         kept = [digest for digest in sorted(digests) if self.cache.archive(digest).is_file()]
         for digest in kept:
+            await before_write()
             await store.put_package(digest, self.cache.archive(digest).read_bytes())
         if digests:
             log.warning("stored %d of the %d runtime_env packages the restored deployments use "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..config import is_bounded, is_durable
 from ..schema import ApplicationStatus
 from ..state.records import (
     AppRecord,
@@ -64,7 +65,7 @@ def _split(record: TrafficRecord, apps: Mapping[str, AppRecord],
         split.append({
             "app": app_name, "deployment": app["ingress"], "queue": entry["queue"],
             "weight": 0.0, "ready": bool(ingress and ingress["ready"]),
-            "bounded": entry["config"].get("max_queued_requests", -1) > 0,
+            "bounded": is_bounded(entry["config"]), "durable": is_durable(entry["config"]),
         })
     return split
 
@@ -95,7 +96,7 @@ def _summary(record: TrafficRecord, split: list[SplitTarget],
         status = statuses[top["app"]]
         return {"app": top["app"], "deployment": top["deployment"], "queue": top["queue"],
                 "status": status["status"], "message": status["message"], "ready": True,
-                "bounded": top["bounded"]}
+                "bounded": top["bounded"], "durable": top["durable"]}
     if not record["split"]:
         message = f"endpoint {name} has no backend linked"
     elif not split:
@@ -109,4 +110,5 @@ def _summary(record: TrafficRecord, split: list[SplitTarget],
             else "", "queue": first["queue"] if first else "",
             "status": statuses[first["app"]]["status"] if first
             else ApplicationStatus.NOT_STARTED, "message": message, "ready": False,
-            "bounded": first["bounded"] if first else False}
+            "bounded": first["bounded"] if first else False,
+            "durable": first["durable"] if first else False}

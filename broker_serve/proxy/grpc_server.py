@@ -28,6 +28,7 @@ from ..observability.logging import AccessLog
 from ..protocol import deadlines
 from ..protocol import messages as protocol
 from ..protocol.grpc_methods import GrpcMethods
+from ..transport.broker import ReplyEvents
 from .grpc_api import serve_pb2
 from .http import NO_ROUTES_MESSAGE, Proxy
 
@@ -146,7 +147,7 @@ class GrpcIngress:
         events = proxy.router.register(call.correlation_id)
         proxy._inflight += 1  # the proxy's one gauge of requests in progress
         try:
-            await self._publish(call, route, body, streaming, metadata, deadline)
+            await self._publish(call, route, body, streaming, metadata, deadline, events)
             relay = self._relay(call, events)
             async with asyncio.timeout(None if deadline is None
                                        else (deadline - deadlines.now_ms()) / 1000):
@@ -202,7 +203,8 @@ class GrpcIngress:
         return deadlines.earlier(own, timeout)
 
     async def _publish(self, call: _Call, route: dict[str, Any], body: bytes, streaming: bool,
-                       metadata: dict[str, str], deadline: int | None) -> None:
+                       metadata: dict[str, str], deadline: int | None,
+                       events: ReplyEvents) -> None:
         payload: dict[str, Any] = {
             "method": call.method, "body": body, "streaming": streaming,
             "metadata": [[k, v] for k, v in metadata.items() if k not in _OWN_KEYS],
@@ -220,10 +222,10 @@ class GrpcIngress:
             "headers": protocol.request_headers(deadline, published_us=protocol.now_us(),
                                                 request_id=metadata.get(REQUEST_ID_KEY)),
             "expiration": expiration, "priority": priority, "mandatory": True}
-        if not route.get("bounded"):
-            await broker.publish(route["queue"], protocol.pack(payload), **arguments)
-        elif not await broker.publish_confirmed(route["queue"], protocol.pack(payload),
-                                                **arguments):
+        if not await broker.publish_request(
+                route["queue"], protocol.pack(payload), bounded=bool(route.get("bounded")),
+                durable=bool(route.get("durable")), events=events, deadline_ms=deadline,
+                **arguments):
             raise BackPressureError(f"application {call.app!r} has max_queued_requests "
                                     "waiting already; retry later")
 

@@ -371,21 +371,15 @@ class Proxy:
             expiration, priority = deadlines.expiration(remaining), deadlines.priority(remaining)
         headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
                                            request_id=client_id)
-        body = protocol.pack(payload)
-        if route.get("bounded"):
-            if not await self.broker.publish_confirmed(
-                queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
-                reply_to=self.router.queue_name, headers=headers, expiration=expiration,
-                priority=priority, mandatory=True,
-            ):
-                raise BackPressureError(
-                    f"application {route['app']!r} has max_queued_requests waiting already")
-            return
-        await self.broker.publish(
-            queue, body, type=protocol.KIND_HTTP, correlation_id=request_id,
+        accepted = await self.broker.publish_request(
+            queue, protocol.pack(payload), bounded=bool(route.get("bounded")),
+            durable=bool(route.get("durable")), events=request.events, deadline_ms=deadline,
+            type=protocol.KIND_HTTP, correlation_id=request_id,
             reply_to=self.router.queue_name, headers=headers, expiration=expiration,
-            priority=priority, mandatory=True,
-        )
+            priority=priority, mandatory=True)
+        if not accepted:
+            raise BackPressureError(
+                f"application {route['app']!r} has max_queued_requests waiting already")
 
     async def _relay(self, request: _ProxyRequest) -> None:
         """Pass reply events to the client; upload the rest of the body once a replica asks.

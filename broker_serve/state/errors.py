@@ -15,10 +15,14 @@ from ..exceptions import BrokerServeError, ClusterUnavailable, StateError
 
 # First match wins, so subclasses come before their bases.
 _TRANSLATIONS: tuple[tuple[type[Exception], type[BrokerServeError], str], ...] = (
-    # Includes AuthenticationError, BusyLoadingError (Redis still loading) and
-    # MaxConnectionsError, which redis-py files under ConnectionError.
+    # Includes AuthenticationError, BusyLoadingError (Redis still loading),
+    # MaxConnectionsError and, under Sentinel, MasterNotFoundError (no primary while a
+    # failover runs), which redis-py files under ConnectionError.
     (redis_errors.ConnectionError, ClusterUnavailable, "cannot reach Redis"),
     (redis_errors.TimeoutError, ClusterUnavailable, "cannot reach Redis"),
+    # A primary demoted to a replica refuses writes until the client finds the new one (a
+    # Sentinel client turns this into a ConnectionError itself; a plain URL's does not).
+    (redis_errors.ReadOnlyError, ClusterUnavailable, "Redis is a read-only replica"),
     # A socket error redis-py lets through while connecting.
     (OSError, ClusterUnavailable, "cannot reach Redis"),
     (redis_errors.RedisError, StateError, "Redis failed"),

@@ -118,6 +118,7 @@ class SplitTarget(TypedDict):
     weight: float  # among the ready targets, renormalised to sum to 1; 0 when not ready
     ready: bool
     bounded: bool
+    durable: bool
 
 
 class ShadowTarget(TypedDict):
@@ -139,6 +140,7 @@ class Route(TypedDict):
     message: str
     ready: bool
     bounded: bool  # has max_queued_requests: publishes wait for the broker's confirm
+    durable: bool  # a quorum queue: publishes are persistent, confirmed and retried
     split: NotRequired[list[SplitTarget]]
     shadow: NotRequired[list[ShadowTarget]]
     methods: NotRequired[list[str]]  # absent: any method

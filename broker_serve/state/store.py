@@ -31,6 +31,7 @@ from ..exceptions import ClusterUnavailable, StateError
 from ..protocol import messages
 from ..protocol.names import Names
 from ..schema import ServeDeploySchema
+from . import connection
 from .errors import translate_errors
 from .liveness import is_gone, stamp
 from .records import (
@@ -53,6 +54,21 @@ HEARTBEAT_TTL_S = 10.0
 # Deletes a key only if it still holds ARGV[1]: a lease or lock whose holder is known.
 _DELETE_IF_HELD = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The controller lease (KEYS[1]) for controller ARGV[1], for ARGV[2] ms: taken if free, or
+# extended if ARGV[1] holds it, in one step, so that nobody ever extends another's lease.
+# 1 if ARGV[1] holds it now, else 0.
+_TAKE_OR_EXTEND_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# The same lease extended only if ARGV[1] holds it (never taken): 1 if extended, else 0.
+_EXTEND_IF_HELD = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -153,10 +169,10 @@ class Store:
     def __init__(self, redis_url: str, cluster: str) -> None:
         self.names = Names(cluster)
         # decode_responses=False: values are bytes (orjson reads them as they are).
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
-        )
+        self._redis: aioredis.Redis = connection.async_client(redis_url)
         self._delete_if_held = self._redis.register_script(_DELETE_IF_HELD)
+        self._take_or_extend_lease = self._redis.register_script(_TAKE_OR_EXTEND_LEASE)
+        self._extend_if_held = self._redis.register_script(_EXTEND_IF_HELD)
         self._delete_unnamed_specs = self._redis.register_script(_DELETE_UNNAMED_SPECS)
         self._append_history = self._redis.register_script(_APPEND_HISTORY)
         self._set_history_window = self._redis.register_script(_SET_HISTORY_WINDOW)
@@ -555,11 +571,16 @@ class Store:
         return holder.decode() if holder is not None else None
 
     async def take_lease(self, controller_id: str, ttl_ms: int) -> bool:
-        return bool(await self._redis.set(self.names.controller_lease, controller_id, nx=True,
-                                          px=ttl_ms))
+        """Take the lease if it is free, or extend it if `controller_id` holds it, for `ttl_ms`
+        (one Lua script); whether `controller_id` holds it now."""
+        return bool(await self._take_or_extend_lease(keys=[self.names.controller_lease],
+                                                     args=[controller_id, ttl_ms]))
 
-    async def extend_lease(self, ttl_ms: int) -> None:
-        await self._redis.pexpire(self.names.controller_lease, ttl_ms)
+    async def extend_lease(self, controller_id: str, ttl_ms: int) -> bool:
+        """Extend the lease to `ttl_ms` if `controller_id` holds it; whether it did. A lease
+        that expired, or that another controller took, is left alone."""
+        return bool(await self._extend_if_held(keys=[self.names.controller_lease],
+                                               args=[controller_id, ttl_ms]))
 
     async def release_lease(self, controller_id: str) -> None:
         """Give the lease up, if `controller_id` still holds it."""

@@ -17,17 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection
 from pamqp.commands import Basic
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 from yarl import URL
 
-from ..exceptions import BrokerServeError, ClusterUnavailable, ProtocolError
+from ..exceptions import BrokerServeError, ClusterUnavailable, ProtocolError, TransportError
 from ..protocol import messages as protocol
 from . import addresses, aiormq_adapter, frames
 from .errors import AMQP_ERROR_TYPES, map_amqp_errors, translate
@@ -46,6 +54,9 @@ UNDRAINED_LIMIT_BYTES = 256 * 1024
 RECONNECT_INTERVAL_S = 1.0
 CONNECT_TIMEOUT_S = 10.0
 CHANNEL_RESTORE_WAIT_S = 2.0
+# How long a durable publish is retried across lost connections when its request has no
+# deadline of its own.
+DURABLE_PUBLISH_WAIT_S = 10.0
 
 
 def connection_name(cluster: str, role: str, ident: str) -> str:
@@ -236,16 +247,18 @@ class Broker:
                                 correlation_id: str, reply_to: str | None = None,
                                 headers: dict[str, Any] | None = None,
                                 expiration: str | None = None, priority: int = 0,
-                                mandatory: bool = False) -> bool:
+                                mandatory: bool = False, persistent: bool = False) -> bool:
         """Publish and wait for the broker's confirm. False: the broker refused the message
-        (a bounded queue is full). Only publishes to bounded queues pay for this wait."""
+        (a bounded queue is full). Only publishes to bounded or durable queues pay for this
+        wait; `persistent` ones are written to disk by the broker before it confirms."""
         if self._confirming is None or not self.is_connected:
             # aio-pika would wait for the reconnection: callers get an answer at once instead
             raise ClusterUnavailable("RabbitMQ connection is down")
         properties = Basic.Properties(
             content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
             message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
-            expiration=expiration, delivery_mode=1, priority=priority or None,
+            expiration=expiration, delivery_mode=2 if persistent else 1,
+            priority=priority or None,
         )
         try:
             raw = await self._confirming.get_underlay_channel()
@@ -256,6 +269,57 @@ class Broker:
         except AMQP_ERROR_TYPES as exc:
             raise translate(exc, "publish to RabbitMQ failed") from exc
         return True
+
+    async def publish_request(self, routing_key: str, body: bytes, *, bounded: bool,
+                              durable: bool, events: ReplyEvents | None,
+                              deadline_ms: int | None, **properties: Any) -> bool:
+        """A request to a deployment's queue, as its queue asks (docs/architecture.md, "Durable
+        mode"): durable, persistent and confirmed, retried across lost connections (its
+        `events` are not failed by a lost connection meanwhile); bounded, confirmed; else
+        written at once. False: a bounded queue is full."""
+        if durable:
+            if events is not None:
+                events.publishing_durably = True
+            try:
+                return await self.publish_durably(routing_key, body, deadline_ms=deadline_ms,
+                                                  **properties)
+            finally:
+                if events is not None:
+                    events.publishing_durably = False
+        if bounded:
+            return await self.publish_confirmed(routing_key, body, **properties)
+        await self.publish(routing_key, body, **properties)
+        return True
+
+    async def publish_durably(self, routing_key: str, body: bytes, *, deadline_ms: int | None,
+                              **properties: Any) -> bool:
+        """A persistent, confirmed publish that survives the loss of a node: until the broker
+        confirms it (True) or refuses it (False: a bounded queue is full), it is published
+        again, once the connection is back on whichever node, with a backoff, until the
+        deadline passes (`deadline_ms`, unix ms; None: DURABLE_PUBLISH_WAIT_S); then
+        ClusterUnavailable. A publish whose confirm was lost with its node may arrive twice,
+        and run twice: durable means at least once."""
+        wait_s = (DURABLE_PUBLISH_WAIT_S if deadline_ms is None
+                  else deadline_ms / 1000 - time.time())
+
+        async def attempt() -> bool:
+            if not await self.wait_connected(max(wait_s, 0.0)):
+                raise ClusterUnavailable("RabbitMQ connection is down")
+            return await self.publish_confirmed(routing_key, body, persistent=True,
+                                                **properties)
+
+        def gave_up(state: RetryCallState) -> NoReturn:
+            assert state.outcome is not None
+            raise ClusterUnavailable(f"RabbitMQ did not confirm the request before its "
+                                     f"deadline: {state.outcome.exception()}")
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((ClusterUnavailable, TransportError)),
+            wait=wait_exponential(multiplier=0.05, max=1.0), stop=stop_after_delay(wait_s),
+            retry_error_callback=gave_up,
+            before_sleep=lambda state: log.info("publishing %s again after a lost connection",
+                                                properties.get("correlation_id")))
+        return bool(await retrying(attempt))
 
     async def _channel(self) -> aiormq.Channel:
         """The open aiormq channel under the publishing channel."""
@@ -294,9 +358,12 @@ class Subscription:
     def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
                  on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
                  no_ack: bool,
-                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None
-                 ) -> None:
+                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                 prefetch_per_queue: list[int] | None = None) -> None:
         self.broker = broker
+        # Each queue's own consumer prefetch, where one channel-wide prefetch cannot be had
+        # (quorum queues do not support global QoS).
+        self.prefetch_per_queue = prefetch_per_queue
         # Run before consuming again on a reopened channel (a replica reloads tombstones).
         self.before_reconsume = before_reconsume
         self.channel = channel
@@ -333,7 +400,9 @@ class Subscription:
             self._raw, self._tags = raw, []
             self.broker.watch(raw)
             callback = self.on_channel(raw)
-            for queue in self.queues:
+            for index, queue in enumerate(self.queues):
+                if self.prefetch_per_queue is not None:  # applies to the next consumer only
+                    await raw.basic_qos(prefetch_count=self.prefetch_per_queue[index])
                 result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
                 if result.consumer_tag:
                     self._tags.append(result.consumer_tag)
@@ -362,11 +431,17 @@ class ReplyEvents:
     """The reply events of one request, in order, for its one reader: a queue with no bound
     and one waiter, so each event costs a deque append and at most one future."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "publishing_durably")
 
     def __init__(self) -> None:
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        # Set while a durable publish is retried: a lost connection leaves it to the retry.
+        self.publishing_durably = False
+
+    def __len__(self) -> int:
+        """The events received and not yet read."""
+        return len(self._items)
 
     def put_nowait(self, item: Event) -> None:
         self._items.append(item)
@@ -444,13 +519,17 @@ class ReplyRouter:
     def _fail_waiting(self, error: str, what: str) -> None:
         if not self._waiting:
             return
-        log.warning("%s; failing %d waiting request(s)", what, len(self._waiting))
+        failing = {correlation_id: events for correlation_id, events in self._waiting.items()
+                   if not events.publishing_durably}
+        if not failing:
+            return
+        log.warning("%s; failing %d waiting request(s)", what, len(failing))
         event = {"status": 503, "error": error,
                  "message": f"{what}; the request may not have run"}
-        for events in self._waiting.values():
+        for events in failing.values():
             events.put_nowait((protocol.ERROR, dict(event)))
         if self.on_abandoned is not None:
-            self.on_abandoned(list(self._waiting))
+            self.on_abandoned(list(failing))
 
     def _on_return(self, correlation_id: str, routing_key: str) -> None:
         events = self._waiting.get(correlation_id)
