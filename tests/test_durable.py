@@ -19,6 +19,7 @@ from broker_serve import serve
 from broker_serve.config import DeploymentConfig
 from broker_serve.transport.broker import Broker, ReplyRouter, connection_name
 
+from .broker_log import EXPECTED_PREFIX
 from .conftest import AMQP_URL, REDIS_URL
 from .faults import TcpFaultProxy
 
@@ -34,10 +35,11 @@ class Models:
         return await self.get_model(serve.get_multiplexed_model_id())
 
 
-def test_a_multiplexed_deployment_on_a_quorum_queue_shares_its_capacity(cluster):
-    """Quorum queues refuse a channel-wide prefetch (RabbitMQ closes the connection): the
-    affinity queue and the quorum queue get a consumer prefetch each instead. The broker-log
-    oracle fails this test on any channel or connection error."""
+def test_a_multiplexed_deployment_on_a_quorum_queue_serves_without_affinity(cluster):
+    """Quorum queues refuse a channel-wide prefetch (RabbitMQ closes the connection), which
+    model affinity needs, and an affinity queue would live on one node: a durable multiplexed
+    deployment's replicas consume the quorum queue alone, and nothing is routed to a replica's
+    own queue. The broker-log oracle fails this test on any channel or connection error."""
     serve.run(Models.bind())
     arguments = json.loads(redis.Redis.from_url(REDIS_URL).hget(
         f"bs:{cluster.name}:queue_arguments", f"bs.{cluster.name}.default.Models"))
@@ -53,6 +55,17 @@ def test_a_multiplexed_deployment_on_a_quorum_queue_shares_its_capacity(cluster)
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, range(256)))
     assert answers == [f"M{n % 3}" for n in range(256)]
+    parameters = pika.URLParameters(AMQP_URL)  # its passive declares fail on purpose
+    parameters.client_properties = {"connection_name": f"{EXPECTED_PREFIX} durable affinity"}
+    connection = pika.BlockingConnection(parameters)
+    try:
+        replicas = redis.Redis.from_url(REDIS_URL).hkeys(f"bs:{cluster.name}:replicas")
+        for replica in replicas:
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker):  # no affinity queue
+                connection.channel().queue_declare(
+                    f"bs.{cluster.name}.affinity.{replica.decode()}", passive=True)
+    finally:
+        connection.close()
 
 
 def test_order_by_deadline_keeps_a_classic_queue():

@@ -296,9 +296,10 @@ class Proxy:
 
     def _pick_replica(self, scope: dict[str, Any], route: dict[str, Any]) -> str | None:
         """The replica holding the request's multiplexed model, if one is known; never for a
-        bounded queue, whose confirms say when it is full."""
+        bounded queue, whose confirms say when it is full, nor a durable one, whose replicas
+        have no affinity queue."""
         queue = route["queue"]
-        if not self.affinity.knows(queue) or route.get("bounded"):
+        if not self.affinity.knows(queue) or route.get("bounded") or route.get("durable"):
             return None
         model_id = protocol.model_id_from_headers(scope["headers"])
         return self.affinity.pick(queue, model_id) if model_id else None

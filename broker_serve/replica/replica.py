@@ -200,17 +200,15 @@ class Replica:
         if not await self._live_options():
             raise RuntimeError(f"application {self.app!r} was deleted while this replica "
                                "started")
-        multiplexed = not self.servable.is_function and multiplex.is_multiplexed(
-            type(self.servable.target))
-        # A quorum queue has no channel-wide prefetch: its affinity queue and it share the
-        # capacity as two consumer prefetches instead (docs/architecture.md, "Durable mode").
-        split = multiplexed and self.config.queue_type == "quorum"
-        channel = await self.broker.channel(prefetch=0 if split else capacity,
-                                            global_qos=multiplexed and not split)
+        # A durable deployment has no affinity queue (docs/architecture.md, "Durable mode"):
+        # it would live on one RabbitMQ node, which a quorum queue is there not to depend on.
+        affine = (not self.servable.is_function and self.config.queue_type != "quorum"
+                  and multiplex.is_multiplexed(type(self.servable.target)))
+        channel = await self.broker.channel(prefetch=capacity, global_qos=affine)
         with map_amqp_errors(f"cannot consume {queue}"):
             await channel.declare_queue(queue, passive=True)  # a clear error if it is missing
         queues = [queue]
-        if multiplexed:
+        if affine:
             name = self.names.affinity_queue(self.replica_id)
             with map_amqp_errors(f"cannot declare {name}"):
                 # Held strongly: aio-pika re-declares it after a reconnect.
@@ -225,12 +223,9 @@ class Replica:
             self._advertise_models = advertise
         # Requests abandoned while the connection was down come back redelivered: their
         # callers' tombstones are loaded before consuming again, so they are dropped at pickup.
-        own_share = max(1, capacity // 2)
         self._consumers.append(await Subscription(
             self.broker, channel, queues, self._on_request_channel, no_ack=False,
-            before_reconsume=lambda: self._cancelled.load(self.store),
-            prefetch_per_queue=[own_share, max(1, capacity - own_share)] if split else None,
-        ).start())
+            before_reconsume=lambda: self._cancelled.load(self.store)).start())
 
     def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
         """A (re)opened request channel: its deliveries are settled by a settler of its own."""

@@ -358,12 +358,9 @@ class Subscription:
     def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
                  on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
                  no_ack: bool,
-                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None,
-                 prefetch_per_queue: list[int] | None = None) -> None:
+                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None
+                 ) -> None:
         self.broker = broker
-        # Each queue's own consumer prefetch, where one channel-wide prefetch cannot be had
-        # (quorum queues do not support global QoS).
-        self.prefetch_per_queue = prefetch_per_queue
         # Run before consuming again on a reopened channel (a replica reloads tombstones).
         self.before_reconsume = before_reconsume
         self.channel = channel
@@ -400,9 +397,7 @@ class Subscription:
             self._raw, self._tags = raw, []
             self.broker.watch(raw)
             callback = self.on_channel(raw)
-            for index, queue in enumerate(self.queues):
-                if self.prefetch_per_queue is not None:  # applies to the next consumer only
-                    await raw.basic_qos(prefetch_count=self.prefetch_per_queue[index])
+            for queue in self.queues:
                 result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
                 if result.consumer_tag:
                     self._tags.append(result.consumer_tag)
