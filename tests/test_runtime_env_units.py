@@ -7,8 +7,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -314,3 +316,65 @@ async def test_stored_packages_no_spec_names_are_pruned_and_a_lost_redis_gets_th
                       await store.secret()) == environment
     finally:
         await store.close()
+
+
+STOPPING_SCRIPT = '''
+import sys, threading, time
+from pathlib import Path
+
+from broker_serve.exceptions import RuntimeEnvError
+from broker_serve.runtime_env import venvs
+from broker_serve.runtime_env.cache import HostCache
+
+cache = HostCache(Path(sys.argv[1]))
+said, result = [], {}
+
+
+def install():
+    try:
+        venvs.ensure(cache, "slow", ["bs-slow-probe==1.0"],
+                     ["--index-url", sys.argv[2], "--retries", "0", "--timeout", "120"],
+                     False, 120, said.append)
+    except RuntimeEnvError as exc:
+        result["error"] = str(exc)
+
+
+thread = threading.Thread(target=install)
+thread.start()
+deadline = time.monotonic() + 30
+while not any("installing" in m for m in said) and time.monotonic() < deadline:
+    time.sleep(0.05)
+time.sleep(0.5)  # pip is waiting for the index now
+stopped = time.monotonic()
+venvs.stop_installs()
+thread.join(30)
+print(round(time.monotonic() - stopped, 2), cache.entry("venvs", "slow").exists())
+print(result.get("error", "no error"))
+'''
+
+
+def test_a_stopping_process_ends_its_pip_installs_instead_of_waiting(tmp_path):
+    """A worker node or controller that stops kills the installs it runs (a pip waiting on a
+    slow index would hold it up to the setup timeout), and leaves no half-built venv."""
+    silent = socket.socket()  # an index that accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.extend(iter(
+        lambda: silent.accept()[0], None)), daemon=True)
+    accepting.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", STOPPING_SCRIPT, str(tmp_path / "cache"),
+             f"http://127.0.0.1:{silent.getsockname()[1]}/simple"],
+            capture_output=True, text=True, timeout=60)
+    finally:
+        silent.close()
+        for connection in held:
+            connection.close()
+    assert done.returncode == 0, done.stderr
+    timing, error = done.stdout.strip().splitlines()[:2]
+    took, venv_left = timing.split()
+    assert float(took) < 5.0, done.stdout
+    assert venv_left == "False"
+    assert "this process is stopping" in error, done.stdout

@@ -25,6 +25,7 @@ from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
 from ..protocol import deadlines
+from ..runtime_env import venvs
 from ..runtime_env.cache import HostCache
 from ..runtime_env.pruning import PeriodicPruning
 from ..schema import ApplicationStatus, DeploymentStatus, ReplicaState
@@ -196,6 +197,7 @@ class Controller:
         await self.store.heartbeat(self.names.controller_alive(self.controller_id))
 
     async def shutdown(self) -> None:
+        venvs.stop_installs()  # a config build's pip must not hold the controller up
         await self._rest.stop()
         try:
             if self.leader:

@@ -28,6 +28,7 @@ from ..lifecycle import die_with_parent_env, heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import NodeMetricsServer
 from ..protocol import messages
+from ..runtime_env import venvs
 from ..runtime_env.cache import HostCache
 from ..runtime_env.environment import NOTHING, Environment, Prepared, cache_entries, prepare, unseal
 from ..runtime_env.progress import ProgressReporter
@@ -131,6 +132,7 @@ class WorkerNode:
         log.info("worker node %s stopping %d replica(s)", self.node_id, len(self.processes))
         for task in self.preparing.values():
             task.cancel()
+        venvs.stop_installs()  # their threads would keep this process alive until pip ends
         await self._stop_proxy()
         for replica in self.processes.values():
             self._terminate(replica)

@@ -26,6 +26,11 @@ from .archives import remove_tree
 from .cache import VENVS, HostCache
 
 READY = ".ready"
+# The installs running in this process, so that a stopping worker node or controller ends
+# them rather than wait for them (`stop_installs`).
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+_stopping = threading.Event()
 _LAYER_FILE = "_broker_serve_base.pth"
 _ERROR_TAIL = 30  # lines of pip's output in an error
 _PROGRESS_EVERY_S = 1.0
@@ -59,6 +64,16 @@ def ensure(cache: HostCache, digest: str, packages: list[str], install_options: 
             raise
         (venv / READY).write_text(f"{time.time()}\n")
         return python_of(venv)
+
+
+def stop_installs() -> None:
+    """End the installs running in this process and refuse new ones: a worker node or a
+    controller that stops must not wait for pip. Their environments are removed, not marked
+    ready, so the next process builds them again."""
+    with _running_lock:
+        _stopping.set()
+        for process in _running:
+            process.kill()
 
 
 def _build(venv: Path, packages: list[str], install_options: list[str], pip_check: bool,
@@ -96,8 +111,12 @@ def _run(command: list[str], deadline: float, what: str,
     RuntimeEnvError with the tail of its output if it fails or outlives `deadline`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIP_NO_INPUT": "1"}
     env.pop("PYTHONPATH", None)  # the user's working_dir must not shadow pip itself
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env)
+    with _running_lock:
+        if _stopping.is_set():
+            raise RuntimeEnvError(f"{what} was not started: this process is stopping")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, env=env)
+        _running.add(process)
     assert process.stdout is not None
     tail: collections.deque[str] = collections.deque(maxlen=_ERROR_TAIL)
     timer = threading.Timer(max(deadline - time.monotonic(), 0.0), process.kill)
@@ -118,7 +137,11 @@ def _run(command: list[str], deadline: float, what: str,
         if process.poll() is None:
             process.kill()
             process.wait()
+        with _running_lock:
+            _running.discard(process)
     output = "\n".join(tail)
+    if _stopping.is_set() and code != 0:
+        raise RuntimeEnvError(f"{what} was stopped: this process is stopping")
     if time.monotonic() >= deadline and code != 0:
         raise RuntimeEnvError(f"{what} did not finish within the runtime_env's setup timeout "
                               f"(config.setup_timeout_seconds):\n{output}")
