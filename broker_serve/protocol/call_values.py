@@ -29,6 +29,12 @@ def sign(secret: bytes, data: bytes) -> bytes:
     return hmac.new(secret, data, hashlib.sha256).digest()
 
 
+def verifies(secret: bytes, data: Any, sig: Any) -> bool:
+    """Whether `sig` is the signature of `data` (both bytes) under `secret`."""
+    return (isinstance(data, bytes) and isinstance(sig, bytes)
+            and hmac.compare_digest(sign(secret, data), sig))
+
+
 def dumps_signed(value: Any, secret: bytes) -> tuple[bytes, bytes]:
     data = cloudpickle.dumps(value)
     return data, sign(secret, data)
@@ -37,7 +43,7 @@ def dumps_signed(value: Any, secret: bytes) -> tuple[bytes, bytes]:
 def loads_signed(data: Any, sig: Any, secret: bytes) -> Any:
     if not isinstance(data, bytes) or not isinstance(sig, bytes):
         raise UntrustedPayload("pickled payload without a signature; refusing to load it")
-    if not hmac.compare_digest(sign(secret, data), sig):
+    if not verifies(secret, data, sig):
         raise UntrustedPayload("pickled payload with a bad signature; refusing to load it")
     return cloudpickle.loads(data)
 
@@ -115,7 +121,6 @@ def _loads_typed(payload: dict[str, Any], secret: bytes) -> Any:
     data, sig = payload.get("data"), payload.get("sig")
     if not isinstance(data, bytes):
         raise UndecodableValue("'data' must be a msgpack bin")
-    if sig is not None and not (isinstance(sig, bytes)
-                                and hmac.compare_digest(sign(secret, data), sig)):
+    if sig is not None and not verifies(secret, data, sig):
         raise UntrustedPayload("typed payload with a bad signature; refusing to decode it")
     return typed_values.loads(data, import_modules=sig is not None)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import os
 import sys
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import orjson
 
 from ..exceptions import RuntimeEnvError
 from ..protocol import messages
-from ..protocol.call_values import sign
+from ..protocol.call_values import sign, verifies
 from ..settings import Settings
 from ..state.store import Store
 from . import archives, venvs
@@ -207,8 +206,7 @@ def unseal(spec: dict[str, Any], secret: bytes) -> Environment | None:
     data, sig = spec.get("environment"), spec.get("environment_sig")
     if data is None:
         return None
-    if not isinstance(data, bytes) or not isinstance(sig, bytes) or not hmac.compare_digest(
-            sign(secret, data), sig):
+    if not verifies(secret, data, sig):
         raise RuntimeEnvError("the spec's runtime_env has a bad signature; refusing to "
                               "prepare it")
     environment: Environment = messages.unpack(data)
