@@ -68,7 +68,6 @@ def connection_name(cluster: str, role: str, ident: str) -> str:
 
 class Broker:
     def __init__(self, url: str, name: str, cancel_exchange: str | None = None) -> None:
-        self.url = url
         self.addresses = addresses.parse(url)
         # Each process starts at a node of its own, so a cluster's connections spread out.
         self._address = random.randrange(len(self.addresses))
