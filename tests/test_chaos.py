@@ -38,9 +38,9 @@ import requests
 
 from .broker_log import BrokerLog
 from .conftest import free_port
-from .faults import TcpFaultProxy
 from .rabbit_cluster import RabbitCluster, rabbitmqctl
 from .redis_sentinel import RedisSentinel
+from .tcp_balancer import TcpBalancer
 from .waiting import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.rabbit_cluster, pytest.mark.timeout(300)]
@@ -180,7 +180,7 @@ class Chaos:
     rabbit: RabbitCluster
     sentinel: RedisSentinel
     processes: Processes
-    balancer: TcpFaultProxy
+    balancer: TcpBalancer
     cluster: str
     proxy_ports: dict[str, int]
     dashboard_ports: dict[str, int]
@@ -271,7 +271,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
             processes.start(worker, "worker", "--no-proxy", "--num-cpus", "4")
         for proxy, port in proxies.items():
             processes.start(proxy, "proxy", "--port", str(port))
-        balancer = TcpFaultProxy.balancing([("127.0.0.1", port) for port in proxies.values()])
+        balancer = TcpBalancer([("127.0.0.1", port) for port in proxies.values()])
         balancer.start()
         created = Chaos(rabbit, sentinel, processes, balancer, name, proxies, dashboards,
                         node_logs=[BrokerLog(node.log_file) for node in rabbit.nodes])

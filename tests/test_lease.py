@@ -3,6 +3,7 @@ stalled past it never writes as the leader again (docs/architecture.md, "Control
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -27,13 +28,13 @@ from broker_serve.state.store import Store
 
 from .asyncio_tests import in_loop
 from .conftest import REDIS_URL, Cluster, free_port
-from .faults import TcpFaultProxy
 from .waiting import wait_for
 
 # Commands that change state. A standby sends none of them but the SET of its heartbeat (its
 # `:alive` key); its lease attempts are EVALSHA, which change nothing unless it gets the lease.
 _WRITES = {"SET", "DEL", "UNLINK", "HSET", "HMSET", "HDEL", "PUBLISH", "ZADD", "ZREM",
            "ZREMRANGEBYSCORE", "SADD", "SREM", "MULTI", "EXEC", "PEXPIRE", "EXPIRE", "XADD"}
+_AMQP_HEARTBEAT_FRAME = 8  # the first byte of an AMQP heartbeat frame
 
 
 # the Store's lease operations ---------------------------------------------------------------
@@ -97,6 +98,74 @@ async def test_the_guard_renews_its_own_lease_and_raises_once_another_holds_it(
 
 
 # a stalled leader, as real controller processes ---------------------------------------------
+class StallingProxy:
+    """A TCP proxy whose forwarding can be paused in both directions: a connection that
+    hangs, as one stuck behind a slow broker or a dropped route. `parked` is set when the
+    client sends something other than a heartbeat while paused: it is waiting for a reply."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.parked = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._flowing = asyncio.Event()
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(10), "the proxy did not start"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def close_all() -> None:
+            for transport in list(self._transports):
+                transport.abort()
+
+        asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def pause(self) -> None:
+        self.parked.clear()
+        self._loop.call_soon_threadsafe(self._flowing.clear)
+
+    def resume(self) -> None:
+        self._loop.call_soon_threadsafe(self._flowing.set)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._flowing.set()
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._accept, "127.0.0.1", self.port))
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._transports.update((writer.transport, up_writer.transport))
+        await asyncio.gather(self._pipe(reader, up_writer, from_client=True),
+                             self._pipe(up_reader, writer, from_client=False),
+                             return_exceptions=True)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    *, from_client: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if from_client and not self._flowing.is_set() \
+                        and data[0] != _AMQP_HEARTBEAT_FRAME:
+                    self.parked.set()
+                await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        finally:
+            writer.transport.abort()
+
+
 class RedisMonitor:
     """Redis' MONITOR feed, kept for one cluster's keys: (client address, command words)."""
 
@@ -211,7 +280,7 @@ class Idle:
 def test_a_leader_stalled_past_its_lease_does_not_write_as_leader_after_it_resumes(
         cluster: Cluster, tmp_path: Path) -> None:
     stalled_name = f"stalled-{cluster.name}"
-    with TcpFaultProxy("127.0.0.1", 5672) as amqp, RedisMonitor(cluster.name) as monitor, controller(
+    with StallingProxy(5672) as amqp, RedisMonitor(cluster.name) as monitor, controller(
             cluster, tmp_path / "stalled.log",
             BROKER_SERVE_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{amqp.port}/",
             BROKER_SERVE_REDIS_URL=_with_query(REDIS_URL, client_name=stalled_name),

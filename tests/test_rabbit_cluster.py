@@ -13,8 +13,8 @@ import httpx
 import pika
 import pytest
 
-from .faults import TcpFaultProxy
 from .rabbit_cluster import RabbitCluster
+from .tcp_balancer import TcpBalancer
 
 MESSAGES = 200
 
@@ -119,7 +119,7 @@ def named_servers() -> Iterator[list[NamedServer]]:
 
 def test_balancer_alternates_and_skips_a_dead_backend(named_servers: list[NamedServer]) -> None:
     first, second = named_servers
-    with TcpFaultProxy.balancing([first.address, second.address]) as balancer:
+    with TcpBalancer([first.address, second.address]) as balancer:
         url = f"http://127.0.0.1:{balancer.port}/"
         # A new connection per request: the balancer picks a backend per connection.
         answers = [httpx.get(url, timeout=5).text for _ in range(4)]
