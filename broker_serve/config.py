@@ -53,11 +53,42 @@ class AutoscalingConfig(BaseModel):
         return self
 
 
+class RetryWait(BaseModel):
+    """The wait before each retry of a failed job, in tenacity's vocabulary (docs/protocol.md,
+    "The job message"): `wait` names the strategy, the other fields are its arguments in
+    seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wait: Literal["fixed", "exponential", "random_exponential", "incrementing", "none"] = (
+        "exponential")
+    multiplier: NonNegativeFloat = 1.0
+    exp_base: float = Field(default=2.0, gt=1)
+    min: NonNegativeFloat = 0.0
+    max: NonNegativeFloat = 60.0
+    start: NonNegativeFloat = 0.0
+    increment: NonNegativeFloat = 1.0
+    seconds: NonNegativeFloat = 1.0  # `fixed`'s wait
+
+
+class JobConfig(BaseModel):
+    """How a deployment runs jobs (docs/architecture.md, "Jobs"): how often a failed one runs
+    again, how long it waits before each retry, and how long its result is kept. A job may
+    override the first two."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_retries: int = Field(default=3, ge=0, le=100)
+    retry_wait: RetryWait = Field(default_factory=RetryWait)
+    result_ttl_s: int = Field(default=86_400, ge=1, le=2_592_000)
+
+
 # Options that running replicas take on without a restart: changing only these keeps the
 # deployment's version, so its replicas stay (docs/architecture.md, "Updates").
 LIVE_OPTIONS = frozenset({
     "num_replicas", "autoscaling_config", "user_config", "graceful_shutdown_wait_loop_s",
     "graceful_shutdown_timeout_s", "health_check_period_s", "health_check_timeout_s",
+    "job_config",
 })
 
 
@@ -95,6 +126,8 @@ class DeploymentConfig(BaseModel):
     queue_type: Literal["classic", "quorum"] | None = None
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
+    # broker-serve's: retries and result TTL of the jobs it runs (not in Ray 2.x).
+    job_config: JobConfig = Field(default_factory=JobConfig)
     graceful_shutdown_wait_loop_s: NonNegativeFloat = 2.0
     graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
     health_check_period_s: float = Field(default=10.0, gt=0)

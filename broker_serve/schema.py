@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from .config import AutoscalingConfig, ProxyLocation
+from .config import AutoscalingConfig, JobConfig, ProxyLocation
 
 __all__ = [
     "ApplicationDetails",
@@ -206,6 +206,7 @@ class DeploymentSchema(BaseModel):
     max_queued_requests: int | None = Field(default=None, ge=-1)
     order_by_deadline: bool | None = None  # broker-serve's: SLO ordering (architecture.md)
     queue_type: Literal["classic", "quorum"] | None = None  # broker-serve's: "Durable mode"
+    job_config: JobConfig | None = None  # broker-serve's: "Jobs"
     user_config: Any = None
     autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: NonNegativeFloat | None = None

@@ -48,6 +48,20 @@ class Names:
         """Request queue -> the arguments the controller declared it with."""
         return self.key("queue_arguments")
 
+    def job(self, job_id: str) -> str:
+        """Hash: a job's record and result (docs/protocol.md, "The job record")."""
+        return self.key("job", job_id)
+
+    @property
+    def job_counts(self) -> str:
+        """Hash: `<status>|<priority>|<app>|<deployment>` -> jobs; retries and dead letters."""
+        return self.key("jobs", "counts")
+
+    @property
+    def jobs_done(self) -> str:
+        """Pub/sub channel: the id of each job that finished."""
+        return self.key("jobs", "done")
+
     def deliveries(self, correlation_id: str) -> str:
         """A redelivered request's counts: `redelivered`, and `released` by live replicas."""
         return self.key("deliveries", correlation_id)

@@ -38,6 +38,7 @@ from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import AbandonedRequests, cancel
 from .client_input import ClientGone, DisconnectWatch, read_chunk
+from .jobs import JobGateway, wants_async
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
 
@@ -112,11 +113,13 @@ class Proxy:
         self.access = AccessLog(_access_text, _access_fields)
         self.shadows = ShadowSender(self.broker, self.router, self.metrics, self._cancel,
                                     options.request_timeout_s)
+        self.jobs = JobGateway(self.broker, self.store, self.max_body)
         self._internal = Starlette(routes=[
             Route("/-/healthz", self._healthz),
             Route("/-/metrics", self._metrics),
             Route("/-/routes", self._routes),
             Route("/-/routes/detail", self._routes_detail),
+            *self.jobs.routes(),
         ])
 
     # lifecycle -----------------------------------------------------------------------------
@@ -242,8 +245,11 @@ class Proxy:
             await _plain(request, 405, f"Method Not Allowed: {prefix} takes "
                          f"{policy.allow.decode()}.", extra_headers=[(b"allow", policy.allow)])
             return
-        refusal = self._refusal(route, length) or _take_deadline(
-            request, slo, self.options.request_timeout_s)
+        refusal = self._refusal(route, length)
+        if refusal is None and wants_async(scope["headers"]):
+            await self._submit_job(scope, request, route, prefix, client_id)
+            return
+        refusal = refusal or _take_deadline(request, slo, self.options.request_timeout_s)
         if refusal is not None:
             await _plain(request, *refusal)
             return
@@ -284,6 +290,22 @@ class Proxy:
             self._cancel(request.correlation_id)  # the client left: stop the work it asked for
         finally:
             self._release(request, watch)
+
+    async def _submit_job(self, scope: dict[str, Any], request: _ProxyRequest,
+                          route: dict[str, Any], prefix: str, client_id: str | None) -> None:
+        """`Prefer: respond-async`: publish the request as a job, and answer 202 with where
+        its result will be (docs/protocol.md, "Jobs over HTTP")."""
+        status, answer = await self.jobs.submit(
+            request.receive, {"method": scope["method"], **_request_scope(scope, prefix)},
+            route, client_id)
+        headers = [(b"content-type", b"application/json")]
+        if status == 202:
+            headers += [(b"location", f"/-/jobs/{answer['id']}".encode()),
+                        (b"preference-applied", b"respond-async")]
+        body = orjson.dumps(answer)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await request.send(request.start(status, headers))
+        await request.send({"type": "http.response.body", "body": body})
 
     def _refusal(self, route: dict[str, Any], length: int | None) -> tuple[int, str] | None:
         """The status and text to answer at once with, if the request cannot go on."""

@@ -45,6 +45,7 @@ from ..observability import metrics
 from ..observability.entry_point import run_entry_point
 from ..observability.history import HistoryWriter
 from ..observability.logging import AccessLog, setup_logging
+from ..protocol import jobs
 from ..protocol import messages as protocol
 from ..protocol.call_values import loads_signed
 from ..protocol.remote_errors import describe
@@ -69,6 +70,7 @@ from .execution import (
     run_websocket,
 )
 from .grpc_call import GrpcResolver, run_grpc
+from .jobs import JobRunner
 from .threads import ThreadRunner
 
 log = logging.getLogger("broker_serve.replica.replica")
@@ -115,6 +117,10 @@ class Replica:
         # For a multiplexed class: adds what the replica holds to a request's first reply event.
         self._advertise_models: Any = None
         self.grpc = GrpcResolver()  # filled at startup, imported on the first gRPC request
+        self.jobs = JobRunner(
+            self.store.jobs, self.broker, replica_id, self.names.request_queue(app, deployment),
+            self.names.dead_letters, settings.max_body_bytes, self._run_attempt,
+            self._cancelled.__contains__)
         self.metrics = metrics.ReplicaMetrics(app, deployment, replica_id)
         self.history = HistoryWriter(self.store, settings, replica_id, "backends",
                                      self.metrics.processing_totals)
@@ -532,6 +538,11 @@ class Replica:
         """Run the request; returns its stream once it is settled (None: no reply_to)."""
         properties = message.header.properties
         if not reply_to:
+            if jobs.is_job(properties.headers or {}):
+                stream = await self.jobs.run(message, correlation_id, self.config.job_config,
+                                             self.app, self.deployment)
+                settler.finished(tag)
+                return stream
             log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
             settler.rejected(tag)
             return None
@@ -555,11 +566,24 @@ class Replica:
                                "died each time; it was dead-lettered, not retried")
             settler.rejected(tag)
             return stream
+        if correlation_id in self._cancelled:
+            await stream.error(499, "Cancelled", "the request was cancelled before it ran")
+        else:
+            await self._run_attempt(message, stream, correlation_id, restartable=False)
+        if stream.finished:
+            settler.finished(tag)
+        else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
+            settler.rejected(tag)
+        return stream
+
+    async def _run_attempt(self, message: DeliveredMessage, stream: ReplyStream,
+                           correlation_id: str, *, restartable: bool = True) -> None:
+        """Run the request into `stream`, which ends with its terminal event, unless the
+        replica stops: then CancelledError, and RabbitMQ gives it to another replica; a
+        response already started (not `restartable`) ends with 503 instead."""
+        properties = message.header.properties
         try:
-            if correlation_id in self._cancelled:
-                await stream.error(499, "Cancelled", "the request was cancelled before it ran")
-            else:
-                await self._dispatch(message, stream, correlation_id)
+            await self._dispatch(message, stream, correlation_id)
         except ProtocolError as exc:
             await stream.error(exc.status, exc.error, str(exc))
         except asyncio.CancelledError:
@@ -568,7 +592,7 @@ class Replica:
                 for call in calls_of_current_request.get() or ():
                     call.cancel()  # cascade to the handle calls it made
                 await stream.error(499, "Cancelled", "the request was cancelled")
-            elif not stream.started:
+            elif restartable or not stream.started:
                 raise  # shutdown: left unacked, RabbitMQ gives it to another replica
             else:  # a started response cannot move to another replica: end it for the caller
                 await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
@@ -586,11 +610,6 @@ class Replica:
             await stream.error(500, error_type, detail[:2000], cause)
         finally:
             self._caller_messages.pop(correlation_id, None)
-        if stream.finished:
-            settler.finished(tag)
-        else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
-            settler.rejected(tag)
-        return stream
 
     async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
                         correlation_id: str) -> None:

@@ -33,6 +33,7 @@ from ..protocol.names import Names
 from ..schema import ServeDeploySchema
 from . import connection
 from .errors import translate_errors
+from .jobs import JobStore
 from .liveness import is_gone, stamp
 from .records import (
     AppBuild,
@@ -177,8 +178,10 @@ class Store:
         self._append_history = self._redis.register_script(_APPEND_HISTORY)
         self._set_history_window = self._redis.register_script(_SET_HISTORY_WINDOW)
         self._read_history = self._redis.register_script(_READ_HISTORY)
+        self.jobs = JobStore(self._redis, self.names)
 
     async def close(self) -> None:
+        await self.jobs.close()
         await self._redis.aclose()
 
     async def ping(self) -> None:

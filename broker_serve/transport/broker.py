@@ -246,7 +246,8 @@ class Broker:
                                 correlation_id: str, reply_to: str | None = None,
                                 headers: dict[str, Any] | None = None,
                                 expiration: str | None = None, priority: int = 0,
-                                mandatory: bool = False, persistent: bool = False) -> bool:
+                                mandatory: bool = False, persistent: bool = False,
+                                message_id: str | None = None) -> bool:
         """Publish and wait for the broker's confirm. False: the broker refused the message
         (a bounded queue is full). Only publishes to bounded or durable queues pay for this
         wait; `persistent` ones are written to disk by the broker before it confirms."""
@@ -255,7 +256,8 @@ class Broker:
             raise ClusterUnavailable("RabbitMQ connection is down")
         properties = Basic.Properties(
             content_type=protocol.CONTENT_TYPE, message_type=type, correlation_id=correlation_id,
-            message_id=correlation_id if reply_to else None, reply_to=reply_to, headers=headers,
+            message_id=message_id or (correlation_id if reply_to else None), reply_to=reply_to,
+            headers=headers,
             expiration=expiration, delivery_mode=2 if persistent else 1,
             priority=priority or None,
         )
