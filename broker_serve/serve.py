@@ -12,12 +12,14 @@ from .client.api import (
     status,
 )
 from .client.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from .client.jobs import Job, get_job
 from .client.stats import stat
 from .client.traffic import delete_traffic, get_traffic, set_traffic
-from .config import AutoscalingConfig, HTTPOptions, ProxyLocation, gRPCOptions
+from .config import AutoscalingConfig, HTTPOptions, JobConfig, ProxyLocation, RetryWait, gRPCOptions
 from .context import ReplicaContext, get_replica_context
 from .deployment import Application, Deployment, deployment, get_deployment, list_deployments
 from .grpc_util import RayServegRPCContext
+from .protocol.jobs import JobStatus
 from .ray08 import (
     BackendConfig,
     RoutePolicy,
@@ -45,9 +47,13 @@ __all__ = [
     "DeploymentResponse",
     "DeploymentResponseGenerator",
     "HTTPOptions",
+    "Job",
+    "JobConfig",
+    "JobStatus",
     "ProxyLocation",
     "RayServegRPCContext",
     "ReplicaContext",
+    "RetryWait",
     "RoutePolicy",
     "accept_batch",
     "batch",
@@ -63,6 +69,7 @@ __all__ = [
     "get_deployment",
     "get_deployment_handle",
     "get_handle",
+    "get_job",
     "get_multiplexed_model_id",
     "get_replica_context",
     "get_traffic",

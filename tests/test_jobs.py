@@ -4,10 +4,23 @@ replica processes."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
 import requests
 from starlette.requests import Request
 
 from broker_serve import serve
+from broker_serve.exceptions import RequestCancelledError
+
+from .conftest import REDIS_URL
+from .waiting import wait_for
 
 
 @serve.deployment(max_ongoing_requests=4)
@@ -35,3 +48,218 @@ def test_an_http_job_answers_202_and_its_result_is_the_synchronous_response(clus
     assert status["attempts"] == 1
     assert status["app"] == "default" and status["deployment"] == "Echo"
     assert status["finished_at"] >= status["started_at"] >= status["submitted_at"]
+    # Bad input is refused before anything is published, and unknown ids are 404.
+    bad = requests.post(f"{cluster.url}/echo", headers={"Prefer": "respond-async",
+                                                        "X-Serve-Priority": "12"}, timeout=30)
+    assert bad.status_code == 400 and "x-serve-priority" in bad.text
+    assert requests.get(f"{cluster.url}/-/jobs/nope", timeout=30).status_code == 404
+    assert requests.get(f"{cluster.url}/-/jobs/nope/result", timeout=30).status_code == 404
+    assert requests.delete(f"{cluster.url}/-/jobs/nope", timeout=30).status_code == 404
+    assert requests.post(f"{cluster.url}/nowhere", headers={"Prefer": "respond-async"},
+                         timeout=30).status_code == 404
+
+
+@serve.deployment(max_ongoing_requests=8)
+class Sync:
+    """A sync handler, as the first wave's bugs needed: each job counts its runs in Redis."""
+
+    def __init__(self, namespace: str) -> None:
+        self.redis = redis.Redis.from_url(REDIS_URL)
+        self.namespace = namespace
+
+    def __call__(self, request: Request) -> str:
+        token = request.query_params["token"]
+        self.redis.incr(f"{self.namespace}:ran:{token}")
+        return token
+
+
+def test_concurrent_http_jobs_each_run_exactly_once(cluster):
+    namespace = f"bs:{cluster.name}:test"
+    serve.run(Sync.options(num_replicas=2).bind(namespace), route_prefix="/sync")
+
+    def submit(n: int) -> str:
+        answer = requests.get(f"{cluster.url}/sync", params={"token": f"t{n}"},
+                              headers={"Prefer": "respond-async"}, timeout=30)
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
+
+    def result(job_id: str) -> str:
+        answer = requests.get(f"{cluster.url}/-/jobs/{job_id}/result",
+                              params={"wait_s": 30}, timeout=40)
+        assert answer.status_code == 200, answer.text
+        return answer.text
+
+    with ThreadPoolExecutor(32) as pool:
+        ids = list(pool.map(submit, range(256)))
+        texts = list(pool.map(result, ids))
+    assert texts == [f"t{n}" for n in range(256)]
+    client = redis.Redis.from_url(REDIS_URL)
+    assert [int(client.get(f"{namespace}:ran:t{n}") or 0) for n in range(256)] == [1] * 256
+
+
+@serve.deployment(max_ongoing_requests=2,
+                  job_config={"max_retries": 2, "retry_wait": {"wait": "fixed", "seconds": 0.05}})
+class Flaky:
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def fail_times(self, key: str, times: int) -> str:
+        self.calls[key] = self.calls.get(key, 0) + 1
+        if self.calls[key] <= times:
+            raise ValueError(f"{key} failed on call {self.calls[key]}")
+        return f"{key} ok after {self.calls[key]} calls"
+
+    async def count(self, n: int):
+        for i in range(n):
+            yield i
+
+    def pair(self, a: int) -> tuple[int, int]:
+        return (a, a + 1)
+
+
+def test_handle_jobs_retry_and_return_values_streams_and_exceptions(cluster):
+    handle = serve.run(Flaky.bind())
+    ok = handle.fail_times.submit("a", 2)  # fails twice, then succeeds: 3 attempts
+    assert ok.result(timeout_s=30) == "a ok after 3 calls"
+    info = ok.info()
+    assert info["status"] == "SUCCEEDED" and info["attempts"] == 3
+    assert info["error"] == "ValueError"  # the last failure stays on the record
+    assert handle.count.submit(3).result(timeout_s=30) == [0, 1, 2]
+    assert handle.pair.submit(4).result(timeout_s=30) == (4, 5)
+    failing = handle.fail_times.submit("b", 10)  # 1 + max_retries attempts, all failing
+    with pytest.raises(ValueError, match="b failed on call 3"):
+        failing.result(timeout_s=30)
+    assert failing.status() == serve.JobStatus.FAILED
+    assert failing.info()["attempts"] == 3
+    # A job's own options override the deployment's job_config.
+    once = handle.options(max_retries=0).fail_times.submit("c", 1)
+    with pytest.raises(ValueError, match="c failed on call 1"):
+        once.result(timeout_s=30)
+    assert once.info()["attempts"] == 1
+    with pytest.raises(ValueError, match="max_retries"):
+        handle.options(max_retries=-1)
+    # Any process reads a job by its id.
+    assert serve.get_job(ok.id).result(timeout_s=5) == "a ok after 3 calls"
+
+
+def test_a_result_is_fetched_after_its_submitter_exited(cluster):
+    serve.run(Flaky.bind())
+    submitted = cluster.run_script(textwrap.dedent("""
+        from broker_serve import serve
+        job = serve.get_app_handle("default").pair.submit(20)
+        print(job.id)
+        print(job.status().value)
+    """))
+    assert submitted.returncode == 0, submitted.stderr
+    job_id, status = submitted.stdout.split()[-2:]
+    assert status in ("PENDING", "RUNNING", "SUCCEEDED")
+    assert serve.get_job(job_id).result(timeout_s=30) == (20, 21)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Gated:
+    """Runs one job at a time; the first waits for a file, so the others queue behind it.
+    Each run appends its name to a file, and a cancelled one writes that down too."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    async def run(self, name: str) -> str:
+        with open(self.directory / "ran", "a") as ran:
+            ran.write(name + "\n")
+        if name == "gate":
+            try:
+                while not (self.directory / "open").exists():
+                    await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                (self.directory / "cancelled").write_text(name)
+                raise
+        return name
+
+
+def _ran(directory: Path) -> list[str]:
+    path = directory / "ran"
+    return path.read_text().split() if path.exists() else []
+
+
+def test_cancelling_a_queued_and_a_running_job(cluster, tmp_path):
+    handle = serve.run(Gated.bind(str(tmp_path)))
+    gate = handle.run.submit("gate")
+    wait_for(lambda: _ran(tmp_path) == ["gate"])
+    queued = handle.run.submit("queued")
+    assert queued.status() == serve.JobStatus.PENDING
+    assert queued.cancel() == serve.JobStatus.PENDING
+    assert queued.status() == serve.JobStatus.CANCELLED
+    with pytest.raises(RequestCancelledError):
+        queued.result(timeout_s=5)
+    # The running one: over HTTP, as a foreign caller would.
+    answer = requests.delete(f"{cluster.url}/-/jobs/{gate.id}", timeout=30)
+    assert answer.status_code == 202, answer.text
+    assert gate.status() in (serve.JobStatus.RUNNING, serve.JobStatus.CANCELLED)
+    with pytest.raises(RequestCancelledError):
+        gate.result(timeout_s=30)
+    assert (tmp_path / "cancelled").read_text() == "gate"
+    # The cancelled queued job is acked unrun when the replica reaches it.
+    last = handle.run.submit("last")
+    assert last.result(timeout_s=30) == "last"
+    assert _ran(tmp_path) == ["gate", "last"]
+    assert requests.get(f"{cluster.url}/-/jobs/{gate.id}/result", timeout=30).status_code == 499
+    assert requests.delete(f"{cluster.url}/-/jobs/{last.id}", timeout=30).status_code == 409
+
+
+def test_a_job_past_its_deadline_never_starts(cluster, tmp_path):
+    handle = serve.run(Gated.bind(str(tmp_path)))
+    handle.run.submit("gate")
+    wait_for(lambda: _ran(tmp_path) == ["gate"])
+    late = handle.options(deadline_s=0.5).run.submit("late")
+    # Still queued, it shows as FAILED once its deadline has passed: it will never start.
+    wait_for(lambda: late.info()["status"] == "FAILED", timeout=10)
+    assert late.info()["error"] == "DeadlineExceeded"
+    (tmp_path / "open").write_text("")
+    answer = requests.get(f"{cluster.url}/-/jobs/{late.id}/result", params={"wait_s": 20},
+                          timeout=30)
+    assert answer.status_code == 408, answer.text
+    assert _ran(tmp_path) == ["gate"]
+    with pytest.raises(Exception, match="deadline"):
+        late.result(timeout_s=5)
+
+
+def test_queued_jobs_run_by_priority(cluster, tmp_path):
+    handle = serve.run(Gated.bind(str(tmp_path)))
+    handle.run.submit("gate")
+    wait_for(lambda: _ran(tmp_path) == ["gate"])
+    jobs = []
+    for n, priority in enumerate([1, 5, 0, 9, 5, 1]):
+        jobs.append(handle.options(priority=priority).run.submit(f"p{priority}-{n}"))
+        # Published in order: each is confirmed before the next is submitted.
+        assert jobs[-1].status() == serve.JobStatus.PENDING
+    (tmp_path / "open").write_text("")
+    for job in jobs:
+        job.result(timeout_s=30)
+    assert _ran(tmp_path) == ["gate", "p9-3", "p5-1", "p5-4", "p1-0", "p1-5", "p0-2"]
+
+
+@serve.deployment(max_ongoing_requests=1, num_replicas=2)
+class Mortal:
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    async def work(self) -> str:
+        first = self.directory / "first"
+        if not first.exists():
+            first.write_text(str(os.getpid()))
+            await asyncio.sleep(600)  # killed before it ends
+        return f"done in {os.getpid()}"
+
+
+def test_a_job_survives_a_sigkilled_replica(cluster, tmp_path):
+    handle = serve.run(Mortal.bind(str(tmp_path)))
+    job = handle.work.submit()
+    pid = int(wait_for(lambda: (tmp_path / "first").exists()
+                       and (tmp_path / "first").read_text()))
+    assert job.status() == serve.JobStatus.RUNNING
+    os.kill(pid, signal.SIGKILL)
+    assert job.result(timeout_s=60).startswith("done in ")
+    assert job.result(timeout_s=5) != f"done in {pid}"
+    info = job.info()
+    assert info["attempts"] == 2 and info["status"] == "SUCCEEDED"

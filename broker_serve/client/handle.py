@@ -14,6 +14,7 @@ import contextvars
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from ..config import RetryWait
 from ..context import _request_id
 from ..exceptions import (
     BackPressureError,
@@ -22,10 +23,13 @@ from ..exceptions import (
     RequestTimeoutError,
 )
 from ..protocol import deadlines, messages
+from ..protocol import jobs as job_protocol
 from ..protocol.call_values import carries_value, pack_call, unpack_value
 from ..protocol.remote_errors import raised_for
 from ..transport.broker import ReplyEvents
 from ..transport.cancellation import cancel
+from . import jobs
+from .jobs import Job, JobOptions
 from .runtime import Runtime, current_runtime, get_runtime
 
 _DONE = object()
@@ -63,24 +67,40 @@ class DeploymentHandle:
         # A handle from get_app_handle inside a replica learns its app's ingress on its first
         # call and keeps it, so later calls cost no Redis round trip.
         self.resolved_ingress: str | None = None
+        # How `submit` runs its jobs (options(max_retries=, retry_wait=, ...)).
+        self.job_options = JobOptions()
 
     def options(self, *, method_name: str | None = None, stream: bool | None = None,
                 multiplexed_model_id: str | None = None,
                 use_new_handle_api: bool | None = None,
                 relative_slo_ms: float | None = None,
-                absolute_slo_ms: float | None = None) -> DeploymentHandle:
+                absolute_slo_ms: float | None = None,
+                max_retries: int | None = None,
+                retry_wait: RetryWait | dict[str, Any] | None = None,
+                deadline_s: float | None = None,
+                result_ttl_s: int | None = None) -> DeploymentHandle:
         """A handle that calls differently. An SLO given here replaces the handle's, of
-        either kind; giving both is a ValueError."""
+        either kind; giving both is a ValueError. `max_retries`, `retry_wait` (tenacity's
+        vocabulary, docs/protocol.md), `deadline_s` and `result_ttl_s` are for `submit`'s
+        jobs, and override the deployment's job_config."""
         if relative_slo_ms is None and absolute_slo_ms is None:
             relative_slo_ms, absolute_slo_ms = self.relative_slo_ms, self.absolute_slo_ms
-        return DeploymentHandle(
+        job_options = self.job_options.replaced(
+            max_retries=max_retries, retry_wait=retry_wait, deadline_s=deadline_s,
+            result_ttl_s=result_ttl_s)
+        return self._with_job_options(job_options, DeploymentHandle(
             self.deployment_name, self.app_name,
             method_name=method_name if method_name is not None else self.method_name,
             stream=stream if stream is not None else self.stream,
             multiplexed_model_id=(multiplexed_model_id if multiplexed_model_id is not None
                                   else self.multiplexed_model_id),
             relative_slo_ms=relative_slo_ms, absolute_slo_ms=absolute_slo_ms,
-        )
+        ))
+
+    @staticmethod
+    def _with_job_options(options: JobOptions, handle: DeploymentHandle) -> DeploymentHandle:
+        handle.job_options = options
+        return handle
 
     def __getattr__(self, name: str) -> DeploymentHandle:
         if name.startswith("_"):
@@ -94,10 +114,23 @@ class DeploymentHandle:
             return DeploymentResponseGenerator(call)
         return DeploymentResponse(call)
 
+    def submit(self, *args: Any, **kwargs: Any) -> Job:
+        """Submit the call as a job (docs/architecture.md, "Jobs"): it runs whether or not
+        anyone waits, and its result is kept. Returns at once; the job is published in the
+        background, and the Job's methods wait for the broker's confirm first."""
+        runtime = current_runtime() or get_runtime()
+        job_id = job_protocol.new_job_id()
+        submitting = _submit_call(runtime, self, job_id, args, kwargs)
+        publishing: asyncio.Future[str] | concurrent.futures.Future[str] = (
+            asyncio.run_coroutine_threadsafe(submitting, runtime.loop)
+            if not runtime.in_loop_thread() else asyncio.ensure_future(submitting))
+        return Job(job_id, publishing)
+
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_handle, (self.deployment_name, self.app_name, self.method_name,
                                   self.stream, self.multiplexed_model_id,
-                                  self.relative_slo_ms, self.absolute_slo_ms))
+                                  self.relative_slo_ms, self.absolute_slo_ms,
+                                  tuple(self.job_options)))
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r})"
@@ -105,10 +138,13 @@ class DeploymentHandle:
 
 def _rebuild_handle(deployment: str, app: str, method: str, stream: bool, model_id: str,
                     relative_slo_ms: float | None = None,
-                    absolute_slo_ms: float | None = None) -> DeploymentHandle:
-    return DeploymentHandle(deployment, app, method_name=method, stream=stream,
-                            multiplexed_model_id=model_id, relative_slo_ms=relative_slo_ms,
-                            absolute_slo_ms=absolute_slo_ms)
+                    absolute_slo_ms: float | None = None,
+                    job_options: tuple[Any, ...] = ()) -> DeploymentHandle:
+    handle = DeploymentHandle(deployment, app, method_name=method, stream=stream,
+                              multiplexed_model_id=model_id, relative_slo_ms=relative_slo_ms,
+                              absolute_slo_ms=absolute_slo_ms)
+    handle.job_options = JobOptions(*job_options)
+    return handle
 
 
 class _Call:
@@ -386,6 +422,27 @@ def _refuse_in_event_loop(instead: str) -> None:
         return
     raise RuntimeError("Sync methods should not be called from within an `asyncio` event "
                        f"loop. Use `{instead}` instead.")
+
+
+async def _submit_call(runtime: Runtime, handle: DeploymentHandle, job_id: str,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Publish a call as a job: its arguments resolved (chaining), packed as a call's."""
+    deployment = handle.deployment_name or handle.resolved_ingress
+    if deployment is None:
+        try:
+            deployment = handle.resolved_ingress = await runtime.ingress_of(handle.app_name)
+        except ValueError as exc:
+            raise RayServeException(str(exc)) from None
+    resolved = [await _resolve(a) for a in args]
+    named = {k: await _resolve(v) for k, v in kwargs.items()}
+    payload = {"method": handle.method_name, **pack_call(tuple(resolved), named, runtime.secret)}
+    if handle.multiplexed_model_id:
+        payload["multiplexed_model_id"] = handle.multiplexed_model_id
+    return await jobs.submit(runtime.broker, runtime.store, runtime.job_defaults,
+                             handle.app_name, deployment, messages.KIND_CALL,
+                             messages.pack(payload), handle.job_options,
+                             method=handle.method_name, request_id=_request_id.get(),
+                             job_id=job_id)
 
 
 async def _resolve(value: Any) -> Any:

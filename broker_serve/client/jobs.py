@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, NamedTuple, TypeVar
 
-from ..config import JobConfig, RetryWait
+from ..config import RetryWait
 from ..exceptions import (
     BackPressureError,
     BrokerServeError,
@@ -29,14 +29,12 @@ from ..protocol.remote_errors import raised_for
 from ..state.store import Store
 from ..transport.broker import Broker
 from ..transport.cancellation import cancel as cancel_requests
+from .job_defaults import JobDefaults
 from .runtime import Runtime, current_runtime, get_runtime
 
 log = logging.getLogger("broker_serve.client.jobs")
 
 T = TypeVar("T")
-
-# A deployment's job_config is read from its app record at most this often per submitter.
-DEFAULTS_REFRESH_S = 10.0
 
 
 class JobOptions(NamedTuple):
@@ -48,26 +46,28 @@ class JobOptions(NamedTuple):
     deadline_s: float | None = None
     result_ttl_s: int | None = None
 
-
-class JobDefaults:
-    """The deployments' job_config, as their app records say, cached per submitter."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._cache: dict[tuple[str, str], tuple[float, JobConfig]] = {}
-
-    async def of(self, app: str, deployment: str) -> JobConfig:
-        cached = self._cache.get((app, deployment))
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < DEFAULTS_REFRESH_S:
-            return cached[1]
-        record = await self.store.app(app)
-        entry = record["deployments"].get(deployment) if record else None
-        if entry is None:
-            raise RayServeException(f"no deployment {deployment!r} in application {app!r}")
-        config = JobConfig.model_validate(entry["config"].get("job_config") or {})
-        self._cache[(app, deployment)] = (now, config)
-        return config
+    def replaced(self, *, priority: int | None = None, max_retries: int | None = None,
+                 retry_wait: RetryWait | dict[str, Any] | None = None,
+                 deadline_s: float | None = None, result_ttl_s: int | None = None
+                 ) -> JobOptions:
+        """These options with the ones given (not None) in place, checked: ValueError."""
+        if priority is not None:
+            priority = jobs.checked_priority(priority)
+        if max_retries is not None:
+            max_retries = jobs.checked_retries(max_retries)
+        if isinstance(retry_wait, dict):
+            retry_wait = RetryWait.model_validate(retry_wait)
+        if deadline_s is not None and not (isinstance(deadline_s, (int, float))
+                                           and 0 < deadline_s < float("inf")):
+            raise ValueError(f"deadline_s must be a number of seconds > 0, got {deadline_s!r}")
+        if result_ttl_s is not None:
+            result_ttl_s = jobs.checked_ttl(result_ttl_s)
+        return JobOptions(
+            self.priority if priority is None else priority,
+            self.max_retries if max_retries is None else max_retries,
+            self.retry_wait if retry_wait is None else retry_wait,
+            self.deadline_s if deadline_s is None else float(deadline_s),
+            self.result_ttl_s if result_ttl_s is None else result_ttl_s)
 
 
 async def submit(broker: Broker, store: Store, defaults: JobDefaults, app: str,

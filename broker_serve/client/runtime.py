@@ -28,6 +28,7 @@ from ..state.store import Store
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyRouter, connection_name
 from ..transport.cancellation import AbandonedRequests
+from .job_defaults import JobDefaults
 
 T = TypeVar("T")
 
@@ -61,6 +62,7 @@ class Runtime:
         # The driver's portal thread, closed by reset_runtime; None inside a replica.
         self._portal_thread: contextlib.ExitStack | None = None
         self._delivery: dict[tuple[str, str], tuple[float, tuple[bool, bool]]] = {}
+        self.job_defaults = JobDefaults(self.store)
 
     async def start(self) -> None:
         await self.store.ping()

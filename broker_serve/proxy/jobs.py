@@ -13,7 +13,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..client import jobs
-from ..client.jobs import JobDefaults, JobOptions
+from ..client.job_defaults import JobDefaults
+from ..client.jobs import JobOptions
 from ..exceptions import RayServeException
 from ..protocol import jobs as job_protocol
 from ..protocol import messages as protocol

@@ -98,8 +98,8 @@ if r.status == nil then
 else
   redis.call('HINCRBY', KEYS[2], field(r.status, r), -1)
 end
-redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_ms', ARGV[3], 'result', ARGV[4],
-           'error', ARGV[5], 'message', ARGV[6])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_ms', ARGV[3], 'result', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5], 'message', ARGV[6]) end
 redis.call('HDEL', KEYS[1], 'retry_at_ms')
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], field(ARGV[2], r), 1)
