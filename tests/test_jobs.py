@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgpack
+import pika
 import pytest
 import redis
 import requests
@@ -19,7 +22,7 @@ from starlette.requests import Request
 from broker_serve import serve
 from broker_serve.exceptions import RequestCancelledError
 
-from .conftest import REDIS_URL
+from .conftest import AMQP_URL, REDIS_URL
 from .waiting import wait_for
 
 
@@ -115,6 +118,9 @@ class Flaky:
 
     def pair(self, a: int) -> tuple[int, int]:
         return (a, a + 1)
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
 
 
 def test_handle_jobs_retry_and_return_values_streams_and_exceptions(cluster):
@@ -263,3 +269,38 @@ def test_a_job_survives_a_sigkilled_replica(cluster, tmp_path):
     assert job.result(timeout_s=5) != f"done in {pid}"
     info = job.info()
     assert info["attempts"] == 2 and info["status"] == "SUCCEEDED"
+
+
+def test_a_foreign_client_submits_a_job_as_the_protocol_says(cluster):
+    """docs/protocol.md, "Example: a job from another language", with pika and msgpack only."""
+    serve.run(Flaky.bind())
+    job_id = secrets.token_hex(16)
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish(
+            "", f"bs.{cluster.name}.default.Flaky",
+            msgpack.packb({"method": "add", "args": [1, 2], "kwargs": {}}),
+            pika.BasicProperties(type="call", content_type="application/msgpack",
+                                 message_id=job_id, correlation_id=job_id, delivery_mode=2,
+                                 priority=5, headers={"bs-version": 1, "bs-job": 3600}),
+            mandatory=True)
+    finally:
+        connection.close()
+
+    def finished() -> dict[str, object] | None:
+        answer = requests.get(f"{cluster.url}/-/jobs/{job_id}", timeout=10)
+        if answer.status_code == 404:  # no replica has taken it yet
+            return None
+        body = answer.json()
+        return body if body["status"] == "SUCCEEDED" else None
+
+    record = wait_for(finished, timeout=30)
+    assert record["priority"] == 5 and record["kind"] == "call"
+    result = requests.get(f"{cluster.url}/-/jobs/{job_id}/result", timeout=10)
+    assert result.status_code == 200 and result.json() == 3
+    # The record is a plain Redis hash, readable without broker-serve.
+    stored = redis.Redis.from_url(REDIS_URL).hgetall(f"bs:{cluster.name}:job:{job_id}")
+    assert stored[b"status"] == b"SUCCEEDED"
+    assert msgpack.unpackb(stored[b"result"]) == [["result", {"value": 3, "more": False}]]
