@@ -38,7 +38,7 @@ from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import AbandonedRequests, cancel
 from .client_input import ClientGone, DisconnectWatch, read_chunk
-from .jobs import JobGateway, wants_async
+from .jobs import JobGateway, prefers_async
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
 
@@ -230,7 +230,7 @@ class Proxy:
         # The correlation id is always the proxy's own, so it is unique; a client's
         # X-Request-Id, if it sent one, is the id logged, returned and passed on.
         request.correlation_id = f"{self.proxy_id}-{next(self._ids)}"
-        length, client_id, slo = _scan_headers(scope["headers"])
+        length, client_id, slo, job = _scan_headers(scope["headers"])
         request.request_id = client_id or request.correlation_id
         matched = self._match(scope)
         if matched is None:
@@ -246,7 +246,7 @@ class Proxy:
                          f"{policy.allow.decode()}.", extra_headers=[(b"allow", policy.allow)])
             return
         refusal = self._refusal(route, length)
-        if refusal is None and wants_async(scope["headers"]):
+        if refusal is None and job:
             await self._submit_job(scope, request, route, prefix, client_id)
             return
         refusal = refusal or _take_deadline(request, slo, self.options.request_timeout_s)
@@ -602,10 +602,11 @@ def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
 
 
 def _scan_headers(headers: list[tuple[bytes, bytes]]
-                  ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None]]:
-    """The request's content-length, the client's X-Request-Id if it is usable, and its SLO
-    headers (relative, absolute)."""
+                  ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None], bool]:
+    """The request's content-length, the client's X-Request-Id if it is usable, its SLO
+    headers (relative, absolute), and whether it asks to be a job (`Prefer: respond-async`)."""
     length = client_id = relative = absolute = None
+    job = False
     for name, value in headers:
         if name == b"content-length":
             try:
@@ -618,7 +619,9 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]
             relative = value
         elif name == deadlines.HTTP_ABSOLUTE_SLO:
             absolute = value
-    return length, client_id, (relative, absolute)
+        elif name == b"prefer":
+            job = job or prefers_async(value)
+    return length, client_id, (relative, absolute), job
 
 
 def _take_deadline(request: _ProxyRequest, slo: tuple[bytes | None, bytes | None],

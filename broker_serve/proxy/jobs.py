@@ -5,6 +5,7 @@ status, its result (as the synchronous request would have been answered) and its
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from starlette.routing import Route
 from ..client import jobs
 from ..client.job_defaults import JobDefaults
 from ..client.jobs import JobOptions
-from ..exceptions import RayServeException
+from ..exceptions import BrokerServeError, RayServeException
 from ..protocol import jobs as job_protocol
 from ..protocol import messages as protocol
 from ..protocol.call_values import carries_value, unpack_value
@@ -33,14 +34,11 @@ DEADLINE_HEADER = b"x-serve-job-deadline-s"
 TTL_HEADER = b"x-serve-job-ttl-s"
 
 
-def wants_async(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether the client sent `Prefer: respond-async` (RFC 7240: a list of preferences)."""
-    for name, value in headers:
-        if name == b"prefer" and any(
-                part.split(b"=")[0].strip().lower() == b"respond-async"
-                for part in value.split(b",")):
-            return True
-    return False
+def prefers_async(prefer: bytes) -> bool:
+    """Whether a `Prefer` header's value asks for `respond-async` (RFC 7240: a list of
+    preferences, each maybe with a value or parameters)."""
+    return any(part.split(b";")[0].split(b"=")[0].strip().lower() == b"respond-async"
+               for part in prefer.split(b","))
 
 
 class BadJobOption(ValueError):
@@ -92,8 +90,8 @@ class JobGateway:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/-/jobs/{job_id}", self._job, methods=["GET", "DELETE"]),
-            Route("/-/jobs/{job_id}/result", self._result, methods=["GET"]),
+            Route("/-/jobs/{job_id}", _answering(self._job), methods=["GET", "DELETE"]),
+            Route("/-/jobs/{job_id}/result", _answering(self._result), methods=["GET"]),
         ]
 
     async def submit(self, receive: Any, payload_scope: dict[str, Any],
@@ -207,6 +205,22 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+def _answering(endpoint: Callable[[Request], Awaitable[Response]]
+               ) -> Callable[[Request], Awaitable[Response]]:
+    """The endpoint, answering 503 while Redis or RabbitMQ is away, and 404 for an id no job
+    can have."""
+    async def answer(request: Request) -> Response:
+        if len(request.path_params["job_id"]) > protocol.MAX_ID_LENGTH:
+            return _no_such_job(request.path_params["job_id"][:32] + "...")
+        try:
+            return await endpoint(request)
+        except BrokerServeError as exc:
+            return JSONResponse({"error": "ServiceUnavailable", "message": str(exc)},
+                                status_code=503, headers={"retry-after": "1"})
+
+    return answer
 
 
 def _no_such_job(job_id: str) -> Response:
