@@ -304,3 +304,47 @@ def test_a_foreign_client_submits_a_job_as_the_protocol_says(cluster):
     stored = redis.Redis.from_url(REDIS_URL).hgetall(f"bs:{cluster.name}:job:{job_id}")
     assert stored[b"status"] == b"SUCCEEDED"
     assert msgpack.unpackb(stored[b"result"]) == [["result", {"value": 3, "more": False}]]
+
+
+def test_malformed_jobs_fail_with_a_reason_and_are_dead_lettered(cluster):
+    serve.run(Echo.bind(), route_prefix="/echo")
+    queue = f"bs.{cluster.name}.default.Echo"
+    http = {"scope": {"method": "GET", "path": "/echo"}, "body": b"", "more_body": False}
+    cases = {
+        "bad-ttl": ("http", {"bs-version": 1, "bs-job": "soon"}, http),
+        "more-body": ("http", {"bs-version": 1, "bs-job": 60}, {**http, "more_body": True}),
+        "websocket": ("websocket", {"bs-version": 1, "bs-job": 60}, {"scope": {"path": "/"}}),
+        "bad-wait": ("http", {"bs-version": 1, "bs-job": 60, "bs-retry-wait": "{\"wait\": 1}"},
+                     http),
+    }
+    ids = {case: secrets.token_hex(16) for case in cases}
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for case, (kind, headers, body) in cases.items():
+            channel.basic_publish("", queue, msgpack.packb(body), pika.BasicProperties(
+                type=kind, message_id=ids[case], correlation_id=ids[case], delivery_mode=2,
+                headers=headers), mandatory=True)
+
+        def ended(job_id: str) -> dict[str, object] | None:
+            answer = requests.get(f"{cluster.url}/-/jobs/{job_id}", timeout=10)
+            return answer.json() if answer.status_code == 200 and answer.json()[
+                "status"] == "FAILED" else None
+
+        for case, job_id in ids.items():
+            record = wait_for(lambda job_id=job_id: ended(job_id), timeout=30)
+            assert record["error"] in ("MalformedMessage",), (case, record)
+        dead = {}
+        for _ in range(len(cases)):
+            method, properties, _body = channel.basic_get(f"bs.{cluster.name}.dead")
+            assert method is not None
+            dead[properties.message_id] = properties.headers
+            channel.basic_ack(method.delivery_tag)
+        assert set(dead) == set(ids.values())
+        for headers in dead.values():
+            assert headers["bs-dead-reason"] == "malformed"
+            assert headers["bs-dead-queue"] == queue
+            assert headers["bs-dead-error"] == "MalformedMessage"
+    finally:
+        connection.close()

@@ -96,7 +96,12 @@ def outcome_of(result: JobResult) -> Outcome:
         return Outcome(JobStatus.CANCELLED, kind, text)
     if status == 500 and kind != "ResultTooLarge":
         return Outcome(JobStatus.FAILED, kind, text, DeadReason.RETRIES_EXHAUSTED, retry=True)
-    return Outcome(JobStatus.FAILED, kind, text, DeadReason.NOT_RETRYABLE)
+    reason = DeadReason.MALFORMED if kind in _MALFORMED else DeadReason.NOT_RETRYABLE
+    return Outcome(JobStatus.FAILED, kind, text, reason)
+
+
+# The errors a replica answers a message it cannot read with (docs/protocol.md, "Reply events").
+_MALFORMED = frozenset({"MalformedMessage", "UnsupportedProtocolVersion", "UndecodableValue"})
 
 
 class JobRunner:

@@ -631,9 +631,13 @@ class Replica:
         if kind == protocol.KIND_HTTP:
             from_caller: CallerMessages | None = None
             if payload.get("more_body"):  # the rest of the body will come to the inbox
+                if not properties.reply_to:
+                    raise ProtocolError("a job carries its whole body: more_body must be false")
                 from_caller = self._caller_messages[correlation_id] = asyncio.Queue()
             window = None
-            if isinstance(payload.get("window"), int) and payload["window"] > 0:
+            # A job has no caller to grant credit: its response is collected, not streamed.
+            if (isinstance(payload.get("window"), int) and payload["window"] > 0
+                    and properties.reply_to):
                 window = self._windows[correlation_id] = FlowWindow(payload["window"])
             try:
                 await run_http(self.servable, stream, payload, from_caller, self.inbox_name,
