@@ -144,8 +144,9 @@ def test_handle_jobs_retry_and_return_values_streams_and_exceptions(cluster):
     assert once.info()["attempts"] == 1
     with pytest.raises(ValueError, match="max_retries"):
         handle.options(max_retries=-1)
-    # Any process reads a job by its id.
+    # Any process reads a job by its id, and a driver's own event loop may await it.
     assert serve.get_job(ok.id).result(timeout_s=5) == "a ok after 3 calls"
+    assert asyncio.run(handle.add.submit(2, 3).result_async(timeout_s=30)) == 5
 
 
 def test_a_result_is_fetched_after_its_submitter_exited(cluster):

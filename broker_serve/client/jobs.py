@@ -195,6 +195,9 @@ class Job:
         await asyncio.shield(publishing)
 
     async def info_async(self) -> dict[str, Any]:
+        return await _on_runtime(self._info())
+
+    async def _info(self) -> dict[str, Any]:
         await self.published()
         record = await _runtime().store.jobs.get(self.id)
         if record is None:
@@ -208,6 +211,9 @@ class Job:
         """The job's value (a list of them for a streaming method, a dict of status, headers
         and body for an HTTP job), once it has finished; its exception if it failed.
         TimeoutError after `timeout_s` (None: wait as long as it takes)."""
+        return await _on_runtime(self._result(timeout_s))
+
+    async def _result(self, timeout_s: float | None) -> Any:
         await self.published()
         runtime = _runtime()
         loop = asyncio.get_running_loop()
@@ -227,6 +233,9 @@ class Job:
     async def cancel_async(self) -> JobStatus:
         """Cancel the job: a PENDING one ends CANCELLED now, a RUNNING one once its replica
         stops it. Its status before; a finished job stays as it is."""
+        return await _on_runtime(self._cancel())
+
+    async def _cancel(self) -> JobStatus:
         await self.published()
         runtime = _runtime()
         return await cancel_job(runtime.broker, runtime.store, self.id)
@@ -274,6 +283,15 @@ def get_job(job_id: str) -> Job:
 
 def _runtime() -> Runtime:
     return current_runtime() or get_runtime()
+
+
+async def _on_runtime(step: Coroutine[Any, Any, T]) -> T:
+    """Await `step` on the runtime's loop, which owns its connections, from whichever loop
+    awaits it (a driver's own asyncio.run, or a replica's loop, which is the runtime's)."""
+    runtime = _runtime()
+    if runtime.in_loop_thread():
+        return await step
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, runtime.loop))
 
 
 def _blocking(step: Coroutine[Any, Any, T]) -> T:
