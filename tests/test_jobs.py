@@ -349,3 +349,33 @@ def test_malformed_jobs_fail_with_a_reason_and_are_dead_lettered(cluster):
             assert headers["bs-dead-error"] == "MalformedMessage"
     finally:
         connection.close()
+
+
+def test_job_config_in_code_and_in_a_config_file_is_checked():
+    from pydantic import ValidationError
+
+    from broker_serve.client.application import merge_config
+    from broker_serve.config import DeploymentConfig
+    from broker_serve.protocol.jobs import retry_delay_s
+    from broker_serve.schema import DeploymentSchema
+
+    options = DeploymentSchema(name="X", job_config={
+        "max_retries": 1, "retry_wait": {"wait": "incrementing", "start": 1, "increment": 2},
+        "result_ttl_s": 60}).options()
+    config = merge_config(DeploymentConfig(), options)
+    assert config.job_config.max_retries == 1 and config.job_config.result_ttl_s == 60
+    assert [retry_delay_s(config.job_config.retry_wait, n) for n in (1, 2, 3)] == [1, 3, 5]
+    assert DeploymentConfig().job_config.max_retries == 3
+    for bad in ({"max_retries": -1}, {"result_ttl_s": 0}, {"retry_wait": {"wait": "soon"}},
+                {"retries": 2}):
+        with pytest.raises(ValidationError):
+            DeploymentSchema(name="X", job_config=bad)
+    from broker_serve.client.handle import DeploymentHandle
+
+    handle = DeploymentHandle("Echo", "default")
+    for bad in ({"deadline_s": 0}, {"result_ttl_s": 0}, {"max_retries": 101},
+                {"retry_wait": {"wait": "soon"}}):
+        with pytest.raises(ValueError):
+            handle.options(**bad)
+    kept = handle.options(max_retries=1).options(deadline_s=5).method_x
+    assert kept.job_options.max_retries == 1 and kept.job_options.deadline_s == 5
