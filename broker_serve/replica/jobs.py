@@ -19,7 +19,7 @@ from aiormq.abc import DeliveredMessage
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from ..config import JobConfig
-from ..exceptions import BrokerServeError, ProtocolError
+from ..exceptions import ClusterUnavailable, ProtocolError
 from ..protocol import jobs
 from ..protocol import messages as protocol
 from ..protocol.jobs import DeadReason, JobStatus
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 # Redis away: a job waits for it (its result must be stored before its message is acked),
 # holding its slot; SIGTERM ends the wait and RabbitMQ gives the job to another replica.
-_REDIS_BACKOFF = wait_exponential(multiplier=0.2, max=5.0)
+_BACKOFF = wait_exponential(multiplier=0.2, max=5.0)
 
 # Run one attempt of the message into `stream`: ends it with a terminal event, or raises
 # CancelledError when the replica stops.
@@ -229,19 +229,24 @@ class JobRunner:
                    jobs.HEADER_DEAD_MESSAGE: outcome.message[:2000],
                    jobs.HEADER_DEAD_AT: _now_ms(),
                    jobs.HEADER_ATTEMPT: attempts}
-        async for attempt in AsyncRetrying(retry=retry_if_exception_type(BrokerServeError),
-                                           wait=_REDIS_BACKOFF):
+        # While RabbitMQ is away this waits; the channel's loss then cancels it, and the
+        # redelivered job comes back here.
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(ClusterUnavailable),
+                                           wait=_BACKOFF):
             with attempt:
-                await self.broker.publish_durably(
+                kept = await self.broker.publish_durably(
                     self.dead_letters, message.body, deadline_ms=None,
                     type=properties.message_type or "", correlation_id=properties.correlation_id
                     or "", message_id=properties.message_id, headers=headers,
-                    priority=properties.priority or 0)
+                    priority=properties.priority or 0, mandatory=True)
+        if not kept:  # the controller declares it at its start: not seen in practice
+            log.error("the dead-letter queue %s refused job %s; its record still says FAILED",
+                      self.dead_letters, properties.message_id)
 
     async def _redis(self, step: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """`await step(*args, **kwargs)`, again and again while Redis is away."""
         async for attempt in AsyncRetrying(
-                retry=retry_if_exception_type(BrokerServeError), wait=_REDIS_BACKOFF,
+                retry=retry_if_exception_type(ClusterUnavailable), wait=_BACKOFF,
                 before_sleep=lambda state: log.warning(
                     "cannot reach Redis for a job (%s); waiting",
                     state.outcome.exception() if state.outcome else "")):

@@ -539,8 +539,16 @@ class Replica:
         properties = message.header.properties
         if not reply_to:
             if jobs.is_job(properties.headers or {}):
-                stream = await self.jobs.run(message, correlation_id, self.config.job_config,
-                                             self.app, self.deployment)
+                try:
+                    stream = await self.jobs.run(message, correlation_id,
+                                                 self.config.job_config, self.app,
+                                                 self.deployment)
+                except BrokerServeError as exc:  # Redis failed for another reason than
+                    # being away: dead-lettered by RabbitMQ, to be replayed
+                    log.error("job %s could not be run: %s; dead-lettering it",
+                              correlation_id, exc)
+                    settler.rejected(tag)
+                    return None
                 settler.finished(tag)
                 return stream
             log.error("request %r has no reply_to; dead-lettering it", properties.message_id)
