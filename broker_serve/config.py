@@ -104,6 +104,12 @@ def is_durable(config: dict[str, Any]) -> bool:
     return config.get("queue_type") == "quorum"
 
 
+def is_ordered(config: dict[str, Any]) -> bool:
+    """A deployment's config has order_by_deadline: a request with a deadline and no explicit
+    priority gets its deadline's (docs/architecture.md, "Deadlines and ordering")."""
+    return bool(config.get("order_by_deadline"))
+
+
 def user_config_hash(user_config: Any) -> str:
     """What replicas report once `reconfigure()` took this user_config."""
     return hashlib.sha256(orjson.dumps(user_config, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

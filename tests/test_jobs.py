@@ -379,3 +379,43 @@ def test_job_config_in_code_and_in_a_config_file_is_checked():
             handle.options(**bad)
     kept = handle.options(max_retries=1).options(deadline_s=5).method_x
     assert kept.job_options.max_retries == 1 and kept.job_options.deadline_s == 5
+
+
+@serve.deployment(max_ongoing_requests=2,
+                  job_config={"max_retries": 1, "retry_wait": {"wait": "fixed", "seconds": 0.05}})
+class Recovering:
+    """Fails until a file exists: the fix an operator deploys before replaying."""
+
+    def __init__(self, directory: str) -> None:
+        self.fixed = Path(directory) / "fixed"
+
+    def work(self, n: int) -> int:
+        if not self.fixed.exists():
+            raise RuntimeError(f"not fixed yet ({n})")
+        return n * 10
+
+
+def test_retries_then_dead_letter_then_replay_ending_in_success(cluster, tmp_path):
+    handle = serve.run(Recovering.bind(str(tmp_path)))
+    job = handle.work.submit(4)
+    with pytest.raises(RuntimeError, match="not fixed yet"):
+        job.result(timeout_s=30)
+    info = job.info()
+    assert info["status"] == "FAILED" and info["attempts"] == 2
+    api = f"http://127.0.0.1:{cluster.env['BROKER_SERVE_DASHBOARD_PORT']}"
+    state = Path(cluster.env["BROKER_SERVE_STATE_DIR"]) / cluster.name
+    auth = {"Authorization": f"Bearer {(state / 'api-token').read_text().strip()}"}
+    listed = requests.get(f"{api}/api/serve/dead", headers=auth, timeout=30)
+    assert listed.status_code == 200, listed.text
+    [dead] = [entry for entry in listed.json()["dead_letters"] if entry["id"] == job.id]
+    assert dead["reason"] == "retries-exhausted" and dead["error"] == "RuntimeError"
+    assert dead["app"] == "default" and dead["deployment"] == "Recovering"
+    (tmp_path / "fixed").write_text("")
+    replayed = requests.post(f"{api}/api/serve/dead/replay", json={"ids": [job.id]},
+                             headers=auth, timeout=30)
+    assert replayed.status_code == 200, replayed.text
+    assert serve.get_job(job.id).result(timeout_s=30) == 40
+    info = job.info()
+    assert info["status"] == "SUCCEEDED" and info["replays"] == 1 and info["attempts"] == 1
+    after = requests.get(f"{api}/api/serve/dead", headers=auth, timeout=30).json()
+    assert [entry for entry in after["dead_letters"] if entry["id"] == job.id] == []

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from broker_serve import RayServeException, RequestTimeoutError, serve
 from broker_serve.client.handle import DeploymentHandle
-from broker_serve.protocol import deadlines
+from broker_serve.protocol import deadlines, priorities
 from broker_serve.transport import frames
 
 from .conftest import AMQP_URL
@@ -295,7 +295,13 @@ def test_priority_rises_as_the_deadline_nears():
     levels = [deadlines.priority(ms) for ms in remaining]
     assert levels == [5, 5, 4, 4, 3, 3, 2, 1, 1]
     assert max(levels) == deadlines.PRIORITY_LEVELS
-    assert deadlines.queue_arguments() == {"x-max-priority": deadlines.PRIORITY_LEVELS}
+    # Only under order_by_deadline (protocol/priorities.py), and an explicit priority wins.
+    assert priorities.of_request(None, True, 50) == 5
+    assert priorities.of_request(None, False, 50) == 0
+    assert priorities.of_request(0, True, 50) == 0
+    assert priorities.of_request(7, False, None) == 7
+    assert priorities.queue_arguments(quorum=False) == {"x-max-priority": priorities.MAX_PRIORITY}
+    assert priorities.queue_arguments(quorum=True) == {}
     # Expiry comes a grace period after the deadline, so live replicas skip, not dead-letter.
     assert deadlines.expiration(50) == str(50 + deadlines.EXPIRY_GRACE_MS)
     assert deadlines.expiration(-5) == str(deadlines.EXPIRY_GRACE_MS)

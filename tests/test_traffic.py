@@ -485,7 +485,7 @@ def test_a_route_without_a_split_is_loaded_as_before_with_no_policy(cluster):
     entry = detail["routes"]["/plain"]
     # The entry of an application's own route has exactly these fields ...
     assert set(entry) == {"app", "deployment", "queue", "status", "message", "ready", "bounded",
-                          "durable"}
+                          "durable", "ordered"}
     table = RouteTable()
     table.load(detail)
     # ... and the proxy keeps no policy for it: its request path is one dict lookup longer.

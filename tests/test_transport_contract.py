@@ -260,3 +260,18 @@ async def test_a_robust_connection_makes_its_next_attempt_to_the_url_it_is_given
             await broker.publish("no-such-queue", b"", type="call", correlation_id="x")
         finally:
             await broker.close()
+
+
+async def test_a_returned_confirmed_publish_is_told_from_an_acked_one(broker: Broker,
+                                                                      queue_name: str) -> None:
+    """aiormq completes the confirm of a `mandatory` message that no queue took with the
+    returned message, not an ack (aio-pika's channels do not raise on returns):
+    `refuse_returned` turns that into False, as jobs need to refuse a job for a missing queue."""
+    channel = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    channel.channel().queue_declare(queue_name)
+    channel.close()
+    common: dict[str, Any] = {"type": "call", "correlation_id": "c", "message_id": "m",
+                              "mandatory": True, "refuse_returned": True}
+    assert await broker.publish_confirmed(queue_name, b"x", **common) is True
+    assert await broker.publish_confirmed(f"{queue_name}.missing", b"x", **common) is False
+    assert _get(queue_name) is not None

@@ -394,6 +394,30 @@ def status(name: str | None, address: str | None, token: str | None) -> None:
     click.echo(_yaml(data), nl=False)
 
 
+@cli.command(help="Print the AsyncAPI 3.0 document of the wire protocol for APP's queues, "
+                  "or for every application's: what to publish to each deployment and what "
+                  "comes back (docs/protocol.md). Reads Redis.")
+@click.argument("app", required=False)
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print YAML instead of JSON.")
+def asyncapi(app: str | None, as_yaml: bool) -> None:
+    from .. import __version__
+    from ..protocol.asyncapi import Server, document
+
+    settings = _settings()
+    records = _read_store(settings, lambda store: store.apps())
+    if app is not None:
+        if app not in records:
+            raise click.ClickException(f"no application {app!r} in cluster "
+                                       f"{settings.cluster!r}")
+        records = {app: records[app]}
+    apps = {name: list(record["deployments"]) for name, record in records.items()}
+    spec = document(settings.cluster, apps, __version__, Server.from_url(settings.amqp_url))
+    if as_yaml:
+        click.echo(_yaml(spec), nl=False)
+    else:
+        click.echo(orjson.dumps(spec, option=orjson.OPT_INDENT_2).decode())
+
+
 @cli.command(help="Set the number of replicas of one deployment, in place: the others keep "
                   "running (Ray 0.8's per-backend num_replicas).")
 @click.argument("app")
@@ -469,6 +493,115 @@ def shutdown(yes: bool, address: str | None, token: str | None) -> None:
 
         serve.shutdown()
     click.echo("All applications deleted.")
+
+
+# dead letters -----------------------------------------------------------------------------------
+@cli.group(help="List, show, replay and purge the dead letters: failed jobs and the messages "
+                "RabbitMQ dead-lettered (docs/protocol.md, \"Dead letters\"), through the "
+                "REST API.")
+def dead() -> None:
+    pass
+
+
+_DEAD_COLUMNS = ("id", "app", "deployment", "reason", "error", "kind", "attempts", "dead_at",
+                 "size")
+
+
+@dead.command(name="list", help="List the dead letters, oldest first.")
+@click.option("--app", default=None, help="Only this application's.")
+@click.option("--deployment", default=None, help="Only this deployment's.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True,
+              help="Read at most this many dead letters.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_api_options
+def dead_list(app: str | None, deployment: str | None, limit: int, as_json: bool,
+              address: str | None, token: str | None) -> None:
+    from urllib.parse import urlencode
+
+    query = {k: v for k, v in {"app": app, "deployment": deployment, "limit": limit}.items()
+             if v is not None}
+    answer = _call(address, token, "GET", f"/api/serve/dead/?{urlencode(query)}")
+    if as_json:
+        click.echo(orjson.dumps(answer["dead_letters"], option=orjson.OPT_INDENT_2).decode())
+        return
+    if not answer["dead_letters"]:
+        click.echo("No dead letters.")
+        return
+    rows = [[_dead_cell(name, letter.get(name)) for name in _DEAD_COLUMNS]
+            for letter in answer["dead_letters"]]
+    widths = [max(len(name), *(len(row[i]) for row in rows))
+              for i, name in enumerate(_DEAD_COLUMNS)]
+    for row in [[name.upper().replace("_", " ") for name in _DEAD_COLUMNS], *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _dead_cell(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "dead_at":
+        import datetime
+
+        return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime(
+            "%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+@dead.command(name="show", help="Print one dead letter, with a preview of its body, as YAML.")
+@click.argument("letter_id", metavar="ID")
+@_api_options
+def dead_show(letter_id: str, address: str | None, token: str | None) -> None:
+    from urllib.parse import quote
+
+    click.echo(_yaml(_call(address, token, "GET",
+                           f"/api/serve/dead/{quote(letter_id, safe='')}")), nl=False)
+
+
+def _dead_selection(command: Any) -> Any:
+    """IDs, or --app (and --deployment), or --all: which dead letters a command acts on."""
+    for option in (
+        click.option("--all", "everything", is_flag=True, help="Every dead letter."),
+        click.option("--deployment", default=None, help="The dead letters of this deployment."),
+        click.option("--app", default=None, help="The dead letters of this application."),
+        click.argument("ids", nargs=-1, metavar="[ID]..."),
+    ):
+        command = option(command)
+    return command
+
+
+def _dead_selector(ids: tuple[str, ...], app: str | None, deployment: str | None,
+                   everything: bool) -> dict[str, Any]:
+    if everything == bool(ids or app or deployment):
+        raise click.ClickException("name the dead letters: IDs, --app APP [--deployment "
+                                   "DEPLOYMENT], or --all alone")
+    if everything:
+        return {"all": True}
+    return {k: v for k, v in {"ids": list(ids), "app": app, "deployment": deployment}.items()
+            if v}
+
+
+@dead.command(name="replay", help="Publish dead letters again to the queues they came from "
+                                  "(a job's record goes back to PENDING), then drop them.")
+@_dead_selection
+@_api_options
+def dead_replay(ids: tuple[str, ...], app: str | None, deployment: str | None,
+                everything: bool, address: str | None, token: str | None) -> None:
+    answer = _call(address, token, "POST", "/api/serve/dead/replay",
+                   _dead_selector(ids, app, deployment, everything))
+    click.echo(f"Replayed {answer['replayed']} dead letter(s).")
+    for letter_id, why in answer["kept"].items():
+        click.echo(f"Kept {letter_id}: {why}.", err=True)
+    if answer["kept"]:
+        sys.exit(1)
+
+
+@dead.command(name="purge", help="Drop dead letters for good.")
+@_dead_selection
+@_api_options
+def dead_purge(ids: tuple[str, ...], app: str | None, deployment: str | None,
+               everything: bool, address: str | None, token: str | None) -> None:
+    answer = _call(address, token, "POST", "/api/serve/dead/purge",
+                   _dead_selector(ids, app, deployment, everything))
+    click.echo(f"Purged {answer['purged']} dead letter(s).")
 
 
 @cli.command(help="Print latency percentiles (p50, p90, p95) and request counts per deployment "

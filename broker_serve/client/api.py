@@ -185,6 +185,7 @@ async def _deploy(runtime: Runtime, record: AppRecord, specs: dict[str, bytes]) 
     await _wait_running(runtime, record)
     if record["route_prefix"] is not None:
         await _wait_proxies(runtime, record["name"], record["route_prefix"])
+    runtime.forget_delivery(record["name"])
 
 
 async def _wait_running(runtime: Runtime, record: AppRecord) -> None:

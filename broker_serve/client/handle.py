@@ -22,7 +22,7 @@ from ..exceptions import (
     RequestCancelledError,
     RequestTimeoutError,
 )
-from ..protocol import deadlines, messages
+from ..protocol import deadlines, messages, priorities
 from ..protocol import jobs as job_protocol
 from ..protocol.call_values import carries_value, pack_call, unpack_value
 from ..protocol.remote_errors import raised_for
@@ -52,7 +52,8 @@ class DeploymentHandle:
                  method_name: str = "__call__",
                  stream: bool = False, multiplexed_model_id: str = "",
                  relative_slo_ms: float | None = None,
-                 absolute_slo_ms: float | None = None) -> None:
+                 absolute_slo_ms: float | None = None,
+                 priority: int | None = None) -> None:
         self.deployment_name = deployment_name
         self.app_name = app_name
         self.method_name = method_name
@@ -64,6 +65,9 @@ class DeploymentHandle:
             raise ValueError("give relative_slo_ms or absolute_slo_ms, not both")
         self.relative_slo_ms = deadlines.checked_slo("relative_slo_ms", relative_slo_ms)
         self.absolute_slo_ms = deadlines.checked_slo("absolute_slo_ms", absolute_slo_ms)
+        # The calls' AMQP priority, 0 to 9 (docs/protocol.md, "Priorities"); None: the
+        # deadline's under order_by_deadline, else 0.
+        self.priority = None if priority is None else priorities.checked(priority)
         # A handle from get_app_handle inside a replica learns its app's ingress on its first
         # call and keeps it, so later calls cost no Redis round trip.
         self.resolved_ingress: str | None = None
@@ -75,19 +79,21 @@ class DeploymentHandle:
                 use_new_handle_api: bool | None = None,
                 relative_slo_ms: float | None = None,
                 absolute_slo_ms: float | None = None,
+                priority: int | None = None,
                 max_retries: int | None = None,
                 retry_wait: RetryWait | dict[str, Any] | None = None,
                 deadline_s: float | None = None,
                 result_ttl_s: int | None = None) -> DeploymentHandle:
         """A handle that calls differently. An SLO given here replaces the handle's, of
-        either kind; giving both is a ValueError. `max_retries`, `retry_wait` (tenacity's
+        either kind; giving both is a ValueError. `priority` (0 to 9, higher first) is for
+        calls and jobs alike. `max_retries`, `retry_wait` (tenacity's
         vocabulary, docs/protocol.md), `deadline_s` and `result_ttl_s` are for `submit`'s
         jobs, and override the deployment's job_config."""
         if relative_slo_ms is None and absolute_slo_ms is None:
             relative_slo_ms, absolute_slo_ms = self.relative_slo_ms, self.absolute_slo_ms
         job_options = self.job_options.replaced(
-            max_retries=max_retries, retry_wait=retry_wait, deadline_s=deadline_s,
-            result_ttl_s=result_ttl_s)
+            priority=priority, max_retries=max_retries, retry_wait=retry_wait,
+            deadline_s=deadline_s, result_ttl_s=result_ttl_s)
         return self._with_job_options(job_options, DeploymentHandle(
             self.deployment_name, self.app_name,
             method_name=method_name if method_name is not None else self.method_name,
@@ -95,6 +101,7 @@ class DeploymentHandle:
             multiplexed_model_id=(multiplexed_model_id if multiplexed_model_id is not None
                                   else self.multiplexed_model_id),
             relative_slo_ms=relative_slo_ms, absolute_slo_ms=absolute_slo_ms,
+            priority=priority if priority is not None else self.priority,
         ))
 
     @staticmethod
@@ -130,7 +137,7 @@ class DeploymentHandle:
         return (_rebuild_handle, (self.deployment_name, self.app_name, self.method_name,
                                   self.stream, self.multiplexed_model_id,
                                   self.relative_slo_ms, self.absolute_slo_ms,
-                                  tuple(self.job_options)))
+                                  tuple(self.job_options), self.priority))
 
     def __repr__(self) -> str:
         return f"DeploymentHandle(deployment={self.deployment_name!r}, app={self.app_name!r})"
@@ -139,10 +146,11 @@ class DeploymentHandle:
 def _rebuild_handle(deployment: str, app: str, method: str, stream: bool, model_id: str,
                     relative_slo_ms: float | None = None,
                     absolute_slo_ms: float | None = None,
-                    job_options: tuple[Any, ...] = ()) -> DeploymentHandle:
+                    job_options: tuple[Any, ...] = (),
+                    priority: int | None = None) -> DeploymentHandle:
     handle = DeploymentHandle(deployment, app, method_name=method, stream=stream,
                               multiplexed_model_id=model_id, relative_slo_ms=relative_slo_ms,
-                              absolute_slo_ms=absolute_slo_ms)
+                              absolute_slo_ms=absolute_slo_ms, priority=priority)
     handle.job_options = JobOptions(*job_options)
     return handle
 
@@ -249,9 +257,10 @@ class _Call:
         model_id = handle.multiplexed_model_id
         if model_id:
             payload["multiplexed_model_id"] = model_id
-        message = self._message(messages.pack(payload))
+        delivery = await runtime.delivery(handle.app_name, deployment)
+        message = self._message(messages.pack(payload), ordered=delivery.ordered)
         self.queue = message["routing_key"]
-        bounded, durable = await runtime.delivery(handle.app_name, deployment)
+        bounded, durable = delivery.bounded, delivery.durable
         if bounded or durable:
             # A full bounded queue refuses the call, and the caller must hear it.
             self.published = True  # a cancel from now on must reach it
@@ -271,8 +280,9 @@ class _Call:
         self.published = True
         await runtime.broker.publish(**message)
 
-    def _message(self, body: bytes) -> dict[str, Any]:
-        """The call message's properties; with a deadline, its expiration and priority too."""
+    def _message(self, body: bytes, *, ordered: bool) -> dict[str, Any]:
+        """The call message's properties; with a deadline, its expiration too; its priority
+        (`ordered`: the deployment has order_by_deadline) if it has one."""
         runtime, deadline = self.runtime, self.deadline_ms
         assert self.deployment_name is not None
         message: dict[str, Any] = {
@@ -284,12 +294,15 @@ class _Call:
                                                 request_id=self.parent_request_id),
             "mandatory": True,
         }
+        remaining = None
         if deadline is not None:
             remaining = deadline - deadlines.now_ms()
             if remaining <= 0:  # never published, so it never runs
                 raise self._timed_out()
             message["expiration"] = deadlines.expiration(remaining)
-            message["priority"] = deadlines.priority(remaining)
+        priority = priorities.of_request(self.handle.priority, ordered, remaining)
+        if priority:
+            message["priority"] = priority
         return message
 
     async def _receive(self, events: ReplyEvents) -> None:

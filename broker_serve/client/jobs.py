@@ -90,7 +90,7 @@ async def submit(broker: Broker, store: Store, defaults: JobDefaults, app: str,
     # Mandatory: a job for a queue that does not exist comes back, and is refused here.
     published = await broker.publish_durably(
         queue, body, deadline_ms=None, type=kind, correlation_id=job_id, message_id=job_id,
-        headers=headers, priority=options.priority, mandatory=True)
+        headers=headers, priority=options.priority, mandatory=True, refuse_returned=True)
     if not published:
         raise BackPressureError(f"the queue of {app}/{deployment} refused the job: it is full "
                                 "(max_queued_requests) or the deployment is gone",

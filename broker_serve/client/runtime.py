@@ -17,11 +17,11 @@ import socket
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ..config import is_bounded, is_durable
+from ..config import is_bounded, is_durable, is_ordered
 from ..exceptions import BrokerServeError, ClusterUnavailable
 from ..settings import Settings
 from ..state.store import Store
@@ -38,6 +38,14 @@ START_TIMEOUT_S = 30.0
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 _portal_hosts: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
+
+
+class Delivery(NamedTuple):
+    """How calls to one deployment are published (`Runtime.delivery`)."""
+
+    bounded: bool  # max_queued_requests: confirmed, and refused when full
+    durable: bool  # a quorum queue: persistent, confirmed, retried on another node
+    ordered: bool  # order_by_deadline: a deadline gives a call without a priority its own
 
 
 class Runtime:
@@ -61,7 +69,7 @@ class Runtime:
         self._ids = itertools.count()
         # The driver's portal thread, closed by reset_runtime; None inside a replica.
         self._portal_thread: contextlib.ExitStack | None = None
-        self._delivery: dict[tuple[str, str], tuple[float, tuple[bool, bool]]] = {}
+        self._delivery: dict[tuple[str, str], tuple[float, Delivery]] = {}
         self.job_defaults = JobDefaults(self.store)
 
     async def start(self) -> None:
@@ -80,10 +88,9 @@ class Runtime:
         finally:
             await self.store.close()
 
-    async def delivery(self, app: str, deployment: str) -> tuple[bool, bool]:
-        """Whether the deployment's queue is bounded (max_queued_requests) and whether it is
-        durable (a quorum queue), read from its app record at most every 10 s per deployment,
-        so calls pay for publisher confirms only where needed."""
+    async def delivery(self, app: str, deployment: str) -> Delivery:
+        """How calls to the deployment are published, read from its app record at most every
+        10 s per deployment, so calls pay for publisher confirms only where needed."""
         key = (app, deployment)
         cached = self._delivery.get(key)
         now = self.loop.time()
@@ -92,9 +99,15 @@ class Runtime:
         record = await self.store.app(app)
         entry = record["deployments"].get(deployment) if record else None
         config = entry["config"] if entry else {}
-        delivery = (is_bounded(config), is_durable(config))
+        delivery = Delivery(is_bounded(config), is_durable(config), is_ordered(config))
         self._delivery[key] = (now, delivery)
         return delivery
+
+    def forget_delivery(self, app: str) -> None:
+        """Drop what `delivery` read of an app's deployments: this process deployed it again,
+        and its own calls must follow the new config at once."""
+        for key in [key for key in self._delivery if key[0] == app]:
+            del self._delivery[key]
 
     async def ingress_of(self, app: str) -> str:
         record = await self.store.app(app)

@@ -19,12 +19,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 
-from ..config import AutoscalingConfig, DeploymentConfig, is_bounded, is_durable
+from ..config import AutoscalingConfig, DeploymentConfig, is_bounded, is_durable, is_ordered
 from ..exceptions import BrokerServeError, PreconditionFailed
 from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
 from ..observability.metrics import ControllerMetrics
-from ..protocol import deadlines
+from ..protocol import priorities
 from ..runtime_env import venvs
 from ..runtime_env.cache import HostCache
 from ..runtime_env.pruning import PeriodicPruning
@@ -46,6 +46,7 @@ from ..state.records import (
 )
 from ..state.store import Store, now
 from ..transport.broker import Broker, connection_name
+from ..transport.dead_letters import DeadLetters
 from ..transport.errors import map_amqp_errors
 from .autoscaler import Autoscaler
 from .leadership import Leadership, LeadershipLost
@@ -133,6 +134,7 @@ class Controller:
         self.leader = False
         self._leadership = Leadership(self.store, self.controller_id)
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self._dead_letter_arguments: dict[str, Any] = {}  # as startup declared the queue
         self._failures: dict[tuple[str, str], StartFailures] = {}
         self._autoscalers: dict[tuple[str, str], Autoscaler] = {}
         self._unplaceable: dict[tuple[str, str], str] = {}  # logged once, not every tick
@@ -170,7 +172,10 @@ class Controller:
         self._channel = channel
         # Waits for its port in the background while another controller on this host has it.
         self._rest = await serve_rest_api(
-            self.settings, self.store, lambda: self.metrics.render(self._ready_messages))
+            self.settings, self.store,
+            lambda: self.metrics.render(self._ready_messages, self.store.jobs.counts,
+                                        self._dead_letters_waiting),
+            DeadLetters(self.broker, self.names, self.store))
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
 
     async def _declare_dead_letters(self, channel: AbstractRobustChannel) -> None:
@@ -190,6 +195,7 @@ class Controller:
         with map_amqp_errors(f"cannot declare {queue}"):
             await channel.declare_queue(queue, durable=True, arguments=arguments)
         await self.store.put_queue_arguments(queue, arguments)
+        self._dead_letter_arguments = arguments
 
     async def _heartbeat(self) -> None:
         # Its value, this process's stamp, lets a driver or controller on this machine see at
@@ -383,7 +389,7 @@ class Controller:
             config = dep.get("config", {})
             queue_problem = await self._declare(
                 dep["queue"], int(config.get("max_queued_requests", -1)),
-                ordered=bool(config.get("order_by_deadline")), quorum=is_durable(config))
+                quorum=is_durable(config))
             deployment = _DeploymentRound(
                 app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
                 replicas=by_deployment.get((app_name, dep_name), []),
@@ -537,24 +543,22 @@ class Controller:
         assignments = {node_id: await self.store.assignments(node_id) for node_id in nodes}
         return place(nodes, assignments, app, deployment, request)
 
-    async def _declare(self, queue: str, bound: int, *, ordered: bool = False,
-                       quorum: bool = False) -> str:
+    async def _declare(self, queue: str, bound: int, *, quorum: bool = False) -> str:
         """Declare a request queue with its arguments; returns why it could not, or "".
 
         RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
         queue has, so the arguments this cluster declared each queue with are kept in Redis
-        (`queue_arguments`), and a changed max_queued_requests or order_by_deadline re-creates
-        the queue once no request waits in it; the new version's replicas consume the new
-        queue. A queue declared before order_by_deadline existed has the same arguments as
-        one without it, so it is kept."""
+        (`queue_arguments`), and a changed max_queued_requests or queue type re-creates the
+        queue once no request waits in it; the new version's replicas consume the new queue.
+        A classic queue declared before priorities existed (without `x-max-priority: 9`) is
+        re-created so once too."""
         arguments: dict[str, Any] = {
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": self.names.dead_letters,
         }
         if bound > 0:  # max_queued_requests: past it RabbitMQ nacks the publish
             arguments.update({"x-max-length": bound, "x-overflow": "reject-publish"})
-        if ordered:  # earlier deadlines are delivered first
-            arguments.update(deadlines.queue_arguments())
+        arguments.update(priorities.queue_arguments(quorum=quorum))
         if quorum:  # replicated across the RabbitMQ cluster ("Durable mode")
             arguments.update({"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT})
         declared_at, declared_with = self._declared.get(queue, (-1e9, None))
@@ -566,7 +570,7 @@ class Controller:
                 waiting = await self._depth(queue)
                 if waiting:
                     return (f"waiting for {waiting} queued request(s) to drain before applying "
-                            f"the new max_queued_requests or order_by_deadline")
+                            f"the queue's new arguments")
                 await self._leadership.check()
                 with map_amqp_errors(f"cannot delete queue {queue}"):
                     await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
@@ -576,8 +580,7 @@ class Controller:
         except PreconditionFailed:
             # Declared with other arguments by a cluster whose record Redis lost.
             log.error("queue %s exists with other arguments than %s and Redis has no record "
-                      "of them; delete the queue to apply max_queued_requests or "
-                      "order_by_deadline", queue, arguments)
+                      "of them; delete the queue to apply them", queue, arguments)
             return "the queue exists with other arguments; delete it to apply the change"
         await self._leadership.check()
         await self.store.put_queue_arguments(queue, arguments)
@@ -602,12 +605,19 @@ class Controller:
             raise LookupError(f"queue {queue} is not declared (any more)")
         return await self._depth(queue)
 
-    async def _depth(self, queue: str) -> int:
+    async def _dead_letters_waiting(self) -> int:
+        """Messages in the dead-letter queue (metrics). Declared as startup declared it, not
+        passively: one deleted meanwhile is made again instead of a channel error."""
+        return await self._depth(self.names.dead_letters, self._dead_letter_arguments)
+
+    async def _depth(self, queue: str, arguments: dict[str, Any] | None = None) -> int:
+        """A passive declare's message count; with `arguments`, a declare's with them."""
         channel = await self.broker.channel()
         with map_amqp_errors(f"cannot read the depth of {queue}"):
             try:
-                existing = await asyncio.wait_for(channel.declare_queue(queue, passive=True),
-                                                  AMQP_TIMEOUT_S)
+                declare = (channel.declare_queue(queue, passive=True) if arguments is None else
+                           channel.declare_queue(queue, durable=True, arguments=arguments))
+                existing = await asyncio.wait_for(declare, AMQP_TIMEOUT_S)
                 return int(existing.declaration_result.message_count or 0)
             finally:
                 if not channel.is_closed:
@@ -679,6 +689,8 @@ class Controller:
                 # to a durable one too, and are retried on another node.
                 "bounded": is_bounded(app["deployments"][app["ingress"]]["config"]),
                 "durable": is_durable(app["deployments"][app["ingress"]]["config"]),
+                # A deadline gives a request its priority only here.
+                "ordered": is_ordered(app["deployments"][app["ingress"]]["config"]),
             }
         # A traffic record's prefix is its own, over an application's entry there.
         routes.update(traffic_routes(traffic, apps, statuses))

@@ -6,6 +6,9 @@
     GET             /api/serve/deployments/status
     GET|PUT         /api/serve/traffic/                  a traffic record (broker-serve's)
     DELETE          /api/serve/traffic/{name}
+    GET             /api/serve/dead/?app=&deployment=&limit=   dead letters (broker-serve's)
+    GET             /api/serve/dead/{id}
+    POST            /api/serve/dead/replay|purge         {"ids": [...]} | {"app", "deployment"} | {"all": true}
     GET             /metrics   (the controller's Prometheus metrics; no token)
 
 Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -36,7 +39,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
-from ..exceptions import BrokerServeError, ClusterUnavailable, StateError
+from ..exceptions import BrokerServeError, ClusterUnavailable, StateError, TransportError
 from ..http_server import HttpServer
 from ..lifecycle import sleep_or_stop
 from ..schema import ServeApplicationSchema, ServeDeploySchema, TrafficSchema
@@ -44,6 +47,7 @@ from ..settings import Settings
 from ..state.status import read_details, v1_status
 from ..state.store import Store
 from ..state.traffic import make_traffic, public_view, write_traffic
+from ..transport.dead_letters import DEFAULT_LIMIT, DeadLetters, Selector
 from . import declarative
 from .api_token import server_token
 
@@ -59,6 +63,28 @@ class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_replicas: PositiveInt
+
+
+class DeadSelector(BaseModel):
+    """Which dead letters to replay or purge: by id, by app (and deployment), or all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] | None = None
+    app: str | None = None
+    deployment: str | None = None
+    all: bool = False
+    limit: PositiveInt = Field(default=DEFAULT_LIMIT, le=100_000)
+
+    def selector(self) -> Selector:
+        """Refuses an empty selector, so that nothing is replayed or dropped by accident."""
+        chosen = self.ids or self.app is not None or self.deployment is not None
+        if not chosen and not self.all:
+            raise HTTPError(400, 'name the dead letters: {"ids": [...]}, {"app": ..., '
+                                 '"deployment": ...} or {"all": true}')
+        if chosen and self.all:
+            raise HTTPError(400, '"all" goes alone')
+        return Selector(set(self.ids) if self.ids else None, self.app, self.deployment)
 
 
 class HTTPError(BrokerServeError):
@@ -103,8 +129,9 @@ Metrics = Callable[[], Awaitable[bytes]]
 
 
 def create_app(store: Store, settings: Settings, token: str,
-               metrics: Metrics | None = None) -> ASGIApp:
-    api = _Endpoints(store, settings)
+               metrics: Metrics | None = None,
+               dead_letters: DeadLetters | None = None) -> ASGIApp:
+    api = _Endpoints(store, settings, dead_letters)
     routes = [
         Route("/api/serve/applications/", api.get_applications, methods=["GET"]),
         Route("/api/serve/applications/", api.put_applications, methods=["PUT"]),
@@ -119,6 +146,11 @@ def create_app(store: Store, settings: Settings, token: str,
         Route("/api/serve/traffic/", api.put_traffic, methods=["PUT"]),
         # `path`: a name defaults to its route prefix, so it may hold slashes.
         Route("/api/serve/traffic/{name:path}", api.delete_traffic, methods=["DELETE"]),
+        Route("/api/serve/dead", api.list_dead, methods=["GET"]),
+        Route("/api/serve/dead/", api.list_dead, methods=["GET"]),
+        Route("/api/serve/dead/replay", api.replay_dead, methods=["POST"]),
+        Route("/api/serve/dead/purge", api.purge_dead, methods=["POST"]),
+        Route("/api/serve/dead/{id}", api.show_dead, methods=["GET"]),
     ]
     if metrics is not None:
         async def exposition(request: Request) -> Response:
@@ -129,9 +161,11 @@ def create_app(store: Store, settings: Settings, token: str,
 
 
 class _Endpoints:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings,
+                 dead_letters: DeadLetters | None) -> None:
         self.store = store
         self.settings = settings
+        self._dead_letters = dead_letters
 
     async def get_applications(self, request: Request) -> Response:
         details = await read_details(self.store)
@@ -190,6 +224,44 @@ class _Endpoints:
         await self.store.announce("traffic")
         return _json({"deleted": name})
 
+    @property
+    def dead_letters(self) -> DeadLetters:
+        if self._dead_letters is None:
+            raise HTTPError(503, "this controller does not serve the dead letters")
+        return self._dead_letters
+
+    async def list_dead(self, request: Request) -> Response:
+        query = request.query_params
+        try:
+            limit = int(query.get("limit", DEFAULT_LIMIT))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 100_000:
+            raise HTTPError(400, "limit must be an integer from 1 to 100000")
+        letters = await self.dead_letters.list(query.get("app"), query.get("deployment"),
+                                               limit)
+        return _json({"count": len(letters),
+                      "dead_letters": [letter.to_json() for letter in letters]})
+
+    async def show_dead(self, request: Request) -> Response:
+        letter_id = request.path_params["id"]
+        shown = await self.dead_letters.show(letter_id)
+        if shown is None:
+            raise HTTPError(404, f"there is no dead letter {letter_id!r} among the first "
+                                 f"{DEFAULT_LIMIT}")
+        letter, body = shown
+        return _json({**letter.to_json(), "body": body})
+
+    async def replay_dead(self, request: Request) -> Response:
+        body = await _parse(request, DeadSelector)
+        outcome = await self.dead_letters.replay(body.selector(), body.limit)
+        return _json({"replayed": len(outcome.replayed), "ids": outcome.replayed,
+                      "kept": outcome.kept})
+
+    async def purge_dead(self, request: Request) -> Response:
+        body = await _parse(request, DeadSelector)
+        return _json({"purged": await self.dead_letters.purge(body.selector(), body.limit)})
+
 
 # errors -----------------------------------------------------------------------------------------
 # Every failure of an endpoint becomes a JSON answer with the right status.
@@ -210,6 +282,11 @@ async def _redis_unavailable(request: Request, exc: Exception) -> Response:
     return _json({"detail": f"the cluster's Redis is unavailable: {exc}"}, 503)
 
 
+async def _broker_unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("REST %s %s: RabbitMQ failed: %s", request.method, request.url.path, exc)
+    return _json({"detail": f"the cluster's RabbitMQ is unavailable: {exc}"}, 503)
+
+
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # Starlette raises the error again after this answer, and uvicorn logs its traceback.
     log.error("REST %s %s failed: %s: %s", request.method, request.url.path,
@@ -224,6 +301,7 @@ EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
     RedisError: _redis_unavailable,
     ClusterUnavailable: _redis_unavailable,
     StateError: _redis_unavailable,
+    TransportError: _broker_unavailable,
     Exception: _internal_error,
 }
 
@@ -264,10 +342,12 @@ class RestServer:
     """Serves the API on the dashboard address. While another controller on this host holds
     that address, it waits and retries, so a standby takes the API over with the lead."""
 
-    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
+                 dead_letters: DeadLetters | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        self.dead_letters = dead_letters
         self.server: HttpServer | None = None
         self._stopping = asyncio.Event()
         # Set once the API is served, its address was found taken, or serving ended.
@@ -277,7 +357,7 @@ class RestServer:
     async def start(self) -> None:
         """Returns once the API is served, or its address was found taken."""
         app = create_app(self.store, self.settings, server_token(self.settings.cluster),
-                         self.metrics)
+                         self.metrics, self.dead_letters)
         self._task = asyncio.create_task(self._serve(app))
         self._task.add_done_callback(lambda _: self._settled.set())
         await self._settled.wait()
@@ -323,9 +403,9 @@ class RestServer:
             log.error("the REST API failed to start")
 
 
-async def serve_rest_api(settings: Settings, store: Store,
-                         metrics: Metrics | None = None) -> RestServer:
-    server = RestServer(settings, store, metrics)
+async def serve_rest_api(settings: Settings, store: Store, metrics: Metrics | None = None,
+                         dead_letters: DeadLetters | None = None) -> RestServer:
+    server = RestServer(settings, store, metrics, dead_letters)
     await server.start()
     return server
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..config import is_bounded, is_durable
+from ..config import is_bounded, is_durable, is_ordered
 from ..schema import ApplicationStatus
 from ..state.records import (
     AppRecord,
@@ -66,6 +66,7 @@ def _split(record: TrafficRecord, apps: Mapping[str, AppRecord],
             "app": app_name, "deployment": app["ingress"], "queue": entry["queue"],
             "weight": 0.0, "ready": bool(ingress and ingress["ready"]),
             "bounded": is_bounded(entry["config"]), "durable": is_durable(entry["config"]),
+            "ordered": is_ordered(entry["config"]),
         })
     return split
 
@@ -96,7 +97,7 @@ def _summary(record: TrafficRecord, split: list[SplitTarget],
         status = statuses[top["app"]]
         return {"app": top["app"], "deployment": top["deployment"], "queue": top["queue"],
                 "status": status["status"], "message": status["message"], "ready": True,
-                "bounded": top["bounded"], "durable": top["durable"]}
+                "bounded": top["bounded"], "durable": top["durable"], "ordered": top["ordered"]}
     if not record["split"]:
         message = f"endpoint {name} has no backend linked"
     elif not split:
@@ -111,4 +112,5 @@ def _summary(record: TrafficRecord, split: list[SplitTarget],
             "status": statuses[first["app"]]["status"] if first
             else ApplicationStatus.NOT_STARTED, "message": message, "ready": False,
             "bounded": first["bounded"] if first else False,
-            "durable": first["durable"] if first else False}
+            "durable": first["durable"] if first else False,
+            "ordered": first["ordered"] if first else False}

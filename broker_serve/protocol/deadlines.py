@@ -1,9 +1,10 @@
-"""Request deadlines: from a caller's SLO to the message's `bs-deadline`, `expiration` and
-`priority` (docs/architecture.md, "Deadlines and ordering").
+"""Request deadlines: from a caller's SLO to the message's `bs-deadline`, `expiration` and,
+for a deployment with `order_by_deadline`, `priority` (docs/architecture.md, "Deadlines and
+ordering"; protocol/priorities.py says when a deadline's priority is used).
 
 A deadline is a Unix time in milliseconds, as Ray Serve 0.8's `absolute_slo_ms` was; a
-`relative_slo_ms` is counted from when the request is made. Every caller (proxy, handles) and
-the controller, which declares the priority levels, share these rules.
+`relative_slo_ms` is counted from when the request is made. Every caller (proxy, handles)
+shares these rules.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from typing import Any
 HTTP_RELATIVE_SLO = b"x-serve-relative-slo-ms"
 HTTP_ABSOLUTE_SLO = b"x-serve-absolute-slo-ms"
 
-# Priority levels of a queue declared with `order_by_deadline`. The nearer a request's
-# deadline is when it is published, the higher its priority; without one it is 0, as any
-# message without a priority is. Bounds of the remaining time, nearest first, for 5 to 2;
-# any later deadline is 1.
+# The priorities a deadline gives, 1 to PRIORITY_LEVELS, under a deployment's
+# `order_by_deadline`: the nearer a request's deadline is when it is published, the higher.
+# Bounds of the remaining time, nearest first, for 5 to 2; any later deadline is 1.
 PRIORITY_LEVELS = 5
 _PRIORITY_BOUNDS_MS = (100, 500, 2_000, 10_000)
 
@@ -97,8 +97,3 @@ def priority(remaining_ms: int) -> int:
 def expiration(remaining_ms: int) -> str:
     """The AMQP `expiration` of a request whose deadline is `remaining_ms` away."""
     return str(max(remaining_ms, 0) + EXPIRY_GRACE_MS)
-
-
-def queue_arguments() -> dict[str, Any]:
-    """What a request queue declared with `order_by_deadline` adds to its arguments."""
-    return {"x-max-priority": PRIORITY_LEVELS}

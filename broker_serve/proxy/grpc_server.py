@@ -25,7 +25,7 @@ import grpc
 from ..config import gRPCOptions
 from ..exceptions import BackPressureError, BrokerServeError, ProtocolError
 from ..observability.logging import AccessLog
-from ..protocol import deadlines
+from ..protocol import deadlines, priorities
 from ..protocol import messages as protocol
 from ..protocol.grpc_methods import GrpcMethods
 from ..transport.broker import ReplyEvents
@@ -211,10 +211,11 @@ class GrpcIngress:
         }
         if metadata.get(MODEL_ID_KEY):
             payload["multiplexed_model_id"] = metadata[MODEL_ID_KEY]
-        expiration, priority = None, 0
+        expiration = remaining = None
         if deadline is not None:
             remaining = deadline - deadlines.now_ms()
-            expiration, priority = deadlines.expiration(remaining), deadlines.priority(remaining)
+            expiration = deadlines.expiration(remaining)
+        priority = priorities.of_request(None, bool(route.get("ordered")), remaining)
         broker, router = self.proxy.broker, self.proxy.router
         arguments: dict[str, Any] = {
             "type": protocol.KIND_GRPC, "correlation_id": call.correlation_id,

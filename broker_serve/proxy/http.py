@@ -29,7 +29,7 @@ from ..config import HTTPOptions
 from ..exceptions import BackPressureError, BrokerServeError, ClusterUnavailable, TransportError
 from ..observability.logging import AccessLog
 from ..observability.metrics import ProxyMetrics
-from ..protocol import deadlines
+from ..protocol import deadlines, priorities
 from ..protocol import messages as protocol
 from ..settings import CHUNK_BYTES, Settings
 from ..state.liveness import process_id
@@ -230,7 +230,7 @@ class Proxy:
         # The correlation id is always the proxy's own, so it is unique; a client's
         # X-Request-Id, if it sent one, is the id logged, returned and passed on.
         request.correlation_id = f"{self.proxy_id}-{next(self._ids)}"
-        length, client_id, slo, job = _scan_headers(scope["headers"])
+        length, client_id, slo, priority, job = _scan_headers(scope["headers"])
         request.request_id = client_id or request.correlation_id
         matched = self._match(scope)
         if matched is None:
@@ -250,6 +250,8 @@ class Proxy:
             await self._submit_job(scope, request, route, prefix, client_id)
             return
         refusal = refusal or _take_deadline(request, slo, self.options.request_timeout_s)
+        if refusal is None and priority is not None:
+            refusal = _take_priority(request, priority)
         if refusal is not None:
             await _plain(request, *refusal)
             return
@@ -388,10 +390,11 @@ class Proxy:
         }
         request_id, deadline = request.correlation_id, request.deadline_ms
         queue = self.names.affinity_queue(request.chosen) if request.chosen else request.queue
-        expiration, priority = None, 0
+        expiration = remaining = None
         if deadline is not None:  # a request that outlives its deadline in the queue never runs
             remaining = deadline - deadlines.now_ms()
-            expiration, priority = deadlines.expiration(remaining), deadlines.priority(remaining)
+            expiration = deadlines.expiration(remaining)
+        priority = priorities.of_request(request.priority, bool(route.get("ordered")), remaining)
         headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
                                            request_id=client_id)
         accepted = await self.broker.publish_request(
@@ -548,8 +551,8 @@ class _ProxyRequest:
     line need. One object per request, so its relay takes no long argument list."""
 
     __slots__ = ("app", "arrived", "body_sent", "chosen", "correlation_id", "deadline_ms",
-                 "events", "more_body", "queue", "receive", "request_id", "route", "send",
-                 "status")
+                 "events", "more_body", "priority", "queue", "receive", "request_id", "route",
+                 "send", "status")
     # Set by Proxy._forward before the request is published:
     correlation_id: str
     more_body: bool  # the rest of the body waits for a replica's `accepted`
@@ -565,6 +568,8 @@ class _ProxyRequest:
         self.arrived = time.perf_counter()
         self.status = 0
         self.app = self.route = self.request_id = ""
+        # X-Serve-Priority's; None: the deadline's where the route is ordered, else 0.
+        self.priority: int | None = None
 
     @property
     def started(self) -> bool:
@@ -602,10 +607,12 @@ def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
 
 
 def _scan_headers(headers: list[tuple[bytes, bytes]]
-                  ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None], bool]:
+                  ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None],
+                             bytes | None, bool]:
     """The request's content-length, the client's X-Request-Id if it is usable, its SLO
-    headers (relative, absolute), and whether it asks to be a job (`Prefer: respond-async`)."""
-    length = client_id = relative = absolute = None
+    headers (relative, absolute), its X-Serve-Priority, and whether it asks to be a job
+    (`Prefer: respond-async`)."""
+    length = client_id = relative = absolute = priority = None
     job = False
     for name, value in headers:
         if name == b"content-length":
@@ -619,9 +626,11 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]
             relative = value
         elif name == deadlines.HTTP_ABSOLUTE_SLO:
             absolute = value
+        elif name == priorities.HTTP_PRIORITY:
+            priority = value
         elif name == b"prefer":
             job = job or prefers_async(value)
-    return length, client_id, (relative, absolute), job
+    return length, client_id, (relative, absolute), priority, job
 
 
 def _take_deadline(request: _ProxyRequest, slo: tuple[bytes | None, bytes | None],
@@ -635,6 +644,16 @@ def _take_deadline(request: _ProxyRequest, slo: tuple[bytes | None, bytes | None
         return 400, f"Bad Request: {exc}."
     if request.deadline_ms is not None and request.deadline_ms <= arrived_ms:
         return 408, "Request Timeout: the request's deadline had passed when it arrived."
+    return None
+
+
+def _take_priority(request: _ProxyRequest, header: bytes) -> tuple[int, str] | None:
+    """Set the request's explicit priority; the status and text to answer at once with if its
+    X-Serve-Priority is bad."""
+    try:
+        request.priority = priorities.of_http_header(header)
+    except ValueError as exc:
+        return 400, f"Bad Request: {exc}."
     return None
 
 

@@ -238,7 +238,7 @@ class JobRunner:
                     self.dead_letters, message.body, deadline_ms=None,
                     type=properties.message_type or "", correlation_id=properties.correlation_id
                     or "", message_id=properties.message_id, headers=headers,
-                    priority=properties.priority or 0, mandatory=True)
+                    priority=properties.priority or 0, mandatory=True, refuse_returned=True)
         if not kept:  # the controller declares it at its start: not seen in practice
             log.error("the dead-letter queue %s refused job %s; its record still says FAILED",
                       self.dead_letters, properties.message_id)

@@ -103,6 +103,7 @@ class Replica:
         self.secret = b""
         self._caller_messages: dict[str, CallerMessages] = {}  # by correlation id
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks_aside: set[asyncio.Future[None]] = set()  # not requests: not waited for
         self._settler: Settler | None = None  # of the request channel now open
         self.deliveries = DeliveryJournal(self.store)
         self._cancelled = CancelledSet()
@@ -231,7 +232,19 @@ class Replica:
         # callers' tombstones are loaded before consuming again, so they are dropped at pickup.
         self._consumers.append(await Subscription(
             self.broker, channel, queues, self._on_request_channel, no_ack=False,
-            before_reconsume=lambda: self._cancelled.load(self.store)).start())
+            before_reconsume=lambda: self._cancelled.load(self.store),
+            on_queue_deleted=self._queue_deleted).start())
+
+    def _queue_deleted(self, queue: str) -> None:
+        """The controller re-created the queue with new arguments (once it was drained), or
+        is deleting the application: this replica is replaced by one that consumes the new
+        queue."""
+        if self._stopping.is_set():
+            return
+        task = asyncio.ensure_future(self._unhealthy(
+            f"its queue {queue} was deleted; a new replica consumes it again"))
+        self._tasks_aside.add(task)
+        task.add_done_callback(self._tasks_aside.discard)
 
     def _on_request_channel(self, raw: aiormq.abc.AbstractChannel) -> DeliveryCallback:
         """A (re)opened request channel: its deliveries are settled by a settler of its own."""

@@ -119,6 +119,7 @@ class SplitTarget(TypedDict):
     ready: bool
     bounded: bool
     durable: bool
+    ordered: bool
 
 
 class ShadowTarget(TypedDict):
@@ -141,6 +142,7 @@ class Route(TypedDict):
     ready: bool
     bounded: bool  # has max_queued_requests: publishes wait for the broker's confirm
     durable: bool  # a quorum queue: publishes are persistent, confirmed and retried
+    ordered: bool  # order_by_deadline: a deadline gives a request without a priority its own
     split: NotRequired[list[SplitTarget]]
     shadow: NotRequired[list[ShadowTarget]]
     methods: NotRequired[list[str]]  # absent: any method

@@ -247,10 +247,14 @@ class Broker:
                                 headers: dict[str, Any] | None = None,
                                 expiration: str | None = None, priority: int = 0,
                                 mandatory: bool = False, persistent: bool = False,
-                                message_id: str | None = None) -> bool:
+                                message_id: str | None = None,
+                                refuse_returned: bool = False) -> bool:
         """Publish and wait for the broker's confirm. False: the broker refused the message
-        (a bounded queue is full). Only publishes to bounded or durable queues pay for this
-        wait; `persistent` ones are written to disk by the broker before it confirms."""
+        (a bounded queue is full), or, with `refuse_returned`, returned it (a `mandatory`
+        message no queue took; it must have a `message_id`); otherwise a returned message
+        reaches the `on_return` handlers, which fail its request. Only publishes to bounded
+        or durable queues pay for this wait; `persistent` ones are written to disk by the
+        broker before it confirms."""
         if self._confirming is None or not self.is_connected:
             # aio-pika would wait for the reconnection: callers get an answer at once instead
             raise ClusterUnavailable("RabbitMQ connection is down")
@@ -263,8 +267,12 @@ class Broker:
         )
         try:
             raw = await self._confirming.get_underlay_channel()
-            await raw.basic_publish(body, routing_key=routing_key, properties=properties,
-                                    mandatory=mandatory)
+            confirmation = await raw.basic_publish(body, routing_key=routing_key,
+                                                   properties=properties, mandatory=mandatory)
+            # aiormq completes a returned message's confirm with the message itself (its
+            # channels from aio-pika do not raise on returns): anything but an ack.
+            if refuse_returned and not isinstance(confirmation, Basic.Ack):
+                return False
         except aiormq.exceptions.DeliveryError:
             return False  # nacked: the queue is at its bound
         except AMQP_ERROR_TYPES as exc:
@@ -359,17 +367,19 @@ class Subscription:
     def __init__(self, broker: Broker, channel: AbstractRobustChannel, queues: list[str],
                  on_channel: Callable[[aiormq.abc.AbstractChannel], DeliveryCallback],
                  no_ack: bool,
-                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None
-                 ) -> None:
+                 before_reconsume: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                 on_queue_deleted: Callable[[str], None] | None = None) -> None:
         self.broker = broker
         # Run before consuming again on a reopened channel (a replica reloads tombstones).
         self.before_reconsume = before_reconsume
+        # Called with the queue whose consumer RabbitMQ cancelled: the queue was deleted.
+        self.on_queue_deleted = on_queue_deleted
         self.channel = channel
         self.queues = queues
         self.on_channel = on_channel
         self.no_ack = no_ack
         self._raw: aiormq.abc.AbstractChannel | None = None
-        self._tags: list[str] = []
+        self._tags: dict[str, str] = {}  # consumer tag -> queue
         self._cancelled = False
 
     async def start(self) -> Subscription:
@@ -395,13 +405,21 @@ class Subscription:
             raw = await self.channel.get_underlay_channel()
             if raw is self._raw:
                 return
-            self._raw, self._tags = raw, []
+            self._raw, self._tags = raw, {}
             self.broker.watch(raw)
+            raw.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
             callback = self.on_channel(raw)
             for queue in self.queues:
                 result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
                 if result.consumer_tag:
-                    self._tags.append(result.consumer_tag)
+                    self._tags[result.consumer_tag] = queue
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted; the channel stays open, so no
+        reopen would consume again."""
+        queue = self._tags.pop(frame.consumer_tag or "", None)
+        if queue is not None and not self._cancelled and self.on_queue_deleted is not None:
+            self.on_queue_deleted(queue)
 
     async def cancel(self) -> None:
         """Stop consuming. Deliveries already received are still handed to the callback."""
@@ -410,7 +428,7 @@ class Subscription:
         raw = self._raw
         if raw is not None and not raw.is_closed:
             with map_amqp_errors(f"cannot stop consuming {', '.join(self.queues)}"):
-                for tag in self._tags:
+                for tag in list(self._tags):
                     await raw.basic_cancel(tag)
 
 
