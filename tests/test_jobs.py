@@ -54,7 +54,7 @@ def test_an_http_job_answers_202_and_its_result_is_the_synchronous_response(clus
     # Bad input is refused before anything is published, and unknown ids are 404.
     bad = requests.post(f"{cluster.url}/echo", headers={"Prefer": "respond-async",
                                                         "X-Serve-Priority": "12"}, timeout=30)
-    assert bad.status_code == 400 and "x-serve-priority" in bad.text
+    assert bad.status_code == 400 and "X-Serve-Priority" in bad.text
     assert requests.get(f"{cluster.url}/-/jobs/nope", timeout=30).status_code == 404
     assert requests.get(f"{cluster.url}/-/jobs/nope/result", timeout=30).status_code == 404
     assert requests.delete(f"{cluster.url}/-/jobs/nope", timeout=30).status_code == 404

@@ -22,7 +22,7 @@ from ..exceptions import (
     RayServeException,
     RequestCancelledError,
 )
-from ..protocol import jobs, messages
+from ..protocol import jobs, messages, priorities
 from ..protocol.call_values import carries_value, unpack_value
 from ..protocol.jobs import JobStatus
 from ..protocol.remote_errors import raised_for
@@ -52,7 +52,7 @@ class JobOptions(NamedTuple):
                  ) -> JobOptions:
         """These options with the ones given (not None) in place, checked: ValueError."""
         if priority is not None:
-            priority = jobs.checked_priority(priority)
+            priority = priorities.checked(priority)
         if max_retries is not None:
             max_retries = jobs.checked_retries(max_retries)
         if isinstance(retry_wait, dict):

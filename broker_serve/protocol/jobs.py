@@ -34,7 +34,6 @@ DEAD_HEADERS = (HEADER_DEAD_QUEUE, HEADER_DEAD_REASON, HEADER_DEAD_ERROR, HEADER
 
 MAX_TTL_S = 2_592_000
 MAX_RETRIES = 100
-MAX_PRIORITY = 9
 
 
 class JobStatus(str, enum.Enum):
@@ -124,12 +123,6 @@ def checked_retries(value: Any) -> int:
     if value.__class__ is not int or not 0 <= value <= MAX_RETRIES:
         raise ValueError(f"max_retries must be an integer from 0 to {MAX_RETRIES}, "
                          f"got {value!r}")
-    return int(value)
-
-
-def checked_priority(value: Any) -> int:
-    if value.__class__ is not int or not 0 <= value <= MAX_PRIORITY:
-        raise ValueError(f"priority must be an integer from 0 to {MAX_PRIORITY}, got {value!r}")
     return int(value)
 
 

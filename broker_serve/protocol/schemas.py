@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import jobs, messages
+from . import jobs, messages, priorities
 
 Schema = dict[str, Any]
 
@@ -269,7 +269,7 @@ _REQUEST_PROPERTY_FIELDS: dict[str, Schema] = {
     "reply_to": {"type": "string", "description": "the caller's reply queue"},
     "expiration": {"type": "string", "pattern": "^[0-9]+$",
                    "description": "milliseconds it may wait in the queue"},
-    "priority": {"type": "integer", "minimum": 0, "maximum": jobs.MAX_PRIORITY},
+    "priority": {"type": "integer", "minimum": 0, "maximum": priorities.MAX_PRIORITY},
     "delivery_mode": {"enum": [1, 2], "description": "2 (persistent) to a durable queue"},
     "headers": REQUEST_HEADERS,
 }

@@ -19,6 +19,7 @@ from ..client.jobs import JobOptions
 from ..exceptions import BrokerServeError, RayServeException
 from ..protocol import jobs as job_protocol
 from ..protocol import messages as protocol
+from ..protocol import priorities
 from ..protocol.call_values import carries_value, unpack_value
 from ..protocol.jobs import JobStatus
 from ..state.store import Store
@@ -28,7 +29,6 @@ from .client_input import ClientGone, read_chunk
 # `GET /-/jobs/<id>/result?wait_s=` waits at most this long.
 MAX_WAIT_S = 60.0
 
-PRIORITY_HEADER = b"x-serve-priority"
 MAX_RETRIES_HEADER = b"x-serve-max-retries"
 DEADLINE_HEADER = b"x-serve-job-deadline-s"
 TTL_HEADER = b"x-serve-job-ttl-s"
@@ -48,7 +48,8 @@ class BadJobOption(ValueError):
 def options_from(headers: list[tuple[bytes, bytes]]) -> JobOptions:
     """A job's options from its X-Serve-* headers; BadJobOption says which is wrong."""
     found = {name: value for name, value in headers
-             if name in (PRIORITY_HEADER, MAX_RETRIES_HEADER, DEADLINE_HEADER, TTL_HEADER)}
+             if name in (priorities.HTTP_PRIORITY, MAX_RETRIES_HEADER, DEADLINE_HEADER,
+                         TTL_HEADER)}
 
     def integer(name: bytes, low: int, high: int) -> int | None:
         value = found.get(name)
@@ -63,6 +64,12 @@ def options_from(headers: list[tuple[bytes, bytes]]) -> JobOptions:
                                f"got {value.decode(errors='replace')!r}")
         return number
 
+    priority = 0
+    if (raw := found.get(priorities.HTTP_PRIORITY)) is not None:
+        try:
+            priority = priorities.of_http_header(raw)
+        except ValueError as exc:
+            raise BadJobOption(str(exc)) from None
     deadline_s = None
     if (raw := found.get(DEADLINE_HEADER)) is not None:
         try:
@@ -73,7 +80,7 @@ def options_from(headers: list[tuple[bytes, bytes]]) -> JobOptions:
             raise BadJobOption(f"{DEADLINE_HEADER.decode()} must be a number of seconds > 0, "
                                f"got {raw.decode(errors='replace')!r}")
     return JobOptions(
-        priority=integer(PRIORITY_HEADER, 0, job_protocol.MAX_PRIORITY) or 0,
+        priority=priority,
         max_retries=integer(MAX_RETRIES_HEADER, 0, job_protocol.MAX_RETRIES),
         deadline_s=deadline_s,
         result_ttl_s=integer(TTL_HEADER, 1, job_protocol.MAX_TTL_S))
