@@ -62,6 +62,7 @@ MEASUREMENTS = [
     "noop_sync_rps_c32",
     "noop_latency_c1",
     "noop_sync_latency_c1",
+    "jobs_noop",
     "durable_noop_rps_c32",
     "durable_noop_latency_c1",
     "grpc_noop_rps_c32",
@@ -94,6 +95,7 @@ class Plan:
     stream_chunks: int
     stream_repeats: int
     handle_calls: int
+    jobs: int
     body_requests: int
     streams: int
     slow_seconds: int
@@ -101,8 +103,8 @@ class Plan:
     @classmethod
     def make(cls, smoke: bool, duration_s: float) -> Plan:
         if smoke:
-            return cls(True, 1.0, 0.0, 1000, 2, 200, 3, 50, 3)
-        return cls(False, duration_s, 2.0, 10_000, 5, 2000, 20, 1000, 20)
+            return cls(True, 1.0, 0.0, 1000, 2, 200, 200, 3, 50, 3)
+        return cls(False, duration_s, 2.0, 10_000, 5, 2000, 4000, 20, 1000, 20)
 
 
 class Bench:
@@ -350,6 +352,74 @@ class Bench:
                      ratio_to="ceiling_latency_c1_p50", errors=errors, details=result.details()))
         self.add(Row(f"{prefix}_p99", result.latency_ms["99"], "ms",
                      ratio_to="ceiling_latency_c1_p99", errors=errors))
+
+    def m_jobs_noop(self) -> None:
+        """N no-op jobs over HTTP (`Prefer: respond-async`) from 32 connections, then every
+        result read: jobs/s = N / (first submit -> the last job's `finished_ms` in Redis)."""
+        self.ensure("noop")
+        n, concurrency = self.plan.jobs, 32
+        tally = Tally()
+        counts = {"non_202_submits": 0, "non_200_results": 0}
+        ids: list[str] = []
+        began: list[float] = []
+
+        async def exchange(connection: client.Connection, path: str,
+                           headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+            connection.send_request("GET", path, headers=headers)
+            await connection.writer.drain()
+            response = await connection.read_head()
+            return response.status, await connection.read_body()
+
+        async def worker(step: Callable[[client.Connection, int], Coroutine[Any, Any, None]],
+                         todo: list[int]) -> None:
+            connection = await client.Connection.open(self.port)
+            try:
+                while todo and not tally.exhausted:
+                    index = todo.pop()
+                    try:
+                        await asyncio.wait_for(step(connection, index), 60)
+                    except (OSError, TimeoutError, client.HttpError) as exc:
+                        tally.fail(f"job {index}: {type(exc).__name__}: {exc}")
+                        await connection.close()  # in an unknown state: start afresh
+                        connection = await client.Connection.open(self.port)
+            finally:
+                await connection.close()
+
+        async def submit(connection: client.Connection, index: int) -> None:
+            if not began:
+                began.append(time.time())
+            status, body = await exchange(connection, "/noop", {"Prefer": "respond-async"})
+            if status != 202:
+                counts["non_202_submits"] += 1
+                tally.fail(f"submit {index} answered {status} {body[:100]!r}")
+                return
+            ids.append(json.loads(body)["id"])
+
+        async def result(connection: client.Connection, index: int) -> None:
+            status, body = await exchange(connection, f"/-/jobs/{ids[index]}/result?wait_s=30")
+            if status != 200 or body != b"ok":
+                counts["non_200_results"] += 1
+                tally.fail(f"result of {ids[index]} answered {status} {body[:100]!r}")
+
+        async def run() -> None:
+            submits = list(range(n))
+            await asyncio.gather(*(worker(submit, submits) for _ in range(concurrency)))
+            results = list(range(len(ids)))
+            await asyncio.gather(*(worker(result, results) for _ in range(concurrency)))
+
+        arun(asyncio.wait_for(run(), 600))
+        pipeline = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipeline.hget(f"bs:{self.cluster}:job:{job_id}", "finished_ms")
+        finished = [int(ms) / 1000 for ms in pipeline.execute() if ms is not None]
+        if not finished or not began:
+            raise BenchError(f"no job finished: {tally.examples}")
+        elapsed = max(finished) - began[0]
+        errors = self.seen(tally.errors() + self.probe.unanswered(self.port))
+        self.add(Row("jobs_noop", len(finished) / elapsed, "jobs/s", errors=errors, details={
+            "jobs": n, "submitted": len(ids), "finished": len(finished),
+            "concurrency": concurrency, "seconds": elapsed, **counts}))
+        self._versus("jobs_to_http_rps", "jobs_noop", "noop_rps_c32")
 
     def m_grpc_noop_rps_c32(self) -> None:
         load, errors = self._grpc_load(32, self.plan.warmup_s)

@@ -397,6 +397,8 @@ class DeploymentStatusOverview(BaseModel):
     replica_states: dict[str, int] = Field(default_factory=dict)
     message: str = ""
     autoscaling: AutoscalingState | None = None
+    # broker-serve's: the deployment's jobs waiting to run (PENDING, over every priority).
+    pending_jobs: int = 0
 
 
 class ApplicationStatusOverview(BaseModel):
@@ -414,15 +416,16 @@ class ServeStatus(BaseModel):
     target_capacity: float | None = None
 
     @classmethod
-    def from_records(cls, statuses: dict[str, dict[str, Any]],
-                     proxies: dict[str, bool]) -> ServeStatus:
+    def from_records(cls, statuses: dict[str, dict[str, Any]], proxies: dict[str, bool],
+                     pending_jobs: Mapping[tuple[str, str], int] | None = None) -> ServeStatus:
+        pending_jobs = pending_jobs or {}
         applications = {}
         for name, record in statuses.items():
             deployments = {
                 dep: DeploymentStatusOverview(
                     status=d["status"], replica_states=d.get("replica_states", {}),
                     message=d.get("message", ""), status_trigger=status_trigger(d),
-                    autoscaling=d.get("autoscaling"),
+                    autoscaling=d.get("autoscaling"), pending_jobs=pending_jobs.get((name, dep), 0),
                 )
                 for dep, d in record.get("deployments", {}).items()
             }
@@ -512,6 +515,7 @@ class DeploymentDetails(BaseModel):
     required_resources: dict[str, float] = Field(default_factory=dict)
     replicas: list[ReplicaDetails] = Field(default_factory=list)
     autoscaling: AutoscalingState | None = None
+    pending_jobs: int = 0  # as in DeploymentStatusOverview
 
 
 class ApplicationDetails(BaseModel):
@@ -555,6 +559,7 @@ class ServeInstanceDetails(BaseModel):
                             status=dep.status, status_trigger=dep.status_trigger,
                             replica_states=dict(Counter(r.state for r in dep.replicas)),
                             message=dep.message, autoscaling=dep.autoscaling,
+                            pending_jobs=dep.pending_jobs,
                         )
                         for dep_name, dep in app.deployments.items()
                     },

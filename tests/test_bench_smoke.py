@@ -49,6 +49,7 @@ EXPECTED_ROWS = [
     "handle_call_p50", "handle_call_p90", "handle_call_p99",
     "handle_chain_p50", "handle_chain_p90", "handle_chain_p99",
     "body_1mib", "body_10mib",
+    "jobs_noop", "jobs_to_http_rps",
     "proxy_rss_1000_streams", "replica_rss_at_rest",
 ]
 TOTALS = ["errors", "non_2xx", "non_ok", "socket_errors", "unanswered", "failed", "redeliveries",
@@ -95,6 +96,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
              "noop_latency_c1_p50")):
         expected = results[grpc_row]["value"] / results[http_row]["value"]
         assert results[ratio_row]["value"] == pytest.approx(expected), ratio_row
+    # Every job was submitted (202) and its result read (200), and its ratio is to noop.
+    jobs = results["jobs_noop"]["details"]
+    assert jobs["finished"] == jobs["submitted"] == jobs["jobs"] > 0, jobs
+    assert jobs["non_202_submits"] == jobs["non_200_results"] == 0, jobs
+    assert results["jobs_to_http_rps"]["value"] == pytest.approx(
+        results["jobs_noop"]["value"] / results["noop_rps_c32"]["value"])
     # Every figure carries its error counts, every count was read, and all are zero.
     for name, row in results.items():
         counted = set(row["errors"])

@@ -75,6 +75,11 @@ METRICS = HISTOGRAMS | {
     "broker_serve_controller_replicas",
     "broker_serve_controller_autoscaling_decisions_total",
     "broker_serve_controller_is_leader",
+    "broker_serve_jobs",
+    "broker_serve_jobs_finished_total",
+    "broker_serve_job_retries_total",
+    "broker_serve_job_dead_letters_total",
+    "broker_serve_dead_letters",
 }
 
 

@@ -34,7 +34,12 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -458,6 +463,80 @@ class NodeMetricsServer:
 
 # controller -------------------------------------------------------------------------------------
 QueueDepth = Callable[[str], Awaitable[int]]
+JobCounts = Callable[[], Awaitable[dict[str, int]]]  # the hash `bs:<cluster>:jobs:counts`
+DeadLetterDepth = Callable[[], Awaitable[int]]
+_FINISHED = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+class JobMetrics(Collector):
+    """The job counts (docs/protocol.md, "The job record") of the deployments the controller
+    knows, as they were read at the last scrape, and the dead-letter queue's depth.
+
+    A Collector rather than Gauges: the values are Redis's, read in one HGETALL per scrape, and
+    a deployment that is gone has no series without anything to clear. The totals are counters
+    (their fields only ever go up) and start at 0 for every known deployment, so that the
+    first job counts in `rate()`."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] | None = None  # None: not read (a gap, not zeros)
+        self._deployments: list[tuple[str, str]] = []
+        self._dead_letters: int | None = None
+
+    def update(self, counts: dict[str, int] | None, deployments: Iterable[tuple[str, str]],
+               dead_letters: int | None) -> None:
+        self._counts = counts
+        self._deployments = sorted(deployments)
+        self._dead_letters = dead_letters
+
+    def clear(self) -> None:
+        self.update(None, (), None)
+
+    def collect(self) -> Iterator[Metric]:
+        if self._dead_letters is not None:
+            yield GaugeMetricFamily(
+                "broker_serve_dead_letters",
+                "Messages in the dead-letter queue bs.<cluster>.dead, read when scraped.",
+                value=self._dead_letters)
+        if self._counts is None:
+            return
+        known = set(self._deployments)
+        labels = ["application", "deployment"]
+        jobs = GaugeMetricFamily(
+            "broker_serve_jobs", "Jobs now PENDING (queued, or waiting to retry) or RUNNING, "
+            "by priority.", labels=[*labels, "status", "priority"])
+        finished = {key: dict.fromkeys(_FINISHED, 0) for key in self._deployments}
+        retries = dict.fromkeys(self._deployments, 0)
+        dead = dict.fromkeys(self._deployments, 0)
+        for field, count in self._counts.items():
+            kind, _, rest = field.partition("|")
+            if kind in ("retries", "dead"):
+                app, _, name = rest.partition("|")
+                if (app, name) in known:
+                    (retries if kind == "retries" else dead)[(app, name)] = count
+                continue
+            priority, _, where = rest.partition("|")
+            app, _, name = where.partition("|")
+            if (app, name) not in known:
+                continue
+            if kind in _FINISHED:
+                finished[(app, name)][kind] += count
+            else:
+                jobs.add_metric([app, name, kind, priority], count)
+        ended = CounterMetricFamily(
+            "broker_serve_jobs_finished", "Jobs that ended, by how.",
+            labels=[*labels, "status"])
+        retried = CounterMetricFamily(
+            "broker_serve_job_retries", "Failed job attempts that were run again.",
+            labels=labels)
+        dead_lettered = CounterMetricFamily(
+            "broker_serve_job_dead_letters", "Failed jobs published to the dead-letter queue.",
+            labels=labels)
+        for key in self._deployments:
+            for status, count in finished[key].items():
+                ended.add_metric([*key, status], count)
+            retried.add_metric(list(key), retries[key])
+            dead_lettered.add_metric(list(key), dead[key])
+        yield from (jobs, ended, retried, dead_lettered)
 
 
 class ControllerMetrics:
@@ -481,6 +560,8 @@ class ControllerMetrics:
         self._leader = Gauge("broker_serve_controller_is_leader",
                              "1 if this controller holds the lease and acts, else 0.",
                              registry=self.registry)
+        self._jobs = JobMetrics()
+        self.registry.register(self._jobs)
         self.leader = False
         self._queues: dict[tuple[str, str], str] = {}
         self._leader.set(0)
@@ -489,6 +570,7 @@ class ControllerMetrics:
         if self.leader and not leader:  # a standby reports no deployments
             self._replicas.clear()
             self._queue_depth.clear()
+            self._jobs.clear()
             self._queues = {}
         self.leader = leader
         self._leader.set(1 if leader else 0)
@@ -506,8 +588,13 @@ class ControllerMetrics:
     def autoscaled(self, application: str, deployment: str, direction: str) -> None:
         self._decisions.labels(application, deployment, direction).inc()
 
-    async def render(self, depth_of: QueueDepth | None = None) -> bytes:
-        """The exposition; the leader first reads each deployment's queue depth."""
+    async def render(self, depth_of: QueueDepth | None = None,
+                     job_counts: JobCounts | None = None,
+                     dead_letters: DeadLetterDepth | None = None) -> bytes:
+        """The exposition; the leader first reads each deployment's queue depth, the job
+        counts and the dead-letter queue's depth."""
+        if self.leader and job_counts is not None:
+            await self._read_jobs(job_counts, dead_letters)
         if self.leader and depth_of is not None:
             depths = {}
             for key, queue in list(self._queues.items()):
@@ -520,3 +607,18 @@ class ControllerMetrics:
                 self._queue_depth.labels(app, name).set(depth)
         return generate_latest(self.registry)
 
+    async def _read_jobs(self, job_counts: JobCounts, dead_letters: DeadLetterDepth | None
+                         ) -> None:
+        counts: dict[str, int] | None
+        try:
+            counts = await job_counts()
+        except Exception as exc:  # noqa: BLE001 - a scrape shows what it can
+            log.debug("no job counts: %s", exc)
+            counts = None
+        depth = None
+        if dead_letters is not None:
+            try:
+                depth = await dead_letters()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("no dead-letter queue depth: %s", exc)
+        self._jobs.update(counts, list(self._queues), depth)

@@ -57,7 +57,20 @@ async def read_status(store: Store) -> ServeStatus:
                          "status": state.value, "message": message}
     proxies = await store.proxies()
     alive = await store.alive([store.names.proxy_alive(p) for p in proxies])
-    return ServeStatus.from_records(records, dict(zip(proxies, alive)))
+    return ServeStatus.from_records(records, dict(zip(proxies, alive)),
+                                    pending_jobs(await store.jobs.counts()))
+
+
+def pending_jobs(counts: Mapping[str, int]) -> dict[tuple[str, str], int]:
+    """Jobs PENDING per (application, deployment), over every priority, from the job counts
+    (fields `PENDING|<priority>|<app>|<deployment>`, docs/protocol.md "The job record")."""
+    pending: dict[tuple[str, str], int] = {}
+    for field, count in counts.items():
+        status, _, rest = field.partition("|")
+        if status == "PENDING":
+            app, _, deployment = rest.partition("|")[2].partition("|")
+            pending[(app, deployment)] = pending.get((app, deployment), 0) + count
+    return pending
 
 
 async def _live_builds(store: Store) -> dict[str, AppBuild]:
@@ -79,10 +92,11 @@ async def read_details(store: Store) -> ServeInstanceDetails:
         if record.get("state") not in _GONE_STATES:
             by_deployment.setdefault((record["app"], record["deployment"]), []).append(record)
 
+    pending = pending_jobs(await store.jobs.counts())
     applications = {}
     for name in sorted(apps.keys() | statuses.keys() | builds.keys()):
         applications[name] = _application(name, apps.get(name), statuses.get(name),
-                                          builds.get(name), config, by_deployment)
+                                          builds.get(name), config, by_deployment, pending)
     http = await store.http_options()
     return ServeInstanceDetails(
         controller_info=await _controller_info(store),
@@ -109,7 +123,8 @@ def _grpc_options(stored: gRPCOptions | None, config: ServeDeploySchema | None
 
 def _application(name: str, record: AppRecord | None, status: AppStatusRecord | None,
                  build: AppBuild | None, config: ServeDeploySchema | None,
-                 replicas: dict[tuple[str, str], list[ReplicaRecord]]) -> ApplicationDetails:
+                 replicas: dict[tuple[str, str], list[ReplicaRecord]],
+                 pending: Mapping[tuple[str, str], int]) -> ApplicationDetails:
     state, message = _application_status(record, status, build)
     declarative = build is not None or (record is not None
                                         and record.get("source") == "declarative")
@@ -129,6 +144,7 @@ def _application(name: str, record: AppRecord | None, status: AppStatusRecord | 
             target_num_replicas=dep_status.get("target_replicas", dep.get("num_replicas", 0)),
             replicas=[_replica(r) for r in replicas.get((name, dep_name), [])],
             autoscaling=dep_status.get("autoscaling"),
+            pending_jobs=pending.get((name, dep_name), 0),
         )
     return ApplicationDetails(
         name=name,
