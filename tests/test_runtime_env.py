@@ -181,9 +181,13 @@ def test_the_seed_v1_config_deploys_from_a_zip_served_over_http(cluster, api, fi
     assert result["applications"]["default"]["result"] == "built", result
     assert wait_for(lambda: post_text(cluster, "Hello world. It is sunny."), 60) == \
         '[french] Hello world'
-    status = requests.get(f"{api.url}/api/serve/deployments/status", headers=api.auth,
-                          timeout=10).json()
-    assert status["app_status"]["status"] == "RUNNING"
+    # The ingress answers once its route is ready; the application is RUNNING once the
+    # controller's next pass has seen every deployment ready.
+    def app_status() -> str:
+        return str(requests.get(f"{api.url}/api/serve/deployments/status", headers=api.auth,
+                                timeout=10).json()["app_status"]["status"])
+
+    assert wait_for(lambda: app_status() != "DEPLOYING", 30) and app_status() == "RUNNING"
 
     # 32 clients at once: every request answered, each with its own text, once.
     texts = [f"request {n}. tail" for n in range(256)]
