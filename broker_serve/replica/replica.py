@@ -287,8 +287,13 @@ class Replica:
         async def beat() -> None:
             self._cancelled.prune()
             # Its value is the number of requests running: the autoscaler's ongoing load.
-            await self.store.heartbeat(self.names.replica_alive(self.replica_id),
-                                       str(len(self._tasks)))
+            try:
+                await self.store.heartbeat(self.names.replica_alive(self.replica_id),
+                                           str(len(self._tasks)))
+            finally:
+                # After the heartbeat, which must not wait on RabbitMQ.
+                for consumer in self._consumers:
+                    await asyncio.wait_for(consumer.ensure(), 5)
 
         watchers = [
             asyncio.create_task(self.store.watch_events(self._on_event, CONFIG_REFRESH_S,

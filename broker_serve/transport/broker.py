@@ -381,6 +381,7 @@ class Subscription:
         self._raw: aiormq.abc.AbstractChannel | None = None
         self._tags: dict[str, str] = {}  # consumer tag -> queue
         self._cancelled = False
+        self._registering = asyncio.Lock()  # a reopen and `ensure` must not both consume
 
     async def start(self) -> Subscription:
         await self._register()
@@ -400,7 +401,29 @@ class Subscription:
         except BrokerServeError as exc:  # closed again already: the next reopen comes back here
             log.warning("could not consume %s again: %s", self.queues, exc)
 
+    async def ensure(self) -> None:
+        """Consume again if the channel was reopened and this subscription was not (a
+        reopen callback that ran too early, or not at all, would leave it idle for good).
+        Cheap when nothing changed: called periodically."""
+        if self._cancelled or not self.broker.is_connected:
+            return
+        try:
+            raw = await self.channel.get_underlay_channel()
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return  # not reopened yet: a later call, or the reopen callback, consumes
+        if raw is self._raw or raw.is_closed:
+            return
+        log.warning("consuming %s again on a reopened channel", ", ".join(self.queues))
+        try:
+            await self._register()
+        except BrokerServeError as exc:
+            log.warning("could not consume %s again: %s", self.queues, exc)
+
     async def _register(self) -> None:
+        async with self._registering:
+            await self._register_once()
+
+    async def _register_once(self) -> None:
         with map_amqp_errors(f"cannot consume {', '.join(self.queues)}"):
             raw = await self.channel.get_underlay_channel()
             if raw is self._raw:
