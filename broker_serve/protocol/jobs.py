@@ -63,7 +63,7 @@ def new_job_id() -> str:
     return secrets.token_hex(16)
 
 
-class JobOptions(NamedTuple):
+class JobHeaders(NamedTuple):
     """What a job message says of how to run it; None: the deployment's own."""
 
     ttl_s: int
@@ -92,7 +92,7 @@ def is_job(headers: dict[str, Any]) -> bool:
     return HEADER_JOB in headers
 
 
-def job_options(headers: dict[str, Any]) -> JobOptions:
+def job_options(headers: dict[str, Any]) -> JobHeaders:
     """A job message's options; ProtocolError (MalformedMessage) if one is unreadable."""
     try:
         ttl_s = checked_ttl(headers[HEADER_JOB])
@@ -109,7 +109,7 @@ def job_options(headers: dict[str, Any]) -> JobOptions:
             retry_wait = RetryWait.model_validate(orjson.loads(wait))
     except (ValueError, pydantic.ValidationError, orjson.JSONDecodeError) as exc:
         raise ProtocolError(f"bad job header: {exc}") from None
-    return JobOptions(ttl_s, max_retries, retry_wait)
+    return JobHeaders(ttl_s, max_retries, retry_wait)
 
 
 def checked_ttl(value: Any) -> int:

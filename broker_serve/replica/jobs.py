@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -20,7 +19,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from ..config import JobConfig
 from ..exceptions import ClusterUnavailable, ProtocolError
-from ..protocol import jobs
+from ..protocol import deadlines, jobs
 from ..protocol import messages as protocol
 from ..protocol.jobs import DeadReason, JobStatus
 from ..state.jobs import JobStore
@@ -144,7 +143,7 @@ class JobRunner:
         max_retries = options.retries(config)
         fields = {"app": app, "deployment": deployment, "kind": kind,
                   "priority": properties.priority or 0, "max_retries": max_retries,
-                  "deadline_ms": deadline_ms, "submitted_ms": _now_ms()}
+                  "deadline_ms": deadline_ms, "submitted_ms": deadlines.now_ms()}
         while True:
             before, attempts = await self._redis(self.store.start, job_id, options.ttl_s,
                                                  self.replica_id, **fields)
@@ -156,7 +155,7 @@ class JobRunner:
                          before.value)
                 stream.finished = True
                 return stream
-            if deadline_ms is not None and deadline_ms < _now_ms():
+            if deadline_ms is not None and deadline_ms < deadlines.now_ms():
                 await stream.error(408, "DeadlineExceeded",
                                    "the job's deadline passed before it could start")
                 outcome = Outcome(JobStatus.FAILED, "DeadlineExceeded",
@@ -176,7 +175,7 @@ class JobRunner:
                 outcome = outcome_of(result)
             if outcome.retry and attempts <= max_retries:
                 delay_s = jobs.retry_delay_s(options.wait(config), attempts)
-                retry_at_ms = _now_ms() + int(delay_s * 1000)
+                retry_at_ms = deadlines.now_ms() + int(delay_s * 1000)
                 if deadline_ms is None or retry_at_ms < deadline_ms:
                     log.warning("job %s failed (attempt %d of %d): %s; again in %.2fs", job_id,
                                 attempts, max_retries + 1, outcome.error, delay_s)
@@ -227,7 +226,7 @@ class JobRunner:
                    jobs.HEADER_DEAD_REASON: outcome.dead.value if outcome.dead else "",
                    jobs.HEADER_DEAD_ERROR: outcome.error,
                    jobs.HEADER_DEAD_MESSAGE: outcome.message[:2000],
-                   jobs.HEADER_DEAD_AT: _now_ms(),
+                   jobs.HEADER_DEAD_AT: deadlines.now_ms(),
                    jobs.HEADER_ATTEMPT: attempts}
         # While RabbitMQ is away this waits; the channel's loss then cancels it, and the
         # redelivered job comes back here.
@@ -261,6 +260,3 @@ def _ttl_or_default(headers: dict[str, Any], config: JobConfig) -> int:
     except ValueError:
         return config.result_ttl_s
 
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from ..exceptions import ClusterUnavailable, StateError
+from ..protocol.deadlines import now_ms
 from ..protocol.jobs import JobStatus
 from ..protocol.names import Names
 from .errors import translate_errors
@@ -157,10 +157,6 @@ def _flat(fields: dict[str, Any]) -> list[Any]:
         if value is not None:
             pairs += [name, value]
     return pairs
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @translate_errors
