@@ -27,7 +27,7 @@ from aiormq.abc import ChannelFrame
 
 from broker_serve.transport import aiormq_adapter, frames
 from broker_serve.transport.acks import Settler
-from broker_serve.transport.broker import Broker, ReplyRouter, connection_name
+from broker_serve.transport.broker import Broker, ReplyRouter, Subscription, connection_name
 
 from .conftest import AMQP_URL
 
@@ -275,3 +275,40 @@ async def test_a_returned_confirmed_publish_is_told_from_an_acked_one(broker: Br
     assert await broker.publish_confirmed(queue_name, b"x", **common) is True
     assert await broker.publish_confirmed(f"{queue_name}.missing", b"x", **common) is False
     assert _get(queue_name) is not None
+
+
+async def test_a_consume_cut_short_is_finished_by_the_next_check(
+        broker: Broker, queue_name: str) -> None:
+    """A registration cancelled between its consumes (a caller's timeout) must not leave the
+    subscription idle: `ensure` consumes what is missing, and nothing is consumed twice."""
+    second_queue = f"{queue_name}.second"
+    channel = await broker.channel(prefetch=10)
+    for name in (queue_name, second_queue):
+        await channel.declare_queue(name, auto_delete=True)
+    received: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def on_delivery(message: aiormq.abc.DeliveredMessage) -> None:
+        received.append(message.body)
+        await message.channel.basic_ack(message.delivery.delivery_tag)
+        arrived.set()
+
+    subscription = Subscription(broker, channel, [queue_name, second_queue],
+                                lambda _raw: on_delivery, no_ack=False)
+    registering = asyncio.create_task(subscription._register())
+    await asyncio.sleep(0)  # it is inside its first consume now
+    registering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await registering
+    await subscription.ensure()
+    try:
+        raw = await broker._channel()
+        for name in (queue_name, second_queue):
+            await raw.basic_publish(name.encode(), routing_key=name)
+        with anyio.fail_after(10):
+            while len(received) < 2:
+                arrived.clear()
+                await arrived.wait()
+        assert sorted(received) == sorted([queue_name.encode(), second_queue.encode()])
+    finally:
+        await subscription.cancel()

@@ -379,7 +379,11 @@ class Subscription:
         self.on_channel = on_channel
         self.no_ack = no_ack
         self._raw: aiormq.abc.AbstractChannel | None = None
-        self._tags: dict[str, str] = {}  # consumer tag -> queue
+        self._callback: DeliveryCallback | None = None  # `on_channel(self._raw)`
+        self._tags: dict[str, str] = {}  # consumer tag -> queue, on `_raw`
+        # `_raw` once every queue is consumed on it. Until then a consume was cut short (a
+        # timeout, a channel closed meanwhile), and the next registration finishes it.
+        self._consuming: aiormq.abc.AbstractChannel | None = None
         self._cancelled = False
         self._registering = asyncio.Lock()  # a reopen and `ensure` must not both consume
 
@@ -411,11 +415,12 @@ class Subscription:
             raw = await self.channel.get_underlay_channel()
         except aiormq.exceptions.ChannelInvalidStateError:
             return  # not reopened yet: a later call, or the reopen callback, consumes
-        if raw is self._raw or raw.is_closed:
+        if raw is self._consuming or raw.is_closed:
             return
         log.warning("consuming %s again on a reopened channel", ", ".join(self.queues))
         try:
-            await self._register()
+            # Shielded: a caller's timeout must not cut the consume short.
+            await asyncio.shield(self._register())
         except BrokerServeError as exc:
             log.warning("could not consume %s again: %s", self.queues, exc)
 
@@ -426,16 +431,21 @@ class Subscription:
     async def _register_once(self) -> None:
         with map_amqp_errors(f"cannot consume {', '.join(self.queues)}"):
             raw = await self.channel.get_underlay_channel()
-            if raw is self._raw:
+            if raw is self._consuming:
                 return
-            self._raw, self._tags = raw, {}
-            self.broker.watch(raw)
-            raw.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
-            callback = self.on_channel(raw)
+            if raw is not self._raw:
+                self._raw, self._tags = raw, {}
+                self._callback = self.on_channel(raw)
+                self.broker.watch(raw)
+                raw.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+            assert self._callback is not None
+            consumed = set(self._tags.values())
             for queue in self.queues:
-                result = await raw.basic_consume(queue, callback, no_ack=self.no_ack)
-                if result.consumer_tag:
-                    self._tags[result.consumer_tag] = queue
+                if queue not in consumed:
+                    result = await raw.basic_consume(queue, self._callback, no_ack=self.no_ack)
+                    if result.consumer_tag:
+                        self._tags[result.consumer_tag] = queue
+            self._consuming = raw
 
     def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
         """RabbitMQ cancels a consumer whose queue is deleted; the channel stays open, so no
