@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     # The REST API's bearer token; unset, the controller generates one into the state dir.
     api_token: str | None = None
+    # The status page at `/` of the REST API's port (docs/architecture.md, "The status page"):
+    # true lets anyone who reaches the port view it, without the token.
+    status_page_public: bool = False
     # The metrics history in Redis (docs/architecture.md, "Metrics history and `serve.stat`"):
     # how often each proxy and replica writes it (0: never), and how long it is kept while the
     # cluster's own window (`set_history_window`) is unset.

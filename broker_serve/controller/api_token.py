@@ -7,6 +7,7 @@ token there. The CLI reads `--token`, then the variable, then that file.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -44,6 +45,12 @@ def server_token(cluster: str) -> str:
     else:
         log.info("REST API token written to %s", path)
     return token
+
+
+def bearer_matches(authorization: str, token: bytes) -> bool:
+    """Whether an `Authorization` header carries the token, compared in constant time."""
+    scheme, _, credentials = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token)
 
 
 def client_token(cluster: str, given: str | None = None) -> str | None:

@@ -175,7 +175,7 @@ class Controller:
             self.settings, self.store,
             lambda: self.metrics.render(self._ready_messages, self.store.jobs.counts,
                                         self._dead_letters_waiting),
-            DeadLetters(self.broker, self.names, self.store))
+            DeadLetters(self.broker, self.names, self.store), self._queue_depths)
         log.info("controller %s started for cluster %r", self.controller_id, self.settings.cluster)
 
     async def _declare_dead_letters(self, channel: AbstractRobustChannel) -> None:
@@ -296,6 +296,9 @@ class Controller:
                 continue
             log.warning("worker node %s is gone (its process ended or its heartbeats stopped);"
                         " dropping it and its replicas", node_id)
+            await self._record_failure(
+                "node-lost", None, "its process ended or its heartbeats stopped; its "
+                "replicas go elsewhere", node_id)
             await self._leadership.check()
             await self.store.delete_field(self.names.nodes, node_id)
             await self._leadership.check()
@@ -334,15 +337,35 @@ class Controller:
                 if state == ReplicaEndState.UNHEALTHY:
                     log.warning("replica %s is unhealthy (%s); replacing it", replica_id,
                                 record.get("message"))
+                    await self._record_failure("replica-unhealthy", record,
+                                               record.get("message", ""))
                 elif state == ReplicaEndState.FAILED:
                     log.warning("replica %s failed: %s", replica_id, record.get("message"))
                     self._count_failure(record, apps.get(record["app"]))
+                    await self._record_failure("replica-failed", record,
+                                               record.get("message", ""))
                 elif stale:
                     log.warning("replica %s stopped heartbeating; replacing it", replica_id)
+                    await self._record_failure("replica-lost", record,
+                                               "it stopped heartbeating; replaced")
+                elif state == ReplicaEndState.DEAD and record.get("exited_unexpectedly"):
+                    await self._record_failure("replica-died", record,
+                                               record.get("message", ""))
                 await self._remove_replica(replica_id, record, assigned.get(replica_id))
                 continue
             live[replica_id] = record
         return live, stopping
+
+    async def _record_failure(self, kind: str, replica: ReplicaRecord | None, message: str,
+                              node: str | None = None) -> None:
+        """Keep the failure for the status page (`failures`, the latest few)."""
+        await self._leadership.check()
+        await self.store.add_failure({
+            "time": now(), "kind": kind, "message": message,
+            "app": replica.get("app") if replica else None,
+            "deployment": replica.get("deployment") if replica else None,
+            "replica": replica.get("replica_id") if replica else None,
+            "node": node or (replica.get("node") if replica else None)})
 
     def _count_failure(self, record: ReplicaRecord, app: AppRecord | None) -> None:
         """Count a replica's failure to start against its deployment, if it was started for
@@ -604,6 +627,18 @@ class Controller:
         if queue not in self._declared:  # a passive declare of a missing one: a channel error
             raise LookupError(f"queue {queue} is not declared (any more)")
         return await self._depth(queue)
+
+    async def _queue_depths(self, queues: list[str]) -> dict[str, int]:
+        """The depths of the request queues this controller declared (the status page), under
+        the reconcile lock, so that none is deleted between the check and the declare."""
+        depths = {}
+        async with self._lock:
+            for queue in queues:
+                try:
+                    depths[queue] = await self._ready_messages(queue)
+                except (LookupError, TimeoutError, BrokerServeError):  # not known here
+                    continue
+        return depths
 
     async def _dead_letters_waiting(self) -> int:
         """Messages in the dead-letter queue (metrics). Declared as startup declared it, not

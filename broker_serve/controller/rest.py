@@ -10,6 +10,8 @@
     GET             /api/serve/dead/{id}
     POST            /api/serve/dead/replay|purge         {"ids": [...]} | {"app", "deployment"} | {"all": true}
     GET             /metrics   (the controller's Prometheus metrics; no token)
+    GET             /, /static/..., /api/serve/overview/; POST /login, /logout
+                               the status page (`status_page/`), which checks its own cookie
 
 Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
 (CVE-2023-48022); every call here but /metrics needs `Authorization: Bearer <token>`
@@ -20,7 +22,6 @@ server runs in the controller's event loop and leaves signals to the controller.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
@@ -48,8 +49,8 @@ from ..state.status import read_details, v1_status
 from ..state.store import Store
 from ..state.traffic import make_traffic, public_view, write_traffic
 from ..transport.dead_letters import DEFAULT_LIMIT, DeadLetters, Selector
-from . import declarative
-from .api_token import server_token
+from . import declarative, status_page
+from .api_token import bearer_matches, server_token
 
 log = logging.getLogger("broker_serve.controller.rest")
 
@@ -99,7 +100,8 @@ class HTTPError(BrokerServeError):
 # authentication ---------------------------------------------------------------------------------
 class BearerAuth:
     """Refuses (401) every HTTP request without the token, but those for `/metrics`, which
-    only read counters (Prometheus scrapes them)."""
+    only read counters (Prometheus scrapes them), and the status page's, which takes the
+    token through its login form."""
 
     PUBLIC = frozenset({"/metrics"})
 
@@ -109,6 +111,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
+                not status_page.handles(scope["path"]) and \
                 not self._authorized(Headers(scope=scope)):
             response = JSONResponse(
                 {"detail": "missing or wrong bearer token"}, status_code=401,
@@ -118,9 +121,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: Headers) -> bool:
-        scheme, _, credentials = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode(), self.token)
+        return bearer_matches(headers.get("authorization", ""), self.token)
 
 
 # endpoints --------------------------------------------------------------------------------------
@@ -130,9 +131,10 @@ Metrics = Callable[[], Awaitable[bytes]]
 
 def create_app(store: Store, settings: Settings, token: str,
                metrics: Metrics | None = None,
-               dead_letters: DeadLetters | None = None) -> ASGIApp:
+               dead_letters: DeadLetters | None = None,
+               queue_depths: status_page.QueueDepths | None = None) -> ASGIApp:
     api = _Endpoints(store, settings, dead_letters)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/api/serve/applications/", api.get_applications, methods=["GET"]),
         Route("/api/serve/applications/", api.put_applications, methods=["PUT"]),
         Route("/api/serve/applications/", api.delete_applications, methods=["DELETE"]),
@@ -157,6 +159,7 @@ def create_app(store: Store, settings: Settings, token: str,
             return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
 
         routes.append(Route("/metrics", exposition, methods=["GET"]))
+    routes += status_page.StatusPage(store, settings, token, queue_depths).routes()
     return BearerAuth(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), token)
 
 
@@ -343,11 +346,13 @@ class RestServer:
     that address, it waits and retries, so a standby takes the API over with the lead."""
 
     def __init__(self, settings: Settings, store: Store, metrics: Metrics | None = None,
-                 dead_letters: DeadLetters | None = None) -> None:
+                 dead_letters: DeadLetters | None = None,
+                 queue_depths: status_page.QueueDepths | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
         self.dead_letters = dead_letters
+        self.queue_depths = queue_depths
         self.server: HttpServer | None = None
         self._stopping = asyncio.Event()
         # Set once the API is served, its address was found taken, or serving ended.
@@ -357,7 +362,7 @@ class RestServer:
     async def start(self) -> None:
         """Returns once the API is served, or its address was found taken."""
         app = create_app(self.store, self.settings, server_token(self.settings.cluster),
-                         self.metrics, self.dead_letters)
+                         self.metrics, self.dead_letters, self.queue_depths)
         self._task = asyncio.create_task(self._serve(app))
         self._task.add_done_callback(lambda _: self._settled.set())
         await self._settled.wait()
@@ -404,8 +409,9 @@ class RestServer:
 
 
 async def serve_rest_api(settings: Settings, store: Store, metrics: Metrics | None = None,
-                         dead_letters: DeadLetters | None = None) -> RestServer:
-    server = RestServer(settings, store, metrics, dead_letters)
+                         dead_letters: DeadLetters | None = None,
+                         queue_depths: status_page.QueueDepths | None = None) -> RestServer:
+    server = RestServer(settings, store, metrics, dead_letters, queue_depths)
     await server.start()
     return server
 

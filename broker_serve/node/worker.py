@@ -354,9 +354,13 @@ class WorkerNode:
                 message = record.get("message") or f"the process exited with code {code}"
                 await self.store.update_replica(replica_id, state=ReplicaEndState.FAILED,
                                                 message=message, updated=now())
+            elif replica.stop_sent is None:
+                log.warning("replica %s exited unexpectedly (code %s)", replica_id, code)
+                # The controller lists it among the recent failures (the status page).
+                await self.store.update_replica(
+                    replica_id, state=ReplicaEndState.DEAD, updated=now(), exited_unexpectedly=True,
+                    message=f"the process exited unexpectedly with code {code}")
             else:
-                if replica.stop_sent is None:
-                    log.warning("replica %s exited unexpectedly (code %s)", replica_id, code)
                 await self.store.update_replica(replica_id, state=ReplicaEndState.DEAD,
                                                 updated=now())
             await self.store.announce("replicas")

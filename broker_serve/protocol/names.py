@@ -127,6 +127,11 @@ class Names:
         return self.key("proxy", proxy_id, "alive")
 
     @property
+    def failures(self) -> str:
+        """List: the controller's latest failure records, newest first, capped."""
+        return self.key("failures")
+
+    @property
     def tombstones(self) -> str:
         """Sorted set: cancelled request id -> expiry (unix ms)."""
         return self.key("tombstones")

@@ -168,6 +168,7 @@ class ReplicaChanges(TypedDict, total=False):
     pid: int
     updated: float
     user_config_hash: str
+    exited_unexpectedly: bool  # DEAD without being told to stop (its worker node)
 
 
 class ReplicaRecord(ReplicaChanges, total=False):
@@ -188,6 +189,18 @@ class NodeRecord(TypedDict):
     resources: dict[str, float]
     started: float
     metrics_port: int | None
+
+
+class FailureRecord(TypedDict):
+    """One entry of `failures`: something the controller saw fail and replaced (a replica
+    that failed, turned unhealthy or stopped beating; a worker node that went away)."""
+    time: float  # unix s
+    kind: str  # replica-failed, replica-unhealthy, replica-lost, node-lost
+    app: str | None
+    deployment: str | None
+    replica: str | None
+    node: str | None
+    message: str
 
 
 class ProxyRecord(TypedDict):

@@ -40,6 +40,7 @@ from .records import (
     AppRecord,
     AppStatusRecord,
     Assignment,
+    FailureRecord,
     NodeRecord,
     ProxyRecord,
     ReplicaChanges,
@@ -51,6 +52,8 @@ from .records import (
 log = logging.getLogger("broker_serve.store")
 
 HEARTBEAT_TTL_S = 10.0
+# The status page's recent failures: the latest this many (`failures`).
+FAILURES_KEPT = 50
 
 # Deletes a key only if it still holds ARGV[1]: a lease or lock whose holder is known.
 _DELETE_IF_HELD = """
@@ -478,6 +481,19 @@ class Store:
 
     async def put_proxy(self, record: ProxyRecord) -> None:
         await self._put(self.names.proxies, record["proxy_id"], record)
+
+    # recent failures (the status page) ----------------------------------------------------
+    async def add_failure(self, record: FailureRecord, keep: int = FAILURES_KEPT) -> None:
+        """Record a failure, keeping only the latest `keep`, in one transaction."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(self.names.failures, orjson.dumps(record))
+            pipe.ltrim(self.names.failures, 0, keep - 1)
+            await pipe.execute()
+
+    async def failures(self) -> list[FailureRecord]:
+        """The recorded failures, newest first."""
+        raw = cast("list[bytes]", await self._redis.lrange(self.names.failures, 0, -1))
+        return [orjson.loads(entry) for entry in raw]
 
     # redeliveries and cancellations -------------------------------------------------------------
     async def count_redelivery(self, correlation_id: str, ttl_s: float) -> tuple[int, int]:
