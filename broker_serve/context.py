@@ -27,6 +27,10 @@ class ReplicaContext:
 
 
 _current: ReplicaContext | None = None
+# In local testing mode several deployments share the process: each request's task (and its
+# sync method's thread) carries the context of the replica running it.
+_local: contextvars.ContextVar[ReplicaContext | None] = contextvars.ContextVar(
+    "broker_serve_local_replica_context", default=None)
 
 # The id of the client request being handled (its X-Request-Id, or the first caller's
 # correlation id), set by the replica per request; handle calls made while handling it carry
@@ -53,10 +57,11 @@ def _set_replica_context(context: ReplicaContext | None) -> None:
 
 def get_replica_context() -> ReplicaContext:
     """The running replica's context; raises outside a replica, as Ray Serve does."""
-    if _current is None:
+    context = _local.get() or _current
+    if context is None:
         raise BrokerServeError("`serve.get_replica_context()` may only be called from a replica.")
-    return _current
+    return context
 
 
 def _in_replica() -> bool:
-    return _current is not None
+    return _current is not None or _local.get() is not None

@@ -13,6 +13,7 @@
      ├── TransportError             RabbitMQ refused an operation (it closed the channel)
      │    └── PreconditionFailed    ... on a precondition, e.g. a queue's other arguments
      ├── StateError                 Redis refused or failed a read or write of the state
+     ├── LocalTestingModeError      what serve.run(_local_testing_mode=True) does not do
      └── DeployFailed               serve.run could not bring an application up (a RuntimeError)
           └── BuildFailed           an application could not be built from its config
                └── RuntimeEnvError  ... nor its runtime_env resolved or prepared
@@ -133,6 +134,12 @@ class TransportError(BrokerServeError):
 class PreconditionFailed(TransportError):
     """RabbitMQ refused a command on a precondition (406), e.g. a declare whose arguments
     differ from the existing queue's."""
+
+
+class LocalTestingModeError(BrokerServeError, NotImplementedError):
+    """Something an application run with `serve.run(app, _local_testing_mode=True)` cannot do
+    in one process: HTTP ingress, runtime_env, several replicas, jobs, the cluster's state
+    (docs/architecture.md, "Local testing mode")."""
 
 
 class DeployFailed(BrokerServeError, RuntimeError):

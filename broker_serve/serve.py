@@ -2,15 +2,7 @@
 
 # Ray's `serve.context` and `serve.handle` modules (`serve.context.web`, `serve.handle.X`).
 from . import context, handle
-from .client.api import (
-    delete,
-    get_app_handle,
-    get_deployment_handle,
-    run,
-    shutdown,
-    start,
-    status,
-)
+from .client.api import get_app_handle, get_deployment_handle
 from .client.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from .client.jobs import Job, get_job
 from .client.stats import stat
@@ -19,6 +11,7 @@ from .config import AutoscalingConfig, HTTPOptions, JobConfig, ProxyLocation, Re
 from .context import ReplicaContext, get_replica_context
 from .deployment import Application, Deployment, deployment, get_deployment, list_deployments
 from .grpc_util import RayServegRPCContext
+from .local_testing.api import delete, run, shutdown, start, status
 from .protocol.jobs import JobStatus
 from .ray08 import (
     BackendConfig,

@@ -51,6 +51,8 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
              grpc_options: gRPCOptions | None = None) -> Runtime:
     """The runtime of a running cluster, starting a local one if none answers."""
     runtime = current_runtime() or get_runtime()
+    runtime.refuse_unsupported("the cluster's control API (serve.start, serve.status, "
+                               "Deployment.deploy, serve.run without _local_testing_mode)")
     if _in_replica():
         return runtime
     with _cluster_lock:
@@ -123,21 +125,14 @@ def start(http_options: HTTPOptions | dict[str, Any] | None = None, *, detached:
 
 
 def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_NAME,
-        route_prefix: Any = _DEFAULT_PREFIX, logging_config: Any = None,
-        _local_testing_mode: bool = False) -> DeploymentHandle:
+        route_prefix: Any = _DEFAULT_PREFIX, logging_config: Any = None) -> DeploymentHandle:
     """Deploy an application and return a handle to its ingress deployment.
 
-    `logging_config` and `_local_testing_mode` are accepted so Ray programs port; logging is
-    set per process with BROKER_SERVE_LOG_LEVEL.
+    `logging_config` is accepted so Ray programs port; logging is set per process with
+    BROKER_SERVE_LOG_LEVEL. `serve.run(..., _local_testing_mode=True)` is served
+    above this layer, in `local_testing/api.py`.
     """
-    if isinstance(target, Deployment):
-        target = target.bind()
-    if not isinstance(target, Application):
-        raise TypeError("serve.run expects an Application: call `.bind()` on your deployment")
-    if route_prefix is _DEFAULT_PREFIX:
-        route_prefix = target.deployment.route_prefix or "/"
-    check_app_name(name)
-    check_route_prefix(route_prefix)
+    target, route_prefix = checked_target(target, name, route_prefix)
     runtime = _connect()
     record, specs = build_application(target, name, route_prefix, runtime.names, runtime.secret)
     try:
@@ -156,6 +151,21 @@ def run(target: Application, *, blocking: bool = False, name: str = DEFAULT_APP_
     if blocking:
         _block_forever()
     return handle
+
+
+def checked_target(target: Application | Deployment[Any], name: str,
+                   route_prefix: Any) -> tuple[Application, str | None]:
+    """What serve.run deploys: the application (a deployment bound without arguments) and
+    its route prefix, both checked."""
+    if isinstance(target, Deployment):
+        target = target.bind()
+    if not isinstance(target, Application):
+        raise TypeError("serve.run expects an Application: call `.bind()` on your deployment")
+    if route_prefix is _DEFAULT_PREFIX:
+        route_prefix = target.deployment.route_prefix or "/"
+    check_app_name(name)
+    check_route_prefix(route_prefix)
+    return target, route_prefix
 
 
 class _ControllerGone(DeployFailed):

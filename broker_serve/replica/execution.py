@@ -12,18 +12,21 @@ import asyncio
 import inspect
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 from starlette.requests import Request
 
+from ..client.handle import calls_of_current_request, deadline_of_current_request
 from ..context import _web
-from ..exceptions import BrokerServeError, ProtocolError
+from ..exceptions import BrokerServeError, ProtocolError, RayServeException
 from ..protocol import messages as protocol
 from ..protocol.call_values import pack_value, unpack_call
+from ..protocol.remote_errors import describe
 from ..settings import CHUNK_BYTES
-from . import batching, destructor, multiplex
+from . import batching, destructor, ingress, multiplex
 from .lifespan import Lifespan
 from .responses import to_response
 from .threads import ThreadRunner
@@ -117,6 +120,17 @@ class Servable:
             result = await result
         return result
 
+    async def call_lifecycle(self, method: str, *args: Any) -> Any:
+        """Call a lifecycle method of the user's class (reconfigure, check_health), if it has
+        it; sync ones off the loop, in the default executor."""
+        func = None if self.is_function else getattr(self.target, method, None)
+        if func is None:
+            return None
+        if inspect.iscoroutinefunction(func):
+            return await func(*args)
+        result = await asyncio.get_running_loop().run_in_executor(None, func, *args)
+        return await result if inspect.isawaitable(result) else result
+
     async def start(self) -> None:
         """Run the ingress app's startup hooks; the instance is constructed already, as in
         Ray. Raises if they fail."""
@@ -154,6 +168,79 @@ class Servable:
         args = (Request(scope, receive),) if self._takes_request else ()
         result = await self.call(self._http_entry, *args)
         await to_response(result)(scope, receive, send)
+
+
+async def construct(definition: dict[str, Any], threads: ThreadRunner, user_config: Any,
+                    constructed: Callable[[Any], None]) -> Servable:
+    """Build the user's deployment from its definition (class or function, init arguments):
+    the instance, `constructed(instance)`, its ingress app and startup hooks, then
+    `reconfigure(user_config)`. A replica process and local testing mode both build so."""
+    target = definition["func_or_class"]
+    is_function = not inspect.isclass(target)
+    if is_function:
+        instance = target
+    else:
+        instance = target(*definition["args"], **definition["kwargs"])
+        if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
+            instance = await instance
+    constructed(instance)
+    # After the constructor, as in Ray: an ingress builder makes its app now, in the replica.
+    asgi_app = None if is_function else ingress.serving_app(target)
+    servable = Servable(instance, is_function, asgi_app, threads)
+    await servable.start()  # the ingress app's startup hooks: a failure fails the replica
+    if user_config is not None and hasattr(instance, "reconfigure"):
+        result = instance.reconfigure(user_config)
+        if inspect.isawaitable(result):
+            await result
+    return servable
+
+
+async def run_attempt(dispatch: Awaitable[None], stream: ReplyStream, *, kind: str | None,
+                      secret: bytes, correlation_id: str,
+                      cancelled_by_caller: Callable[[], bool], restartable: bool) -> None:
+    """Await `dispatch`, which runs the request into `stream`; what escapes it becomes the
+    stream's error event. A cancel by its caller ends it 499 (and cascades to the handle calls
+    it made); another cancel (the replica stops) propagates, unless the response started and
+    is not `restartable`: then it ends 503. A user exception ends it 500, naming its class
+    (and, for a handle caller, packing what rebuilds it)."""
+    try:
+        await dispatch
+    except ProtocolError as exc:
+        await stream.error(exc.status, exc.error, str(exc))
+    except asyncio.CancelledError:
+        if cancelled_by_caller():  # done, not retried
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            for call in calls_of_current_request.get() or ():
+                call.cancel()  # cascade to the handle calls it made
+            await stream.error(499, "Cancelled", "the request was cancelled")
+        elif restartable or not stream.started:
+            raise  # shutdown: left unacked, RabbitMQ gives it to another replica
+        else:  # a started response cannot move to another replica: end it for the caller
+            await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
+    except Exception as exc:  # noqa: BLE001 - user code: the caller gets an error event
+        log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
+        # A gRPC client gets the message too (as INTERNAL), but no class to raise again.
+        detail = (str(exc) if kind in (protocol.KIND_CALL, protocol.KIND_GRPC)
+                  else "Internal Server Error")
+        # A callee's error passing through keeps its original type, however many hops.
+        error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
+                      else type(exc).__name__)
+        # Which class to raise again, for a handle caller; an HTTP client is told nothing.
+        cause = describe(exc, secret) if kind == protocol.KIND_CALL else None
+        await stream.error(500, error_type, detail[:2000], cause)
+
+
+async def within_deadline(headers: dict[str, Any], stream: ReplyStream) -> bool:
+    """Whether the request may still run: a deadline that passed ends it 408. Its deadline
+    is inherited by the handle calls it makes."""
+    deadline = headers.get(protocol.HEADER_DEADLINE)
+    if isinstance(deadline, int):
+        if deadline < time.time() * 1000:
+            await stream.error(408, "DeadlineExceeded",
+                               "the request's deadline passed before a replica took it")
+            return False
+        deadline_of_current_request.set(deadline)
+    return True
 
 
 class FlowWindow:
