@@ -22,6 +22,7 @@ from ..exceptions import (
     RayServeException,
     RequestCancelledError,
 )
+from ..observability import tracing
 from ..protocol import jobs, messages, priorities
 from ..protocol.call_values import carries_value, unpack_value
 from ..protocol.jobs import JobStatus
@@ -87,10 +88,22 @@ async def submit(broker: Broker, store: Store, defaults: JobDefaults, app: str,
                **jobs.job_headers(ttl_s, max_retries=options.max_retries,
                                   retry_wait=options.retry_wait)}
     queue = store.names.request_queue(app, deployment)
-    # Mandatory: a job for a queue that does not exist comes back, and is refused here.
-    published = await broker.publish_durably(
-        queue, body, deadline_ms=None, type=kind, correlation_id=job_id, message_id=job_id,
-        headers=headers, priority=options.priority, mandatory=True, refuse_returned=True)
+    traces = tracing.traces
+    span = None if traces is None else traces.job_submit(app, deployment, job_id)
+    if span is not None:
+        span.inject(headers)
+    try:
+        # Mandatory: a job for a queue that does not exist comes back, and is refused here.
+        published = await broker.publish_durably(
+            queue, body, deadline_ms=None, type=kind, correlation_id=job_id,
+            message_id=job_id, headers=headers, priority=options.priority, mandatory=True,
+            refuse_returned=True)
+    except BaseException as exc:
+        if span is not None:
+            span.end(error=type(exc).__name__)
+        raise
+    if span is not None:
+        span.end(error=None if published else "BackPressureError")
     if not published:
         raise BackPressureError(f"the queue of {app}/{deployment} refused the job: it is full "
                                 "(max_queued_requests) or the deployment is gone",

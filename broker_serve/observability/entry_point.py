@@ -3,6 +3,7 @@
 Whatever a process's main coroutine lets out is logged once through the process's own log
 handler and the process exits 1, instead of dying with a bare traceback on stderr.
 `asyncio.run` cancels and awaits the tasks still running first, so nothing is left pending.
+Last, the spans still buffered are exported (`tracing.shutdown`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Coroutine
 from typing import Any, NoReturn
 
 from ..exceptions import BrokerServeError
+from . import tracing
 
 log = logging.getLogger("broker_serve.process")
 
@@ -29,4 +31,6 @@ def run_entry_point(main: Coroutine[Any, Any, int | None], role: str) -> NoRetur
     except Exception:  # the process's boundary: a bug, so its traceback is logged
         log.exception("%s failed", role)
         sys.exit(1)
+    finally:
+        tracing.shutdown()
     sys.exit(code or 0)

@@ -21,6 +21,10 @@ HEADER_DEADLINE = "bs-deadline"
 # queue-wait metric; and the id of the client request it serves, for joining log lines.
 HEADER_PUBLISHED = "bs-published-us"
 HEADER_REQUEST_ID = "bs-request-id"
+# W3C Trace Context of the publisher's span, set only where tracing is on
+# (observability/otel.py writes and reads them).
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
 
 # Request kinds (the AMQP `type` property of a request message).
 KIND_HTTP = "http"

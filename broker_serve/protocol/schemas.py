@@ -224,6 +224,11 @@ _REQUEST_HEADER_FIELDS: dict[str, Schema] = {
                                 "description": "when it was published (Unix microseconds)"},
     messages.HEADER_REQUEST_ID: {**_REQUEST_ID,
                                  "description": "the client request it serves, for logs"},
+    messages.HEADER_TRACEPARENT: {
+        "type": "string", "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        "description": "W3C Trace Context: the publisher's span, parent of the replica's"},
+    messages.HEADER_TRACESTATE: {"type": "string",
+                                 "description": "W3C Trace Context: the vendors' state"},
 }
 REQUEST_HEADERS: Schema = _object(_REQUEST_HEADER_FIELDS, [messages.HEADER_VERSION],
                                   "The header table of a request")

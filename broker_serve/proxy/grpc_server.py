@@ -24,6 +24,7 @@ import grpc
 
 from ..config import gRPCOptions
 from ..exceptions import BackPressureError, BrokerServeError, ProtocolError
+from ..observability import tracing
 from ..observability.logging import AccessLog
 from ..protocol import deadlines, priorities
 from ..protocol import messages as protocol
@@ -223,6 +224,8 @@ class GrpcIngress:
             "headers": protocol.request_headers(deadline, published_us=protocol.now_us(),
                                                 request_id=metadata.get(REQUEST_ID_KEY)),
             "expiration": expiration, "priority": priority, "mandatory": True}
+        if call.span is not None:
+            call.span.inject(arguments["headers"])
         if not await broker.publish_request(
                 route["queue"], protocol.pack(payload), bounded=bool(route.get("bounded")),
                 durable=bool(route.get("durable")), events=events, deadline_ms=deadline,
@@ -270,12 +273,17 @@ class GrpcIngress:
         self.proxy.metrics.observe_grpc(call.app, call.method, code, seconds)
         if self.access.enabled:
             self.access.add((call.method, code, seconds, call.request_id, call.app))
+        if call.span is not None:
+            call.span.end(error=None if call.code == grpc.StatusCode.OK else code, attributes={
+                "rpc.grpc.status_code": call.code.value[0], "broker_serve.application": call.app,
+                "broker_serve.request_id": call.request_id})
 
 
 class _Call:
     """One gRPC call at the proxy: what its relay, metrics and log line need."""
 
-    __slots__ = ("app", "arrived", "code", "context", "correlation_id", "method", "request_id")
+    __slots__ = ("app", "arrived", "code", "context", "correlation_id", "method", "request_id",
+                 "span")
 
     def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
         self.method = method
@@ -283,6 +291,11 @@ class _Call:
         self.arrived = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.app = self.correlation_id = self.request_id = ""
+        traces = tracing.traces
+        # The call's span, parent of what it publishes (a client's traceparent metadata is
+        # its parent); not current: the handler is a generator that grpc steps.
+        self.span = None if traces is None else traces.grpc_call(
+            method, context.invocation_metadata() or ())
 
 
 class _Handlers(grpc.GenericRpcHandler):  # type: ignore[misc]

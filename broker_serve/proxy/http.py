@@ -16,7 +16,7 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from ..config import HTTPOptions
 from ..exceptions import BackPressureError, BrokerServeError, ClusterUnavailable, TransportError
+from ..observability import tracing
 from ..observability.logging import AccessLog
 from ..observability.metrics import ProxyMetrics
 from ..protocol import deadlines, priorities
@@ -41,6 +42,9 @@ from .client_input import ClientGone, DisconnectWatch, read_chunk
 from .jobs import JobGateway, prefers_async
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
+
+if TYPE_CHECKING:
+    from ..observability.otel import Active
 
 log = logging.getLogger("broker_serve.proxy.http")
 
@@ -183,6 +187,9 @@ class Proxy:
             await self._internal(scope, receive, send)
             return
         request = _ProxyRequest(receive, send)
+        traces = tracing.traces
+        # Current while the request runs: what it publishes is its child.
+        span = None if traces is None else traces.http_request(scope)
         self._inflight += 1
         try:
             await self._forward(scope, request)
@@ -203,6 +210,8 @@ class Proxy:
         finally:
             self._inflight -= 1
             self._finished(scope, request)
+            if span is not None:
+                _end_span(span, scope, request)
 
     def _finished(self, scope: dict[str, Any], request: _ProxyRequest) -> None:
         """One request's metrics and log line: a counter, a histogram, a list append."""
@@ -348,16 +357,20 @@ class Proxy:
         events = self.router.register(request_id)
         session = WebSocketSession(self.broker, request_id, receive, send)
         arrived = time.perf_counter()
+        traces = tracing.traces
+        span = None if traces is None else traces.websocket(scope, prefix, route["app"])
         self._websockets += 1
         try:
             payload = {"scope": {**_request_scope(scope, prefix),
                                  "subprotocols": scope.get("subprotocols", [])}}
             await receive()  # websocket.connect: answered once the app accepts or refuses
+            headers = protocol.request_headers(published_us=protocol.now_us())
+            if span is not None:
+                span.inject(headers)
             await self.broker.publish(
                 route["queue"], protocol.pack(payload), type=protocol.KIND_WEBSOCKET,
                 correlation_id=request_id, reply_to=self.router.queue_name,
-                headers=protocol.request_headers(published_us=protocol.now_us()),
-                mandatory=True,
+                headers=headers, mandatory=True,
             )
             await session.relay(events)
         except (ClusterUnavailable, TransportError):
@@ -369,6 +382,8 @@ class Proxy:
             self._websockets -= 1
             await session.stop()
             self.router.unregister(request_id)
+            if span is not None:
+                span.end(101 if session.accepted else 403)
             if self.access.enabled:
                 self.access.add(("WEBSOCKET", scope["path"], 101 if session.accepted else 403,
                                  time.perf_counter() - arrived, request_id, route["app"],
@@ -397,6 +412,8 @@ class Proxy:
         priority = priorities.of_request(request.priority, bool(route.get("ordered")), remaining)
         headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
                                            request_id=client_id)
+        if tracing.traces is not None:
+            tracing.traces.inject_current(headers)
         accepted = await self.broker.publish_request(
             queue, protocol.pack(payload), bounded=bool(route.get("bounded")),
             durable=bool(route.get("durable")), events=request.events, deadline_ms=deadline,
@@ -585,6 +602,17 @@ class _ProxyRequest:
         else:
             headers.append((b"x-request-id", self.request_id.encode()))
         return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _end_span(span: Active, scope: dict[str, Any], request: _ProxyRequest) -> None:
+    """End a request's span (`otel.Traces.http_request`) with its route and status."""
+    status = request.status or 499
+    if request.route:  # no route matched: the span keeps the method alone as its name
+        span.rename(f"{scope['method']} {request.route}")
+        span.set("http.route", request.route)
+    span.end(status, attributes={
+        "http.response.status_code": status, "broker_serve.application": request.app,
+        "broker_serve.request_id": request.request_id})
 
 
 def _access_text(line: tuple[Any, ...]) -> str:

@@ -13,6 +13,7 @@ import uvicorn
 from ..config import HTTPOptions, gRPCOptions
 from ..exceptions import BrokerServeError
 from ..http_server import HttpServer
+from ..observability import tracing
 from ..observability.history import HistoryWriter, Key
 from ..settings import Settings
 from .http import ROUTE_REFRESH_S, Proxy
@@ -43,6 +44,7 @@ def resolve_keep_alive(settings: Settings, options: HTTPOptions) -> float:
 
 async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
     proxy = Proxy(settings, options)
+    tracing.setup("proxy", proxy.proxy_id)
     await proxy.startup()
     config = uvicorn.Config(
         with_middlewares(proxy, options), host=options.host, port=options.port, loop="none",

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..exceptions import BrokerServeError
+from ..observability import tracing
 from ..observability.metrics import ProxyMetrics
 from ..protocol import messages as protocol
 from ..state.traffic import WeightedChoice
@@ -117,12 +118,14 @@ class ShadowSender:
         outcome = "unsent"
         try:
             deadline = int((time.time() + self.timeout_s) * 1000)
+            headers = protocol.request_headers(deadline, published_us=protocol.now_us(),
+                                               request_id=request_id)
+            if tracing.traces is not None:  # a child of the request's span, as the original
+                tracing.traces.inject_current(headers)
             await self.broker.publish(
                 shadow["queue"], protocol.pack(payload), type=protocol.KIND_HTTP,
                 correlation_id=correlation_id, reply_to=self.router.queue_name,
-                headers=protocol.request_headers(deadline, published_us=protocol.now_us(),
-                                                 request_id=request_id),
-                mandatory=True)
+                headers=headers, mandatory=True)
             outcome = "timeout"
             async with asyncio.timeout(self.timeout_s):
                 outcome = await _drain(events)
