@@ -87,6 +87,9 @@ class Broker:
         # ours or a lost connection (docs/architecture.md, "The AMQP transport").
         self.channels_lost = 0
         self._lost_callbacks: list[Callable[[], None]] = []
+        # This process's reply queues: after a reconnect no request goes out before they are
+        # consumed again, or its replies would go to a queue not yet re-declared, and be lost.
+        self._reply_subscriptions: list[Subscription] = []
 
     async def connect(self) -> None:
         """Connect to the first node that answers (trying each once, so the first attempt
@@ -174,6 +177,14 @@ class Broker:
     def watch(self, raw: aiormq.abc.AbstractChannel) -> None:
         """Count `raw` in `channels_lost` if it closes while this process still uses it."""
         raw.closing.add_done_callback(self._on_channel_closed)
+
+    def publish_after(self, replies: Subscription) -> None:
+        """Publish nothing after a reconnect until `replies` consumes again."""
+        self._reply_subscriptions.append(replies)
+
+    def stop_waiting_for(self, replies: Subscription) -> None:
+        if replies in self._reply_subscriptions:
+            self._reply_subscriptions.remove(replies)
 
     def on_channel_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback()` each time a channel is counted in `channels_lost`."""
@@ -265,6 +276,9 @@ class Broker:
             expiration=expiration, delivery_mode=2 if persistent else 1,
             priority=priority or None,
         )
+        if reply_to is not None:
+            await self._wait_for_replies(
+                asyncio.get_running_loop().time() + CHANNEL_RESTORE_WAIT_S)
         try:
             raw = await self._confirming.get_underlay_channel()
             confirmation = await raw.basic_publish(body, routing_key=routing_key,
@@ -349,10 +363,19 @@ class Broker:
             if not self.is_connected or asyncio.get_running_loop().time() > deadline:
                 raise ClusterUnavailable("RabbitMQ connection is down")
             await asyncio.sleep(0.02)
+        await self._wait_for_replies(deadline)
         if raw is not self._raw:
             self.watch(raw)
             self._raw = raw
         return raw
+
+    async def _wait_for_replies(self, deadline: float) -> None:
+        """Until this process's reply queues are consumed again (after a reconnect)."""
+        while not all(replies.consuming for replies in self._reply_subscriptions):
+            if not self.is_connected or asyncio.get_running_loop().time() > deadline:
+                raise ClusterUnavailable(
+                    "RabbitMQ connection is down (this process's reply queue is not back yet)")
+            await asyncio.sleep(0.02)
 
 
 class Subscription:
@@ -391,6 +414,11 @@ class Subscription:
         await self._register()
         self.channel.reopen_callbacks.add(self._on_reopen)
         return self
+
+    @property
+    def consuming(self) -> bool:
+        """Whether every queue is consumed on an open channel (after a reconnect: again)."""
+        return self._consuming is not None and not self._consuming.is_closed
 
     async def _on_reopen(self, *_: Any) -> None:
         if self._cancelled:
@@ -458,6 +486,7 @@ class Subscription:
         """Stop consuming. Deliveries already received are still handed to the callback."""
         self._cancelled = True
         self.channel.reopen_callbacks.discard(self._on_reopen)
+        self.broker.stop_waiting_for(self)
         raw = self._raw
         if raw is not None and not raw.is_closed:
             with map_amqp_errors(f"cannot stop consuming {', '.join(self.queues)}"):
@@ -525,8 +554,10 @@ class ReplyRouter:
         with map_amqp_errors(f"cannot declare the reply queue {self.queue_name}"):
             self._queue = await channel.declare_queue(self.queue_name, exclusive=True,
                                                       auto_delete=True)
-        await subscribe(self.broker, channel, self.queue_name, self._on_message, no_ack=True)
-        self.broker.on_return(self._on_return)
+        replies = await subscribe(self.broker, channel, self.queue_name, self._on_message,
+                                  no_ack=True)
+        self.broker.publish_after(replies)
+        self.broker.on_return(self.returned)
         assert self.broker.connection is not None
         self.broker.connection.close_callbacks.add(self._on_connection_lost)
         self.broker.on_channel_lost(self._on_channel_lost)
@@ -541,16 +572,22 @@ class ReplyRouter:
 
     async def _on_message(self, message: aiormq.abc.DeliveredMessage) -> None:
         properties = message.header.properties
-        events = self._waiting.get(properties.correlation_id or "")
+        self.deliver(properties.correlation_id or "", properties.message_type or "",
+                     message.body)
+
+    def deliver(self, correlation_id: str, kind: str, body: bytes) -> None:
+        """Hand one reply event to the request waiting for it (local testing mode's
+        in-process broker calls this too)."""
+        events = self._waiting.get(correlation_id)
         if events is None:
             return  # the caller gave up (timeout, disconnect); late events are dropped
         try:
-            event = protocol.decode_map(message.body)
+            event = protocol.decode_map(body)
         except ProtocolError as exc:
             event = {"status": 502, "error": "MalformedMessage", "message": str(exc)}
             events.put_nowait((protocol.ERROR, event))
             return
-        events.put_nowait((properties.message_type or "", event))
+        events.put_nowait((kind, event))
 
     def _on_connection_lost(self, _sender: Any, exc: BaseException | None) -> None:
         """Replies to this queue may be lost with the connection: fail the waiting requests
@@ -578,7 +615,8 @@ class ReplyRouter:
         if self.on_abandoned is not None:
             self.on_abandoned(list(failing))
 
-    def _on_return(self, correlation_id: str, routing_key: str) -> None:
+    def returned(self, correlation_id: str, routing_key: str) -> None:
+        """A call's message reached no queue: its deployment does not exist."""
         events = self._waiting.get(correlation_id)
         if events is not None:
             message = f"no queue {routing_key!r}: the deployment does not exist (any more)"
