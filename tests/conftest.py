@@ -7,6 +7,7 @@ the namespace is removed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -113,6 +114,13 @@ def _fail_on_errors(log: BrokerLog, when: str) -> None:
 
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Cluster]:
+    with namespace(monkeypatch, tmp_path) as created:
+        yield created
+
+
+@contextlib.contextmanager
+def namespace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Cluster]:
+    """What `cluster` gives, for fixtures of a wider scope (with pytest.MonkeyPatch.context())."""
     name = f"t{secrets.token_hex(5)}"
     port = free_port()
     env = {

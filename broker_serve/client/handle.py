@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 from ..config import RetryWait
@@ -22,18 +22,17 @@ from ..exceptions import (
     RequestCancelledError,
     RequestTimeoutError,
 )
+from ..observability import tracing
 from ..protocol import deadlines, messages, priorities
 from ..protocol import jobs as job_protocol
 from ..protocol.call_values import carries_value, pack_call, unpack_value
 from ..protocol.remote_errors import raised_for
 from ..transport.broker import ReplyEvents
-from ..transport.cancellation import cancel
 from . import jobs
 from .jobs import Job, JobOptions
 from .runtime import Runtime, current_runtime, get_runtime
 
 _DONE = object()
-_background: set[asyncio.Future[None]] = set()
 
 # The handle calls made while a replica handles one request, so that cancelling the request
 # cancels them too. Each request runs in its own task, so this is per request.
@@ -126,6 +125,7 @@ class DeploymentHandle:
         anyone waits, and its result is kept. Returns at once; the job is published in the
         background, and the Job's methods wait for the broker's confirm first."""
         runtime = current_runtime() or get_runtime()
+        runtime.refuse_unsupported("jobs (`handle.submit`)")
         job_id = job_protocol.new_job_id()
         submitting = _submit_call(runtime, self, job_id, args, kwargs)
         publishing: asyncio.Future[str] | concurrent.futures.Future[str] = (
@@ -179,6 +179,10 @@ class _Call:
         self.deployment_name = handle.deployment_name
         self.queue = ""
         self.chosen: str | None = None  # the replica whose affinity queue the call went to
+        traces = tracing.traces
+        # A child of the caller's current span, so started here, in the caller's context.
+        self.span = None if traces is None else traces.handle_call(
+            handle.app_name, handle.deployment_name, handle.method_name, self.request_id)
         made_by = calls_of_current_request.get()
         if made_by is not None:
             made_by.append(self)
@@ -206,21 +210,30 @@ class _Call:
             self.items.put_nowait(RequestCancelledError(
                 f"request {self.request_id} was cancelled",
                 deployment=f"{self.handle.app_name}/{self.deployment_name}"))
+            self._end_span(499, "RequestCancelledError")
             raise
         # User arguments may raise anything: the response does.
         except Exception as exc:  # noqa: BLE001
             expired = timer is not None and timer.expired()
             self.items.put_nowait(self._timed_out() if expired else exc)
+            self._end_span(408 if expired else 500,
+                           "RequestTimeoutError" if expired else type(exc).__name__)
         finally:
             if self.chosen is not None:
                 runtime.affinity.done(self.queue, self.chosen)
             runtime.router.unregister(self.request_id)
             self.items.put_nowait(_DONE)
+            if self.span is not None:
+                self.span.end(200)  # unless it ended already, with an error
 
     async def _exchange(self, events: ReplyEvents) -> None:
         if self.deployment_name is None:
             self.deployment_name = self.handle.resolved_ingress or await self._ingress()
             self.handle.resolved_ingress = self.deployment_name
+            if self.span is not None:
+                self.span.rename(f"call {self.handle.app_name}/{self.deployment_name}."
+                                 f"{self.handle.method_name}")
+                self.span.set("broker_serve.deployment", self.deployment_name)
         await self._publish(events)
         await self._receive(events)
 
@@ -294,6 +307,8 @@ class _Call:
                                                 request_id=self.parent_request_id),
             "mandatory": True,
         }
+        if self.span is not None:
+            self.span.inject(message["headers"])
         remaining = None
         if deadline is not None:
             remaining = deadline - deadlines.now_ms()
@@ -318,6 +333,7 @@ class _Call:
         """Queue what one reply event carries; True if it ends the call."""
         if kind == messages.ERROR:
             self.items.put_nowait(self._error(event))
+            self._end_span(int(event.get("status") or 500), str(event.get("error") or "Error"))
             return True
         if kind != messages.RESULT:
             return False
@@ -325,11 +341,12 @@ class _Call:
             self.items.put_nowait(unpack_value(event, self.runtime.secret))
         return not event.get("more", False)
 
+    def _end_span(self, status: int, error: str) -> None:
+        if self.span is not None:
+            self.span.end(status, error=error)
+
     def _cancel_callee(self) -> None:
-        task = asyncio.ensure_future(
-            cancel(self.runtime.broker, self.runtime.store, [self.request_id]))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self.runtime.cancel_requests([self.request_id])
 
     def _error(self, event: dict[str, Any]) -> RayServeException:
         # Also an instance of the class the callee raised, where this process can rebuild it.
@@ -357,6 +374,7 @@ class _Call:
             f"request {self.request_id} was cancelled",
             deployment=f"{self.handle.app_name}/{self.deployment_name}"))
         self.items.put_nowait(_DONE)
+        self._end_span(499, "RequestCancelledError")
 
 
 class DeploymentResponse:
@@ -380,7 +398,9 @@ class DeploymentResponse:
 
     def __await__(self) -> Any:
         if not self._call.runtime.in_loop_thread():
-            raise RuntimeError("await a DeploymentResponse on the event loop of its runtime")
+            # Another loop's code (an async test, a driver's asyncio.run): the runtime's loop
+            # reads the call, this one waits for it.
+            return _on_runtime_loop(self._call.runtime, self._get()).__await__()
         return self._get().__await__()
 
     def result(self, *, timeout_s: float | None = None) -> Any:
@@ -405,7 +425,9 @@ class DeploymentResponseGenerator:
         return self
 
     async def __anext__(self) -> Any:
-        item = await self._call.next_item()
+        runtime = self._call.runtime
+        item = await (self._call.next_item() if runtime.in_loop_thread()
+                      else _on_runtime_loop(runtime, self._call.next_item()))
         if item is _DONE:
             self._call.items.put_nowait(_DONE)
             raise StopAsyncIteration
@@ -424,6 +446,12 @@ class DeploymentResponseGenerator:
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+def _on_runtime_loop(runtime: Runtime, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+    """`coro` run on the runtime's loop, awaitable from the running one; cancelling the wait
+    cancels it there."""
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, runtime.loop))
 
 
 def _refuse_in_event_loop(instead: str) -> None:

@@ -15,7 +15,7 @@ import itertools
 import os
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from typing import Any, NamedTuple, TypeVar
 
@@ -23,11 +23,12 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ..config import is_bounded, is_durable, is_ordered
 from ..exceptions import BrokerServeError, ClusterUnavailable
+from ..observability import tracing
 from ..settings import Settings
 from ..state.store import Store
 from ..transport.affinity import AffinityTable
 from ..transport.broker import Broker, ReplyRouter, connection_name
-from ..transport.cancellation import AbandonedRequests
+from ..transport.cancellation import AbandonedRequests, cancel
 from .job_defaults import JobDefaults
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ START_TIMEOUT_S = 30.0
 _lock = threading.Lock()
 _runtime: Runtime | None = None
 _portal_hosts: set[asyncio.Future[None]] = set()  # the loop keeps only weak references to tasks
+_background: set[asyncio.Future[None]] = set()
 
 
 class Delivery(NamedTuple):
@@ -115,6 +117,16 @@ class Runtime:
             raise ValueError(f"no application named {app!r}")
         return str(record["ingress"])
 
+    def cancel_requests(self, ids: list[str]) -> None:
+        """Cancel calls wherever their callees run or wait, in the background."""
+        task = asyncio.ensure_future(cancel(self.broker, self.store, ids))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    def refuse_unsupported(self, what: str) -> None:
+        """Raise if this runtime cannot do `what`; the cluster's runtime does everything
+        (local testing mode's does not)."""
+
     def next_request_id(self) -> str:
         return f"{self.process_id}-{next(self._ids)}"
 
@@ -140,18 +152,23 @@ async def _awaited(coro: Coroutine[Any, Any, T]) -> T:
     return await coro
 
 
-def get_runtime(settings: Settings | None = None) -> Runtime:
-    """The runtime of this process, started on first use."""
+RuntimeFactory = Callable[[Settings, asyncio.AbstractEventLoop, BlockingPortal], Runtime]
+
+
+def get_runtime(settings: Settings | None = None, make: RuntimeFactory = Runtime) -> Runtime:
+    """The runtime of this process, started on first use (made by `make`, with its own loop
+    in a portal's thread)."""
     global _runtime
     with _lock:
         runtime = current_runtime()
         if runtime is not None:
             return runtime
+        tracing.setup("driver")  # a driver's handle calls are traced too, if OTEL_* say so
         settings = settings or Settings.from_env()
         portal_thread = contextlib.ExitStack()
         portal = portal_thread.enter_context(start_blocking_portal())
         try:
-            runtime = Runtime(settings, portal.call(asyncio.get_running_loop), portal)
+            runtime = make(settings, portal.call(asyncio.get_running_loop), portal)
             portal.start_task_soon(runtime.start).result(START_TIMEOUT_S)
         except TimeoutError:
             _close_portal(portal, portal_thread)

@@ -21,34 +21,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import inspect
 import logging
 import os
 import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, wait_fixed
 
-from ..client.handle import calls_of_current_request, deadline_of_current_request
+from ..client.handle import calls_of_current_request
 from ..client.runtime import install_replica_runtime
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..context import ReplicaContext, _request_id, _set_replica_context
-from ..exceptions import BrokerServeError, ProtocolError, RayServeException
+from ..exceptions import BrokerServeError, ProtocolError
 from ..lifecycle import die_with_parent_if_asked, heartbeat_loop, sleep_or_stop, stop_on_signals
-from ..observability import metrics
+from ..observability import metrics, tracing
 from ..observability.entry_point import run_entry_point
 from ..observability.history import HistoryWriter
 from ..observability.logging import AccessLog, setup_logging
 from ..protocol import jobs
 from ..protocol import messages as protocol
 from ..protocol.call_values import loads_signed
-from ..protocol.remote_errors import describe
 from ..schema import ReplicaState
 from ..settings import Settings
 from ..state.records import ReplicaEndState, ReplicaRecordState
@@ -65,13 +63,19 @@ from .execution import (
     FlowWindow,
     ReplyStream,
     Servable,
+    construct,
+    run_attempt,
     run_call,
     run_http,
     run_websocket,
+    within_deadline,
 )
 from .grpc_call import GrpcResolver, run_grpc
 from .jobs import JobRunner
 from .threads import ThreadRunner
+
+if TYPE_CHECKING:
+    from ..observability.otel import Traces
 
 log = logging.getLogger("broker_serve.replica.replica")
 
@@ -96,6 +100,7 @@ class Replica:
                              connection_name(settings.cluster, "replica", replica_id),
                              cancel_exchange=self.names.cancel_exchange)
         self.inbox_name = self.names.inbox(replica_id)
+        self._request_queue = self.names.request_queue(app, deployment)
         self.servable: Servable | None = None
         self.config = DeploymentConfig()
         self.user_config_hash = ""
@@ -262,26 +267,12 @@ class Replica:
             self.deliveries.release_soon(released)
 
     async def _construct(self, definition: dict[str, Any], threads: ThreadRunner) -> Servable:
-        target = definition["func_or_class"]
-        is_function = not inspect.isclass(target)
-        if is_function:
-            instance = target
-        else:
-            instance = target(*definition["args"], **definition["kwargs"])
-            if inspect.isawaitable(instance):  # an `async def __init__` pattern via __new__
-                instance = await instance
-        ingress.set_servable(instance)
-        _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id, instance))
-        # After the constructor, as in Ray: an ingress builder makes its app now, in the replica.
-        asgi_app = None if is_function else ingress.serving_app(target)
-        servable = Servable(instance, is_function, asgi_app, threads)
-        await servable.start()  # the ingress app's startup hooks: a failure fails the replica
-        user_config = self.config.user_config
-        if user_config is not None and hasattr(instance, "reconfigure"):
-            result = instance.reconfigure(user_config)
-            if inspect.isawaitable(result):
-                await result
-        return servable
+        def constructed(instance: Any) -> None:
+            ingress.set_servable(instance)
+            _set_replica_context(ReplicaContext(self.app, self.deployment, self.replica_id,
+                                                instance))
+
+        return await construct(definition, threads, self.config.user_config, constructed)
 
     async def main_loop(self) -> None:
         async def beat() -> None:
@@ -347,13 +338,7 @@ class Replica:
     async def _call_user(self, method: str, *args: Any) -> Any:
         """Call a lifecycle method of the user's class, if it has it; sync ones off the loop."""
         assert self.servable is not None
-        func = None if self.servable.is_function else getattr(self.servable.target, method, None)
-        if func is None:
-            return None
-        if inspect.iscoroutinefunction(func):
-            return await func(*args)
-        result = await asyncio.get_running_loop().run_in_executor(None, func, *args)
-        return await result if inspect.isawaitable(result) else result
+        return await self.servable.call_lifecycle(method, *args)
 
     async def _health_loop(self) -> None:
         """Call `check_health()` every health_check_period_s; a failure or a timeout gets this
@@ -534,14 +519,52 @@ class Replica:
         elif published.__class__ is int:
             self.metrics.waited(max(0.0, time.time() - published / 1e6))
         started = time.perf_counter()
+        traces = tracing.traces
         try:
-            stream = await self._handle_running(message, tag, redelivered, reply_to,
-                                                correlation_id, settler)
+            if traces is None:
+                stream = await self._handle_running(message, tag, redelivered, reply_to,
+                                                    correlation_id, settler)
+            else:
+                stream = await self._handle_traced(
+                    traces, message, tag, redelivered, reply_to, correlation_id, settler,
+                    request_id, None if redelivered or published.__class__ is not int
+                    else published)
         finally:
             self._running.pop(correlation_id, None)
             self._cancelling.discard(correlation_id)
         if stream is not None:
             self._finished(stream, time.perf_counter() - started, request_id)
+
+    async def _handle_traced(self, traces: Traces, message: DeliveredMessage, tag: int,
+                             redelivered: bool, reply_to: str | None, correlation_id: str,
+                             settler: Settler, request_id: str, published_us: int | None
+                             ) -> ReplyStream | None:
+        """`_handle_running` within the request's spans (docs/architecture.md, "Tracing"):
+        its queue wait, and its processing, current while it runs, so that the handle calls
+        it makes are its children."""
+        properties = message.header.properties
+        headers = properties.headers or {}
+        span = traces.replica_request(
+            headers, kind=properties.message_type or "", queue=self._request_queue,
+            app=self.app, deployment=self.deployment, replica=self.replica_id,
+            correlation_id=correlation_id, request_id=request_id, published_us=published_us,
+            job=not reply_to and jobs.is_job(headers))
+        if redelivered:
+            span.set("broker_serve.redelivered", True)
+        try:
+            stream = await self._handle_running(message, tag, redelivered, reply_to,
+                                                correlation_id, settler)
+        except BaseException as exc:  # the replica stops: RabbitMQ gives it to another one
+            span.end(error=type(exc).__name__)
+            raise
+        if stream is None:
+            span.end(error="DeadLettered")
+            return None
+        span.rename(f"process {self.app}/{self.deployment}.{stream.method}")
+        span.end(stream.status, attributes={"broker_serve.method": stream.method} if not
+                 stream.http else {"broker_serve.method": stream.method,
+                                   "http.response.status_code": stream.status})
+        return stream
 
     def _finished(self, stream: ReplyStream, seconds: float, request_id: str) -> None:
         """One request's metrics and log line."""
@@ -607,33 +630,12 @@ class Replica:
         """Run the request into `stream`, which ends with its terminal event, unless the
         replica stops: then CancelledError, and RabbitMQ gives it to another replica; a
         response already started (not `restartable`) ends with 503 instead."""
-        properties = message.header.properties
         try:
-            await self._dispatch(message, stream, correlation_id)
-        except ProtocolError as exc:
-            await stream.error(exc.status, exc.error, str(exc))
-        except asyncio.CancelledError:
-            if correlation_id in self._cancelling:  # cancelled by its caller: done, not retried
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                for call in calls_of_current_request.get() or ():
-                    call.cancel()  # cascade to the handle calls it made
-                await stream.error(499, "Cancelled", "the request was cancelled")
-            elif restartable or not stream.started:
-                raise  # shutdown: left unacked, RabbitMQ gives it to another replica
-            else:  # a started response cannot move to another replica: end it for the caller
-                await stream.error(503, "ReplicaStopped", "the replica stopped mid-response")
-        except Exception as exc:  # noqa: BLE001 - user code: the caller gets an error event
-            log.error("request %s failed:\n%s", correlation_id, traceback.format_exc())
-            kind = properties.message_type
-            # A gRPC client gets the message too (as INTERNAL), but no class to raise again.
-            detail = (str(exc) if kind in (protocol.KIND_CALL, protocol.KIND_GRPC)
-                      else "Internal Server Error")
-            # A callee's error passing through keeps its original type, however many hops.
-            error_type = (exc.error_type if isinstance(exc, RayServeException) and exc.error_type
-                          else type(exc).__name__)
-            # Which class to raise again, for a handle caller; an HTTP client is told nothing.
-            cause = describe(exc, self.secret) if kind == protocol.KIND_CALL else None
-            await stream.error(500, error_type, detail[:2000], cause)
+            await run_attempt(self._dispatch(message, stream, correlation_id), stream,
+                              kind=message.header.properties.message_type, secret=self.secret,
+                              correlation_id=correlation_id,
+                              cancelled_by_caller=lambda: correlation_id in self._cancelling,
+                              restartable=restartable)
         finally:
             self._caller_messages.pop(correlation_id, None)
 
@@ -642,13 +644,8 @@ class Replica:
         properties = message.header.properties
         headers = properties.headers or {}
         protocol.check_version(headers)
-        deadline = headers.get(protocol.HEADER_DEADLINE)
-        if isinstance(deadline, int):
-            if deadline < time.time() * 1000:
-                await stream.error(408, "DeadlineExceeded",
-                                   "the request's deadline passed before a replica took it")
-                return
-            deadline_of_current_request.set(deadline)  # the handle calls it makes inherit it
+        if not await within_deadline(headers, stream):
+            return
         if len(correlation_id) > protocol.MAX_ID_LENGTH:
             raise ProtocolError(f"correlation_id is longer than {protocol.MAX_ID_LENGTH}")
         payload = protocol.decode_map(message.body)
@@ -713,6 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     setup_logging(settings.log_level, f"replica {args.replica_id}")
+    tracing.setup("replica", args.replica_id)
     _use_uvloop()
     replica = Replica(settings, args.app, args.deployment, args.replica_id, args.version)
     run_entry_point(replica.run(), f"replica {args.replica_id}")
