@@ -99,6 +99,13 @@ RABBITMQ_AUTH_PARAMETERS = {
     "tls", "workloadIdentityResource",
 }
 CPU_METADATA = {"type", "value", "containerName"}
+# The metrics-api scaler: a number at a GJSON path of a JSON document (bearer auth since 2.13).
+METRICS_API_METADATA = {
+    "url", "valueLocation", "targetValue", "activationTargetValue", "format", "authMode",
+    "method", "keyParamName", "unsafeSsl", "aggregateFromKubeServiceEndpoints",
+    "aggregationType",
+}
+METRICS_API_AUTH_PARAMETERS = {"apiKey", "username", "password", "ca", "cert", "key", "token"}
 
 RABBITMQ_CLUSTER = resource("rabbitmq.com/v1beta1", "RabbitmqCluster", closed({
     "replicas": {"type": "integer", "minimum": 0},

@@ -198,7 +198,8 @@ def test_rest_api_token_validation_and_failed_imports(cluster, cli):
     calls = [("GET", applications), ("PUT", applications), ("DELETE", applications),
              ("PATCH", f"{applications}one/deployments/Greeter"),
              ("GET", f"{cli.api}/api/serve/deployments/"),
-             ("GET", f"{cli.api}/api/serve/deployments/status")]
+             ("GET", f"{cli.api}/api/serve/deployments/status"),
+             ("GET", f"{cli.api}/api/serve/capacity/")]
     for method, url in calls:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": cli.token}):
             refused = requests.request(method, url, headers=headers, json=CONFIG, timeout=10)
@@ -211,6 +212,9 @@ def test_rest_api_token_validation_and_failed_imports(cluster, cli):
     assert requests.get(applications, headers=auth, timeout=10).json()["applications"] == {}
     v1 = requests.get(f"{cli.api}/api/serve/deployments/status", headers=auth, timeout=10)
     assert v1.json()["app_status"]["status"] == "NOT_STARTED"
+    capacity = f"{cli.api}/api/serve/capacity/"
+    assert requests.get(capacity, headers=auth, timeout=10).json() == {
+        "target_replicas": 0, "running_replicas": 0}
 
     # Bad payloads: not JSON is 400, a schema violation 422 with pydantic's errors.
     not_json = requests.put(applications, headers=auth, data=b"{oops", timeout=10)
@@ -258,6 +262,12 @@ def test_rest_api_token_validation_and_failed_imports(cluster, cli):
     cli("deploy", "built.yaml")
     assert wait_for(lambda: answer(cluster.url)).json()["greeting"] == "hi"
     assert set(cli.status()["applications"]) == {"app1"}
+    # What KEDA scales the worker nodes on (deploy/k8s): the one Greeter replica.
+    def capacity_once_running() -> dict[str, int] | None:
+        reading: dict[str, int] = requests.get(capacity, headers=auth, timeout=10).json()
+        return reading if reading["running_replicas"] else None
+
+    assert wait_for(capacity_once_running) == {"target_replicas": 1, "running_replicas": 1}
 
 
 def test_schemas_follow_ray():

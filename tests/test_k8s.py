@@ -448,7 +448,10 @@ def test_in_cluster_urls_name_the_in_cluster_services(builds, compose, ha_compos
         assert redis_url.port == _one(docs, "Service", "broker-serve-redis")["spec"]["ports"][0][
             "port"] == redis_container["ports"][0]["containerPort"]
     management = urlsplit(urls["RABBITMQ_MANAGEMENT_URL"])
-    assert (management.scheme, management.hostname, management.port) == ("http", name, 15672)
+    # KEDA's operator reads it from its own namespace: the Service's full name.
+    namespace = rabbitmq["metadata"]["namespace"]
+    assert (management.scheme, management.hostname, management.port) == (
+        "http", f"{name}.{namespace}.svc", 15672)
 
 
 def test_external_urls_are_read_from_urls_env(builds):
@@ -472,7 +475,8 @@ def test_workers_scale_on_the_request_queues_from_zero(builds):
         assert scaled["scaleTargetRef"]["name"] == "broker-serve-worker"
         assert "replicas" not in _one(docs, "Deployment", "broker-serve-worker")["spec"]
         assert scaled["minReplicaCount"] == 0 < scaled["maxReplicaCount"]
-        (trigger,) = scaled["triggers"]
+        trigger, wanted = scaled["triggers"]
+        _assert_follows_the_replicas_wanted(docs, wanted)
         assert trigger["type"] == "rabbitmq"
         metadata = trigger["metadata"]
         assert set(metadata) <= k8s_schemas.RABBITMQ_METADATA, set(metadata)
@@ -492,6 +496,30 @@ def test_workers_scale_on_the_request_queues_from_zero(builds):
         assert "host" in parameters or "host" in metadata, overlay
         assert {"username", "password"} <= parameters or not {"username", "password"} & \
             parameters, overlay  # KEDA takes them together only
+
+
+def _assert_follows_the_replicas_wanted(docs: list[dict[str, Any]],
+                                       trigger: dict[str, Any]) -> None:
+    """The second trigger reads the replicas every deployment wants from the controller's
+    REST API, through its Service, with the token both controllers accept."""
+    assert trigger["type"] == "metrics-api"
+    metadata = trigger["metadata"]
+    assert set(metadata) <= k8s_schemas.METRICS_API_METADATA, set(metadata)
+    url = urlsplit(metadata["url"])
+    service = _one(docs, "Service", "broker-serve-controller")
+    namespace = service["metadata"]["namespace"]
+    assert url.hostname == f"broker-serve-controller.{namespace}.svc"
+    assert url.port in {port["port"] for port in service["spec"]["ports"]}
+    routes = (ROOT / "broker_serve" / "controller" / "rest.py").read_text()
+    assert f'Route("{url.path}", api.get_capacity' in routes
+    assert metadata["valueLocation"] == "target_replicas"  # a field get_capacity answers
+    assert float(metadata["targetValue"]) > float(metadata["activationTargetValue"]) == 0
+    assert metadata["authMode"] == "bearer"
+    auth = _one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (token,) = auth["spec"]["secretTargetRef"]
+    assert token["parameter"] == "token" in k8s_schemas.METRICS_API_AUTH_PARAMETERS
+    controller_env = _environment(docs, _container(docs, "controller"))
+    assert controller_env["BROKER_SERVE_API_TOKEN"] == ("secret", token["name"], token["key"])
 
 
 def _kubernetes_serve_config() -> ServeDeploySchema:

@@ -4,6 +4,7 @@
     PATCH           /api/serve/applications/{app}/deployments/{deployment}   {"num_replicas": N}
     PUT|GET|DELETE  /api/serve/deployments/
     GET             /api/serve/deployments/status
+    GET             /api/serve/capacity/                 replicas wanted and running (KEDA)
     GET|PUT         /api/serve/traffic/                  a traffic record (broker-serve's)
     DELETE          /api/serve/traffic/{name}
     GET             /api/serve/dead/?app=&deployment=&limit=   dead letters (broker-serve's)
@@ -144,6 +145,7 @@ def create_app(store: Store, settings: Settings, token: str,
         Route("/api/serve/deployments/", api.put_v1, methods=["PUT"]),
         Route("/api/serve/deployments/", api.delete_applications, methods=["DELETE"]),
         Route("/api/serve/deployments/status", api.get_v1_status, methods=["GET"]),
+        Route("/api/serve/capacity/", api.get_capacity, methods=["GET"]),
         Route("/api/serve/traffic/", api.get_traffic, methods=["GET"]),
         Route("/api/serve/traffic/", api.put_traffic, methods=["PUT"]),
         # `path`: a name defaults to its route prefix, so it may hold slashes.
@@ -200,6 +202,19 @@ class _Endpoints:
     async def get_v1_status(self, request: Request) -> Response:
         details = await read_details(self.store)
         return _json(v1_status(details, V1_APP_NAME).model_dump(mode="json"))
+
+    async def get_capacity(self, request: Request) -> Response:
+        """What the worker nodes must hold: the replicas the deployments want (their target,
+        the autoscaler's included) and those running. KEDA's metrics-api trigger scales the
+        worker nodes on `target_replicas` (deploy/k8s), so a deployment with a fixed
+        `num_replicas` keeps a worker even while no request is queued."""
+        details = await read_details(self.store)
+        deployments = [deployment for app in details.applications.values()
+                       for deployment in app.deployments.values()]
+        return _json({
+            "target_replicas": sum(d.target_num_replicas for d in deployments),
+            "running_replicas": sum(r.state == "RUNNING" for d in deployments
+                                    for r in d.replicas)})
 
     async def get_traffic(self, request: Request) -> Response:
         records = await self.store.traffic()
