@@ -40,9 +40,7 @@ class Names:
         return self.key_prefix + ":".join(parts)
 
     @property
-    def legacy_secret(self) -> str:
-        """Where older versions kept the cluster secret, readable to anyone with Redis access;
-        the controller deletes it (docs/architecture.md, "Trust")."""
+    def secret(self) -> str:
         return self.key("secret")
 
     @property
