@@ -76,6 +76,7 @@ class Outcome:
     ended: float
     status: int  # 0: a connection error; -1: no answer within the client's timeout
     right: bool
+    request_id: str = ""
 
 
 @dataclass
@@ -99,7 +100,9 @@ class Load:
             request_id = secrets.token_hex(8)
             started = time.monotonic()
             try:
+                # Sent as its X-Request-Id too, which every process's access log shows.
                 answer = session.get(self.url, params={"id": request_id},
+                                     headers={"X-Request-Id": request_id},
                                      timeout=CLIENT_TIMEOUT_S)
                 status, right = answer.status_code, answer.text == request_id
             except requests.Timeout:
@@ -108,7 +111,8 @@ class Load:
                 status, right = 0, False
                 session = requests.Session()
             with self._lock:
-                self.outcomes.append(Outcome(started, time.monotonic(), status, right))
+                self.outcomes.append(Outcome(started, time.monotonic(), status, right,
+                                             request_id))
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Figures:
     wrong: int
     longest_stall_s: float
     recovered: bool
+    lost_ids: list[str] = field(default_factory=list)  # to look for in the processes' logs
 
     def row(self) -> str:
         return (f"| {self.fault} | {self.sent} | {self.answered} | {self.failed} | {self.lost} "
@@ -137,7 +142,8 @@ def figures(fault: str, outcomes: list[Outcome], end: float) -> Figures:
                 default=end - min((o.started for o in outcomes), default=end))
     tail = [o for o in outcomes if o.started > end - 2.0]
     return Figures(fault, len(outcomes), len(answered), len(failed), len(lost), len(wrong),
-                   stall, bool(tail) and all(o.status == 200 and o.right for o in tail))
+                   stall, bool(tail) and all(o.status == 200 and o.right for o in tail),
+                   [o.request_id for o in lost])
 
 
 class Processes:

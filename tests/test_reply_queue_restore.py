@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import Any
 
 import aiormq
 import pika
@@ -118,6 +119,55 @@ async def test_requests_wait_for_the_reply_queue_after_a_reconnect() -> None:
                                  reply_to=router.queue_name)
             await _until_depth(requests, 2)
             await slow.cancel()
+        finally:
+            await broker.close()
+            connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+            connection.channel().queue_delete(requests)
+            connection.close()
+
+
+async def test_a_durable_request_confirmed_as_its_connection_drops_is_published_again() -> None:
+    """The confirm is read just before the connection drops, and the drop is reported before
+    the publisher resumes: the request was still publishing, so the drop did not fail it, and
+    its reply queue went with the connection. It must be published again (its reply then comes
+    to the re-declared queue), or its caller waits for nothing (2 lost requests in the chaos
+    suite's RabbitMQ node kill)."""
+    requests = f"bs.restore-test.{secrets.token_hex(4)}"
+    with TcpFaultProxy("127.0.0.1", 5672) as broker_address:
+        broker = Broker(f"amqp://guest:guest@127.0.0.1:{broker_address.port}/",
+                        connection_name("restore", "test", secrets.token_hex(3)))
+        await broker.connect()
+        try:
+            channel = await broker.channel()
+            await channel.declare_queue(requests, durable=True, auto_delete=False)
+            router = ReplyRouter(broker, f"bs.restore-test.reply.{secrets.token_hex(4)}")
+            await router.start()
+            events = router.register("c-1")
+            publish_confirmed = broker.publish_confirmed
+            attempts = 0
+
+            async def confirmed_then_dropped(*args: Any, **kwargs: Any) -> bool:
+                nonlocal attempts
+                attempts += 1
+                confirmed = await publish_confirmed(*args, **kwargs)
+                if attempts == 1:
+                    broker_address.cut()
+                    for _ in range(250):
+                        if not broker.is_connected:
+                            break
+                        await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.1)  # the drop is reported to the waiting requests
+                    assert not broker.is_connected
+                return confirmed
+
+            broker.publish_confirmed = confirmed_then_dropped  # type: ignore[method-assign]
+            published = await broker.publish_request(
+                requests, b"request", bounded=False, durable=True, events=events,
+                deadline_ms=None, type="call", correlation_id="c-1",
+                reply_to=router.queue_name)
+            assert published and attempts == 2
+            assert len(events) == 0  # not failed: its reply is still to come
+            await _until_depth(requests, 2)  # at least once: the first may run too
         finally:
             await broker.close()
             connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))

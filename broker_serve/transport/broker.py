@@ -305,7 +305,7 @@ class Broker:
                 events.publishing_durably = True
             try:
                 return await self.publish_durably(routing_key, body, deadline_ms=deadline_ms,
-                                                  **properties)
+                                                  events=events, **properties)
             finally:
                 if events is not None:
                     events.publishing_durably = False
@@ -315,21 +315,33 @@ class Broker:
         return True
 
     async def publish_durably(self, routing_key: str, body: bytes, *, deadline_ms: int | None,
-                              **properties: Any) -> bool:
+                              events: ReplyEvents | None = None, **properties: Any) -> bool:
         """A persistent, confirmed publish that survives the loss of a node: until the broker
         confirms it (True) or refuses it (False: a bounded queue is full), it is published
         again, once the connection is back on whichever node, with a backoff, until the
         deadline passes (`deadline_ms`, unix ms; None: DURABLE_PUBLISH_WAIT_S); then
         ClusterUnavailable. A publish whose confirm was lost with its node may arrive twice,
-        and run twice: durable means at least once."""
+        and run twice: durable means at least once.
+
+        With the request's reply `events`: a publish confirmed while the connection was lost
+        (the confirm read just before the loss, the loss reported before this task resumed)
+        is published again too. Its reply queue may have gone with that connection, and the
+        lost connection did not fail it, since it was still publishing: without this, its
+        caller would wait for a reply that never comes."""
         wait_s = (DURABLE_PUBLISH_WAIT_S if deadline_ms is None
                   else deadline_ms / 1000 - time.time())
 
         async def attempt() -> bool:
             if not await self.wait_connected(max(wait_s, 0.0)):
                 raise ClusterUnavailable("RabbitMQ connection is down")
-            return await self.publish_confirmed(routing_key, body, persistent=True,
-                                                **properties)
+            if events is not None:
+                events.reply_path_lost = False
+            confirmed = await self.publish_confirmed(routing_key, body, persistent=True,
+                                                     **properties)
+            if events is not None and events.reply_path_lost:
+                raise ClusterUnavailable("the connection was lost as RabbitMQ confirmed the "
+                                         "request, and its reply queue may be lost with it")
+            return confirmed
 
         def gave_up(state: RetryCallState) -> NoReturn:
             assert state.outcome is not None
@@ -507,13 +519,15 @@ class ReplyEvents:
     """The reply events of one request, in order, for its one reader: a queue with no bound
     and one waiter, so each event costs a deque append and at most one future."""
 
-    __slots__ = ("_items", "_waiter", "publishing_durably")
+    __slots__ = ("_items", "_waiter", "publishing_durably", "reply_path_lost")
 
     def __init__(self) -> None:
         self._items: deque[Event] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        # Set while a durable publish is retried: a lost connection leaves it to the retry.
+        # Set while a durable publish is retried: a lost connection leaves it to the retry,
+        # and sets `reply_path_lost`, so that an attempt it cut short is made again.
         self.publishing_durably = False
+        self.reply_path_lost = False
 
     def __len__(self) -> int:
         """The events received and not yet read."""
@@ -603,8 +617,12 @@ class ReplyRouter:
     def _fail_waiting(self, error: str, what: str) -> None:
         if not self._waiting:
             return
-        failing = {correlation_id: events for correlation_id, events in self._waiting.items()
-                   if not events.publishing_durably}
+        failing: dict[str, ReplyEvents] = {}
+        for correlation_id, events in self._waiting.items():
+            if events.publishing_durably:
+                events.reply_path_lost = True  # published again (Broker.publish_durably)
+            else:
+                failing[correlation_id] = events
         if not failing:
             return
         log.warning("%s; failing %d waiting request(s)", what, len(failing))
