@@ -226,6 +226,13 @@ class HTTPOptions(BaseModel):
     request_timeout_s: float | None = None
     keep_alive_timeout_s: float = 5.0
     max_body_bytes: int = Field(default=100 * 1024 * 1024, gt=0)
+    # Limits on what a client may send (docs/architecture.md, "Limits on untrusted input"):
+    # over them a request gets 431, or 503 with Retry-After, and a WebSocket session is
+    # closed with 1009; none is in Ray's HTTPOptions.
+    max_header_count: int = Field(default=100, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    max_websocket_message_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    max_inflight_requests: int = Field(default=10_000, gt=0)
     middlewares: list[MiddlewareSpec] = Field(default_factory=list)
     location: ProxyLocation = ProxyLocation.HeadOnly
 

@@ -10,6 +10,7 @@
      │    ├── UntrustedPayload      a signed payload whose signature does not verify
      │    └── UndecodableValue      a typed value that does not decode to what it claims
      ├── ClusterUnavailable         RabbitMQ or Redis cannot be reached
+     ├── ClusterSecretMissing       this process has no cluster secret (or cannot read it)
      ├── TransportError             RabbitMQ refused an operation (it closed the channel)
      │    └── PreconditionFailed    ... on a precondition, e.g. a queue's other arguments
      ├── StateError                 Redis refused or failed a read or write of the state
@@ -120,6 +121,13 @@ class UndecodableValue(ProtocolError):
 
 class ClusterUnavailable(BrokerServeError):
     pass
+
+
+class ClusterSecretMissing(BrokerServeError):
+    """This process has no cluster secret, so it cannot sign (a pickled handle argument, an
+    application's definitions), or the secret it was given cannot be read or is too short.
+    The operator gives it: `BROKER_SERVE_CLUSTER_SECRET_FILE` or `BROKER_SERVE_CLUSTER_SECRET`
+    (docs/architecture.md, "Trust")."""
 
 
 class StateError(BrokerServeError):

@@ -288,6 +288,12 @@ class HTTPOptionsSchema(BaseModel):
     root_path: str = ""
     request_timeout_s: PositiveFloat | None = None
     keep_alive_timeout_s: NonNegativeFloat = 5
+    # broker-serve's limits on what clients send (docs/architecture.md, "Limits on untrusted
+    # input"), as in config.HTTPOptions.
+    max_header_count: PositiveInt = 100
+    max_header_bytes: PositiveInt = 64 * 1024
+    max_websocket_message_bytes: PositiveInt = 16 * 1024 * 1024
+    max_inflight_requests: PositiveInt = 10_000
 
 
 class gRPCOptionsSchema(BaseModel):  # Ray's name

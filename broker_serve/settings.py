@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
@@ -27,6 +27,7 @@ DEFAULT_METRICS_PORT = 9500
 # Bodies travel in chunks of this size (docs/protocol.md, "Chunking").
 CHUNK_BYTES = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 100 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 
 LOG_FORMATS = ("text", "json")
 
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     redis_url: str = DEFAULT_REDIS_URL
     cluster: str = DEFAULT_CLUSTER
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # The largest message a replica reads from its queue (docs/architecture.md, "Limits on
+    # untrusted input"): above it, it answers 413 unread. RabbitMQ 3.x's own default limit.
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
     log_level: str = "INFO"
     # The controller's REST API (docs/architecture.md, "Declarative configs and the REST API").
     dashboard_host: str = DEFAULT_DASHBOARD_HOST
@@ -67,8 +71,14 @@ class Settings(BaseSettings):
     access_log: bool = True
     # Pids and logs of `broker-serve start`, and the REST API's token file.
     state_dir: Path = Field(default_factory=_default_state_dir)
-    # The REST API's bearer token; unset, the controller generates one into the state dir.
+    # The REST API's bearer token, or several comma-separated while one is rotated (the
+    # controller accepts each, clients send the first); unset, the controller generates one
+    # into the state dir.
     api_token: str | None = None
+    # The cluster secret that signs pickles and specs, from the operator (credentials.py): a
+    # file (a mounted Kubernetes or Compose secret) or the value; never stored in Redis.
+    cluster_secret_file: Path | None = None
+    cluster_secret: SecretStr | None = None
     # The status page at `/` of the REST API's port (docs/architecture.md, "The status page"):
     # true lets anyone who reaches the port view it, without the token.
     status_page_public: bool = False
@@ -87,7 +97,8 @@ class Settings(BaseSettings):
     runtime_env_max_mb: int = Field(default=512, gt=0)
     runtime_env_cache_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
 
-    @field_validator("app_dir", "http_keep_alive_timeout_s", "runtime_env_dir", mode="before")
+    @field_validator("app_dir", "http_keep_alive_timeout_s", "runtime_env_dir",
+                     "cluster_secret_file", "cluster_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
@@ -138,6 +149,7 @@ class Settings(BaseSettings):
             "BROKER_SERVE_REDIS_URL": self.redis_url,
             "BROKER_SERVE_CLUSTER": self.cluster,
             "BROKER_SERVE_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "BROKER_SERVE_MAX_MESSAGE_BYTES": str(self.max_message_bytes),
             "BROKER_SERVE_LOG_LEVEL": self.log_level,
             "BROKER_SERVE_DASHBOARD_HOST": self.dashboard_host,
             "BROKER_SERVE_DASHBOARD_PORT": str(self.dashboard_port),
@@ -149,6 +161,8 @@ class Settings(BaseSettings):
             "BROKER_SERVE_RUNTIME_ENV_DIR": str(self.runtime_env_cache()),
             "BROKER_SERVE_RUNTIME_ENV_MAX_MB": str(self.runtime_env_max_mb),
             "BROKER_SERVE_RUNTIME_ENV_CACHE_TTL_S": str(self.runtime_env_cache_ttl_s),
+            **({"BROKER_SERVE_CLUSTER_SECRET_FILE": str(self.cluster_secret_file)}
+               if self.cluster_secret_file else {}),
         }
 
 

@@ -7,6 +7,8 @@ wiring this way. Each service built from this repository (the non-infrastructure
 
 - URLs naming a compose service (`rabbitmq`, `redis`) point at the machine's RabbitMQ and Redis.
 - `BROKER_SERVE_CLUSTER` is the test's namespace.
+- `/run/secrets/<name>`, where Compose mounts a secret the service lists, is the secret's
+  `file` in this checkout.
 - Each instance gets a free local port for every container port its service exposes, in place of
   that port wherever it appears in the command, the environment or the health check: scaled
   instances share one host here, where each container had an address of its own.
@@ -45,6 +47,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 # The machine's services stand in for the compose services of the same role.
 STAND_INS = {"rabbitmq": AMQP_URL, "redis": REDIS_URL}
+SECRETS_DIR = "/run/secrets/"  # where Compose mounts a service's secrets
 
 
 def load_compose(path: Path = COMPOSE_FILE, env_file: Path | None = ENV_FILE) -> dict[str, Any]:
@@ -254,12 +257,19 @@ class LocalCompose:
         if isinstance(declared, list):
             declared = dict(item.split("=", 1) for item in declared)
         for key, value in declared.items():
-            value = self._url(str(value))
+            value = self._secret(service, self._url(str(value)))
             if key.endswith("_PORT") and value.isdigit():
                 value = str(instance.ports.get(int(value), value))
             env[key] = value
         env["BROKER_SERVE_CLUSTER"] = self.cluster
         return env
+
+    def _secret(self, service: str, value: str) -> str:
+        name = value.removeprefix(SECRETS_DIR)
+        if name == value:
+            return value
+        assert name in self.services[service].get("secrets", []), f"{service} lacks {name}"
+        return str(ROOT / self.compose["secrets"][name]["file"])
 
     def _url(self, value: str) -> str:
         parts = urlsplit(value)

@@ -264,6 +264,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
                "BROKER_SERVE_AMQP_URL": rabbit.amqp_url,
                "BROKER_SERVE_REDIS_URL": sentinel.url,
                "BROKER_SERVE_API_TOKEN": TOKEN,
+               "BROKER_SERVE_CLUSTER_SECRET": secrets.token_hex(32),  # as an operator gives it
                "BROKER_SERVE_QUEUE_TYPE": "quorum",
                "BROKER_SERVE_APP_DIR": str(app_dir),
                "BROKER_SERVE_STATE_DIR": str(base / "state"),

@@ -60,9 +60,11 @@ NAMESPACE = "broker-serve"
 # The oldest Kubernetes the manifests are for, and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29.0", latest_version())
 ROLES = ("controller", "proxy", "worker")
-# Secrets that no manifest holds: the REST API's token, made by hand with kubectl
-# (deploy/README.md, "Run on Kubernetes").
-MADE_BY_HAND = {("broker-serve-api-token", "token")}
+# Secrets that no manifest holds: the REST API's token and the cluster secret, made by hand
+# with kubectl (deploy/README.md, "Run on Kubernetes").
+API_TOKEN = ("broker-serve-api-token", "token")
+CLUSTER_SECRET = ("broker-serve-cluster-secret", "cluster-secret")
+MADE_BY_HAND = {API_TOKEN, CLUSTER_SECRET}
 
 
 # building ---------------------------------------------------------------------------------------
@@ -322,7 +324,7 @@ def test_environment_is_the_compose_environment(builds, compose, ha_compose):
         controller = _environment(docs, _container(docs, "controller"))
         assert int(controller["BROKER_SERVE_DASHBOARD_PORT"]) in \
             {p["containerPort"] for p in _container(docs, "controller")["ports"]}
-        assert controller["BROKER_SERVE_API_TOKEN"] == ("secret", *next(iter(MADE_BY_HAND)))
+        assert controller["BROKER_SERVE_API_TOKEN"] == ("secret", *API_TOKEN)
         proxy_args = _container(docs, "proxy")["args"]
         assert int(proxy_args[proxy_args.index("--port") + 1]) == _port(docs, "proxy", "http")
         worker = _environment(docs, _container(docs, "worker"))
@@ -344,6 +346,35 @@ def _assert_expansions_resolve(container: dict[str, Any]) -> None:
         defined.add(var["name"])
 
 
+def test_the_cluster_secret_is_the_file_compose_mounts_where_it_signs(builds, compose):
+    """The controller and worker pods read the cluster secret from the file compose's
+    controller and worker containers do, mounted from the Secret made by hand; the proxies
+    get none (tests/test_compose.py, SIGNERS)."""
+    for overlay, docs in builds.items():
+        for role in ROLES:
+            pod, container = _pod(docs, role), _container(docs, role)
+            env = _environment(docs, container)
+            where = f"{overlay} {role}"
+            assert "BROKER_SERVE_CLUSTER_SECRET" not in env, where
+            wanted = compose["services"][role]["environment"].get(
+                "BROKER_SERVE_CLUSTER_SECRET_FILE")
+            if wanted is None:
+                assert "BROKER_SERVE_CLUSTER_SECRET_FILE" not in env, where
+                assert not any("secret" in v for v in pod.get("volumes", [])), where
+                continue
+            assert env["BROKER_SERVE_CLUSTER_SECRET_FILE"] == wanted, where
+            (volume,) = [v for v in pod["volumes"] if "secret" in v]
+            assert volume["secret"]["secretName"] == CLUSTER_SECRET[0], where
+            (item,) = volume["secret"]["items"]
+            (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+            assert mount.get("readOnly") is True, where
+            assert f"{mount['mountPath']}/{item['path']}" == wanted, where
+            assert item["key"] == CLUSTER_SECRET[1], where
+            # Readable by the pod's group only, which the image's user is in.
+            assert volume["secret"]["defaultMode"] == 0o440, where
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
 # references and URLs ----------------------------------------------------------------------------
 def _references(docs: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
     """(kind, name, key) of every ConfigMap and Secret a pod or a TriggerAuthentication reads."""
@@ -361,6 +392,10 @@ def _references(docs: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
                         ref = var.get("valueFrom", {}).get(field)
                         if ref:
                             refs.add((kind, ref["name"], ref["key"]))
+            for volume in doc["spec"]["template"]["spec"].get("volumes", []):
+                if "secret" in volume:
+                    for item in volume["secret"].get("items") or [{"key": None}]:
+                        refs.add(("Secret", volume["secret"]["secretName"], item["key"]))
         if doc["kind"] == "TriggerAuthentication":
             for ref in doc["spec"].get("secretTargetRef", []):
                 refs.add(("Secret", ref["name"], ref["key"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -278,7 +279,11 @@ class Idle:
 
 
 def test_a_leader_stalled_past_its_lease_does_not_write_as_leader_after_it_resumes(
-        cluster: Cluster, tmp_path: Path) -> None:
+        cluster: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Started by hand, not as a local cluster: the operator gives every process the secret.
+    secret = secrets.token_hex(32)
+    monkeypatch.setenv("BROKER_SERVE_CLUSTER_SECRET", secret)
+    cluster.env["BROKER_SERVE_CLUSTER_SECRET"] = secret
     stalled_name = f"stalled-{cluster.name}"
     with StallingProxy(5672) as amqp, RedisMonitor(cluster.name) as monitor, controller(
             cluster, tmp_path / "stalled.log",

@@ -55,6 +55,7 @@ def test_state_is_written_back_and_no_replica_restarts(cluster):
     status = serve.status().applications["default"]
     assert status.status == "RUNNING"
     assert {requests.get(cluster.url, timeout=30).json() for _ in range(30)} == pids
-    # The secret came back too: a new deploy signs with it and its replicas start.
+    # The secret was never in Redis, so losing Redis loses nothing of it: a new deploy
+    # signs with it and its replicas start.
     serve.run(Steady.options(num_replicas=3).bind())
     assert len({requests.get(cluster.url, timeout=30).json() for _ in range(40)}) == 3

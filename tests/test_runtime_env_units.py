@@ -40,6 +40,7 @@ from .conftest import REDIS_URL
 from .runtime_env_files import pure_python_wheel, zip_of
 
 MB = 1 << 20
+SECRET = b"s" * 32  # the operator's; the specs' signatures need no Redis
 
 
 # options ------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ async def test_stored_packages_no_spec_names_are_pruned_and_a_lost_redis_gets_th
             "working_dir": _package(named), "py_modules": [], "env_vars": {}, "pip": None,
             "setup_timeout_s": 60.0}
         spec = messages.pack({"pickled": b"", "sig": b"", "sys_path": [],
-                              **seal(environment, await store.secret())})
+                              **seal(environment, SECRET)})
         specs = {store.names.spec("app", "Dep", "v1"): spec}
         await upload(store, cache, specs)
         await store.put_package(_package(unnamed)["digest"], unnamed)
@@ -313,7 +314,7 @@ async def test_stored_packages_no_spec_names_are_pruned_and_a_lost_redis_gets_th
         assert await copy.restore_if_lost(store)
         assert await store.package(_package(named)["digest"]) == named
         assert unseal(messages.unpack(await store.spec("app", "Dep", "v1")),
-                      await store.secret()) == environment
+                      SECRET) == environment
     finally:
         await store.close()
 

@@ -284,7 +284,8 @@ def _api_options(command: Any) -> Any:
     command = click.option(
         "--token", envvar="BROKER_SERVE_API_TOKEN", default=None,
         help="The REST API's token [default: $BROKER_SERVE_API_TOKEN, else the controller's "
-             "token file in the state directory].")(command)
+             "token file in the state directory]. Of a comma-separated list (as controllers "
+             "take while a token is rotated), the first is sent.")(command)
     return click.option(
         "--address", "-a", envvar="BROKER_SERVE_ADDRESS", default=None,
         help="The REST API [default: $BROKER_SERVE_ADDRESS, else "

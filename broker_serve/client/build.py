@@ -18,7 +18,8 @@ import cloudpickle
 import orjson
 
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
-from ..exceptions import RayServeException
+from ..credentials import HOW_TO_SET
+from ..exceptions import ClusterSecretMissing, RayServeException
 from ..protocol import messages
 from ..protocol.call_values import dumps_signed
 from ..protocol.names import Names
@@ -45,6 +46,9 @@ def build_application(app: Application, name: str, route_prefix: str | None, nam
     `runtime_env`, is resolved by `resolver` into the environment its spec carries
     (docs/architecture.md, "Runtime environments").
     """
+    if not secret:
+        raise ClusterSecretMissing("this process has no cluster secret to sign the "
+                                   f"application's definitions with: {HOW_TO_SET}")
     nodes = app.walk()
     dep_names: dict[int, str] = {}
     taken: set[str] = set()

@@ -90,7 +90,8 @@ async def _from_record(runtime: Runtime, record: AppRecord, deployment: str) -> 
     if blob is None:  # deleted meanwhile
         return None
     spec = messages.unpack(blob)
-    definition = loads_signed(spec["pickled"], spec["sig"], runtime.secret)
+    definition = loads_signed(spec["pickled"], spec["sig"], runtime.secret,
+                              "the deployment's definition")
     ingress = record["ingress"] == deployment
     return Deployed(
         app=record["name"], name=deployment, func_or_class=definition["func_or_class"],

@@ -2,7 +2,8 @@
 
 `serve.run` and `broker-serve run` start one as child processes that die with the driver;
 `broker-serve start` starts one detached, with its pids and logs under a state directory so that
-`broker-serve stop` can find it.
+`broker-serve stop` can find it. Unless the operator set a cluster secret, its processes share
+one generated into that directory (credentials.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NoReturn
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from ..credentials import local_secret_file
 from ..exceptions import ClusterUnavailable
 from ..lifecycle import die_with_parent_env
 from ..protocol.names import Names
@@ -48,8 +50,10 @@ class LocalCluster:
             del commands["proxy"]
         directory = state_dir(self.settings.cluster)
         directory.mkdir(parents=True, exist_ok=True)
+        secret_file = local_secret_file(self.settings)
+        secret_env = {"BROKER_SERVE_CLUSTER_SECRET_FILE": str(secret_file)} if secret_file else {}
         for role, args in commands.items():
-            self.processes[role] = self._spawn(role, args, directory)
+            self.processes[role] = self._spawn(role, args, directory, secret_env)
         if self.detached:
             pids = {role: p.pid for role, p in self.processes.items()}
             (directory / "pids.json").write_text(json.dumps(pids))
@@ -59,9 +63,10 @@ class LocalCluster:
             self.stop()
             raise
 
-    def _spawn(self, role: str, args: list[str], directory: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, role: str, args: list[str], directory: Path,
+               secret_env: dict[str, str]) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "broker_serve", *args]
-        env = {**os.environ, **self.settings.env()}
+        env = {**os.environ, **self.settings.env(), **secret_env}
         if not self.detached:
             # A process group of their own: a Ctrl-C at the terminal reaches only the driver,
             # which deletes its application through this controller, then stops them.

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ..config import is_bounded, is_durable, is_ordered
+from ..credentials import cluster_secret
 from ..exceptions import BrokerServeError, ClusterUnavailable
 from ..observability import tracing
 from ..settings import Settings
@@ -66,6 +67,7 @@ class Runtime:
         self._owns_broker = broker is None
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"),
                                   on_abandoned=AbandonedRequests(self.broker, self.store))
+        # The operator's (credentials.py); b"" if none: then this process cannot sign.
         self.secret = b""
         self.affinity = AffinityTable()  # which replicas hold which multiplexed models
         self._ids = itertools.count()
@@ -75,8 +77,8 @@ class Runtime:
         self.job_defaults = JobDefaults(self.store)
 
     async def start(self) -> None:
+        self.secret = cluster_secret(self.settings)
         await self.store.ping()
-        self.secret = await self.store.secret()
         if self._owns_broker:
             await self.broker.connect()
         await self.router.start()

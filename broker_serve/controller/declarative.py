@@ -22,7 +22,8 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_delay, wait_fixed
 
 from ..config import HTTPOptions, gRPCOptions
-from ..exceptions import BrokerServeError, BuildFailed, ProtocolError
+from ..credentials import HOW_TO_SET, cluster_secret
+from ..exceptions import BrokerServeError, BuildFailed, ClusterSecretMissing, ProtocolError
 from ..protocol import messages
 from ..runtime_env import options as runtime_env_options
 from ..runtime_env.cache import HostCache
@@ -56,9 +57,12 @@ async def apply_config(store: Store, settings: Settings,
                        config: ServeDeploySchema) -> dict[str, Any]:
     """Make `config` the cluster's applications. Returns each one's result and the deleted."""
     names = store.names
+    secret = cluster_secret(settings)
+    if not secret:  # nothing is built, nothing changes
+        raise ClusterSecretMissing(f"this controller has no cluster secret to sign the "
+                                   f"applications' definitions with: {HOW_TO_SET}")
     async with _deploy_lock(store):
         await _check_traffic_prefixes(store, config)
-        secret = await store.secret()
         wanted = {app.name for app in config.applications}
         for app in config.applications:
             await store.put_app_build(app.name, {

@@ -20,6 +20,7 @@ from typing import Any
 from aio_pika.abc import AbstractRobustChannel
 
 from ..config import AutoscalingConfig, DeploymentConfig, is_bounded, is_durable, is_ordered
+from ..credentials import HOW_TO_SET, cluster_secret
 from ..exceptions import BrokerServeError, PreconditionFailed
 from ..lifecycle import heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
@@ -162,10 +163,22 @@ class Controller:
         await asyncio.gather(main, beat, return_exceptions=True)
         await asyncio.wait_for(self.shutdown(), SHUTDOWN_TIMEOUT_S)
 
+    async def _check_secret(self) -> None:
+        """Warn without a cluster secret (configs cannot be deployed), and delete the copy an
+        older version kept in Redis: whoever read it could sign."""
+        if not cluster_secret(self.settings):
+            log.warning("controller without a cluster secret: configs cannot be deployed; %s",
+                        HOW_TO_SET)
+        if await self.store.delete_legacy_secret():
+            log.warning("deleted %s, the cluster secret an older version kept in Redis: the "
+                        "cluster signs with the operator's secret now, and applications "
+                        "deployed before the upgrade must be deployed again",
+                        self.names.legacy_secret)
+
     async def startup(self) -> None:
         await self.store.ping()
         await self._heartbeat()
-        await self.store.secret()
+        await self._check_secret()
         await self.broker.connect()  # declares the cancel exchange
         channel = await self.broker.channel()
         await self._declare_dead_letters(channel)

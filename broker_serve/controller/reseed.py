@@ -2,8 +2,9 @@
 empty (it keeps nothing on disk).
 
 Every controller, leader or standby, copies the durable part of the state once a second: the
-secret, the desired applications with their specs (and spec index) and configs, the traffic
-records, the HTTP options, the nodes, their assignments and the replica records. The leader
+desired applications with their specs (and spec index) and configs, the traffic records, the
+HTTP options, the nodes, their assignments and the replica records. Not the cluster secret,
+which is never in Redis (credentials.py). The leader
 writes the marker key `seeded`; when it finds the marker gone, Redis has lost its state, and
 it writes the copy back before it reconciles. Worker nodes stop no replica while the marker is missing, so a
 Redis restart costs no running replica. See docs/architecture.md, "Control state".

@@ -15,9 +15,9 @@
                                the status page (`status_page/`), which checks its own cookie
 
 Ray's dashboard API has no authentication, which let attackers run code on exposed clusters
-(CVE-2023-48022); every call here but /metrics needs `Authorization: Bearer <token>`
-(`_token.py`). The
-server runs in the controller's event loop and leaves signals to the controller.
+(CVE-2023-48022); every call here but /metrics needs `Authorization: Bearer <token>`,
+with one of the tokens `api_token.py` lists. The server runs in the controller's event loop
+and leaves signals to the controller.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -41,7 +41,13 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_fixed
 
-from ..exceptions import BrokerServeError, ClusterUnavailable, StateError, TransportError
+from ..exceptions import (
+    BrokerServeError,
+    ClusterSecretMissing,
+    ClusterUnavailable,
+    StateError,
+    TransportError,
+)
 from ..http_server import HttpServer
 from ..lifecycle import sleep_or_stop
 from ..schema import ServeApplicationSchema, ServeDeploySchema, TrafficSchema
@@ -51,7 +57,7 @@ from ..state.store import Store
 from ..state.traffic import make_traffic, public_view, write_traffic
 from ..transport.dead_letters import DEFAULT_LIMIT, DeadLetters, Selector
 from . import declarative, status_page
-from .api_token import bearer_matches, server_token
+from .api_token import bearer_matches, server_tokens, token_bytes
 
 log = logging.getLogger("broker_serve.controller.rest")
 
@@ -100,15 +106,15 @@ class HTTPError(BrokerServeError):
 
 # authentication ---------------------------------------------------------------------------------
 class BearerAuth:
-    """Refuses (401) every HTTP request without the token, but those for `/metrics`, which
-    only read counters (Prometheus scrapes them), and the status page's, which takes the
-    token through its login form."""
+    """Refuses (401) every HTTP request without one of the tokens, but those for `/metrics`,
+    which only read counters (Prometheus scrapes them), and the status page's, which takes
+    the token through its login form."""
 
     PUBLIC = frozenset({"/metrics"})
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, tokens: str | Sequence[str]) -> None:
         self.app = app
-        self.token = token.encode()
+        self.tokens = token_bytes(tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.PUBLIC and \
@@ -122,7 +128,7 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
     def _authorized(self, headers: Headers) -> bool:
-        return bearer_matches(headers.get("authorization", ""), self.token)
+        return bearer_matches(headers.get("authorization", ""), self.tokens)
 
 
 # endpoints --------------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ class BearerAuth:
 Metrics = Callable[[], Awaitable[bytes]]
 
 
-def create_app(store: Store, settings: Settings, token: str,
+def create_app(store: Store, settings: Settings, tokens: str | Sequence[str],
                metrics: Metrics | None = None,
                dead_letters: DeadLetters | None = None,
                queue_depths: status_page.QueueDepths | None = None) -> ASGIApp:
@@ -161,8 +167,8 @@ def create_app(store: Store, settings: Settings, token: str,
             return Response(await metrics(), media_type=CONTENT_TYPE_LATEST)
 
         routes.append(Route("/metrics", exposition, methods=["GET"]))
-    routes += status_page.StatusPage(store, settings, token, queue_depths).routes()
-    return BearerAuth(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), token)
+    routes += status_page.StatusPage(store, settings, tokens, queue_depths).routes()
+    return BearerAuth(Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS), tokens)
 
 
 class _Endpoints:
@@ -318,6 +324,7 @@ EXCEPTION_HANDLERS: dict[Any, ExceptionHandler] = {
     declarative.Refused: _answer(409),
     RedisError: _redis_unavailable,
     ClusterUnavailable: _redis_unavailable,
+    ClusterSecretMissing: _answer(503),  # the operator must give the controller one
     StateError: _redis_unavailable,
     TransportError: _broker_unavailable,
     Exception: _internal_error,
@@ -376,7 +383,7 @@ class RestServer:
 
     async def start(self) -> None:
         """Returns once the API is served, or its address was found taken."""
-        app = create_app(self.store, self.settings, server_token(self.settings.cluster),
+        app = create_app(self.store, self.settings, server_tokens(self.settings.cluster),
                          self.metrics, self.dead_letters, self.queue_depths)
         self._task = asyncio.create_task(self._serve(app))
         self._task.add_done_callback(lambda _: self._settled.set())

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from tenacity import AsyncRetrying, retry_if_result, stop_after_delay, stop_never, wait_fixed
 
 from ..config import ProxyLocation
+from ..credentials import HOW_TO_SET, cluster_secret
 from ..exceptions import BrokerServeError, ProtocolError, RuntimeEnvError
 from ..lifecycle import die_with_parent_env, heartbeat_loop, stop_on_signals
 from ..observability.entry_point import run_entry_point
@@ -76,6 +77,7 @@ class WorkerNode:
                  num_cpus: float | None = None, resources: dict[str, float] | None = None,
                  proxy: bool | None = None, proxy_port: int | None = None) -> None:
         self.settings = settings
+        self.secret = b""  # verifies the runtime_env in specs (credentials.py)
         self.node_id = node_id or process_id()
         self.store = Store(settings.redis_url, settings.cluster)
         self.names = self.store.names
@@ -114,6 +116,10 @@ class WorkerNode:
         await self.shutdown()
 
     async def startup(self) -> None:
+        self.secret = cluster_secret(self.settings)
+        if not self.secret:
+            log.warning("worker node without a cluster secret: its replicas cannot start; %s",
+                        HOW_TO_SET)
         await self.store.ping()
         await self.store.heartbeat(self.names.node_alive(self.node_id))
         self.metrics_port = self.metrics.start()
@@ -233,7 +239,7 @@ class WorkerNode:
                                      assignment["version"])
         if blob is None:
             return None  # the replica reports the missing spec itself
-        return unseal(messages.unpack(blob), await self.store.secret())
+        return unseal(messages.unpack(blob), self.secret)
 
     async def _prepare_and_start(self, replica_id: str, assignment: Assignment,
                                  environment: Environment) -> None:

@@ -244,6 +244,14 @@ class ProxyMetrics:
             "Shadow copies of requests (traffic policy), by the shadow application and how "
             "they ended: answered, error, timeout, unsent or skipped.",
             ["application", "outcome"], registry=self.registry)
+        # The limits on untrusted input (docs/architecture.md, "Limits"); not per application:
+        # most are refused before a route is matched.
+        self._refused = Counter(
+            "broker_serve_proxy_refused_requests_total",
+            "Requests and WebSocket sessions refused at a limit: too_many_headers, "
+            "headers_too_large, body_too_large, too_many_inflight, "
+            "websocket_message_too_large.",
+            ["reason"], registry=self.registry)
         self.inflight = Gauge("broker_serve_proxy_inflight_requests",
                               "HTTP requests in progress.", registry=self.registry)
         self.open_streams = Gauge("broker_serve_proxy_open_streams",
@@ -266,6 +274,9 @@ class ProxyMetrics:
 
     def rejected(self, application: str) -> None:
         self._rejections.labels(application).inc()  # rare: the 503 path
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(reason).inc()  # only refused requests pay it
 
     def shadowed(self, application: str, outcome: str) -> None:
         self._shadows.labels(application, outcome).inc()  # only shadowed requests pay it
@@ -331,6 +342,10 @@ class ReplicaMetrics:
             "broker_serve_replica_channels_lost_total",
             "Channels of this replica that RabbitMQ closed while it was using them.",
             labels, registry=None).labels(application, deployment)
+        self._refused = Counter(
+            "broker_serve_replica_refused_messages_total",
+            "Messages this replica refused unread at a limit: message_too_large.",
+            [*labels, "reason"], registry=None)
         self._processing_local: dict[str, tuple[LocalHistogram, CountedHistogramChild]] = {}
         self._queue_wait_local = LocalHistogram()
         self._error_children: dict[int, Any] = {}
@@ -354,6 +369,9 @@ class ReplicaMetrics:
 
     def waited(self, seconds: float) -> None:
         self._queue_wait_local.observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        self._refused.labels(self.application, self.deployment, reason).inc()
 
     def flush(self, ongoing: int) -> None:
         """Move the observations into the multiprocess files, and set the ongoing gauge."""

@@ -6,7 +6,8 @@
 - anything else as a cloudpickle signed with HMAC-SHA256 under the cluster secret (`pickled`).
 
 A pickle is only ever loaded after its signature verifies, so whoever can publish to a queue
-cannot make a replica run code (docs/architecture.md, "Trust").
+cannot make a replica run code (docs/architecture.md, "Trust"). The secret comes from the
+operator (credentials.py); a process without one (b"") cannot sign, and nothing verifies in it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 import cloudpickle
 
-from ..exceptions import UndecodableValue, UntrustedPayload
+from ..credentials import HOW_TO_SET
+from ..exceptions import ClusterSecretMissing, UndecodableValue, UntrustedPayload
 from . import typed_values
 
 _PLAIN_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
@@ -26,13 +28,28 @@ _INT_MIN, _INT_END = -(2**63), 2**64
 
 
 def sign(secret: bytes, data: bytes) -> bytes:
+    if not secret:
+        raise ClusterSecretMissing(f"this process has no cluster secret, so it cannot sign "
+                                   f"what only a pickle (or a signed typed value) carries: "
+                                   f"{HOW_TO_SET}")
     return hmac.new(secret, data, hashlib.sha256).digest()
 
 
 def verifies(secret: bytes, data: Any, sig: Any) -> bool:
     """Whether `sig` is the signature of `data` (both bytes) under `secret`."""
-    return (isinstance(data, bytes) and isinstance(sig, bytes)
+    return (bool(secret) and isinstance(data, bytes) and isinstance(sig, bytes)
             and hmac.compare_digest(sign(secret, data), sig))
+
+
+def not_verified(what: str, secret: bytes, doing: str = "load") -> str:
+    """Why a signed `what` is refused: the words every receiver uses."""
+    if not secret:
+        return (f"the signature of {what} cannot be verified: this process has no cluster "
+                f"secret; refusing to {doing} it: {HOW_TO_SET}")
+    return (f"the signature of {what} does not verify under this cluster's secret: the sender "
+            f"signed with another secret (a stale one) or has none; refusing to {doing} it, "
+            f"nothing of it ran. Every process of the cluster needs the same secret "
+            f"(BROKER_SERVE_CLUSTER_SECRET_FILE or BROKER_SERVE_CLUSTER_SECRET)")
 
 
 def dumps_signed(value: Any, secret: bytes) -> tuple[bytes, bytes]:
@@ -40,11 +57,11 @@ def dumps_signed(value: Any, secret: bytes) -> tuple[bytes, bytes]:
     return data, sign(secret, data)
 
 
-def loads_signed(data: Any, sig: Any, secret: bytes) -> Any:
+def loads_signed(data: Any, sig: Any, secret: bytes, what: str = "the pickled payload") -> Any:
     if not isinstance(data, bytes) or not isinstance(sig, bytes):
-        raise UntrustedPayload("pickled payload without a signature; refusing to load it")
+        raise UntrustedPayload(f"{what} has no signature; refusing to load it")
     if not verifies(secret, data, sig):
-        raise UntrustedPayload("pickled payload with a bad signature; refusing to load it")
+        raise UntrustedPayload(not_verified(what, secret))
     return cloudpickle.loads(data)
 
 
@@ -72,7 +89,8 @@ def pack_call(args: tuple[Any, ...], kwargs: dict[str, Any], secret: bytes) -> d
 
 def unpack_call(payload: dict[str, Any], secret: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if "pickled" in payload:
-        args, kwargs = loads_signed(payload.get("pickled"), payload.get("sig"), secret)
+        args, kwargs = loads_signed(payload.get("pickled"), payload.get("sig"), secret,
+                                    "the call's pickled arguments")
         return tuple(args), dict(kwargs)
     if "data" in payload:
         call = _loads_typed(payload, secret)
@@ -121,6 +139,7 @@ def _loads_typed(payload: dict[str, Any], secret: bytes) -> Any:
     data, sig = payload.get("data"), payload.get("sig")
     if not isinstance(data, bytes):
         raise UndecodableValue("'data' must be a msgpack bin")
-    if sig is not None and not verifies(secret, data, sig):
-        raise UntrustedPayload("typed payload with a bad signature; refusing to decode it")
-    return typed_values.loads(data, import_modules=sig is not None)
+    if sig is not None and secret and not verifies(secret, data, sig):
+        raise UntrustedPayload(not_verified("the typed value", secret))
+    # Without a secret the signature cannot count: decoded as an unsigned value would be.
+    return typed_values.loads(data, import_modules=sig is not None and bool(secret))

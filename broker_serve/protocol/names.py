@@ -40,7 +40,9 @@ class Names:
         return self.key_prefix + ":".join(parts)
 
     @property
-    def secret(self) -> str:
+    def legacy_secret(self) -> str:
+        """Where older versions kept the cluster secret, readable to anyone with Redis access;
+        the controller deletes it (docs/architecture.md, "Trust")."""
         return self.key("secret")
 
     @property

@@ -40,6 +40,7 @@ from ..transport.broker import Broker, ReplyEvents, ReplyRouter, connection_name
 from ..transport.cancellation import AbandonedRequests, cancel
 from .client_input import ClientGone, DisconnectWatch, read_chunk
 from .jobs import JobGateway, prefers_async
+from .limits import Limits, refuse_websocket
 from .traffic import ShadowSender, TrafficPolicy, policies
 from .websocket import WebSocketSession
 
@@ -110,6 +111,7 @@ class Proxy:
         self._watcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[None]] = set()
         self.metrics = ProxyMetrics()
+        self.limits = Limits(options, self.metrics)
         self._inflight = self._streams = self._websockets = 0
         self.metrics.inflight.set_function(lambda: self._inflight)
         self.metrics.open_streams.set_function(lambda: self._streams)
@@ -184,6 +186,12 @@ class Proxy:
         if scope["type"] != "http":
             return
         if scope["path"].startswith("/-/"):
+            refusal = self.limits.of_headers(scope["headers"])
+            if refusal is not None:  # /-/jobs publishes too
+                request = _ProxyRequest(receive, send)
+                request.request_id = f"{self.proxy_id}-{next(self._ids)}"
+                await _plain(request, *refusal)
+                return
             await self._internal(scope, receive, send)
             return
         request = _ProxyRequest(receive, send)
@@ -239,8 +247,19 @@ class Proxy:
         # The correlation id is always the proxy's own, so it is unique; a client's
         # X-Request-Id, if it sent one, is the id logged, returned and passed on.
         request.correlation_id = f"{self.proxy_id}-{next(self._ids)}"
-        length, client_id, slo, priority, job = _scan_headers(scope["headers"])
+        headers, limits = scope["headers"], self.limits
+        if len(headers) > limits.header_count:  # before reading them one by one
+            request.request_id = request.correlation_id
+            await _plain(request, *limits.too_many_headers(len(headers)))
+            return
+        length, client_id, slo, priority, job, header_bytes = _scan_headers(headers)
         request.request_id = client_id or request.correlation_id
+        if header_bytes > limits.header_bytes:
+            await _plain(request, *limits.headers_too_large(header_bytes))
+            return
+        if self._inflight + self._websockets > limits.inflight:  # this one counted
+            await _plain(request, *limits.too_many_inflight())
+            return
         matched = self._match(scope)
         if matched is None:
             await _plain(request, 404, f"Not Found: no application serves {scope['path']!r}.")
@@ -269,6 +288,10 @@ class Proxy:
         except ClientGone:
             return  # nothing was published, so there is nothing to cancel
         request.body_sent = len(first)
+        if request.body_sent > self.max_body:  # a chunked body has no content-length
+            self.metrics.refused("body_too_large")
+            await _plain(request, 413, f"Payload Too Large: the limit is {self.max_body} bytes.")
+            return
         request.events = self.router.register(request.correlation_id)
         request.queue, request.chosen = route["queue"], self._pick_replica(scope, route)
         watch = DisconnectWatch(request.receive) if not request.more_body else None
@@ -324,6 +347,7 @@ class Proxy:
             reason = route.get("message") or f"application {route['app']!r} is {route['status']}"
             return 503, f"Service Unavailable: {reason}"
         if length is not None and length > self.max_body:
+            self.metrics.refused("body_too_large")
             return 413, f"Payload Too Large: the limit is {self.max_body} bytes."
         return None
 
@@ -346,6 +370,12 @@ class Proxy:
 
     async def _forward_websocket(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Pin a WebSocket session to the replica that accepts it and carry its frames."""
+        refusal = self.limits.of_headers(scope["headers"])
+        if refusal is None and self._inflight + self._websockets >= self.limits.inflight:
+            refusal = self.limits.too_many_inflight()
+        if refusal is not None:
+            await refuse_websocket(scope, send, refusal)
+            return
         matched = self._match(scope)
         if matched is None or not matched[1].get("ready"):
             await send({"type": "websocket.close", "code": 1008})  # before accept: a 403
@@ -355,7 +385,8 @@ class Proxy:
         route = (policy.choose() if policy is not None else None) or route
         request_id = f"{self.proxy_id}-{next(self._ids)}"
         events = self.router.register(request_id)
-        session = WebSocketSession(self.broker, request_id, receive, send)
+        session = WebSocketSession(self.broker, request_id, receive, send,
+                                   self.metrics.refused)
         arrived = time.perf_counter()
         traces = tracing.traces
         span = None if traces is None else traces.websocket(scope, prefix, route["app"])
@@ -636,13 +667,15 @@ def _upload_error(upload: asyncio.Task[str | None] | None) -> str | None:
 
 def _scan_headers(headers: list[tuple[bytes, bytes]]
                   ) -> tuple[int | None, str | None, tuple[bytes | None, bytes | None],
-                             bytes | None, bool]:
+                             bytes | None, bool, int]:
     """The request's content-length, the client's X-Request-Id if it is usable, its SLO
-    headers (relative, absolute), its X-Serve-Priority, and whether it asks to be a job
-    (`Prefer: respond-async`)."""
+    headers (relative, absolute), its X-Serve-Priority, whether it asks to be a job
+    (`Prefer: respond-async`), and the size of its headers (names and values)."""
     length = client_id = relative = absolute = priority = None
     job = False
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value)
         if name == b"content-length":
             try:
                 length = int(value)
@@ -658,7 +691,7 @@ def _scan_headers(headers: list[tuple[bytes, bytes]]
             priority = value
         elif name == b"prefer":
             job = job or prefers_async(value)
-    return length, client_id, (relative, absolute), priority, job
+    return length, client_id, (relative, absolute), priority, job, size
 
 
 def _take_deadline(request: _ProxyRequest, slo: tuple[bytes | None, bytes | None],

@@ -52,6 +52,9 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
         lifespan="off", access_log=False, log_level="warning",
         log_config=None,  # uvicorn's records go through our handler and format
         timeout_keep_alive=resolve_keep_alive(settings, options),  # type: ignore[arg-type]
+        # A larger client message closes its session with 1009 (docs/architecture.md,
+        # "Limits on untrusted input").
+        ws_max_size=options.max_websocket_message_bytes,
         timeout_graceful_shutdown=30,
     )
     server = HttpServer(config)

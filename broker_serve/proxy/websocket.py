@@ -8,17 +8,24 @@ or with 1011 when the replica is gone.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol import messages
 from ..transport.broker import Broker, ReplyEvents
 
+# The close code uvicorn's WebSocket server ends a session with when a client's message is
+# over `ws_max_size` (http_options.max_websocket_message_bytes).
+MESSAGE_TOO_BIG = 1009
+
 
 class WebSocketSession:
     """The proxy's half of one WebSocket session (docs/protocol.md, `websocket`)."""
 
-    def __init__(self, broker: Broker, request_id: str, receive: Any, send: Any) -> None:
+    def __init__(self, broker: Broker, request_id: str, receive: Any, send: Any,
+                 refused: Callable[[str], None] | None = None) -> None:
         self.broker = broker
+        self.refused = refused  # counts a session ended at the message size limit
         self.request_id = request_id
         self.receive = receive
         self.send = send
@@ -67,6 +74,8 @@ class WebSocketSession:
                 await self._to_replica(self.inbox, messages.WS_RECEIVE, fields)
             elif message["type"] == "websocket.disconnect":
                 self.closed = True
+                if message.get("code") == MESSAGE_TOO_BIG and self.refused is not None:
+                    self.refused("websocket_message_too_large")
                 await self._to_replica(self.inbox, messages.WS_DISCONNECT,
                                        {"code": message.get("code", 1000)})
                 if self._events is not None:  # wake the relay: nothing left to wait for

@@ -119,13 +119,16 @@ class JobRunner:
         self._cancelled = cancelled
 
     async def run(self, message: DeliveredMessage, job_id: str, config: JobConfig,
-                  app: str, deployment: str) -> ReplyStream:
+                  app: str, deployment: str, refused: str | None = None) -> ReplyStream:
         """Run the job to its end and store it; the stream of its last attempt (for the
-        replica's metrics). Returns only once the message may be acked."""
+        replica's metrics). Returns only once the message may be acked. A job the replica
+        `refused` (over its message size limit: why) fails unread, as a malformed one."""
         properties = message.header.properties
         headers = properties.headers or {}
         kind = properties.message_type or ""
         try:
+            if refused is not None:
+                raise ProtocolError(refused, status=413, error="MessageTooLarge")
             protocol.check_version(headers)
             options = jobs.job_options(headers)
             if kind not in (protocol.KIND_CALL, protocol.KIND_HTTP):

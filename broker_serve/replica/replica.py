@@ -38,7 +38,8 @@ from ..client.handle import calls_of_current_request
 from ..client.runtime import install_replica_runtime
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..context import ReplicaContext, _request_id, _set_replica_context
-from ..exceptions import BrokerServeError, ProtocolError
+from ..credentials import HOW_TO_SET, cluster_secret
+from ..exceptions import BrokerServeError, ClusterSecretMissing, ProtocolError
 from ..lifecycle import die_with_parent_if_asked, heartbeat_loop, sleep_or_stop, stop_on_signals
 from ..observability import metrics, tracing
 from ..observability.entry_point import run_entry_point
@@ -100,6 +101,7 @@ class Replica:
                              connection_name(settings.cluster, "replica", replica_id),
                              cancel_exchange=self.names.cancel_exchange)
         self.inbox_name = self.names.inbox(replica_id)
+        self.max_message_bytes = settings.max_message_bytes
         self._request_queue = self.names.request_queue(app, deployment)
         self.servable: Servable | None = None
         self.config = DeploymentConfig()
@@ -151,7 +153,10 @@ class Replica:
     async def startup(self) -> None:
         await self.store.ping()
         await self._write_record(ReplicaState.STARTING)
-        self.secret = await self.store.secret()
+        self.secret = cluster_secret(self.settings)
+        if not self.secret:
+            raise ClusterSecretMissing("this replica has no cluster secret to verify its "
+                                       f"deployment's definition with: {HOW_TO_SET}")
         if grpc_options := await self.store.grpc_options():
             self.grpc.servicer_functions = list(grpc_options.grpc_servicer_functions)
         spec_blob = await self.store.spec(self.app, self.deployment, self.version)
@@ -162,7 +167,8 @@ class Replica:
         for path in reversed(spec.get("sys_path", [])):
             if path not in sys.path:
                 sys.path.insert(0, path)
-        definition = loads_signed(spec["pickled"], spec["sig"], self.secret)
+        definition = loads_signed(spec["pickled"], spec["sig"], self.secret,
+                                  "the deployment's definition")
         # The live options come from the app record: they change without a new version.
         self.config = DeploymentConfig.model_validate(
             {**definition["config"], **await self._live_options()})
@@ -578,12 +584,15 @@ class Replica:
                               settler: Settler) -> ReplyStream | None:
         """Run the request; returns its stream once it is settled (None: no reply_to)."""
         properties = message.header.properties
+        too_large = None
+        if len(message.body) > self.max_message_bytes:  # read no further
+            too_large = self._too_large(message)
         if not reply_to:
             if jobs.is_job(properties.headers or {}):
                 try:
                     stream = await self.jobs.run(message, correlation_id,
                                                  self.config.job_config, self.app,
-                                                 self.deployment)
+                                                 self.deployment, refused=too_large)
                 except BrokerServeError as exc:  # Redis failed for another reason than
                     # being away: dead-lettered by RabbitMQ, to be replayed
                     log.error("job %s could not be run: %s; dead-lettering it",
@@ -609,6 +618,10 @@ class Replica:
 
         stream = ReplyStream(publish)
         stream.method = _METHOD_OF_KIND.get(properties.message_type or "", "unknown")
+        if too_large is not None:  # as a malformed message: its caller is told, it is acked
+            await stream.error(413, "MessageTooLarge", too_large)
+            settler.finished(tag)
+            return stream
         if redelivered and await self.deliveries.delivered_too_often(correlation_id):
             await stream.error(502, "RequestKilledReplicas",
                                f"the request ran {MAX_DELIVERIES - 1} times and its replica "
@@ -624,6 +637,16 @@ class Replica:
         else:  # nothing was sent: dead-lettered to `bs.<cluster>.dead`
             settler.rejected(tag)
         return stream
+
+    def _too_large(self, message: DeliveredMessage) -> str:
+        """Count a message over BROKER_SERVE_MAX_MESSAGE_BYTES; what its caller is told."""
+        self.metrics.refused("message_too_large")
+        text = (f"the message is {len(message.body)} bytes, over this replica's limit of "
+                f"{self.max_message_bytes} (BROKER_SERVE_MAX_MESSAGE_BYTES); it was "
+                "not run")
+        log.warning("refusing %s %s: %s", message.header.properties.message_type or "message",
+                    message.header.properties.correlation_id, text)
+        return text
 
     async def _run_attempt(self, message: DeliveredMessage, stream: ReplyStream,
                            correlation_id: str, *, restartable: bool = True) -> None:

@@ -26,7 +26,7 @@ import orjson
 
 from ..exceptions import RuntimeEnvError
 from ..protocol import messages
-from ..protocol.call_values import sign, verifies
+from ..protocol.call_values import not_verified, sign, verifies
 from ..settings import Settings
 from ..state.store import Store
 from . import archives, venvs
@@ -207,8 +207,7 @@ def unseal(spec: dict[str, Any], secret: bytes) -> Environment | None:
     if data is None:
         return None
     if not verifies(secret, data, sig):
-        raise RuntimeEnvError("the spec's runtime_env has a bad signature; refusing to "
-                              "prepare it")
+        raise RuntimeEnvError(not_verified("the spec's runtime_env", secret, "prepare"))
     environment: Environment = messages.unpack(data)
     return environment
 

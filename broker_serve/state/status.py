@@ -105,7 +105,10 @@ async def read_details(store: Store) -> ServeInstanceDetails:
         http_options=HTTPOptionsSchema(
             host=http.host, port=http.port, root_path=http.root_path,
             request_timeout_s=http.request_timeout_s,
-            keep_alive_timeout_s=http.keep_alive_timeout_s),
+            keep_alive_timeout_s=http.keep_alive_timeout_s,
+            max_header_count=http.max_header_count, max_header_bytes=http.max_header_bytes,
+            max_websocket_message_bytes=http.max_websocket_message_bytes,
+            max_inflight_requests=http.max_inflight_requests),
         grpc_options=_grpc_options(await store.grpc_options(), config),
         proxies=await _proxies(store),
         applications=applications,

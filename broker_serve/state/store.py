@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from typing import Any, NamedTuple, Unpack, cast
 
@@ -190,14 +189,11 @@ class Store:
     async def ping(self) -> None:
         await self._redis.ping()
 
-    # secret ---------------------------------------------------------------------------------
-    async def secret(self) -> bytes:
-        """The cluster secret that signs pickles; created by whoever asks first."""
-        key = self.names.secret
-        await self._redis.set(key, secrets.token_hex(32), nx=True)
-        value = await self._get(key)
-        assert value is not None
-        return value
+    # The cluster secret is the operator's (credentials.py), never in Redis: an older version's
+    # copy is deleted.
+    async def delete_legacy_secret(self) -> bool:
+        """Delete the secret an older version kept in Redis; True if there was one."""
+        return bool(await self._redis.delete(self.names.legacy_secret))
 
     # hashes of JSON records -------------------------------------------------------------------
     async def _get(self, key: str) -> bytes | None:
@@ -614,13 +610,13 @@ class Store:
         await self._redis.set(self.names.seeded, "1")
 
     async def snapshot(self, previous: StateSnapshot) -> StateSnapshot:
-        """Copy the durable state: the secret, the desired applications with their specs (and
+        """Copy the durable state: the desired applications with their specs (and
         spec index) and configs, the traffic records, the HTTP options, the nodes, their
         assignments, the replica records and queue arguments. Specs are immutable per
         version: those in `previous` are not read again."""
         names, redis = self.names, self._redis
         copy = StateSnapshot()
-        for key in (names.secret, names.http_options, self._grpc_options_key, names.routes):
+        for key in (names.http_options, self._grpc_options_key, names.routes):
             value = await self._get(key)
             if value is not None:
                 copy.strings[key] = value

@@ -7,8 +7,9 @@
     GET   /api/serve/overview/       the page's data (`overview.py`): the cookie or the bearer
                                      token, else 401
 
-The cookie holds no token: it holds an HMAC of the token, so a stolen cookie reads this page
-and nothing else of the REST API, and changing the token logs every browser out. It is
+The cookie holds no token: it holds an HMAC of the token it signed in with, so a stolen cookie
+reads this page and nothing else of the REST API, and removing that token from the list logs
+its browsers out. It is
 HttpOnly, SameSite=Strict, and Secure when the page is served over HTTPS. With
 `BROKER_SERVE_STATUS_PAGE_PUBLIC=1` neither the page nor its JSON needs anything.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+from collections.abc import Sequence
 from importlib import resources
 from urllib.parse import parse_qs
 
@@ -28,7 +30,7 @@ from starlette.routing import BaseRoute, Route
 
 from ...settings import Settings
 from ...state.store import Store
-from ..api_token import bearer_matches
+from ..api_token import bearer_matches, presented, token_bytes, token_matches
 from .overview import Overview, QueueDepths
 
 OVERVIEW_PATH = "/api/serve/overview/"
@@ -59,12 +61,13 @@ def _file(name: str) -> str:
 
 
 class StatusPage:
-    def __init__(self, store: Store, settings: Settings, token: str,
+    def __init__(self, store: Store, settings: Settings, tokens: str | Sequence[str],
                  queue_depths: QueueDepths | None = None) -> None:
         self.public = settings.status_page_public
         self.overview = Overview(store, queue_depths)
-        self._token = token.encode()
-        self._session = hmac.new(self._token, _SESSION_CONTEXT, hashlib.sha256).hexdigest()
+        self._tokens = token_bytes(tokens)
+        # One session value per token: a cookie lives as long as its token is listed.
+        self._sessions = tuple(_session(token).encode() for token in self._tokens)
         # Cookies ignore ports: one name per cluster keeps two clusters on a host apart.
         self.cookie = f"broker_serve_status_{settings.cluster}"
         cluster = html.escape(settings.cluster)
@@ -85,8 +88,8 @@ class StatusPage:
         if self.public:
             return True
         cookie = request.cookies.get(self.cookie, "")
-        return hmac.compare_digest(cookie.encode(), self._session.encode()) or \
-            bearer_matches(request.headers.get("authorization", ""), self._token)
+        return token_matches(cookie.encode(), self._sessions) or \
+            bearer_matches(request.headers.get("authorization", ""), self._tokens)
 
     async def index(self, request: Request) -> Response:
         if self.signed_in(request):
@@ -97,10 +100,11 @@ class StatusPage:
         if self.public:
             return RedirectResponse("/", 303)
         given = await _form_field(request, "token")
-        if given is None or not hmac.compare_digest(given.strip().encode(), self._token):
+        token = None if given is None else presented(given)
+        if token is None or not token_matches(token, self._tokens):
             return _html(self._login.replace("<!--error-->", _WRONG_TOKEN), 401)
         response = RedirectResponse("/", 303, headers={"Cache-Control": "no-store"})
-        response.set_cookie(self.cookie, self._session, path="/", httponly=True,
+        response.set_cookie(self.cookie, _session(token), path="/", httponly=True,
                             samesite="strict", secure=request.url.scheme == "https")
         return response
 
@@ -124,6 +128,11 @@ class StatusPage:
             return Response("not found", 404, media_type="text/plain")
         return Response(self._assets[name], media_type=_ASSETS[name],
                         headers={**_HEADERS, "Cache-Control": "no-cache"})
+
+
+def _session(token: bytes) -> str:
+    """The cookie's value for a browser signed in with this token."""
+    return hmac.new(token, _SESSION_CONTEXT, hashlib.sha256).hexdigest()
 
 
 def _html(page: str, status: int = 200) -> Response:
