@@ -69,8 +69,19 @@ def no_secret(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
     return Settings.from_env(cluster="secret-test")
 
 
+@pytest.fixture
+def secretless(no_secret: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Settings:
+    """A process that can neither find nor make a secret: its state dir cannot be created."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("BROKER_SERVE_STATE_DIR", str(tmp_path / "a-file" / "state"))
+    settings = Settings.from_env(cluster="secret-test")
+    assert cluster_secret(settings) == b""
+    return settings
+
+
 def test_the_operator_gives_the_secret_as_a_variable_or_a_file(no_secret, tmp_path, monkeypatch):
-    assert cluster_secret(no_secret) == b""  # nothing set, no local cluster's file
+    # Nothing set: this host's own, generated once (the next test says more).
+    assert cluster_secret(no_secret) == secret_file(no_secret).read_bytes().strip()
     path = tmp_path / "mounted"
     path.write_text("f" * 64 + "\n")  # as mounted: its mode is the orchestrator's
     path.chmod(0o644)
@@ -92,7 +103,7 @@ def test_the_operator_gives_the_secret_as_a_variable_or_a_file(no_secret, tmp_pa
     assert local_secret_file(Settings()) is None
 
 
-def test_a_local_cluster_generates_a_private_secret_once_and_reuses_it(no_secret):
+def test_a_host_generates_a_private_secret_once_and_reuses_it(no_secret):
     with ThreadPoolExecutor(8) as pool:  # drivers starting at once agree on one
         paths = set(pool.map(lambda _: local_secret_file(no_secret), range(8)))
     (path,) = paths
@@ -106,13 +117,13 @@ def test_a_local_cluster_generates_a_private_secret_once_and_reuses_it(no_secret
     assert cluster_secret(no_secret) == secret  # what a process without a setting finds
 
     path.chmod(0o644)  # others may have read it: neither used nor reused
-    assert cluster_secret(no_secret) == b""
+    assert cluster_secret(no_secret) == b""  # (and the warning says why)
     with pytest.raises(ClusterSecretMissing, match="must be yours with mode 0600"):
         local_secret_file(no_secret)
 
 
 # a process without it -------------------------------------------------------------------------
-def test_without_a_secret_nothing_is_signed_and_the_error_names_the_settings(no_secret):
+def test_without_a_secret_nothing_is_signed_and_the_error_names_the_settings(secretless):
     assert pack_call((1, "plain"), {}, b"") == {"args": [1, "plain"], "kwargs": {}}
     assert pack_value((1, 2), b"")["data"]  # a typed value naming no class needs no signature
     for sign in (lambda: pack_call(({1, 2},), {}, b""), lambda: pack_value(Span(1, 2), b""),
@@ -129,14 +140,14 @@ def test_without_a_secret_nothing_is_signed_and_the_error_names_the_settings(no_
         unpack_call(pack_call(({1, 2},), {}, STALE), b"s" * 32)
 
 
-def test_a_controller_without_a_secret_refuses_a_config_before_changing_anything(no_secret):
+def test_a_controller_without_a_secret_refuses_a_config_before_changing_anything(secretless):
     config = ServeDeploySchema.model_validate(
         {"applications": [{"name": "a", "import_path": "examples.hello:app"}]})
 
     async def apply() -> None:
         store = Store(REDIS_URL, "never-connected")  # refused before its first command
         try:
-            await apply_config(store, no_secret, config)
+            await apply_config(store, secretless, config)
         finally:
             await store.close()
 

@@ -21,7 +21,6 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 
 from ..config import HTTPOptions, ProxyLocation, gRPCOptions
 from ..context import _in_replica
-from ..credentials import cluster_secret
 from ..exceptions import BrokerServeError, DeployFailed
 from ..runtime_env.cache import HostCache
 from ..runtime_env.environment import upload
@@ -82,7 +81,6 @@ def _start_local_cluster(runtime: Runtime, http_options: HTTPOptions | None) -> 
                            proxy=http_options.location != ProxyLocation.Disabled)
     cluster.start()
     _local_cluster = cluster
-    runtime.secret = cluster_secret(runtime.settings)  # the one it generated, if it did
     atexit.register(_stop_local_cluster)
 
 
