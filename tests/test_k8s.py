@@ -347,9 +347,8 @@ def _assert_expansions_resolve(container: dict[str, Any]) -> None:
 
 
 def test_the_cluster_secret_is_the_file_compose_mounts_where_it_signs(builds, compose):
-    """The controller and worker pods read the cluster secret from the file compose's
-    controller and worker containers do, mounted from the Secret made by hand; the proxies
-    get none (tests/test_compose.py, SIGNERS)."""
+    """The controller, worker and proxy pods read the cluster secret from the file compose's
+    containers do, mounted from the Secret made by hand (tests/test_compose.py, SIGNERS)."""
     for overlay, docs in builds.items():
         for role in ROLES:
             pod, container = _pod(docs, role), _container(docs, role)

@@ -59,8 +59,10 @@ def _connect(http_options: HTTPOptions | None = None, start_if_missing: bool = T
         if http_options is not None:
             runtime.run_sync(runtime.store.put_http_options(http_options))
         if grpc_options is not None:  # before a local cluster starts: its proxy reads them
-            # The proxies import the servicer modules from where the driver's replicas do.
-            runtime.run_sync(runtime.store.put_grpc_options(grpc_options, driver_paths()))
+            # The proxies import the servicer modules from where the driver's replicas do;
+            # signed, as they import what it names ("Trust").
+            runtime.run_sync(runtime.store.put_grpc_options(grpc_options, driver_paths(),
+                                                            runtime.secret))
         # A lease left by a controller that was killed on this machine does not count.
         leader = runtime.run_sync(runtime.store.lease_holder())
         if leader is None and _local_cluster is None and start_if_missing:

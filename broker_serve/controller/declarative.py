@@ -71,7 +71,7 @@ async def apply_config(store: Store, settings: Settings,
                 "deployed_at": now(), "expires": now() + _lock_ttl_s(),
             })
         await store.put_deploy_config(config)
-        await _apply_http_options(store, settings, config)
+        await _apply_http_options(store, settings, config, secret)
         gone = sorted(set(await store.apps()) - wanted)
         stale = sorted(set(await store.app_builds()) - wanted)
         await store.delete_field(names.apps, *gone)
@@ -214,7 +214,7 @@ async def _replace_traffic(store: Store, config: ServeDeploySchema) -> None:
 
 
 async def _apply_http_options(store: Store, settings: Settings,
-                              config: ServeDeploySchema) -> None:
+                              config: ServeDeploySchema, secret: bytes) -> None:
     """The config's http_options and proxy_location, where it sets them, join the stored
     options; proxies read them when they start. Its grpc_options replace the stored ones when
     they name servicer functions; an empty list (what `broker-serve build` writes) leaves the
@@ -222,7 +222,7 @@ async def _apply_http_options(store: Store, settings: Settings,
     if "grpc_options" in config.model_fields_set and config.grpc_options.grpc_servicer_functions:
         # proxies pick them up within seconds
         await store.put_grpc_options(gRPCOptions.model_validate(config.grpc_options.model_dump()),
-                                     _servicer_paths(settings, config))
+                                     _servicer_paths(settings, config), secret)
     changes: dict[str, Any] = {}
     if "http_options" in config.model_fields_set:
         changes.update(config.http_options.model_dump(exclude_unset=True))

@@ -57,6 +57,9 @@ _CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
 }
 _BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+# What grpc core counts in metadata besides the client's own entries: the pseudo-headers,
+# content-type, te, user-agent, grpc-timeout... (measured: about 500 bytes).
+METADATA_OVERHEAD_BYTES = 4096
 
 
 class _Refused(Exception):
@@ -80,13 +83,47 @@ class GrpcIngress:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=self._server_options())
         server.add_generic_rpc_handlers((_Handlers(self),))
         if server.add_insecure_port(self.address) == 0:
             raise RuntimeError(f"the gRPC server cannot listen on {self.address}")
         await server.start()
         self._server = server
         log.info("proxy %s serving gRPC on %s", self.proxy.proxy_id, self.address)
+
+    def _server_options(self) -> list[tuple[str, int]]:
+        """grpc core's own bounds, the HTTP limits' counterparts (docs/architecture.md,
+        "Limits on untrusted input"). Core refuses a message over the body limit with
+        RESOURCE_EXHAUSTED before the proxy sees it. The metadata bound leaves room for
+        HTTP/2's pseudo-headers and HPACK's 32 bytes an entry, so the proxy's own check of the
+        client's metadata (`refusal`, counted) is what refuses first."""
+        limits = self.proxy.limits
+        metadata = limits.header_bytes + 32 * limits.header_count + METADATA_OVERHEAD_BYTES
+        return [("grpc.max_receive_message_length", self.proxy.max_body),
+                ("grpc.max_metadata_size", metadata),
+                ("grpc.absolute_max_metadata_size", metadata)]
+
+    def refusal(self, metadata: tuple[tuple[str, str | bytes], ...]) -> _Refused | None:
+        """RESOURCE_EXHAUSTED for too many metadata entries, too many bytes of them, or a
+        proxy with its limit of requests in flight; counted by reason."""
+        limits = self.proxy.limits
+        if len(metadata) > limits.header_count:
+            limits.metrics.refused("too_many_headers")
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{len(metadata)} metadata entries, over the limit of "
+                            f"{limits.header_count} (max_header_count)")
+        size = sum(len(key) + len(value) for key, value in metadata)
+        if size > limits.header_bytes:
+            limits.metrics.refused("headers_too_large")
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"{size} bytes of metadata, over the limit of "
+                            f"{limits.header_bytes} (max_header_bytes)")
+        if self.proxy._inflight + self.proxy._websockets >= limits.inflight:
+            limits.metrics.refused("too_many_inflight")
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"this proxy has its limit of {limits.inflight} requests in "
+                            "flight (max_inflight_requests); retry later")
+        return None
 
     async def stop(self, grace_s: float = 30) -> None:
         """Finish the calls in progress (for up to `grace_s`), then cancel the rest."""
@@ -316,15 +353,23 @@ class _Handlers(grpc.GenericRpcHandler):  # type: ignore[misc]
             method = ingress.methods.method(path)
         except ProtocolError:
             return None  # grpc answers UNIMPLEMENTED
+        refused = ingress.refusal(details.invocation_metadata or ())
+        if refused is not None:  # before the message is read
+            return grpc.unary_unary_rpc_method_handler(_bound(_refuse, refused))
         if method.streaming:
             return grpc.unary_stream_rpc_method_handler(_bound(ingress.stream, path))
         return grpc.unary_unary_rpc_method_handler(_bound(ingress.unary, path))
 
 
-def _bound(behaviour: Callable[..., Any], path: str) -> Callable[..., Any]:
+async def _refuse(refused: _Refused, _: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    await context.abort(refused.code, refused.details)
+    raise AssertionError("abort raises")
+
+
+def _bound(behaviour: Callable[..., Any], bound: Any) -> Callable[..., Any]:
     # A partial, not a closure: grpc tells coroutine and async generator handlers apart by
     # inspecting them, and inspect sees through a partial.
-    return functools.partial(behaviour, path)
+    return functools.partial(behaviour, bound)
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

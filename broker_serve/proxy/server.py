@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from ..config import HTTPOptions, gRPCOptions
-from ..exceptions import BrokerServeError
+from ..credentials import cluster_secret
+from ..exceptions import BrokerServeError, ClusterSecretMissing, UntrustedPayload
 from ..http_server import HttpServer
 from ..observability import tracing
 from ..observability.history import HistoryWriter, Key
@@ -87,6 +88,8 @@ class GrpcSupervisor:
         self.host = host
         self.options: tuple[gRPCOptions, list[str]] | None = None  # and their sys_path
         self.ingress: GrpcIngress | None = None
+        self._secret: bytes | None = None  # read when gRPC options first appear
+        self._refusal: str | None = None  # the last one logged, so it is logged once
 
     async def run(self, stopped: asyncio.Event) -> None:
         try:
@@ -101,10 +104,19 @@ class GrpcSupervisor:
 
     async def _apply(self) -> None:
         try:
-            stored = await self.proxy.store.grpc_options_and_paths()
+            stored = await self.proxy.store.grpc_options_and_paths(self._cluster_secret())
+        except (UntrustedPayload, ClusterSecretMissing) as exc:
+            # Nothing of them is imported, and no port serves what someone else chose.
+            await self._stop()
+            self.options = None
+            if str(exc) != self._refusal:
+                log.error("not serving gRPC: %s", exc)
+                self._refusal = str(exc)
+            return
         except BrokerServeError as exc:  # keep serving with the options it has
             log.warning("could not read the gRPC options: %s", exc)
             return
+        self._refusal = None
         if stored == self.options:
             return
         await self._stop()
@@ -126,6 +138,13 @@ class GrpcSupervisor:
             log.error("not serving gRPC: %s", exc)
             return
         self.ingress = ingress
+
+    def _cluster_secret(self) -> bytes:
+        """The proxy verifies the stored options with it before it imports what they name
+        (docs/architecture.md, "Trust"). Read once."""
+        if self._secret is None:
+            self._secret = cluster_secret(self.proxy.settings)
+        return self._secret
 
     async def _stop(self) -> None:
         ingress, self.ingress = self.ingress, None

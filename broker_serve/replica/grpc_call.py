@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..context import _web
-from ..exceptions import ProtocolError
+from ..exceptions import ProtocolError, UntrustedPayload
 from ..protocol import messages as protocol
 from ..protocol.grpc_methods import GrpcMethod, GrpcMethods
 from . import multiplex
@@ -30,10 +30,14 @@ class GrpcResolver:
 
     def __init__(self, servicer_functions: Sequence[str] = ()) -> None:
         self.servicer_functions = list(servicer_functions)
+        # Why the stored grpc_options were refused, if they were: nothing of them is imported.
+        self.refused: str | None = None
         self._methods: GrpcMethods | None = None
 
     def method(self, path: str) -> GrpcMethod:
         if self._methods is None:
+            if self.refused is not None:
+                raise UntrustedPayload(self.refused)
             if not self.servicer_functions:
                 raise ProtocolError("this cluster has no grpc_servicer_functions "
                                     "(serve.start(grpc_options=...)), so no gRPC method is "

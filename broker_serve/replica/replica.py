@@ -39,7 +39,7 @@ from ..client.runtime import install_replica_runtime
 from ..config import LIVE_OPTIONS, DeploymentConfig, user_config_hash
 from ..context import ReplicaContext, _request_id, _set_replica_context
 from ..credentials import HOW_TO_SET, cluster_secret
-from ..exceptions import BrokerServeError, ClusterSecretMissing, ProtocolError
+from ..exceptions import BrokerServeError, ClusterSecretMissing, ProtocolError, UntrustedPayload
 from ..lifecycle import die_with_parent_if_asked, heartbeat_loop, sleep_or_stop, stop_on_signals
 from ..observability import metrics, tracing
 from ..observability.entry_point import run_entry_point
@@ -150,6 +150,18 @@ class Replica:
             await self.shutdown()
         return 0
 
+    async def _load_grpc_options(self) -> None:
+        """The cluster's servicer functions, if their record verifies: it names modules this
+        replica would import (docs/architecture.md, "Trust")."""
+        try:
+            stored = await self.store.grpc_options_and_paths(self.secret)
+        except UntrustedPayload as exc:
+            log.error("replica %s serves no gRPC: %s", self.replica_id, exc)
+            self.grpc.refused = str(exc)
+            return
+        if stored is not None:
+            self.grpc.servicer_functions = list(stored[0].grpc_servicer_functions)
+
     async def startup(self) -> None:
         await self.store.ping()
         await self._write_record(ReplicaState.STARTING)
@@ -157,8 +169,7 @@ class Replica:
         if not self.secret:
             raise ClusterSecretMissing("this replica has no cluster secret to verify its "
                                        f"deployment's definition with: {HOW_TO_SET}")
-        if grpc_options := await self.store.grpc_options():
-            self.grpc.servicer_functions = list(grpc_options.grpc_servicer_functions)
+        await self._load_grpc_options()
         spec_blob = await self.store.spec(self.app, self.deployment, self.version)
         if spec_blob is None:
             raise RuntimeError(f"no definition stored for {self.app}/{self.deployment} "

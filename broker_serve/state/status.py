@@ -109,7 +109,7 @@ async def read_details(store: Store) -> ServeInstanceDetails:
             max_header_count=http.max_header_count, max_header_bytes=http.max_header_bytes,
             max_websocket_message_bytes=http.max_websocket_message_bytes,
             max_inflight_requests=http.max_inflight_requests),
-        grpc_options=_grpc_options(await store.grpc_options(), config),
+        grpc_options=_grpc_options(await store.displayed_grpc_options(), config),
         proxies=await _proxies(store),
         applications=applications,
         target_capacity=config.target_capacity if config else None,

@@ -26,8 +26,9 @@ from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from ..config import HTTPOptions, gRPCOptions
-from ..exceptions import ClusterUnavailable, StateError
+from ..exceptions import ClusterUnavailable, StateError, UntrustedPayload
 from ..protocol import messages
+from ..protocol.call_values import not_verified, sign, verifies
 from ..protocol.names import Names
 from ..schema import ServeDeploySchema
 from . import connection
@@ -368,27 +369,55 @@ class Store:
         await self._redis.set(self.names.http_options, options.model_dump_json())
 
     # gRPC options -----------------------------------------------------------------------------
-    async def grpc_options(self) -> gRPCOptions | None:
-        """The cluster's gRPC options (`serve.start`, a config file), or None: no gRPC server.
-        Proxies serve gRPC with them and replicas resolve the servicer functions from them."""
-        stored = await self.grpc_options_and_paths()
-        return None if stored is None else stored[0]
-
-    async def grpc_options_and_paths(self) -> tuple[gRPCOptions, list[str]] | None:
-        """The gRPC options and the directories the proxies import the servicer functions'
-        modules from: the driver's paths (`serve.start`), or a config's app dir and
-        working_dirs, as its replicas import from them."""
+    # They name the modules proxies and replicas import and the directories they import them
+    # from, so the record is signed with the cluster secret and verified before anything of it
+    # is imported (docs/architecture.md, "Trust"): Redis write access alone runs no code.
+    async def displayed_grpc_options(self) -> gRPCOptions | None:
+        """The stored gRPC options as they read, for the status API only: not verified, so
+        nothing may import what they name."""
         raw = await self._get(self._grpc_options_key)
         if not raw:
             return None
-        record = orjson.loads(raw)
+        try:
+            record = orjson.loads(orjson.loads(raw)["record"])
+            record.pop("sys_path", None)
+            return gRPCOptions.model_validate(record)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    async def grpc_options_and_paths(self, secret: bytes
+                                     ) -> tuple[gRPCOptions, list[str]] | None:
+        """The gRPC options and the directories the proxies import the servicer functions'
+        modules from: the driver's paths (`serve.start`), or a config's app dir and
+        working_dirs, as its replicas import from them. None: no gRPC. Raises
+        UntrustedPayload if the record is unsigned or its signature does not verify."""
+        raw = await self._get(self._grpc_options_key)
+        if not raw:
+            return None
+        data, sig = _signed_parts(raw)
+        if data is None or sig is None:
+            raise UntrustedPayload("the stored grpc_options have no signature; refusing to "
+                                   "import the modules they name. Store them again with "
+                                   "serve.start(grpc_options=...) or a config's PUT")
+        if not verifies(secret, self._grpc_options_domain + data, sig):
+            raise UntrustedPayload(not_verified("the stored grpc_options", secret, "import"))
+        record = orjson.loads(data)
         paths = record.pop("sys_path", [])
         return gRPCOptions.model_validate(record), [str(path) for path in paths]
 
-    async def put_grpc_options(self, options: gRPCOptions, sys_path: list[str] | None = None
-                               ) -> None:
-        record = {**options.model_dump(mode="json"), "sys_path": sys_path or []}
-        await self._redis.set(self._grpc_options_key, orjson.dumps(record))
+    async def put_grpc_options(self, options: gRPCOptions, sys_path: list[str] | None,
+                               secret: bytes) -> None:
+        """Store the options signed; raises ClusterSecretMissing without a secret."""
+        data = orjson.dumps({**options.model_dump(mode="json"), "sys_path": sys_path or []})
+        sig = sign(secret, self._grpc_options_domain + data)
+        await self._redis.set(self._grpc_options_key,
+                              orjson.dumps({"record": data.decode(), "sig": sig.hex()}))
+
+    @property
+    def _grpc_options_domain(self) -> bytes:
+        # What is signed starts with this: a signature of another kind of value, or another
+        # cluster's options under the same secret, never verifies as these.
+        return f"broker-serve grpc_options {self.names.cluster}\n".encode()
 
     @property
     def _grpc_options_key(self) -> str:
@@ -718,3 +747,12 @@ async def _close_subscription(pubsub: PubSub) -> None:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     except (RedisError, OSError) as exc:  # the connection is gone already
         log.debug("closing the subscription failed: %s", exc)
+
+
+def _signed_parts(raw: bytes) -> tuple[bytes | None, bytes | None]:
+    """The signed bytes and the signature of a stored signed record, None where absent."""
+    try:
+        stored = orjson.loads(raw)
+        return str(stored["record"]).encode(), bytes.fromhex(str(stored["sig"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None, None
