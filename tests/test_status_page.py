@@ -116,6 +116,11 @@ def _page_shows(driver: webdriver.Chrome, details: dict[str, Any]) -> None:
             running = sum(r["state"] == "RUNNING" for r in dep["replicas"])
             assert row.find_element(By.CSS_SELECTOR, ".replica-count").text == \
                 f"{running}/{dep['target_num_replicas']}"
+            assert row.find_element(By.CSS_SELECTOR, ".message").text == dep["message"]
+            autoscaling = dep.get("autoscaling")
+            assert row.find_element(By.CSS_SELECTOR, ".autoscaling").text == (
+                f"→ {autoscaling['target_replicas']}: {autoscaling['last_decision']}"
+                if autoscaling else "–")
             replicas = row.find_element(By.XPATH, "following-sibling::tr[1]")
             shown = {r.get_attribute("data-replica"): r.find_element(
                 By.CSS_SELECTOR, ".replica-state").text
@@ -184,18 +189,32 @@ def test_the_status_page_signs_in_shows_the_cluster_and_follows_it(cluster, monk
     # ...and so are a scale and a second application.
     requests.patch(base + "/api/serve/applications/shop/deployments/Greeter", headers=bearer,
                    json={"num_replicas": 1}, timeout=30).raise_for_status()
-    serve.run(echo.bind(), name="echo", route_prefix=HOSTILE_PREFIX)
+    serve.run(echo.options(autoscaling_config={"min_replicas": 1, "max_replicas": 2}).bind(),
+              name="echo", route_prefix=HOSTILE_PREFIX)
 
     def settled() -> dict[str, Any] | None:
         details = requests.get(base + "/api/serve/applications/", headers=bearer,
                                timeout=10).json()
         shop = details["applications"]["shop"]["deployments"]["Greeter"]
         return details if len(shop["replicas"]) == 1 and all(
-            app["status"] == "RUNNING" for app in details["applications"].values()) else None
+            app["status"] == "RUNNING" and all(dep["status"] == "HEALTHY"
+                                               for dep in app["deployments"].values())
+            for app in details["applications"].values()) else None
 
     details = wait_for(settled, timeout=20)
     _next_view(browser)
     _page_shows(browser, details)
+    [autoscaled] = browser.find_elements(By.CSS_SELECTOR, "[data-app=echo] .autoscaling")
+    assert autoscaled.text == "→ 1: started at 1 replica(s)"
+    # Each replica's version, as the replica wrote it to its record.
+    records = {key.decode(): orjson.loads(value)
+               for key, value in state.hgetall(f"bs:{cluster.name}:replicas").items()}
+    shown = {row.get_attribute("data-replica"): row.find_element(
+        By.CSS_SELECTOR, ".replica-version span").get_attribute("title")
+        for row in browser.find_elements(By.CSS_SELECTOR, "tr.replica")}
+    assert len(shown) == 2
+    assert shown == {replica: records[replica]["version"] for replica in shown}
+    assert all(shown.values())
     assert _texts(browser, ".route .prefix") == sorted([HOSTILE_PREFIX, "/shop"])
     assert not browser.find_elements(By.TAG_NAME, "img")
     assert browser.title != "1"

@@ -8,6 +8,7 @@ test process keeps tracing off, so its own handle calls show what an untraced ca
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import sys
@@ -32,7 +33,9 @@ from starlette.requests import Request
 from broker_serve import serve
 from broker_serve.observability import tracing
 
-from .conftest import AMQP_URL, Cluster, namespace
+from .conftest import AMQP_URL, Cluster, free_port, namespace
+from .grpc_protos import SERVICER_FUNCTIONS, compile_protos
+from .waiting import wait_for
 
 BROKER_SERVE = [sys.executable, "-m", "broker_serve"]
 SERVER, CONSUMER, CLIENT, PRODUCER, INTERNAL = 2, 5, 3, 4, 1  # proto Span.SpanKind
@@ -293,3 +296,105 @@ def test_a_job_is_traced_from_its_submission(traced: Traced) -> None:
         (s for s in spans if s.span_id == submit.parent_id), None))
     assert server.kind == SERVER and server.name == "POST /traced"
     assert server.attributes["http.response.status_code"] == 202
+
+
+@pytest.mark.parametrize(("environ", "names"), [
+    ({}, []),
+    ({"OTEL_SERVICE_NAME": "shop", "OTEL_TRACES_SAMPLER": "always_on"}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}, ["otlp"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, ["otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "console, otlp"}, ["console", "otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, []),
+    ({"OTEL_SDK_DISABLED": "TRUE", "OTEL_TRACES_EXPORTER": "otlp"}, []),
+])
+def test_the_standard_variables_decide_whether_a_process_traces(
+        environ: dict[str, str], names: list[str]) -> None:
+    assert tracing.exporter_names(environ) == names
+
+
+def test_untraced_request_path_never_imports_opentelemetry() -> None:
+    """Off means `traces is None`, and neither broker-serve's spans nor OpenTelemetry's
+    tracing SDK imported, in every process on the request path. (redis-py 8 imports parts
+    of OpenTelemetry's API and metrics SDK when they are installed; they stay inert.)"""
+    program = (
+        "import sys\n"
+        "import broker_serve.proxy.server, broker_serve.replica.replica, broker_serve.serve\n"
+        "from broker_serve.observability import tracing\n"
+        "for role in ('proxy', 'replica', 'driver'):\n"
+        "    tracing.setup(role)\n"
+        "assert tracing.traces is None\n"
+        "print(sorted(m for m in sys.modules if m in ('broker_serve.observability.otel',\n"
+        "    'opentelemetry.sdk.trace')))\n")
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
+    ran = subprocess.run([sys.executable, "-c", program], env=environ, capture_output=True,
+                         text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "[]"
+    traced = {**environ, "OTEL_TRACES_EXPORTER": "console"}  # the same program, traced
+    ran = subprocess.run([sys.executable, "-c", program.replace("is None", "is not None")],
+                         env=traced, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "['broker_serve.observability.otel', 'opentelemetry.sdk.trace']"
+
+
+@serve.deployment
+class Greeting:
+    def __call__(self, message: Any) -> Any:
+        from user_defined_protos_pb2 import UserDefinedResponse
+
+        return UserDefinedResponse(greeting=f"hello {message.name}", num=message.num * 2)
+
+
+# Last in the module: it turns on the traced cluster's gRPC server.
+def test_a_grpc_call_is_traced_from_the_clients_traceparent(
+        traced: Traced, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import grpc
+
+    received = traced.receiver
+    app_dir = compile_protos(tmp_path)  # the driver's directory: proxy and replica import it
+    monkeypatch.chdir(app_dir)
+    monkeypatch.syspath_prepend(str(app_dir))
+    port = free_port()
+    serve.start(grpc_options={"port": port, "grpc_servicer_functions": SERVICER_FUNCTIONS})
+    serve.run(Greeting.bind(), name="rpc", route_prefix="/rpc")  # in the route table
+    import user_defined_protos_pb2 as pb2
+    import user_defined_protos_pb2_grpc as pb2_grpc
+
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    metadata = (("application", "rpc"), ("traceparent", f"00-{trace_id}-{span_id}-01"))
+
+    def answer() -> Any:
+        try:
+            return stub.__call__(pb2.UserDefinedMessage(name="ann", num=21), metadata=metadata)
+        except grpc.RpcError as exc:  # until the proxy's server and route table have it
+            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                return None
+            raise
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb2_grpc.UserDefinedServiceStub(channel)
+            assert wait_for(answer, timeout=30) == pb2.UserDefinedResponse(greeting="hello ann",
+                                                                           num=42)
+        server = received.wait_for(lambda spans: next(
+            (s for s in spans if s.trace_id == trace_id and s.kind == SERVER
+             and s.attributes.get("rpc.grpc.status_code") == 0), None))
+        assert server.parent_id == span_id  # the client's metadata is the parent
+        assert server.name == "userdefinedprotos.UserDefinedService/__call__"
+        assert (server.attributes["rpc.system"], server.attributes["rpc.method"]) == \
+            ("grpc", "__call__")
+        assert server.attributes["broker_serve.application"] == "rpc" and not server.error
+        assert server.resource["service.name"] == "broker-serve-proxy"
+        spans = received.wait_for(lambda spans: (found if len(found := [
+            s for s in spans if s.parent_id == server.span_id]) >= 2 else None))
+        [process] = [s for s in spans if s.kind == CONSUMER]
+        [wait] = [s for s in spans if s.kind == INTERNAL]
+        assert process.trace_id == wait.trace_id == trace_id
+        assert process.name == "process rpc/Greeting.__call__"
+        assert process.attributes["broker_serve.kind"] == "grpc" and not process.error
+        assert process.attributes["broker_serve.request_id"] == \
+            server.attributes["broker_serve.request_id"]
+        assert server.start_ns <= process.start_ns <= process.end_ns <= server.end_ns
+    finally:
+        for name in ("user_defined_protos_pb2", "user_defined_protos_pb2_grpc"):
+            sys.modules.pop(name, None)

@@ -4,8 +4,8 @@ Tracing is off unless an exporter is configured: `OTEL_TRACES_EXPORTER` (`otlp`,
 comma-separated) or an OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT`,
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`); `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`
 keep it off. While it is off, `traces` is None and the request path checks only that: no
-header is parsed, nothing is allocated, OpenTelemetry is not even imported. The spans
-themselves are in `otel.py` (docs/architecture.md, "Tracing").
+header is parsed, nothing is allocated, and neither `otel.py` nor OpenTelemetry's tracing
+SDK is imported. The spans themselves are in `otel.py` (docs/architecture.md, "Tracing").
 """
 
 from __future__ import annotations
