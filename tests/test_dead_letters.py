@@ -15,6 +15,7 @@ import pika
 import pytest
 import redis
 import requests
+import yaml
 
 from broker_serve import serve
 from broker_serve.transport.dead_letters import _replay_headers
@@ -185,6 +186,13 @@ def test_list_show_purge_and_replay_through_the_rest_api_and_the_cli(cluster, mo
         [orphan, expired, twice] if queue_type == "classic" else [twice, orphan, expired])
     refused = cli("replay")
     assert refused.returncode == 1 and "name the dead letters" in refused.stderr
+    shown_cli = cli("show", twice)
+    assert shown_cli.returncode == 0, shown_cli.stderr
+    assert yaml.safe_load(shown_cli.stdout)["id"] == twice
+    assert cli("list", "--app", APP, "--deployment", "Nope").stdout.strip() == "No dead letters."
+    kept_cli = cli("replay", "--app", "gone")
+    assert kept_cli.returncode == 1 and kept_cli.stdout.strip() == "Replayed 0 dead letter(s)."
+    assert f"Kept {orphan}:" in kept_cli.stderr and gone in kept_cli.stderr
     no_token = subprocess.run([sys.executable, "-m", "broker_serve", "dead", "list"],
                               env={**env, "BROKER_SERVE_API_TOKEN": "wrong"}, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)

@@ -9,6 +9,7 @@ import os
 import secrets
 import signal
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -122,6 +123,9 @@ class Flaky:
     def add(self, a: int, b: int) -> int:
         return a + b
 
+    def __call__(self, a: int, b: int) -> int:
+        return a * b
+
 
 def test_handle_jobs_retry_and_return_values_streams_and_exceptions(cluster):
     handle = serve.run(Flaky.bind())
@@ -147,6 +151,7 @@ def test_handle_jobs_retry_and_return_values_streams_and_exceptions(cluster):
     # Any process reads a job by its id, and a driver's own event loop may await it.
     assert serve.get_job(ok.id).result(timeout_s=5) == "a ok after 3 calls"
     assert asyncio.run(handle.add.submit(2, 3).result_async(timeout_s=30)) == 5
+    assert handle.submit(2, 3).result(timeout_s=30) == 6  # the handle itself: __call__
 
 
 def test_a_result_is_fetched_after_its_submitter_exited(cluster):
@@ -305,6 +310,40 @@ def test_a_foreign_client_submits_a_job_as_the_protocol_says(cluster):
     stored = redis.Redis.from_url(REDIS_URL).hgetall(f"bs:{cluster.name}:job:{job_id}")
     assert stored[b"status"] == b"SUCCEEDED"
     assert msgpack.unpackb(stored[b"result"]) == [["result", {"value": 3, "more": False}]]
+
+
+@serve.deployment(job_config={"max_retries": 3, "retry_wait": {"wait": "fixed", "seconds": 0.05}})
+class AlwaysFails:
+    async def __call__(self, request: Request) -> str:
+        raise ValueError("this job fails every time")
+
+
+def test_an_http_job_takes_its_options_from_x_serve_headers(cluster):
+    serve.run(AlwaysFails.bind(), route_prefix="/fails")
+    url = f"{cluster.url}/fails"
+    options = {"X-Serve-Priority": "4", "X-Serve-Max-Retries": "1", "X-Serve-Job-Ttl-S": "120",
+               "X-Serve-Job-Deadline-S": "600"}
+    before = time.time()
+    submitted = requests.post(url, headers={"Prefer": "respond-async", **options}, timeout=30)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    result = requests.get(f"{cluster.url}/-/jobs/{job_id}/result", params={"wait_s": 20},
+                          timeout=30)
+    assert result.status_code == 500 and result.json()["error"] == "ValueError", result.text
+    record = requests.get(f"{cluster.url}/-/jobs/{job_id}", timeout=30).json()
+    # The header's max_retries, not the deployment's 3: one retry, so two attempts.
+    assert record["status"] == "FAILED" and record["attempts"] == 2, record
+    assert record["max_retries"] == 1 and record["priority"] == 4
+    assert before + 600 <= record["deadline_at"] <= time.time() + 600
+    stored = redis.Redis.from_url(REDIS_URL)
+    key = f"bs:{cluster.name}:job:{job_id}"
+    assert stored.hget(key, "ttl_s") == b"120" and 0 < stored.ttl(key) <= 120
+    for header, bad in (("X-Serve-Max-Retries", "101"), ("X-Serve-Job-Ttl-S", "0"),
+                        ("X-Serve-Job-Deadline-S", "soon"), ("X-Serve-Job-Deadline-S", "-1")):
+        refused = requests.post(url, headers={"Prefer": "respond-async", header: bad},
+                                timeout=30)
+        assert refused.status_code == 400 and header.lower() in refused.text.lower(), (
+            header, bad, refused.text)
 
 
 def test_malformed_jobs_fail_with_a_reason_and_are_dead_lettered(cluster):
