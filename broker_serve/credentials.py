@@ -128,3 +128,11 @@ def create_private(path: Path, content: str) -> bool:
         return True
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def without_credentials(url: str) -> str:
+    """`url` without its user and password, for messages and logs."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    return f"{scheme}://{rest.split('@', 1)[1]}"

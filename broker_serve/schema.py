@@ -73,10 +73,20 @@ __all__ = [
 _APP_NAME = re.compile(r"[A-Za-z0-9_\-.@#,/+]+")
 
 
+# A request queue is `bs.<cluster>.<app>.<deployment>`; these first words name a process's
+# own queues (`bs.<cluster>.reply.<id>`, ...), which the per-role RabbitMQ permissions grant by
+# prefix (protocol/permissions.py): an application so named would have its queues granted too.
+RESERVED_APP_WORDS = frozenset({"reply", "inbox", "cancels", "affinity"})
+
+
 def check_app_name(name: str) -> None:
     if not isinstance(name, str) or not _APP_NAME.fullmatch(name):
         raise ValueError(f"invalid application name {name!r}: use letters, digits and "
                          "'_-.@#,/+' only")
+    if name.split(".", 1)[0] in RESERVED_APP_WORDS:
+        raise ValueError(f"invalid application name {name!r}: {name.split('.', 1)[0]!r} (before "
+                         f"any '.') names a process's own queues; reserved: "
+                         f"{', '.join(sorted(RESERVED_APP_WORDS))}")
 
 
 def check_route_prefix(prefix: str | None) -> None:

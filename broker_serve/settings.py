@@ -13,8 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .tls import ClientTls, ServerTls
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
@@ -96,9 +98,19 @@ class Settings(BaseSettings):
     runtime_env_dir: Path | None = None
     runtime_env_max_mb: int = Field(default=512, gt=0)
     runtime_env_cache_ttl_s: float = Field(default=86400.0, gt=0, allow_inf_nan=False)
+    # TLS (docs/security.md, "TLS"). TLS_*: how this process checks the servers it connects
+    # to (the CA bundle) and proves who it is (a client certificate and key), on every
+    # amqps:// and rediss:// connection and HTTPS request. HTTPS_*: the certificate and key the
+    # REST API and the HTTP proxies serve HTTPS with; unset, they serve plain HTTP.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    https_cert_file: Path | None = None
+    https_key_file: Path | None = None
 
     @field_validator("app_dir", "http_keep_alive_timeout_s", "runtime_env_dir",
-                     "cluster_secret_file", "cluster_secret", mode="before")
+                     "cluster_secret_file", "cluster_secret", "tls_ca_file", "tls_cert_file",
+                     "tls_key_file", "https_cert_file", "https_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return value or None
@@ -107,6 +119,19 @@ class Settings(BaseSettings):
     @classmethod
     def _stripped_token(cls, value: Any) -> Any:
         return (value.strip() or None) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _usable_tls_files(self) -> Settings:
+        # Here, so that every process fails at start-up, naming the setting.
+        self.client_tls().check("BROKER_SERVE_TLS")
+        self.server_tls().check("BROKER_SERVE_HTTPS")
+        return self
+
+    def client_tls(self) -> ClientTls:
+        return ClientTls(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+
+    def server_tls(self) -> ServerTls:
+        return ServerTls(self.https_cert_file, self.https_key_file)
 
     def runtime_env_cache(self) -> Path:
         return self.runtime_env_dir or self.state_dir / "runtime_env"
@@ -163,6 +188,10 @@ class Settings(BaseSettings):
             "BROKER_SERVE_RUNTIME_ENV_CACHE_TTL_S": str(self.runtime_env_cache_ttl_s),
             **({"BROKER_SERVE_CLUSTER_SECRET_FILE": str(self.cluster_secret_file)}
                if self.cluster_secret_file else {}),
+            **{f"BROKER_SERVE_{name.upper()}": str(path) for name, path in (
+                ("tls_ca_file", self.tls_ca_file), ("tls_cert_file", self.tls_cert_file),
+                ("tls_key_file", self.tls_key_file), ("https_cert_file", self.https_cert_file),
+                ("https_key_file", self.https_key_file)) if path is not None},
         }
 
 

@@ -5,7 +5,9 @@ wiring this way. Each service built from this repository (the non-infrastructure
 `command` after the image's ENTRYPOINT, in the image's WORKDIR (this checkout), with its own
 `environment` and these substitutions only:
 
-- URLs naming a compose service (`rabbitmq`, `redis`) point at the machine's RabbitMQ and Redis.
+- URLs naming a compose service (`rabbitmq`, `redis`) point at the machine's RabbitMQ and Redis,
+  with the machine's credentials: its broker has only guest, not the users of each role that
+  the compose RabbitMQ imports (tests/test_compose.py checks those statically).
 - `BROKER_SERVE_CLUSTER` is the test's namespace.
 - `/run/secrets/<name>`, where Compose mounts a secret the service lists, is the secret's
   `file` in this checkout.
@@ -279,9 +281,7 @@ class LocalCompose:
             f"{value}: only {sorted(STAND_INS)} have local stand-ins"
         )
         local = urlsplit(STAND_INS[parts.hostname])
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@{local.netloc.rpartition('@')[2]}" if userinfo else local.netloc
-        return urlunsplit(parts._replace(netloc=netloc))
+        return urlunsplit(parts._replace(netloc=local.netloc))
 
     def argv(self, args: list[str], instance: Instance) -> list[str]:
         """A container's argv as a local one: its programs from this virtualenv, the image's

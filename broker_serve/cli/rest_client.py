@@ -17,7 +17,9 @@ class ApiError(BrokerServeError):
 
 
 def default_address(settings: Settings) -> str:
-    return f"http://127.0.0.1:{settings.dashboard_port}"
+    """The local controller's REST API: HTTPS where this host's settings give it a
+    certificate."""
+    return f"{settings.server_tls().scheme}://127.0.0.1:{settings.dashboard_port}"
 
 
 class RestClient:
@@ -36,6 +38,7 @@ class RestClient:
         try:
             response = requests.request(
                 method, self.address + path, headers=headers, timeout=timeout,
+                verify=self.settings.client_tls().verify(),
                 data=orjson.dumps(body) if body is not None else None)
         except requests.RequestException as exc:
             raise ApiError(f"cannot reach the REST API at {self.address}: is a controller "

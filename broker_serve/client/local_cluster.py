@@ -81,7 +81,7 @@ class LocalCluster:
         answers. Records a killed cluster left behind (a lease, nodes, proxies) do not count."""
         names = Names(self.settings.cluster)
         ids = {role: process_id(process.pid) for role, process in self.processes.items()}
-        client = connection.sync_client(self.settings.redis_url)
+        client = connection.sync_client(self.settings.redis_url, self.settings.client_tls())
 
         def ready() -> bool:
             for role, process in self.processes.items():

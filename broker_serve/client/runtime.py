@@ -59,11 +59,11 @@ class Runtime:
         self.portal = portal  # runs coroutines on `loop` for other threads
         self.pid = os.getpid()
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{id(self) % 10000}"
-        self.store = Store(settings.redis_url, settings.cluster)
+        self.store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         self.names = self.store.names
         self.broker = broker or Broker(
             settings.amqp_url, connection_name(settings.cluster, "client", self.process_id),
-            cancel_exchange=self.names.cancel_exchange)
+            cancel_exchange=self.names.cancel_exchange, tls=settings.client_tls())
         self._owns_broker = broker is None
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"client-{self.process_id}"),
                                   on_abandoned=AbandonedRequests(self.broker, self.store))

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from aio_pika import ExchangeType
 from aio_pika.abc import AbstractRobustChannel
 
 from ..config import AutoscalingConfig, DeploymentConfig, is_bounded, is_durable, is_ordered
@@ -127,11 +128,12 @@ class Controller:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.controller_id = process_id()
-        self.store = Store(settings.redis_url, settings.cluster)
+        self.store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url,
                              connection_name(settings.cluster, "controller", self.controller_id),
-                             cancel_exchange=self.names.cancel_exchange)
+                             cancel_exchange=self.names.cancel_exchange,
+                             tls=settings.client_tls())
         self.leader = False
         self._leadership = Leadership(self.store, self.controller_id)
         self._declared: dict[str, tuple[float, dict[str, Any] | None]] = {}
@@ -424,8 +426,8 @@ class Controller:
         for dep_name, dep in app["deployments"].items():
             config = dep.get("config", {})
             queue_problem = await self._declare(
-                dep["queue"], int(config.get("max_queued_requests", -1)),
-                quorum=is_durable(config))
+                dep["queue"], self.names.deployment_exchange(app_name, dep_name),
+                int(config.get("max_queued_requests", -1)), quorum=is_durable(config))
             deployment = _DeploymentRound(
                 app_name, dep_name, dep, dep["version"], app.get("deploy_id"),
                 replicas=by_deployment.get((app_name, dep_name), []),
@@ -579,8 +581,10 @@ class Controller:
         assignments = {node_id: await self.store.assignments(node_id) for node_id in nodes}
         return place(nodes, assignments, app, deployment, request)
 
-    async def _declare(self, queue: str, bound: int, *, quorum: bool = False) -> str:
-        """Declare a request queue with its arguments; returns why it could not, or "".
+    async def _declare(self, queue: str, exchange: str, bound: int, *,
+                       quorum: bool = False) -> str:
+        """Declare a request queue with its arguments, and its deployment exchange bound to
+        it; returns why it could not, or "".
 
         RabbitMQ refuses (and closes the channel on) a declare with other arguments than the
         queue has, so the arguments this cluster declared each queue with are kept in Redis
@@ -612,7 +616,7 @@ class Controller:
                     await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
                 log.info("re-creating queue %s with %s", queue, arguments)
             await self._leadership.check()
-            await self._declare_on_own_channel(queue, arguments)
+            await self._declare_on_own_channel(queue, exchange, arguments)
         except PreconditionFailed:
             # Declared with other arguments by a cluster whose record Redis lost.
             log.error("queue %s exists with other arguments than %s and Redis has no record "
@@ -623,14 +627,21 @@ class Controller:
         self._declared[queue] = (time.monotonic(), arguments)
         return ""
 
-    async def _declare_on_own_channel(self, queue: str, arguments: dict[str, Any]) -> None:
+    async def _declare_on_own_channel(self, queue: str, exchange: str,
+                                      arguments: dict[str, Any]) -> None:
         """On a channel of its own, closed after: the controller's channel must not re-declare
-        the queue with these arguments after a reconnect, when they may have changed."""
+        the queue with these arguments after a reconnect, when they may have changed. The
+        deployment's exchange is bound to it each time: a re-created queue lost its binding."""
         channel = await self.broker.channel()
         with map_amqp_errors(f"cannot declare queue {queue}"):
             try:
-                await asyncio.wait_for(channel.declare_queue(queue, durable=True,
-                                                             arguments=arguments), AMQP_TIMEOUT_S)
+                declared = await asyncio.wait_for(
+                    channel.declare_queue(queue, durable=True, arguments=arguments),
+                    AMQP_TIMEOUT_S)
+                fanout = await asyncio.wait_for(
+                    channel.declare_exchange(exchange, ExchangeType.FANOUT, durable=True),
+                    AMQP_TIMEOUT_S)
+                await asyncio.wait_for(declared.bind(fanout), AMQP_TIMEOUT_S)
             finally:
                 if not channel.is_closed:
                     await channel.close()
@@ -694,6 +705,8 @@ class Controller:
                     await self._leadership.check()
                     with map_amqp_errors(f"cannot delete queue {queue}"):
                         await asyncio.wait_for(self._channel.queue_delete(queue), AMQP_TIMEOUT_S)
+                        await asyncio.wait_for(self._channel.exchange_delete(
+                            self.names.deployment_exchange(app_name, dep_name)), AMQP_TIMEOUT_S)
                     await self._leadership.check()
                     await self.store.delete_queue_arguments(queue)
                 except (BrokerServeError, TimeoutError) as exc:  # the app is gone either way;

@@ -418,12 +418,13 @@ class RestServer:
             before_sleep=retrying)(listen)
         if sock is None:
             return
+        tls = self.settings.server_tls()
         config = uvicorn.Config(app, loop="none", lifespan="off", access_log=False,
                                 log_level="warning", log_config=None,  # the root's format
-                                timeout_graceful_shutdown=3)
+                                timeout_graceful_shutdown=3, **tls.uvicorn_options())
         # The controller owns SIGTERM and SIGINT (lifecycle.stop_on_signals).
         self.server = HttpServer(config, on_started=self._settled.set)
-        log.info("REST API on http://%s:%d", host, sock.getsockname()[1])
+        log.info("REST API on %s://%s:%d", tls.scheme, host, sock.getsockname()[1])
         try:
             await self.server.serve(sockets=[sock])
         except SystemExit:  # uvicorn exits on a startup failure; the controller must not

@@ -79,7 +79,7 @@ class WorkerNode:
         self.settings = settings
         self.secret = b""  # verifies the runtime_env in specs (credentials.py)
         self.node_id = node_id or process_id()
-        self.store = Store(settings.redis_url, settings.cluster)
+        self.store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         self.names = self.store.names
         self.resources = {"CPU": float(num_cpus if num_cpus is not None else os.cpu_count() or 1),
                           **(resources or {})}

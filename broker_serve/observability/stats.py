@@ -52,7 +52,7 @@ class Sample:
 
 # endpoints --------------------------------------------------------------------------------------
 async def _records(settings: Settings) -> tuple[dict[str, ProxyRecord], dict[str, NodeRecord]]:
-    store = Store(settings.redis_url, settings.cluster)
+    store = Store(settings.redis_url, settings.cluster, settings.client_tls())
     try:
         return await store.proxies(), await store.nodes()
     finally:
@@ -63,9 +63,10 @@ def discover(settings: Settings) -> list[str]:
     """The cluster's endpoints, from the proxy and worker node records in Redis."""
     proxies, nodes = asyncio.run(_records(settings))
     urls = []
+    scheme = settings.server_tls().scheme  # the proxies' and the REST API's
     for proxy in proxies.values():
         host = _reachable(proxy.get("host"), proxy.get("hostname"))
-        urls.append(f"http://{host}:{proxy['port']}/-/metrics")
+        urls.append(f"{scheme}://{host}:{proxy['port']}/-/metrics")
     for record in nodes.values():
         if record.get("metrics_port"):
             host = _reachable(None, record.get("host"))
@@ -76,7 +77,7 @@ def discover(settings: Settings) -> list[str]:
 
 def controller_url(settings: Settings) -> str:
     host = _reachable(settings.dashboard_host, socket.gethostname())
-    return f"http://{host}:{settings.dashboard_port}/metrics"
+    return f"{settings.server_tls().scheme}://{host}:{settings.dashboard_port}/metrics"
 
 
 def _reachable(bound: str | None, hostname: str | None) -> str:
@@ -88,19 +89,20 @@ def _reachable(bound: str | None, hostname: str | None) -> str:
     return hostname
 
 
-def _fetch(url: str) -> str | None:
+def _fetch(url: str, verify: str | bool = True) -> str | None:
     try:
-        answer = requests.get(url, timeout=FETCH_TIMEOUT_S)
+        answer = requests.get(url, timeout=FETCH_TIMEOUT_S, verify=verify)
     except requests.RequestException:
         return None
     return answer.text if answer.status_code == 200 else None
 
 
-def read(urls: Iterable[str]) -> Sample:
+def read(urls: Iterable[str], verify: str | bool = True) -> Sample:
+    """`verify`: the CA file HTTPS endpoints are checked with (ClientTls.verify)."""
     urls = list(urls)
     at = time.monotonic()
     with ThreadPoolExecutor(max(1, min(16, len(urls)))) as pool:
-        texts = list(pool.map(_fetch, urls))
+        texts = list(pool.map(lambda url: _fetch(url, verify), urls))
     sample = Sample(at, {}, {}, [])
     for url, text in zip(urls, texts):
         if text is None:
@@ -235,7 +237,7 @@ def run(settings: Settings, urls: list[str], interval: float, windows: list[floa
     keep = max(windows) + 2 * interval
     printed = 0
     while count is None or printed < count:
-        history.append(read(urls or discover(settings)))
+        history.append(read(urls or discover(settings), settings.client_tls().verify()))
         while len(history) > 2 and history[-1].at - history[1].at >= keep:
             history.popleft()
         if len(history) > 1:
@@ -254,13 +256,14 @@ def run_history(settings: Settings, interval: float, windows: list[float], count
 
 async def _history_tables(settings: Settings, interval: float, windows: list[float],
                           count: int | None, echo: Callable[[str], None]) -> None:
-    store = Store(settings.redis_url, settings.cluster)
+    store = Store(settings.redis_url, settings.cluster, settings.client_tls())
     try:
         printed = 0
         while count is None or printed < count:
             started = time.monotonic()
             view = await read_windows(store, windows, settings.history_window_s)
-            controller = await asyncio.to_thread(read, [controller_url(settings)])
+            controller = await asyncio.to_thread(read, [controller_url(settings)],
+                                                 settings.client_tls().verify())
             echo(render_history(view, controller) + "\n")
             printed += 1
             if count is None or printed < count:

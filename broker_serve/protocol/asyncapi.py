@@ -5,7 +5,7 @@ It is the machine-readable form of docs/protocol.md, from a caller's point of vi
 a handle, a service in another language), built from the protocol's own schemas
 (`schemas.py`). AMQP bindings are those of bindingVersion 0.3.0: a queue is a channel whose
 address is its name (`is: queue`), published to through the default exchange; the cancel
-broadcast is a fanout exchange (`is: routingKey`).
+broadcast and each deployment's exchange are fanout exchanges (`is: routingKey`).
 """
 
 from __future__ import annotations
@@ -209,6 +209,34 @@ def document(cluster: str, apps: Mapping[str, Sequence[str]], version: str,
                 "summary": f"Call {app}/{deployment}: the replica publishes its reply events "
                            "to the request's reply_to",
                 "messages": _messages_of(channel, request_names),
+                "reply": {
+                    "address": {"location": "$message.header#/reply_to",
+                                "description": "the caller's reply queue"},
+                    "channel": _ref("channels", "replies"),
+                    "messages": _messages_of("replies", list(_REPLIES)),
+                },
+            }
+            exchange = f"{channel}__exchange"
+            channels[exchange] = {
+                "address": "",
+                "description": f"The exchange of {app}/{deployment}: a fanout exchange bound "
+                               "to its request queue alone, for callers whose RabbitMQ user "
+                               "may publish to named deployments only (docs/security.md). "
+                               "Declared by the controller.",
+                "messages": {name: _ref("components", "messages", name)
+                             for name in [*request_names, *job_names]},
+                "bindings": {"amqp": {
+                    "is": "routingKey",
+                    "exchange": {"name": names.deployment_exchange(app, deployment),
+                                 "type": "fanout", "durable": True, "autoDelete": False,
+                                 "vhost": server.vhost},
+                    "bindingVersion": AMQP_BINDING_VERSION}},
+            }
+            operations[f"sendRequestThroughExchange__{channel}"] = {
+                "action": "send",
+                "channel": _ref("channels", exchange),
+                "summary": f"Call {app}/{deployment} through its exchange, as sendRequest",
+                "messages": _messages_of(exchange, request_names),
                 "reply": {
                     "address": {"location": "$message.header#/reply_to",
                                 "description": "the caller's reply queue"},

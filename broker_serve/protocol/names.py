@@ -14,6 +14,12 @@ class Names:
     def request_queue(self, app: str, deployment: str) -> str:
         return f"bs.{self.cluster}.{app}.{deployment}"
 
+    def deployment_exchange(self, app: str, deployment: str) -> str:
+        """A fanout exchange bound to the deployment's request queue alone: backend services
+        publish through it, so that RabbitMQ's write permission on it grants that deployment
+        and no other (docs/security.md, "Per-role RabbitMQ users")."""
+        return f"bs.{self.cluster}.to.{app}.{deployment}"
+
     def reply_queue(self, process_id: str) -> str:
         return f"bs.{self.cluster}.reply.{process_id}"
 

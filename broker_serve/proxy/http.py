@@ -96,11 +96,12 @@ class Proxy:
         self.settings = settings
         self.options = options
         self.proxy_id = process_id()
-        self.store = Store(settings.redis_url, settings.cluster)
+        self.store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url,
                              connection_name(settings.cluster, "proxy", self.proxy_id),
-                             cancel_exchange=self.names.cancel_exchange)
+                             cancel_exchange=self.names.cancel_exchange,
+                             tls=settings.client_tls())
         self.router = ReplyRouter(self.broker, self.names.reply_queue(f"proxy-{self.proxy_id}"),
                                   on_abandoned=AbandonedRequests(self.broker, self.store))
         self.table = RouteTable()

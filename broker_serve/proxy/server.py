@@ -57,6 +57,8 @@ async def serve_proxy(settings: Settings, options: HTTPOptions) -> None:
         # "Limits on untrusted input").
         ws_max_size=options.max_websocket_message_bytes,
         timeout_graceful_shutdown=30,
+        # HTTPS with BROKER_SERVE_HTTPS_CERT_FILE (docs/security.md, "TLS").
+        **settings.server_tls().uvicorn_options(),
     )
     server = HttpServer(config)
     # Ours, not uvicorn's: uvicorn's would kill the process before proxy.shutdown() ran.

@@ -95,11 +95,12 @@ class Replica:
         self.deployment = deployment
         self.replica_id = replica_id
         self.version = version
-        self.store = Store(settings.redis_url, settings.cluster)
+        self.store = Store(settings.redis_url, settings.cluster, settings.client_tls())
         self.names = self.store.names
         self.broker = Broker(settings.amqp_url,
                              connection_name(settings.cluster, "replica", replica_id),
-                             cancel_exchange=self.names.cancel_exchange)
+                             cancel_exchange=self.names.cancel_exchange,
+                             tls=settings.client_tls())
         self.inbox_name = self.names.inbox(replica_id)
         self.max_message_bytes = settings.max_message_bytes
         self._request_queue = self.names.request_queue(app, deployment)

@@ -9,7 +9,8 @@ watch a replicated Redis and the service they know it by:
 primary on every new connection, so after a failover it connects to the promoted replica. The
 URL's user and password are the Redis nodes'; the sentinels' own password, if they have one,
 is the query parameter `sentinel_password=`. Other query parameters are redis-py's connection
-options, as a plain URL takes them (`?socket_timeout=3`, `?ssl_ca_certs=...`).
+options, as a plain URL takes them (`?socket_timeout=3`, `?ssl_ca_certs=...`); they win over
+the CA and client certificate of BROKER_SERVE_TLS_* (tls.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.sentinel import Sentinel
+
+from ..tls import ClientTls
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379
@@ -95,11 +98,15 @@ def parse_sentinel_url(url: str) -> SentinelAddress:
     )
 
 
-def async_client(url: str) -> aioredis.Redis:
-    """An asyncio client of the Redis (or the Sentinel-watched primary) that `url` names."""
+def async_client(url: str, tls: ClientTls | None = None) -> aioredis.Redis:
+    """An asyncio client of the Redis (or the Sentinel-watched primary) that `url` names;
+    `tls` is the CA and client certificate of a `rediss://` URL, which the URL's own `ssl_*`
+    options override."""
+    tls_options = tls.redis_options(url) if tls is not None else {}
     if not is_sentinel_url(url):
-        return aioredis.Redis.from_url(url, **TIMEOUTS)
+        return aioredis.Redis.from_url(url, **TIMEOUTS, **tls_options)
     address = parse_sentinel_url(url)
+    address = dataclasses.replace(address, options={**tls_options, **address.options})
     sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]
         address.sentinels, sentinel_kwargs=address.sentinel_options())
     client = cast("_AsyncSentinelPrimary", sentinel.master_for(
@@ -108,13 +115,16 @@ def async_client(url: str) -> aioredis.Redis:
     return client
 
 
-def sync_client(url: str, **timeouts: float) -> redis.Redis:
+def sync_client(url: str, tls: ClientTls | None = None, **timeouts: float) -> redis.Redis:
     """A blocking client of the Redis (or the Sentinel-watched primary) that `url` names;
-    `timeouts` replace TIMEOUTS' (a health check's must be short)."""
+    `tls` as `async_client`'s, and `timeouts` replace TIMEOUTS' (a health check's must be
+    short)."""
+    tls_options = tls.redis_options(url) if tls is not None else {}
     if not is_sentinel_url(url):
-        return redis.Redis.from_url(url, **{**TIMEOUTS, **timeouts})
+        return redis.Redis.from_url(url, **{**TIMEOUTS, **timeouts, **tls_options})
     address = parse_sentinel_url(url)
-    address = dataclasses.replace(address, options={**timeouts, **address.options})
+    address = dataclasses.replace(address,
+                                  options={**timeouts, **tls_options, **address.options})
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         address.sentinels, sentinel_kwargs=address.sentinel_options())
     client = cast("_SentinelPrimary", sentinel.master_for(  # type: ignore[no-untyped-call]

@@ -31,6 +31,7 @@ from ..protocol import messages
 from ..protocol.call_values import not_verified, sign, verifies
 from ..protocol.names import Names
 from ..schema import ServeDeploySchema
+from ..tls import ClientTls
 from . import connection
 from .errors import translate_errors
 from .jobs import JobStore
@@ -170,10 +171,10 @@ class StateSnapshot:
 
 @translate_errors
 class Store:
-    def __init__(self, redis_url: str, cluster: str) -> None:
+    def __init__(self, redis_url: str, cluster: str, tls: ClientTls | None = None) -> None:
         self.names = Names(cluster)
         # decode_responses=False: values are bytes (orjson reads them as they are).
-        self._redis: aioredis.Redis = connection.async_client(redis_url)
+        self._redis: aioredis.Redis = connection.async_client(redis_url, tls)
         self._delete_if_held = self._redis.register_script(_DELETE_IF_HELD)
         self._take_or_extend_lease = self._redis.register_script(_TAKE_OR_EXTEND_LEASE)
         self._extend_if_held = self._redis.register_script(_EXTEND_IF_HELD)

@@ -35,8 +35,10 @@ from tenacity import (
 )
 from yarl import URL
 
+from ..credentials import without_credentials
 from ..exceptions import BrokerServeError, ClusterUnavailable, ProtocolError, TransportError
 from ..protocol import messages as protocol
+from ..tls import ClientTls
 from . import addresses, aiormq_adapter, frames
 from .errors import AMQP_ERROR_TYPES, map_amqp_errors, translate
 
@@ -67,8 +69,12 @@ def connection_name(cluster: str, role: str, ident: str) -> str:
 
 
 class Broker:
-    def __init__(self, url: str, name: str, cancel_exchange: str | None = None) -> None:
+    def __init__(self, url: str, name: str, cancel_exchange: str | None = None,
+                 tls: ClientTls | None = None) -> None:
         self.addresses = addresses.parse(url)
+        # The CA and client certificate of `amqps://` nodes (BROKER_SERVE_TLS_*); aio-pika keeps
+        # the context for every reconnect, to whichever node.
+        self._tls = tls or ClientTls()
         # Each process starts at a node of its own, so a cluster's connections spread out.
         self._address = random.randrange(len(self.addresses))
         self._failing_over: asyncio.Task[None] | None = None
@@ -97,15 +103,17 @@ class Broker:
         for tried in range(len(self.addresses)):
             url = self.addresses[self._address]
             try:
-                with map_amqp_errors(f"cannot reach RabbitMQ at {_safe(url)}"):
+                with map_amqp_errors(f"cannot reach RabbitMQ at {without_credentials(url)}"):
                     self.connection = await aio_pika.connect_robust(
                         url, client_properties={"connection_name": self.name},
+                        ssl_context=self._tls.amqp_context(url),
                         timeout=CONNECT_TIMEOUT_S, reconnect_interval=RECONNECT_INTERVAL_S)
                 break
             except ClusterUnavailable:
                 if tried == len(self.addresses) - 1:
                     raise
-                log.warning("cannot reach RabbitMQ at %s; trying the next node", _safe(url))
+                log.warning("cannot reach RabbitMQ at %s; trying the next node",
+                            without_credentials(url))
                 self._address = (self._address + 1) % len(self.addresses)
         assert self.connection is not None
         if len(self.addresses) > 1:
@@ -149,7 +157,7 @@ class Broker:
                     self._address = (self._address + 1) % len(self.addresses)
                     _point_at(connection, self.addresses[self._address])
                     log.warning("RabbitMQ is still unreachable; %s tries %s next", self.name,
-                                _safe(self.addresses[self._address]))
+                                without_credentials(self.addresses[self._address]))
 
     @property
     def is_connected(self) -> bool:
@@ -649,11 +657,3 @@ def _point_at(connection: AbstractRobustConnection, url: str) -> None:
     if not isinstance(connection, aio_pika.RobustConnection):
         raise TypeError(f"cannot move a {type(connection).__name__} to another node")
     connection.url = URL(url)
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
-    return f"{scheme}://{rest.split('@', 1)[1]}"
