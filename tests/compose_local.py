@@ -6,8 +6,9 @@ wiring this way. Each service built from this repository (the non-infrastructure
 `environment` and these substitutions only:
 
 - URLs naming a compose service (`rabbitmq`, `redis`) point at the machine's RabbitMQ and Redis,
-  with the machine's credentials: its broker has only guest, not the users of each role that
-  the compose RabbitMQ imports (tests/test_compose.py checks those statically).
+  with the machine's credentials: its broker has only guest and its Redis only `default`, not
+  the users of each role that the compose RabbitMQ imports and the compose Redis loads
+  (tests/test_compose.py checks those, and boots a node of each on them).
 - `BROKER_SERVE_CLUSTER` is the test's namespace.
 - `/run/secrets/<name>`, where Compose mounts a secret the service lists, is the secret's
   `file` in this checkout.

@@ -11,6 +11,7 @@ Prometheus and the Grafana dashboard against each other, and run `docker compose
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -31,6 +32,7 @@ import yaml
 
 from broker_serve.protocol.names import Names
 from broker_serve.protocol.permissions import Permissions, rabbitmq_permissions
+from broker_serve.protocol.redis_acls import redis_acl_rules
 from broker_serve.state.connection import parse_sentinel_url
 from broker_serve.transport.addresses import parse as parse_amqp_nodes
 
@@ -49,7 +51,7 @@ from .compose_local import (
     load_compose_file,
     read_env_file,
 )
-from .conftest import REDIS_URL, ROOT
+from .conftest import REDIS_URL, ROOT, free_port
 from .rabbit_cluster import RabbitCluster, rabbitmqctl
 from .waiting import wait_for
 
@@ -494,8 +496,12 @@ def test_ha_env_urls_name_the_ha_services(ha_compose):
     assert address.db == 0
     assert env["BROKER_SERVE_QUEUE_TYPE"] == "quorum"
     for name, service in built_services(ha_compose).items():
-        for key in ("BROKER_SERVE_REDIS_URL", "BROKER_SERVE_QUEUE_TYPE"):
-            assert service["environment"][key] == env[key], (name, key)
+        assert service["environment"]["BROKER_SERVE_QUEUE_TYPE"] == "quorum", name
+        # The same sentinels and service, each with the service's own Redis user
+        # (test_each_service_is_its_roles_redis_user).
+        own_redis = parse_sentinel_url(service["environment"]["BROKER_SERVE_REDIS_URL"])
+        assert dataclasses.replace(own_redis, username=None, password=None) == \
+            dataclasses.replace(address, username=None, password=None), name
         # Every node, each with the service's own user (test_each_service_is_its_roles_user).
         own = [urlsplit(url) for url in parse_amqp_nodes(
             service["environment"]["BROKER_SERVE_AMQP_URL"])]
@@ -615,6 +621,238 @@ def test_a_rabbitmq_node_imports_the_definitions(compose):
             pika.BlockingConnection(pika.URLParameters(local)).close()
         with pytest.raises(pika.exceptions.ProbableAuthenticationError):
             pika.BlockingConnection(pika.URLParameters(rabbit.amqp_url))  # guest:guest
+
+
+# Redis users per role ---------------------------------------------------------------------------
+# Every Redis node of a project loads the same ACL file (docs/security.md, "Redis ACL users"):
+# the users of each role, `admin` for operators, the replicas' and the sentinels' users, and a
+# `default` user that may only PING, for the health checks.
+REDIS_NODES = ("redis", "redis-primary", "redis-replica")
+ACL_TARGET = "/etc/redis/users.acl"
+DEFAULT_RULES = ["on", "nopass", "resetkeys", "resetchannels", "-@all", "+ping"]
+REPLICATION_USER = "bs-replication"
+SENTINEL_USER = "bs-sentinel"
+
+
+@dataclasses.dataclass(frozen=True)
+class AclUser:
+    password: str | None
+    rules: list[str]
+
+
+def _acl_file(project: dict[str, Any]) -> Path:
+    """The ACL file every Redis node of `project` loads: the same, where it is mounted."""
+    files = set()
+    for name in (n for n in REDIS_NODES if n in project["services"]):
+        service = project["services"][name]
+        if name == "redis":
+            command = service["command"]
+            target = command[command.index("--aclfile") + 1]
+        else:
+            config = _mounted(service, f"/etc/redis/{name.removeprefix('redis-')}.conf")
+            (target,) = [d[1] for d in _directives(config) if d[0] == "aclfile"]
+        assert target == ACL_TARGET, name
+        files.add(_mounted(service, ACL_TARGET))
+    (path,) = files
+    return path
+
+
+def _acl_users(path: Path) -> dict[str, AclUser]:
+    """`user NAME RULE...` lines as Redis reads them: a `>password` rule, and the others in
+    their order, a selector's words joined again into one rule `(...)`."""
+    users = {}
+    for line in path.read_text().splitlines():
+        keyword, name, *words = line.split()
+        assert keyword == "user" and name not in users, line
+        rules: list[str] = []
+        passwords = []
+        for word in words:
+            if rules and rules[-1].startswith("(") and not rules[-1].endswith(")"):
+                rules[-1] += " " + word
+            elif word.startswith(">"):
+                passwords.append(word[1:])
+            else:
+                rules.append(word)
+        assert len(passwords) <= 1, name
+        users[name] = AclUser(passwords[0] if passwords else None, rules)
+    return users
+
+
+def _redis_credentials(url: str) -> tuple[str | None, str | None]:
+    if url.startswith("redis+sentinel://"):
+        address = parse_sentinel_url(url)
+        return address.username, address.password
+    parts = urlsplit(url)
+    return parts.username, parts.password
+
+
+def test_the_acl_file_gives_each_role_its_rules(compose, ha_compose):
+    cluster = compose["services"]["controller"]["environment"]["BROKER_SERVE_CLUSTER"]
+    path = _acl_file(compose)
+    assert _acl_file(ha_compose) == path
+    users = _acl_users(path)
+    roles = set(ROLE_OF_SERVICE.values())
+    assert users.keys() == {"default", "admin", REPLICATION_USER, SENTINEL_USER,
+                            *(_role_user(role) for role in roles)}
+    for role in roles:
+        assert users[_role_user(role)].rules == redis_acl_rules(cluster, role), role
+    # No password, and PING only: whoever reaches Redis without a user learns that it is up.
+    assert users["default"] == AclUser(None, DEFAULT_RULES)
+    assert users["admin"].rules == ["on", "~*", "&*", "+@all"]
+    for name in (REPLICATION_USER, SENTINEL_USER):  # no keys, no commands on data
+        assert users[name].rules[:3] == ["on", "resetkeys",
+                                         "resetchannels" if name == REPLICATION_USER
+                                         else "allchannels"], name
+        assert "-@all" in users[name].rules and "+@all" not in users[name].rules, name
+    passwords = [user.password for name, user in users.items() if name != "default"]
+    for password in passwords:  # example values, committed like deploy/cluster-secret
+        assert password is not None and re.fullmatch(r"[0-9a-f]{24,}", password)
+    assert len(set(passwords)) == len(passwords)
+
+
+def test_each_service_is_its_roles_redis_user(compose, ha_compose):
+    for project in (compose, ha_compose):
+        users = _acl_users(_acl_file(project))
+        for name, service in built_services(project).items():
+            user = _role_user(ROLE_OF_SERVICE[name])
+            assert _redis_credentials(service["environment"]["BROKER_SERVE_REDIS_URL"]) == \
+                (user, users[user].password), name
+
+
+def test_replicas_and_sentinels_log_in_as_their_users(ha_compose):
+    """With `default` reduced to PING, a replica replicates, and a sentinel watches and fails
+    over the nodes, only as a user of the ACL file that can."""
+    services = ha_compose["services"]
+    users = _acl_users(_acl_file(ha_compose))
+    for name in ("primary", "replica"):  # the primary becomes a replica after a failover
+        directives = _directives(_mounted(services[f"redis-{name}"], f"/etc/redis/{name}.conf"))
+        assert ["masteruser", REPLICATION_USER] in directives, name
+        assert ["masterauth", users[REPLICATION_USER].password] in directives, name
+    for name in SENTINELS:
+        directives = _directives(_mounted(services[name], "/etc/redis/sentinel.conf"))
+        (monitor,) = [d for d in directives if d[:2] == ["sentinel", "monitor"]]
+        service_name = monitor[2]
+        auth = [d for d in directives if d[:2] in (["sentinel", "auth-user"],
+                                                    ["sentinel", "auth-pass"])]
+        assert auth == [["sentinel", "auth-user", service_name, SENTINEL_USER],
+                        ["sentinel", "auth-pass", service_name, users[SENTINEL_USER].password]]
+        assert directives.index(monitor) < directives.index(auth[0]), name  # names the service
+
+
+def _start_redis(directory: Path, *arguments: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server of the test's own on a free port, answering PING (as `default`)."""
+    port = free_port()
+    directory.mkdir()
+    with open(directory / "redis.log", "wb") as log:
+        process = subprocess.Popen(
+            ["redis-server", *arguments, "--port", str(port), "--bind", "127.0.0.1",
+             "--dir", str(directory)], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        assert process.poll() is None, (directory / "redis.log").read_text()
+        try:
+            with redis.Redis(port=port, socket_timeout=2) as client:
+                return bool(client.ping())
+        except redis.ConnectionError:
+            return False
+
+    try:
+        wait_for(answers, timeout=10)
+    except BaseException:
+        process.kill()
+        raise
+    return process, port
+
+
+def _local(url: str, port: int) -> str:
+    """A compose service's plain Redis URL, with its user, at 127.0.0.1:port."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    return parts._replace(netloc=f"{userinfo}@127.0.0.1:{port}").geturl()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_redis_loads_the_acl_file(compose, ha_compose, tmp_path):
+    """The committed ACL file, copied, loaded by Redis nodes of this machine: each service's
+    URL logs in as its role's user, which writes its own records; a proxy or worker cannot
+    write the application records; `default` can only PING. A replica replicates with the
+    replication user, and a sentinel with the sentinel user watches both (without it, the
+    sentinel sees the primary as disconnected) and promotes the replica once the primary is
+    killed."""
+    users = _acl_users(_acl_file(compose))
+    acl = tmp_path / "users.acl"
+    shutil.copyfile(_acl_file(compose), acl)  # Redis writes it on ACL SAVE: a copy
+    settings = ["--save", "", "--appendonly", "no", "--aclfile", str(acl)]
+    started = []
+    try:
+        primary, port = _start_redis(tmp_path / "primary", *settings)
+        started.append(primary)
+        for name, service in built_services(compose).items():
+            with redis.Redis.from_url(
+                    _local(service["environment"]["BROKER_SERVE_REDIS_URL"], port)) as client:
+                assert client.ping(), name
+                role = ROLE_OF_SERVICE[name]
+                if role == "controller":
+                    assert client.hset("bs:default:apps", name, "{}") == 1, name
+                    continue
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    client.hset("bs:default:apps", "hello", "{}")
+                own = {"proxy": "bs:default:proxies", "worker": "bs:default:nodes"}[role]
+                assert client.hset(own, name, "{}") == 1, name  # its own records, as its role
+        with redis.Redis(port=port) as anonymous, \
+                pytest.raises(redis.exceptions.NoPermissionError):
+            anonymous.get("bs:default:apps")
+        with redis.Redis(port=port, username="admin", password=users["admin"].password,
+                         decode_responses=True) as admin:
+            listed = {line.split()[1] for line in admin.acl_list()}
+            assert listed == users.keys()
+            assert admin.hkeys("bs:default:apps") == ["controller", "app"]
+
+        services = ha_compose["services"]
+        directives = _directives(_mounted(services["redis-replica"], "/etc/redis/replica.conf"))
+        replication = [argument for d in directives if d[0] in ("masteruser", "masterauth")
+                       for argument in (f"--{d[0]}", d[1])]
+        replica, replica_port = _start_redis(tmp_path / "replica", *settings, *replication,
+                                             "--replicaof", "127.0.0.1", str(port))
+        started.append(replica)
+        with redis.Redis(port=replica_port, username="admin", password=users["admin"].password,
+                         decode_responses=True) as admin:
+            wait_for(lambda: admin.info("replication")["master_link_status"] == "up")
+            assert admin.hkeys("bs:default:apps") == ["controller", "app"]  # replicated
+
+        sentinel_config = _mounted(services["sentinel-1"], "/etc/redis/sentinel.conf")
+        (monitor,) = [d for d in _directives(sentinel_config) if d[:2] == ["sentinel", "monitor"]]
+        service_name = monitor[2]
+        auth = [" ".join(d) for d in _directives(sentinel_config)
+                if d[:2] in (["sentinel", "auth-user"], ["sentinel", "auth-pass"])]
+        config = tmp_path / "sentinel.conf"  # Sentinel rewrites it
+        config.write_text("\n".join([f"sentinel monitor {service_name} 127.0.0.1 {port} 1",
+                                     f"sentinel down-after-milliseconds {service_name} 1000",
+                                     *auth, ""]))
+        sentinel, sentinel_port = _start_redis(tmp_path / "sentinel", str(config),
+                                               "--sentinel")
+        started.append(sentinel)
+        with redis.Redis(port=sentinel_port, decode_responses=True) as client:
+            def watched() -> bool:
+                state = client.sentinel_master(service_name)
+                return bool(state["is_master"] and not state["is_disconnected"]
+                            and state["num-slaves"] == 1)
+            wait_for(watched, timeout=30)
+            # A failover: what the sentinel sends the replica to promote it (REPLICAOF NO ONE,
+            # CONFIG REWRITE in a transaction, CLIENT KILL), the sentinel user may send.
+            primary.kill()
+            primary.wait(10)
+            wait_for(lambda: tuple(client.sentinel_get_master_addr_by_name(service_name)) ==
+                     ("127.0.0.1", replica_port), timeout=30)
+        with redis.Redis(port=replica_port, username="admin", password=users["admin"].password,
+                         decode_responses=True) as admin:
+            wait_for(lambda: admin.info("replication")["role"] == "master", timeout=10)
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(10)
 
 
 # the images ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from kubernetes_validate.utils import latest_version
 
@@ -57,13 +58,17 @@ from .compose_local import (
 )
 from .conftest import ROOT
 from .test_compose import (
+    DEFAULT_RULES,
     HA_ENV,
     RABBITMQ_NODES,
     ROLE_OF_SERVICE,
     SERVED,
+    _acl_file,
+    _acl_users,
     _definitions,
     _permissions,
     _role_user,
+    _start_redis,
 )
 
 K8S = ROOT / "deploy" / "k8s"
@@ -76,7 +81,11 @@ ROLES = ("controller", "proxy", "worker")
 # with kubectl (deploy/README.md, "Run on Kubernetes").
 API_TOKEN = ("broker-serve-api-token", "token")
 CLUSTER_SECRET = ("broker-serve-cluster-secret", "cluster-secret")
-MADE_BY_HAND = {API_TOKEN, CLUSTER_SECRET}
+# The in-cluster Redis users' passwords, a key per user (components/redis), also by hand.
+REDIS_USERS = "broker-serve-redis-users"
+REDIS_PASSWORDS = {(REDIS_USERS, user) for user in
+                   ("admin", *(_role_user(role) for role in ("controller", "proxy", "worker")))}
+MADE_BY_HAND = {API_TOKEN, CLUSTER_SECRET, *REDIS_PASSWORDS}
 
 
 # building ---------------------------------------------------------------------------------------
@@ -335,8 +344,9 @@ def test_environment_is_the_compose_environment(builds, compose, ha_compose):
             for name, value in wanted.items():
                 if not name.endswith("_URL"):
                     assert env[name] == value, (overlay, role, name)
-            # Only the in-cluster AMQP URL's parts are not broker-serve's own variables.
-            assert set(env) - ours <= {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD"}, (overlay, role)
+            # Only the in-cluster AMQP and Redis URLs' parts are not broker-serve's own variables.
+            assert set(env) - ours <= {"RABBITMQ_USERNAME", "RABBITMQ_PASSWORD",
+                                       "REDIS_PASSWORD"}, (overlay, role)
             _assert_expansions_resolve(_container(docs, role))
         controller = _environment(docs, _container(docs, "controller"))
         assert int(controller["BROKER_SERVE_DASHBOARD_PORT"]) in \
@@ -397,7 +407,8 @@ def _references(docs: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
     refs: set[tuple[str, str, str | None]] = set()
     for doc in docs:
         if doc["kind"] in ("Deployment", "StatefulSet"):
-            for container in doc["spec"]["template"]["spec"]["containers"]:
+            pod = doc["spec"]["template"]["spec"]
+            for container in [*pod.get("initContainers", []), *pod["containers"]]:
                 for source in container.get("envFrom", []):
                     for field, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
                         if field in source:
@@ -412,6 +423,9 @@ def _references(docs: list[dict[str, Any]]) -> set[tuple[str, str, str | None]]:
                 if "secret" in volume:
                     for item in volume["secret"].get("items") or [{"key": None}]:
                         refs.add(("Secret", volume["secret"]["secretName"], item["key"]))
+                if "configMap" in volume:
+                    for item in volume["configMap"].get("items") or [{"key": None}]:
+                        refs.add(("ConfigMap", volume["configMap"]["name"], item["key"]))
         if doc["kind"] == "TriggerAuthentication":
             for ref in doc["spec"].get("secretTargetRef", []):
                 refs.add(("Secret", ref["name"], ref["key"]))
@@ -482,13 +496,14 @@ def test_in_cluster_urls_name_the_in_cluster_services(builds, compose, ha_compos
     assert (readiness["periodSeconds"], readiness["timeoutSeconds"],
             readiness["failureThreshold"]) == (_seconds(check["interval"]),
                                                _seconds(check["timeout"]), check["retries"])
-    (mount,) = redis_container["volumeMounts"]
-    assert mount["mountPath"] == "/data"  # the AOF, on the claim's volume
+    # The AOF, on the claim's volume (and the ACL file, in memory: test_in_cluster_redis_...).
+    (mount,) = [m for m in redis_container["volumeMounts"] if m["mountPath"] == "/data"]
     claims = redis_set["spec"]["volumeClaimTemplates"]
     assert mount["name"] in {claim["metadata"]["name"] for claim in claims}
 
     urls = _data(_generated(docs, "Secret", "broker-serve-urls"))
-    assert not {f"{role.upper()}_AMQP_URL" for role in ROLES} & urls.keys()  # the users' own
+    assert not {f"{role.upper()}_{kind}_URL" for role in ROLES for kind in ("AMQP", "REDIS")} \
+        & urls.keys()  # the users' own
     for role in ROLES:
         env = _environment(docs, _container(docs, role))
         # The operator's credentials are URL-safe base64: put in as they come.
@@ -502,10 +517,13 @@ def test_in_cluster_urls_name_the_in_cluster_services(builds, compose, ha_compos
         credentials = f"broker-serve-{role}{k8s_schemas.USER_CREDENTIALS_SECRET_SUFFIX}"
         for var, key in (("RABBITMQ_USERNAME", "username"), ("RABBITMQ_PASSWORD", "password")):
             assert env[var] == ("secret", credentials, key), role
-        redis_ref = env["BROKER_SERVE_REDIS_URL"]
-        assert redis_ref[0] == "secret"
-        redis_url = urlsplit(urls[redis_ref[2]])
+        # Its role's Redis user, its password a key of the Secret the Redis pod's ACL file is
+        # written from (test_in_cluster_redis_loads_each_roles_user).
+        assert env["REDIS_PASSWORD"] == ("secret", REDIS_USERS, _role_user(role)), role
+        redis_url = urlsplit(env["BROKER_SERVE_REDIS_URL"].replace("$(REDIS_PASSWORD)", "p4ss"))
+        assert (redis_url.username, redis_url.password) == (_role_user(role), "p4ss"), role
         assert redis_url.scheme == "redis" and redis_url.hostname == "broker-serve-redis"
+        assert redis_url.path == "/0", role
         assert redis_url.port == _one(docs, "Service", "broker-serve-redis")["spec"]["ports"][0][
             "port"] == redis_container["ports"][0]["containerPort"]
     management = urlsplit(urls["RABBITMQ_MANAGEMENT_URL"])
@@ -519,22 +537,25 @@ def test_external_urls_are_read_from_urls_env(builds):
     docs = builds["external"]
     example = read_env_file(K8S / "overlays" / "external" / "urls.env")
     assert _data(_generated(docs, "Secret", "broker-serve-urls")) == example
-    assert urlsplit(example["BROKER_SERVE_REDIS_URL"]).scheme == "redis"
     assert urlsplit(example["RABBITMQ_MANAGEMENT_URL"]).scheme in ("http", "https")
-    users = set()
+    users, redis_users = set(), set()
     for role in ROLES:
         env = _environment(docs, _container(docs, role))
         # Each role's own URL, with its role's user.
         for name, wanted in (("BROKER_SERVE_AMQP_URL", f"{role.upper()}_AMQP_URL"),
-                             ("BROKER_SERVE_REDIS_URL", "BROKER_SERVE_REDIS_URL")):
+                             ("BROKER_SERVE_REDIS_URL", f"{role.upper()}_REDIS_URL")):
             kind, secret, key = env[name]
             assert kind == "secret" and secret.startswith("broker-serve-urls-") and key == wanted
         for node in (urlsplit(url) for url in parse_amqp_nodes(example[f"{role.upper()}_AMQP_URL"])):
             assert node.username == _role_user(role), role  # as compose names them
             users.add((node.username, node.password))
-    assert len(users) == len(ROLES)
-    assert not {k for k in example if k.endswith("_AMQP_URL")} - \
-        {f"{role.upper()}_AMQP_URL" for role in ROLES}
+        redis_url = urlsplit(example[f"{role.upper()}_REDIS_URL"])
+        assert redis_url.scheme == "redis" and redis_url.username == _role_user(role), role
+        redis_users.add((redis_url.username, redis_url.password))
+    assert len(users) == len(redis_users) == len(ROLES)
+    for kind in ("AMQP", "REDIS"):
+        assert not {k for k in example if k.endswith(f"_{kind}_URL")} - \
+            {f"{role.upper()}_{kind}_URL" for role in ROLES}
 
 
 def test_each_role_has_its_rabbitmq_user_and_permissions(builds, compose):
@@ -562,6 +583,119 @@ def test_each_role_has_its_rabbitmq_user_and_permissions(builds, compose):
         assert {"/": granted} == _permissions(definitions, _role_user(role)), role
     # A RabbitMQ given by URL is its operator's to set up: the external overlay makes no user.
     assert not {"User", "Permission"} & {d["kind"] for d in builds["external"]}
+
+
+def _redis_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = _one(docs, "StatefulSet", "broker-serve-redis")["spec"]["template"][
+        "spec"]
+    return spec
+
+
+def _volume_mounts(container: dict[str, Any]) -> dict[str, str]:
+    """Volume name -> where `container` mounts it."""
+    return {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_in_cluster_redis_users_are_the_compose_users(builds, compose):
+    """The in-cluster Redis' users are compose's (tests/test_compose.py) without the ha
+    profile's replication and sentinel users, with the same rules: `redis_acl_rules` for each
+    role's. Their rules are a ConfigMap, their passwords a Secret made by hand, a key each."""
+    docs = builds["in-cluster"]
+    pod = _redis_pod(docs)
+    (acl,) = [v for v in pod["volumes"] if "configMap" in v]
+    rules_map = _one(docs, "ConfigMap", acl["configMap"]["name"])
+    (rules_file,) = _data(rules_map)
+    path = K8S / "components" / "redis" / rules_file
+    assert _data(rules_map)[rules_file] == path.read_text()
+    in_cluster, compose_users = _acl_users(path), _acl_users(_acl_file(compose))
+    assert in_cluster.keys() == compose_users.keys() - {"bs-replication", "bs-sentinel"}
+    for name, user in in_cluster.items():
+        assert user.password is None, name  # committed: no password in it
+        assert user.rules == compose_users[name].rules, name
+    assert in_cluster["default"].rules == DEFAULT_RULES
+    (passwords,) = [v for v in pod["volumes"] if "secret" in v]
+    assert passwords["secret"]["secretName"] == REDIS_USERS
+    assert passwords["secret"]["defaultMode"] == 0o440  # the pod's group, the redis user's
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert {(REDIS_USERS, item["key"]) for item in passwords["secret"]["items"]} == \
+        REDIS_PASSWORDS == {(REDIS_USERS, n) for n in in_cluster if n != "default"}
+    for item in passwords["secret"]["items"]:
+        assert item["path"] == item["key"], item  # a file named after its user
+    # The ACL file is written in memory, not on the data volume, and loaded where compose's is.
+    (written,) = [v for v in pod["volumes"] if "emptyDir" in v]
+    assert written["emptyDir"]["medium"] == "Memory"
+    (init,) = pod["initContainers"]
+    (redis_container,) = pod["containers"]
+    assert init["image"] == redis_container["image"]
+    args = redis_container["args"]
+    aclfile = Path(args[args.index("--aclfile") + 1])
+    assert _volume_mounts(init)[written["name"]] == _volume_mounts(redis_container)[
+        written["name"]] == str(aclfile.parent)
+    assert _volume_mounts(redis_container).keys() == {written["name"], "data"}  # no passwords
+
+
+def _run_acl_init(pod: dict[str, Any], root: Path, passwords: dict[str, str]) -> Path:
+    """The Redis pod's init container run here: its volumes as directories under `root`
+    (the rules ConfigMap's committed file, the Secret's keys as files), its ACL file back."""
+    (init,) = pod["initContainers"]
+    script = init["command"]
+    assert script[:2] == ["sh", "-c"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = _volume_mounts(init)
+    shell = script[2]
+    for name, target in sorted(mounts.items(), key=lambda item: -len(item[1])):
+        directory = root / name
+        directory.mkdir(parents=True)
+        if "configMap" in volumes[name]:
+            shutil.copy(K8S / "components" / "redis" / "users.acl", directory / "users.acl")
+        elif "secret" in volumes[name]:
+            for user, password in passwords.items():
+                (directory / user).write_text(password)
+        shell = shell.replace(target, str(directory))
+    ran = subprocess.run(["sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 0, ran.stderr
+    (redis_container,) = pod["containers"]
+    args = redis_container["args"]
+    aclfile = Path(args[args.index("--aclfile") + 1])
+    (written,) = [name for name, path in _volume_mounts(redis_container).items()
+                  if path == str(aclfile.parent)]
+    return root / written / aclfile.name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_in_cluster_redis_loads_each_roles_user(builds, tmp_path):
+    """The init container's script, run here on the committed rules and passwords as the
+    Secret would mount them, writes an ACL file that Redis loads: each Deployment's URL, with
+    its password, logs in as its role's user, and a proxy cannot write the application
+    records. Without a user's password the script fails, so the pod does not start."""
+    docs = builds["in-cluster"]
+    pod = _redis_pod(docs)
+    passwords = {key: os.urandom(12).hex() for _, key in REDIS_PASSWORDS}
+    acl = _run_acl_init(pod, tmp_path / "pod", passwords)
+    process, port = _start_redis(tmp_path / "redis", "--save", "", "--appendonly", "no",
+                                 "--aclfile", str(acl))
+    try:
+        for role in ROLES:
+            env = _environment(docs, _container(docs, role))
+            url = urlsplit(env["BROKER_SERVE_REDIS_URL"].replace(
+                "$(REDIS_PASSWORD)", passwords[env["REDIS_PASSWORD"][2]]))
+            local = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{port}")
+            with redis.Redis.from_url(local.geturl()) as client:
+                assert client.ping(), role
+                if role == "controller":
+                    assert client.hset("bs:default:apps", "hello", "{}") == 1
+                else:
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        client.hset("bs:default:apps", "hello", "{}")
+        with redis.Redis(port=port, username="admin", password=passwords["admin"]) as admin:
+            assert admin.hkeys("bs:default:apps") == [b"hello"]
+    finally:
+        process.terminate()
+        process.wait(10)
+    del passwords["bs-proxy"]
+    with pytest.raises(AssertionError, match="bs-proxy"):
+        _run_acl_init(pod, tmp_path / "missing", passwords)
 
 
 # KEDA --------------------------------------------------------------------------------------------
