@@ -8,11 +8,17 @@ import socket
 import time
 from pathlib import Path
 
+import msgpack
+import pika
+import redis
 import requests
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
 from broker_serve import serve
+
+from .conftest import AMQP_URL
+from .waiting import wait_for
 
 
 def wait_for_file(path: Path, timeout: float = 10) -> bool:
@@ -149,3 +155,56 @@ def test_a_replica_that_starts_later_loads_live_tombstones(cluster):
         return "live" in late_replica, "expired" in late_replica, len(late_replica) == 1
 
     assert asyncio.run(scenario()) == (True, False, True)
+
+
+@serve.deployment(max_ongoing_requests=1)
+class OneAtATime:
+    async def nap(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "rested"
+
+    def ping(self) -> str:
+        return "pong"
+
+
+def _waiting(queue: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+
+
+def _broadcast_cancel(cluster_name: str, request_id: str) -> None:
+    """A cancel as docs/protocol.md's "Cancellation" says, published straight to the
+    broadcast (no Redis involved)."""
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+        connection.channel().basic_publish(
+            f"bs.{cluster_name}.cancel", "",
+            msgpack.packb({"ids": [request_id], "expires": int(time.time() * 1000) + 60_000}),
+            pika.BasicProperties(type="cancel", content_type="application/msgpack",
+                                 headers={"bs-version": 1}))
+
+
+def test_a_cancel_during_a_deliverys_pickup_still_settles_it(cluster):
+    """A delivery's pickup makes Redis round trips (a job's record, a redelivery's count)
+    before it runs. A cancel arriving then must not end the delivery unsettled: it would hold
+    the replica's prefetch slot for good, and the replica would take no request again (after
+    a broker outage, every slot of a replica was held so, while the proxies' cancels of the
+    requests they had failed came in with the redeliveries). Here the job's pickup waits on a
+    paused Redis while its cancel arrives."""
+    handle = serve.run(OneAtATime.bind(), name="pickup", route_prefix=None)
+    queue = f"bs.{cluster.name}.pickup.OneAtATime"
+    busy = handle.nap.remote(1.5)  # holds the one slot
+    wait_for(lambda: _waiting(queue) == 0)  # taken
+    job = handle.ping.submit()  # queued behind it
+    wait_for(lambda: _waiting(queue) == 1)
+    with redis.Redis.from_url(cluster.env["BROKER_SERVE_REDIS_URL"]) as client:
+        client.execute_command("CLIENT", "PAUSE", 3000, "WRITE")  # the job's record waits
+    try:
+        assert busy.result(timeout_s=10) == "rested"
+        wait_for(lambda: _waiting(queue) == 0, timeout=5)  # the job is being picked up
+        _broadcast_cancel(cluster.name, job.id)
+    finally:
+        with redis.Redis.from_url(cluster.env["BROKER_SERVE_REDIS_URL"]) as client:
+            client.execute_command("CLIENT", "UNPAUSE")
+    assert wait_for(lambda: job.status() == "CANCELLED", timeout=10)
+    # The slot is free again: the next call runs.
+    assert handle.ping.remote().result(timeout_s=10) == "pong"

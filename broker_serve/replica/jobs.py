@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, TypeVar
 
 from aiormq.abc import DeliveredMessage
@@ -36,6 +37,8 @@ _BACKOFF = wait_exponential(multiplier=0.2, max=5.0)
 # Run one attempt of the message into `stream`: ends it with a terminal event, or raises
 # CancelledError when the replica stops.
 RunAttempt = Callable[[DeliveredMessage, ReplyStream, str], Awaitable[None]]
+# Within it, a cancel message for the job cancels the task (Replica._cancellable).
+Cancellable = Callable[[str], AbstractContextManager[None]]
 
 
 class ResultTooLarge(ProtocolError):
@@ -108,7 +111,7 @@ class JobRunner:
 
     def __init__(self, store: JobStore, broker: Broker, replica_id: str, queue: str,
                  dead_letters: str, result_limit: int, run_attempt: RunAttempt,
-                 cancelled: Callable[[str], bool]) -> None:
+                 cancelled: Callable[[str], bool], cancellable: Cancellable) -> None:
         self.store = store
         self.broker = broker
         self.replica_id = replica_id
@@ -117,6 +120,7 @@ class JobRunner:
         self.result_limit = result_limit
         self._run_attempt = run_attempt
         self._cancelled = cancelled
+        self._cancellable = cancellable
 
     async def run(self, message: DeliveredMessage, job_id: str, config: JobConfig,
                   app: str, deployment: str, refused: str | None = None) -> ReplyStream:
@@ -202,7 +206,8 @@ class JobRunner:
         """Wait before the next attempt: False if the job was cancelled meanwhile. The
         replica stopping ends the wait with CancelledError."""
         try:
-            await asyncio.sleep(delay_s)
+            with self._cancellable(job_id):
+                await asyncio.sleep(delay_s)
         except asyncio.CancelledError:
             if not self._cancelled(job_id):
                 raise

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
@@ -129,7 +131,7 @@ class Replica:
         self.jobs = JobRunner(
             self.store.jobs, self.broker, replica_id, self.names.request_queue(app, deployment),
             self.names.dead_letters, settings.max_body_bytes, self._run_attempt,
-            self._cancelled.__contains__)
+            self._cancelled.__contains__, self._cancellable)
         self.metrics = metrics.ReplicaMetrics(app, deployment, replica_id)
         self.history = HistoryWriter(self.store, settings, replica_id, "backends",
                                      self.metrics.processing_totals)
@@ -524,7 +526,6 @@ class Replica:
                       settler: Settler) -> None:
         properties = message.header.properties
         reply_to, correlation_id = properties.reply_to, properties.correlation_id or ""
-        self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
         calls_of_current_request.set([])  # this task's own context: the calls it makes
         headers = properties.headers or {}
         request_id = headers.get(protocol.HEADER_REQUEST_ID)
@@ -548,7 +549,6 @@ class Replica:
                     request_id, None if redelivered or published.__class__ is not int
                     else published)
         finally:
-            self._running.pop(correlation_id, None)
             self._cancelling.discard(correlation_id)
         if stream is not None:
             self._finished(stream, time.perf_counter() - started, request_id)
@@ -666,13 +666,29 @@ class Replica:
         replica stops: then CancelledError, and RabbitMQ gives it to another replica; a
         response already started (not `restartable`) ends with 503 instead."""
         try:
-            await run_attempt(self._dispatch(message, stream, correlation_id), stream,
-                              kind=message.header.properties.message_type, secret=self.secret,
-                              correlation_id=correlation_id,
-                              cancelled_by_caller=lambda: correlation_id in self._cancelling,
-                              restartable=restartable)
+            with self._cancellable(correlation_id):
+                await run_attempt(self._dispatch(message, stream, correlation_id), stream,
+                                  kind=message.header.properties.message_type,
+                                  secret=self.secret, correlation_id=correlation_id,
+                                  cancelled_by_caller=lambda: correlation_id in self._cancelling,
+                                  restartable=restartable)
         finally:
             self._caller_messages.pop(correlation_id, None)
+
+    @contextlib.contextmanager
+    def _cancellable(self, correlation_id: str) -> Iterator[None]:
+        """Within it, a cancel message for `correlation_id` cancels this task: `run_attempt`
+        answers 499, or a job's wait to retry ends. Outside it, while a delivery is picked up
+        (the Redis round trips of its redelivery count and job record), a cancel only adds to
+        the cancelled ids, which the pickup checks next: cancelling the task there would end
+        it before its delivery is settled, and an unsettled delivery holds a prefetch slot for
+        good (a replica whose slots all held such deliveries, after a broker outage, took no
+        request again)."""
+        self._running[correlation_id] = asyncio.current_task()  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            self._running.pop(correlation_id, None)
 
     async def _dispatch(self, message: DeliveredMessage, stream: ReplyStream,
                         correlation_id: str) -> None:
