@@ -8,7 +8,8 @@ Two sides, each configured once for every process of a cluster:
   API and the proxies. One CA file serves them all (a bundle may hold several CAs); a URL's own
   options (`?cafile=` on an AMQP URL, `?ssl_ca_certs=` on a Redis URL) win over it for that
   service, so a broker and a Redis with different CAs each get theirs.
-- `ServerTls` is the certificate and key the REST API and the HTTP proxies serve HTTPS with.
+- `ServerTls` is the certificate and key the REST API and the HTTP proxies serve HTTPS with,
+  and the proxies' gRPC ingress serves TLS with: one certificate for a proxy's every port.
 
 Every file is read when the settings are: a missing or unreadable file, a key without its
 certificate, or a certificate its key does not match fails the process at start-up with the
@@ -17,6 +18,7 @@ setting's name, rather than as a handshake that fails (or retries) later.
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 REDIS_TLS_SCHEMES = ("rediss", "rediss+sentinel")
+# One PEM block, its label captured: CERTIFICATE, PRIVATE KEY, EC PRIVATE KEY...
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
 
 
 class TlsSettingError(ValueError):
@@ -104,6 +108,26 @@ class ServerTls:
             return {}
         return {"ssl_certfile": str(self.cert_file),
                 **({"ssl_keyfile": str(self.key_file)} if self.key_file else {})}
+
+    def key_and_chain(self) -> tuple[bytes, bytes]:
+        """The private key and the certificate chain, PEM, apart: grpcio's
+        `ssl_server_credentials` takes them so, while the certificate's file may hold the key
+        too (as uvicorn accepts)."""
+        if self.cert_file is None:
+            raise TlsSettingError("BROKER_SERVE_HTTPS_CERT_FILE is not set")
+        try:
+            certificate = self.cert_file.read_bytes()
+            key = certificate if self.key_file is None else self.key_file.read_bytes()
+        except OSError as exc:
+            raise TlsSettingError(f"cannot read the HTTPS certificate or key: {exc}") from exc
+        keys = [block[0] for block in _PEM_BLOCK.finditer(key)
+                if block[1].endswith(b"PRIVATE KEY")]
+        chain = [block[0] for block in _PEM_BLOCK.finditer(certificate)
+                 if block[1] == b"CERTIFICATE"]
+        if len(keys) != 1 or not chain:
+            raise TlsSettingError(f"{self.key_file or self.cert_file} must hold one PEM "
+                                  f"private key, and {self.cert_file} its certificate")
+        return keys[0] + b"\n", b"\n".join(chain) + b"\n"
 
 
 def _check_pair(prefix: str, cert_file: Path | None, key_file: Path | None) -> None:

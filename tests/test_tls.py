@@ -6,14 +6,19 @@ clients the test's CA signed (tests/tls_services.py)."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import requests
 import starlette.requests
@@ -22,13 +27,15 @@ from broker_serve import serve
 from broker_serve.cli.rest_client import RestClient
 from broker_serve.exceptions import ClusterUnavailable
 from broker_serve.observability import stats
+from broker_serve.proxy.grpc_api import serve_pb2, serve_pb2_grpc
 from broker_serve.settings import Settings
 from broker_serve.state import connection
 from broker_serve.state.store import Store
-from broker_serve.tls import ClientTls, TlsSettingError
+from broker_serve.tls import ClientTls, ServerTls, TlsSettingError
 from broker_serve.transport.broker import Broker, connection_name
 
-from .conftest import ROOT, Cluster, namespace
+from .conftest import ROOT, Cluster, free_port, namespace
+from .grpc_protos import SERVICER_FUNCTIONS, compile_protos
 from .rabbit_cluster import rabbitmqctl
 from .tls_services import Certificates, TlsServices
 
@@ -170,6 +177,19 @@ def test_unusable_tls_settings_fail_naming_the_setting(services, tmp_path, monke
         Settings()
 
 
+def test_the_grpc_key_and_chain_come_apart_from_one_file_or_two(services, tmp_path):
+    """grpcio takes the key and the chain apart; uvicorn lets the key live in the
+    certificate's file. Both layouts give grpcio the same two PEM blocks."""
+    files = services.certificates
+    key, chain = files.server_key.read_bytes(), files.server_cert.read_bytes()
+    combined = tmp_path / "server-and-key.pem"
+    combined.write_bytes(chain + key)
+    for tls in (ServerTls(files.server_cert, files.server_key), ServerTls(combined)):
+        assert tls.key_and_chain() == (key, chain)
+    with pytest.raises(TlsSettingError, match="must hold one PEM private key"):
+        ServerTls(files.server_cert).key_and_chain()  # a certificate without its key
+
+
 def test_a_process_with_a_bad_tls_setting_exits_at_once_saying_why(tmp_path):
     """A controller given a certificate that does not exist stops at start-up with the
     setting's name, instead of retrying a connection that cannot work."""
@@ -239,3 +259,70 @@ def test_a_deployment_over_amqps_and_rediss_answers_over_https(tls_cluster, serv
     secure = [url for url in stats.discover(settings) if url.startswith("https://")]
     assert {url.rsplit("/", 1)[1] for url in secure} == {"metrics"} and len(secure) == 2
     assert stats.read(secure, settings.client_tls().verify()).unreachable == []
+
+
+@serve.deployment
+class GrpcGreeter:
+    async def __call__(self, request: Any) -> Any:
+        import user_defined_protos_pb2 as pb2
+
+        return pb2.UserDefinedResponse(greeting=f"hello {request.name}")
+
+
+def test_the_grpc_ingress_serves_tls_with_the_https_certificate(tls_cluster, services,
+                                                                 tmp_path, monkeypatch):
+    """The proxy's gRPC port serves TLS with BROKER_SERVE_HTTPS_CERT_FILE: a client trusting
+    the CA gets its answer; a plaintext client, or one trusting another CA, gets none."""
+    files = services.certificates
+    protos = compile_protos(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(protos), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(protos))
+    tls_cluster.env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    pb2 = importlib.import_module("user_defined_protos_pb2")
+    address = f"localhost:{free_port()}"
+    try:
+        serve.start(grpc_options={"port": int(address.rsplit(":", 1)[1]),
+                                  "grpc_servicer_functions": SERVICER_FUNCTIONS})
+        serve.run(GrpcGreeter.bind(), name="greeter", route_prefix="/greeter")
+
+        def greet(channel: grpc.Channel) -> Any:
+            stub = channel.unary_unary(
+                "/userdefinedprotos.UserDefinedService/__call__",
+                request_serializer=pb2.UserDefinedMessage.SerializeToString,
+                response_deserializer=pb2.UserDefinedResponse.FromString)
+            return stub(pb2.UserDefinedMessage(name="tls"), timeout=30)
+
+        trusting = grpc.ssl_channel_credentials(root_certificates=files.ca.read_bytes())
+        with grpc.secure_channel(address, trusting) as channel:
+            _until_healthy(channel)  # the proxy starts its gRPC server once it reads the options
+            assert greet(channel).greeting == "hello tls"
+        # A plaintext client's HTTP/2 preface is no TLS handshake: the port answers nothing.
+        with grpc.insecure_channel(address) as channel, \
+                pytest.raises(grpc.RpcError) as plaintext:
+            greet(channel)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        other = grpc.ssl_channel_credentials(root_certificates=files.other_ca.read_bytes())
+        with grpc.secure_channel(address, other) as channel, \
+                pytest.raises(grpc.RpcError) as untrusted:
+            greet(channel)
+        assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        sys.modules.pop("user_defined_protos_pb2", None)
+        sys.modules.pop("user_defined_protos_pb2_grpc", None)
+
+
+def _until_healthy(channel: grpc.Channel, timeout_s: float = 30) -> None:
+    """Until the proxy's gRPC Healthz answers `success` on `channel`."""
+    api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+    deadline = time.monotonic() + timeout_s
+    answer: object = None
+    while time.monotonic() < deadline:
+        try:
+            answer = api.Healthz(serve_pb2.HealthzRequest(), timeout=5).message
+            if answer == "success":
+                return
+        except grpc.RpcError as exc:
+            answer = exc
+        time.sleep(0.05)
+    raise AssertionError(f"the gRPC ingress is not healthy within {timeout_s}s: {answer}")

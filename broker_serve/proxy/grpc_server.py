@@ -7,6 +7,9 @@ request message is published as the serialized bytes the client sent, and each `
 proxy never decodes a message (docs/protocol.md, "`grpc` body"). The route table, reply queue,
 correlation ids, deadlines and cancellation are the HTTP proxy's own.
 
+With BROKER_SERVE_HTTPS_CERT_FILE set, the port serves TLS with that certificate, the one the
+proxy's HTTP port serves; else plaintext.
+
 grpcio is the optional extra `grpc`: proxy/server.py imports this module only when the
 cluster's grpc_options name servicer functions.
 """
@@ -85,11 +88,19 @@ class GrpcIngress:
     async def start(self) -> None:
         server = grpc.aio.server(options=self._server_options())
         server.add_generic_rpc_handlers((_Handlers(self),))
-        if server.add_insecure_port(self.address) == 0:
+        # TLS with the proxy's HTTPS certificate, where one is set (docs/security.md, "TLS").
+        tls = self.proxy.settings.server_tls()
+        if tls.enabled:
+            credentials = grpc.ssl_server_credentials([tls.key_and_chain()])
+            port = server.add_secure_port(self.address, credentials)
+        else:
+            port = server.add_insecure_port(self.address)
+        if port == 0:
             raise RuntimeError(f"the gRPC server cannot listen on {self.address}")
         await server.start()
         self._server = server
-        log.info("proxy %s serving gRPC on %s", self.proxy.proxy_id, self.address)
+        log.info("proxy %s serving gRPC%s on %s", self.proxy.proxy_id,
+                 " over TLS" if tls.enabled else "", self.address)
 
     def _server_options(self) -> list[tuple[str, int]]:
         """grpc core's own bounds, the HTTP limits' counterparts (docs/architecture.md,
