@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pika
 import pytest
 import requests
 
 from broker_serve import serve
 from broker_serve.proxy.grpc_api import serve_pb2, serve_pb2_grpc
 
-from .conftest import free_port
+from .conftest import AMQP_URL, free_port
 from .grpc_protos import SERVICER_FUNCTIONS, compile_protos
 
 METHOD = "/userdefinedprotos.UserDefinedService/__call__"
@@ -136,7 +137,7 @@ def test_routes_by_application_metadata_and_serves_ray_api(grpc_cluster):
 
 
 def test_status_codes(grpc_cluster, tmp_path):
-    _, address, pb2 = grpc_cluster
+    cluster, address, pb2 = grpc_cluster
     serve.run(Greeter.bind("hi"), name="greeter", route_prefix="/greeter")
     serve.run(Blocked.bind(), name="blocked", route_prefix="/blocked")
     _wait_for(lambda: _call(address, pb2, "greeter", name="x", timeout=5))
@@ -163,10 +164,17 @@ def test_status_codes(grpc_cluster, tmp_path):
         _wait_for(lambda: (tmp_path / "a").exists())
         queued = stub.future(pb2.UserDefinedMessage(origin=str(tmp_path / "b"), num=0),
                              metadata=metadata, timeout=30)
+        # In the queue before the probes: one probe published first would take its place.
+        _wait_for(lambda: _waiting(f"bs.{cluster.name}.blocked.Blocked") == 1)
         refused = _wait_for(lambda: _refused(stub, pb2, metadata, tmp_path))
         assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
         running.cancel()
         assert queued.result(timeout=30).greeting == "done"
+
+
+def _waiting(queue: str) -> int:
+    with pika.BlockingConnection(pika.URLParameters(AMQP_URL)) as connection:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
 
 
 def _refused(stub: Any, pb2: Any, metadata: Any, tmp_path: Path) -> grpc.StatusCode | None:
