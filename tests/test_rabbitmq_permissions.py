@@ -151,11 +151,11 @@ def role_cluster(shared: tuple[Cluster, Path], vhost: Vhost) -> Iterator[RoleClu
     processes = []
     try:
         for role, command in commands.items():
-            log = (tmp_path / f"{role}.log").open("ab")
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "broker_serve", *command],
-                env={**cluster.env, "BROKER_SERVE_AMQP_URL": vhost.url(role)},
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            with (tmp_path / f"{role}.log").open("ab") as log:  # the child has its own copy
+                processes.append(subprocess.Popen(
+                    [sys.executable, "-m", "broker_serve", *command],
+                    env={**cluster.env, "BROKER_SERVE_AMQP_URL": vhost.url(role)},
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         proxy_url = f"http://127.0.0.1:{proxy_port}"
         # The driver joins the controller once it leads (else it would start a cluster).
         lease = Names(cluster.name).controller_lease
