@@ -1,6 +1,7 @@
 """The controller's status page (docs/architecture.md, "The status page"), driven in Debian's
 headless chromium through Selenium and the system's chromedriver, against a running cluster:
-the login form and its cookie, the page against the cluster's state, and its own refresh.
+the login form and its cookie, the page against the cluster's state, and its own refresh,
+including the queue depth and ongoing requests of requests held running in a replica.
 
 `BROKER_SERVE_TEST_SCREENSHOT=docs/status-page.png` saves the README's screenshot there (it
 always goes to the test's tmp_path too).
@@ -8,6 +9,7 @@ always goes to the test's tmp_path too).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -18,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pika
 import pytest
 import redis
 import requests
 from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -29,10 +33,11 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from broker_serve import serve
 from broker_serve.controller import status_page
+from broker_serve.protocol.names import Names
 from broker_serve.settings import Settings
 from broker_serve.state.store import Store
 
-from .conftest import REDIS_URL, ROOT
+from .conftest import AMQP_URL, REDIS_URL, ROOT
 from .waiting import wait_for
 
 with warnings.catch_warnings():
@@ -54,6 +59,37 @@ class Greeter:
 @serve.deployment
 def echo(request: Any) -> str:
     return "echo"
+
+
+@serve.deployment(max_ongoing_requests=1)
+class Held:
+    """Runs one request at a time, each until the test writes the file `release` in
+    `directory`; each says it started in the file `started`."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory)
+
+    async def work(self, tag: str) -> str:
+        with open(self.directory / "started", "a") as started:
+            started.write(tag + "\n")
+        while not (self.directory / "release").exists():
+            await asyncio.sleep(0.02)
+        return tag
+
+
+def _started(directory: Path) -> list[str]:
+    path = directory / "started"
+    return path.read_text().split() if path.exists() else []
+
+
+def _ready_messages(queue: str) -> int:
+    """RabbitMQ's own count of the requests waiting in a queue that exists (a passive declare
+    of a missing one would be a channel error)."""
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        return int(connection.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        connection.close()
 
 
 @pytest.fixture
@@ -228,6 +264,89 @@ def test_the_status_page_signs_in_shows_the_cluster_and_follows_it(cluster, monk
     browser.find_element(By.CSS_SELECTOR, "#logout button").click()
     WebDriverWait(browser, 10, 0.05).until(lambda d: d.find_elements(By.ID, "login"))
     assert browser.get_cookie(f"broker_serve_status_{cluster.name}") is None
+
+
+def _load_shown(driver: webdriver.Chrome, app: str) -> dict[str, Any]:
+    """The queued and ongoing cells of an application's one deployment and its replicas, read
+    in one script: the page redraws its rows on every refresh."""
+    return dict(driver.execute_script("""
+        const card = document.querySelector(`.app[data-app="${arguments[0]}"]`);
+        const row = card && card.querySelector("tr.deployment");
+        if (!row) return {};
+        const replicas = row.nextElementSibling.querySelectorAll("tr.replica");
+        return {
+          queued: row.querySelector(".queue-depth").textContent,
+          ongoing: row.querySelector(".ongoing").textContent,
+          replicas: Object.fromEntries([...replicas].map((r) => [
+            r.dataset.replica, r.querySelector(".replica-ongoing").textContent])),
+        };""", app))
+
+
+def _wait_until_shown(driver: webdriver.Chrome, app: str, wanted: dict[str, Any]) -> None:
+    """Wait for the page's own refresh to draw `wanted`; on a timeout, say what it drew."""
+    try:
+        WebDriverWait(driver, 15, 0.05).until(lambda d: _load_shown(d, app) == wanted)
+    except TimeoutException:
+        pytest.fail(f"the page shows {_load_shown(driver, app)}, not {wanted}", pytrace=False)
+
+
+def test_the_status_page_shows_requests_held_running_and_queued(cluster, monkeypatch,
+                                                                 browser, tmp_path):
+    """One request runs in the deployment's one slot and two wait behind it: the page shows
+    them as RabbitMQ and the replica's heartbeat count them, and shows 0 once they finish."""
+    token = secrets.token_urlsafe(24)
+    monkeypatch.setenv("BROKER_SERVE_API_TOKEN", token)
+    handle = serve.run(Held.bind(str(tmp_path)), name="held", route_prefix="/held")
+    base = f"http://127.0.0.1:{cluster.env['BROKER_SERVE_DASHBOARD_PORT']}"
+    bearer = {"Authorization": f"Bearer {token}"}
+    names = Names(cluster.name)
+    queue = names.request_queue("held", "Held")
+    state = redis.Redis.from_url(REDIS_URL)
+
+    def overview() -> dict[str, Any]:
+        view = requests.get(base + status_page.OVERVIEW_PATH, headers=bearer, timeout=10)
+        view.raise_for_status()
+        [app] = view.json()["applications"]
+        [dep] = app["deployments"]
+        return dict(dep)
+
+    browser.get(base + "/")
+    _sign_in(browser, token)
+    WebDriverWait(browser, 10, 0.05).until(lambda d: _updates(d) >= 1)
+    [replica] = wait_for(lambda: [r["replica_id"] for r in overview()["replicas"]
+                                  if r["state"] == "RUNNING"], timeout=30)
+    idle = {"queued": "0", "ongoing": "0", "replicas": {replica: "0"}}
+    _wait_until_shown(browser, "held", idle)
+    assert overview()["queue"] == queue
+
+    calls = []
+    try:
+        calls.append(handle.work.remote("running"))
+        wait_for(lambda: _started(tmp_path) == ["running"], timeout=30, interval=0.02)
+        for n in range(2):
+            calls.append(handle.work.remote(f"queued-{n}"))
+            wait_for(lambda n=n: _ready_messages(queue) == n + 1, timeout=10, interval=0.02)
+
+        # The page catches up by itself; then nothing moves until the release, so every
+        # source must say the same.
+        held = {"queued": "2", "ongoing": "1", "replicas": {replica: "1"}}
+        _wait_until_shown(browser, "held", held)
+        assert _ready_messages(queue) == 2
+        assert state.get(names.replica_alive(replica)) == b"1"
+        dep = overview()
+        assert (dep["queue_depth"], dep["ongoing_requests"]) == (2, 1)
+        assert [r["ongoing_requests"] for r in dep["replicas"]] == [1]
+        assert _started(tmp_path) == ["running"]  # the two queued wait in RabbitMQ
+    finally:
+        (tmp_path / "release").write_text("")  # nothing is left running, even on a failure
+    assert [call.result(timeout_s=30) for call in calls] == ["running", "queued-0", "queued-1"]
+    assert _started(tmp_path) == ["running", "queued-0", "queued-1"]
+
+    _wait_until_shown(browser, "held", idle)
+    assert _ready_messages(queue) == 0
+    assert state.get(names.replica_alive(replica)) == b"0"
+    dep = overview()
+    assert (dep["queue_depth"], dep["ongoing_requests"]) == (0, 0)
 
 
 def _page_client(monkeypatch: pytest.MonkeyPatch, base_url: str, **env: str) -> TestClient:
