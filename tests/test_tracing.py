@@ -23,12 +23,15 @@ import msgpack
 import pika
 import pytest
 import requests
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from starlette.requests import Request
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from broker_serve import serve
 from broker_serve.observability import tracing
@@ -335,6 +338,94 @@ def test_untraced_request_path_never_imports_opentelemetry() -> None:
                          env=traced, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "['broker_serve.observability.otel', 'opentelemetry.sdk.trace']"
+
+
+chat_api = FastAPI()
+
+
+@serve.deployment
+@serve.ingress(chat_api)
+class Chat:
+    @chat_api.websocket("/")
+    async def echo(self, ws: WebSocket) -> None:
+        await ws.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                await ws.send_text(await ws.receive_text())
+
+    @chat_api.websocket("/closed")
+    async def refuse(self, ws: WebSocket) -> None:
+        await ws.close()  # before accepting: the client is answered 403
+
+
+def test_a_websocket_session_is_one_trace_from_the_clients_traceparent(
+        traced: Traced) -> None:
+    cluster, received = traced.cluster, traced.receiver
+    serve.run(Chat.bind(), name="chat", route_prefix="/chat")
+    url = f"ws://127.0.0.1:{cluster.port}/chat"
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    with connect(f"{url}/", additional_headers={
+            "traceparent": f"00-{trace_id}-{span_id}-01"}) as websocket:
+        for text in ("one", "two", "three"):
+            websocket.send(text)
+            assert websocket.recv(timeout=30) == text
+        last_echo_ns = time.time_ns()
+    # broker-serve's 3 spans: the proxy's, for the whole session; the replica's queue wait
+    # and processing. (FastAPI's own telemetry adds spans, parented on the forwarded headers.)
+    def sessions_spans(spans: list[Span]) -> list[Span] | None:
+        found = [s for s in spans
+                 if s.trace_id == trace_id and "broker_serve.application" in s.attributes]
+        return found if {s.kind for s in found} == {SERVER, CONSUMER, INTERNAL} else None
+
+    session = received.wait_for(sessions_spans)
+    [server] = [s for s in session if s.kind == SERVER]
+    assert server.parent_id == span_id  # the client's handshake header is the parent
+    assert server.name == "WEBSOCKET /chat"
+    assert (server.attributes["url.path"], server.attributes["http.route"]) == ("/chat/", "/chat")
+    assert server.attributes["broker_serve.application"] == "chat"
+    assert server.attributes["broker_serve.status"] == 101 and not server.error
+    assert server.resource["service.name"] == "broker-serve-proxy"
+    [process] = [s for s in session if s.kind == CONSUMER]
+    [wait] = [s for s in session if s.kind == INTERNAL]
+    for span in (process, wait):
+        assert span.parent_id == server.span_id, span.name
+        assert span.attributes["broker_serve.application"] == "chat"
+        assert span.attributes["broker_serve.deployment"] == "Chat"
+        assert span.attributes["broker_serve.kind"] == "websocket"
+        assert span.attributes["broker_serve.replica"] == span.resource["service.instance.id"]
+        assert span.resource["service.name"] == "broker-serve-replica"
+    assert wait.name == "queue chat/Chat"
+    assert process.name == "process chat/Chat.websocket"
+    assert process.attributes["broker_serve.method"] == "websocket"
+    assert process.attributes["broker_serve.status"] == 101 and not process.error
+    assert server.start_ns <= process.start_ns and wait.start_ns <= wait.end_ns <= process.start_ns
+    # Both last until the session ends, not just its handshake.
+    assert last_echo_ns <= server.end_ns and last_echo_ns <= process.end_ns
+    # The app's own spans (FastAPI makes some once a tracer provider is set) are children of
+    # the processing span: the replica points the scope's traceparent at it, where the
+    # client's header made them the proxy span's siblings.
+    def apps_spans(spans: list[Span]) -> list[Span] | None:
+        found = [s for s in spans
+                 if s.trace_id == trace_id and "broker_serve.application" not in s.attributes]
+        return found or None
+
+    apps = received.wait_for(apps_spans)
+    outermost = [s for s in apps if s.parent_id not in {a.span_id for a in apps}]
+    assert outermost and {s.parent_id for s in outermost} == {process.span_id}, outermost
+
+    # The app closes before accepting: both ends say 403, and no traceparent, a new trace.
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{url}/closed")
+    assert refused.value.response.status_code == 403
+    refusal = received.wait_for(lambda spans: next((
+        s for s in spans if s.kind == SERVER and s.attributes.get("url.path") == "/chat/closed"
+    ), None))
+    assert refusal.parent_id == "" and refusal.name == "WEBSOCKET /chat"
+    assert refusal.attributes["broker_serve.status"] == 403 and not refusal.error
+    refused_process = received.wait_for(lambda spans: next(
+        (s for s in spans if s.parent_id == refusal.span_id and s.kind == CONSUMER), None))
+    assert refused_process.name == "process chat/Chat.websocket"
+    assert refused_process.attributes["broker_serve.status"] == 403
 
 
 @serve.deployment

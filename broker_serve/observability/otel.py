@@ -26,6 +26,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 # (messages.HEADER_TRACEPARENT, HEADER_TRACESTATE).
 _PROPAGATOR = TraceContextTextMapPropagator()
 _MESSAGING = {"messaging.system": "rabbitmq"}
+_TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 
 
 class _TextGetter(Getter[Any]):
@@ -77,6 +78,22 @@ class Traces:
     def inject_current(headers: MutableMapping[str, Any]) -> None:
         """Write the current span's context into AMQP headers."""
         _PROPAGATOR.inject(headers)
+
+    @staticmethod
+    def reparent_scope(scope: MutableMapping[str, Any]) -> None:
+        """Point an ASGI scope's `traceparent` and `tracestate` headers at the current span
+        (the replica's processing span). They are what the client sent the proxy, and an
+        instrumented app takes its parent from them (FastAPI makes spans of its own once a
+        tracer provider is set): its spans were siblings of the proxy's span, or roots of
+        other traces, instead of children of the request's processing."""
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+        headers = scope.get("headers")
+        kept = [pair for pair in headers if not (
+            isinstance(pair, (list, tuple)) and pair and isinstance(pair[0], bytes)
+            and pair[0].lower() in _TRACE_HEADERS)] if isinstance(headers, list) else []
+        scope["headers"] = kept + [[name.encode(), value.encode()]
+                                   for name, value in carrier.items()]
 
     @staticmethod
     def extract(carrier: Any) -> Context:

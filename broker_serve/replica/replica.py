@@ -702,6 +702,9 @@ class Replica:
         payload = protocol.decode_map(message.body)
         assert self.servable is not None
         kind = properties.message_type
+        traces = tracing.traces
+        if traces is not None and isinstance(payload.get("scope"), dict):
+            traces.reparent_scope(payload["scope"])
         if kind == protocol.KIND_HTTP:
             from_caller: CallerMessages | None = None
             if payload.get("more_body"):  # the rest of the body will come to the inbox
