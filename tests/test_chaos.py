@@ -341,7 +341,14 @@ def test_the_leading_controller_is_killed(chaos: Chaos) -> None:
                   if n.startswith("controller") and holder.endswith(f"-{p.pid}"))
     result = chaos.under_load("the leading controller", lambda: chaos.processes.kill(leader))
     # the standby leads within the lease's 4 s
-    wait_for(lambda: (value := chaos.redis().get(lease)) and value.decode() != holder, 20, 0.2)
+    try:
+        wait_for(lambda: (value := chaos.redis().get(lease)) and value.decode() != holder,
+                 20, 0.2)
+    except AssertionError:
+        standbys = [n for n in chaos.processes.running if n.startswith("controller")]
+        raise AssertionError(f"no controller took the lease of {holder} within 20 s; "
+                             + "".join(f"\n--- {n} ---\n{chaos.processes.log_tail(n, 60)}"
+                                       for n in standbys)) from None
     chaos.processes.start(leader, "controller", "--dashboard-port",
                           str(chaos.dashboard_ports[leader]))
     _check(result, chaos)
